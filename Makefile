@@ -1,0 +1,51 @@
+# The two commands a newcomer needs: `make run` and `make test`. Everything else is for development.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help run test lint fmt typecheck migrate rollback clean venv
+
+help:
+	@echo "make run        start the system at http://127.0.0.1:8080 (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL)"
+	@echo "make test       run every test"
+	@echo "make lint       ruff + mypy (strict)"
+	@echo "make fmt        format with ruff"
+	@echo "make migrate    apply migrations to DATABASE_URL"
+	@echo "make rollback   roll every migration back on DATABASE_URL"
+
+# The virtual environment, with exactly the versions in requirements.lock.
+$(STAMP): requirements.lock
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m deploy.local.run
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+fmt: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+migrate: $(STAMP)
+	$(PY) -m services.auth migrate
+
+rollback: $(STAMP)
+	$(PY) -m services.auth rollback
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

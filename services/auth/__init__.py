@@ -1,0 +1,1 @@
+"""The auth service: signup, OAuth2 tokens, JWKS, profile."""

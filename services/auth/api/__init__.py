@@ -1,0 +1,1 @@
+"""HTTP layer of the auth service: routes, handlers, marshmallow schemas."""

@@ -1,0 +1,205 @@
+"""Handlers of the auth API: read validated input, call one use case, dump a response."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from aiohttp_apigami import docs, request_schema, response_schema
+from multidict import MultiDictProxy
+
+from services.auth.api.schemas import (
+    DiscoverySchema,
+    JwksSchema,
+    MeSchema,
+    OAuthErrorSchema,
+    SignupRequestSchema,
+    SignupResponseSchema,
+    TokenResponseSchema,
+    UserSchema,
+)
+from services.auth.appkeys import AUTH_SERVICE, KEY_RING, SETTINGS, TRUSTED_PROXIES
+from services.auth.domain.errors import invalid_request, unsupported_grant_type
+from services.auth.domain.models import TokenPair
+from services.auth.settings import API_PREFIX
+from shared.appkeys import TOKEN_VERIFIER
+from shared.errors import NO_STORE
+from shared.net import client_address
+from shared.openapi import problem_responses
+from shared.tokens import authenticate
+
+FORM = "application/x-www-form-urlencoded"
+TAG = ["auth"]
+
+_user_schema = UserSchema()
+_me_schema = MeSchema()
+_token_schema = TokenResponseSchema()
+
+
+def _oauth_errors(*statuses: int) -> dict[int, dict[str, Any]]:
+    return {
+        status: {
+            "description": "RFC 6749 section 5.2 error",
+            "content": {"application/json": {"schema": OAuthErrorSchema}},
+        }
+        for status in statuses
+    }
+
+
+def _form_body(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {FORM: {"schema": {"type": "object", "properties": properties, "required": required}}},
+    }
+
+
+async def _form(request: web.Request) -> dict[str, str]:
+    """The form parameters; RFC 6749 section 3.2 forbids repeating one."""
+    if request.content_type != FORM:
+        raise invalid_request(f"send the parameters as {FORM}")
+    try:
+        form: MultiDictProxy[Any] = await request.post()
+    except (UnicodeDecodeError, ValueError):
+        raise invalid_request("the form body cannot be decoded") from None
+    params: dict[str, str] = {}
+    for key in set(form.keys()):
+        values = form.getall(key)
+        if len(values) > 1:
+            raise invalid_request(f"parameter {key!r} is repeated")
+        if not isinstance(values[0], str):
+            raise invalid_request(f"parameter {key!r} must be text")
+        params[key] = values[0]
+    return params
+
+
+def _required(params: dict[str, str], name: str) -> str:
+    value = params.get(name)
+    if not value:
+        raise invalid_request(f"missing parameter {name!r}")
+    return value
+
+
+def _token_response(tokens: TokenPair) -> web.Response:
+    body = {
+        "access_token": tokens.access_token,
+        "token_type": tokens.token_type,
+        "expires_in": tokens.expires_in,
+        "refresh_token": tokens.refresh_token,
+    }
+    return web.json_response(_token_schema.dump(body), headers=NO_STORE)
+
+
+@docs(
+    tags=TAG,
+    summary="Sign up with email and password",
+    description="Creates the user and signs them in. `referral_code` is not accepted yet (422).",
+    responses=problem_responses(400, 409, 413, 415, 422),
+)
+@request_schema(SignupRequestSchema)
+@response_schema(SignupResponseSchema, 201, description="The new user, signed in")
+async def signup(request: web.Request) -> web.Response:
+    data = request["data"]
+    session = await request.app[AUTH_SERVICE].signup(data["email"], data["password"], data["referral_code"])
+    body = {
+        "user": _user_schema.dump(session.user),
+        "access_token": session.tokens.access_token,
+        "refresh_token": session.tokens.refresh_token,
+        "token_type": session.tokens.token_type,
+        "expires_in": session.tokens.expires_in,
+    }
+    return web.json_response(body, status=201, headers=NO_STORE)
+
+
+@docs(
+    tags=TAG,
+    summary="OAuth2 token endpoint (password and refresh_token grants)",
+    description=(
+        "RFC 6749 sections 4.3 and 6. Refresh tokens rotate on every use; presenting a rotated one "
+        "revokes every token of its login. Repeated failed logins answer 429 with Retry-After."
+    ),
+    requestBody=_form_body(
+        {
+            "grant_type": {"type": "string", "enum": ["password", "refresh_token"]},
+            "username": {"type": "string", "description": "the email (password grant)"},
+            "password": {"type": "string", "format": "password", "description": "(password grant)"},
+            "refresh_token": {"type": "string", "description": "(refresh_token grant)"},
+            "scope": {"type": "string", "description": "ignored"},
+        },
+        ["grant_type"],
+    ),
+    responses={**_oauth_errors(400, 429), **problem_responses(413)},
+)
+@response_schema(TokenResponseSchema, 200, description="Tokens (Cache-Control: no-store)")
+async def token(request: web.Request) -> web.Response:
+    params = await _form(request)
+    service = request.app[AUTH_SERVICE]
+    grant_type = _required(params, "grant_type")
+    if grant_type == "password":
+        username, password = _required(params, "username"), _required(params, "password")
+        address = client_address(request, request.app[TRUSTED_PROXIES])
+        return _token_response(await service.password_grant(username, password, address))
+    if grant_type == "refresh_token":
+        return _token_response(await service.refresh_grant(_required(params, "refresh_token")))
+    raise unsupported_grant_type(grant_type)
+
+
+@docs(
+    tags=TAG,
+    summary="Revoke a refresh token (RFC 7009)",
+    description="Revokes the token and every token of the same login. Unknown tokens also answer 200.",
+    requestBody=_form_body(
+        {"token": {"type": "string"}, "token_type_hint": {"type": "string"}}, ["token"]
+    ),
+    responses={200: {"description": "Revoked (or unknown)"}, **_oauth_errors(400), **problem_responses(413)},
+)
+async def revoke(request: web.Request) -> web.Response:
+    params = await _form(request)
+    await request.app[AUTH_SERVICE].revoke(_required(params, "token"))
+    return web.Response(status=200, headers=NO_STORE)
+
+
+@docs(
+    tags=TAG,
+    summary="The current user",
+    security=[{"bearerAuth": []}, {"oauth2": []}],
+    responses=problem_responses(401),
+)
+@response_schema(MeSchema, 200, description="The bearer's account")
+async def me(request: web.Request) -> web.Response:
+    claims = await authenticate(request, request.app[TOKEN_VERIFIER])
+    user = await request.app[AUTH_SERVICE].current_user(claims.subject)
+    return web.json_response(_me_schema.dump(user))
+
+
+@docs(tags=TAG, summary="Public keys that verify access tokens (RFC 7517)")
+@response_schema(JwksSchema, 200, description="JWKS")
+async def jwks(request: web.Request) -> web.Response:
+    return web.json_response(
+        request.app[KEY_RING].jwks(), headers={"Cache-Control": "public, max-age=300"}
+    )
+
+
+@docs(tags=TAG, summary="Authorization server metadata (discovery)")
+@response_schema(DiscoverySchema, 200, description="Discovery document")
+async def discovery(request: web.Request) -> web.Response:
+    issuer = request.app[SETTINGS].issuer
+    body = {
+        "issuer": issuer,
+        "jwks_uri": f"{issuer}/.well-known/jwks.json",
+        "token_endpoint": f"{issuer}/token",
+        "revocation_endpoint": f"{issuer}/revoke",
+        "grant_types_supported": ["password", "refresh_token"],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "revocation_endpoint_auth_methods_supported": ["none"],
+    }
+    return web.json_response(body, headers={"Cache-Control": "public, max-age=300"})
+
+
+def add_routes(app: web.Application) -> None:
+    """Every public route under /api/v1/auth."""
+    app.router.add_post(f"{API_PREFIX}/signup", signup)
+    app.router.add_post(f"{API_PREFIX}/token", token)
+    app.router.add_post(f"{API_PREFIX}/revoke", revoke)
+    app.router.add_get(f"{API_PREFIX}/me", me)
+    app.router.add_get(f"{API_PREFIX}/.well-known/jwks.json", jwks)
+    app.router.add_get(f"{API_PREFIX}/.well-known/openid-configuration", discovery)

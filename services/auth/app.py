@@ -1,0 +1,125 @@
+"""The auth service's application factory: every resource in a cleanup context, no globals."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from services.auth.api.handlers import add_routes
+from services.auth.appkeys import AUTH_SERVICE, KEY_RING, SETTINGS, TRUSTED_PROXIES
+from services.auth.db.repositories import RefreshTokenRepository, UserRepository
+from services.auth.domain.passwords import PasswordHasher
+from services.auth.domain.services import AuthService
+from services.auth.settings import API_PREFIX, AuthSettings
+from services.auth.signing import AccessTokenIssuer, load_key_ring
+from services.auth.throttle import LoginThrottle, ThrottleLimits
+from shared.appkeys import DATABASE, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
+from shared.errors import error_middleware
+from shared.health import setup_health
+from shared.logs import request_id_middleware
+from shared.net import parse_networks
+from shared.openapi import setup_openapi
+from shared.resources import postgres_ctx, redis_ctx
+from shared.tokens import StaticKeySource, TokenVerifier
+
+DESCRIPTION = """Signup, OAuth2 tokens (password and refresh_token grants), revocation and JWKS.
+
+Errors are `application/problem+json` (RFC 9457) with a stable `code`, except on `/token` and
+`/revoke`, which answer in the RFC 6749 format. Use **Authorize** with the OAuth2 password flow
+(email as username) to call the secured endpoints from this page."""
+
+
+def _security_schemes(settings: AuthSettings) -> dict[str, dict[str, object]]:
+    return {
+        "securitySchemes": {
+            "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            "oauth2": {
+                "type": "oauth2",
+                "flows": {"password": {"tokenUrl": f"{API_PREFIX}/token", "scopes": {}}},
+            },
+        }
+    }
+
+
+def _auth_service_ctx(settings: AuthSettings) -> object:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        executor = ThreadPoolExecutor(max_workers=settings.hash_workers, thread_name_prefix="argon2")
+        hasher = PasswordHasher(
+            executor,
+            time_cost=settings.argon2_time_cost,
+            memory_kib=settings.argon2_memory_kib,
+            parallelism=settings.argon2_parallelism,
+        )
+        await hasher.warm_up()
+        ring = app[KEY_RING]
+        database = app[DATABASE]
+        app[AUTH_SERVICE] = AuthService(
+            database=database,
+            users=UserRepository(database),
+            refresh_tokens=RefreshTokenRepository(database),
+            hasher=hasher,
+            issuer=AccessTokenIssuer(
+                ring,
+                issuer=settings.issuer,
+                audience=settings.token_audience,
+                ttl=settings.access_token_ttl,
+            ),
+            throttle=LoginThrottle(
+                app[REDIS],
+                prefix=settings.redis_prefix,
+                limits=ThrottleLimits(
+                    per_account=settings.login_max_failures_per_account,
+                    per_address=settings.login_max_failures_per_address,
+                    window=settings.login_lockout_seconds,
+                ),
+                registry=app[METRICS_REGISTRY],
+            ),
+            refresh_ttl=timedelta(seconds=settings.refresh_token_ttl),
+        )
+        try:
+            yield
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    return ctx
+
+
+def create_app(settings: AuthSettings) -> web.Application:
+    """Build the auth service; resources open on startup and close on cleanup."""
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[request_id_middleware],
+    )
+    app[SETTINGS] = settings
+    ring = load_key_ring(settings)
+    app[KEY_RING] = ring
+    app[TRUSTED_PROXIES] = parse_networks(settings.trusted_proxies)
+    app[TOKEN_VERIFIER] = TokenVerifier(
+        StaticKeySource(ring.public_keys), issuer=settings.issuer, audience=settings.token_audience
+    )
+    setup_health(app, CollectorRegistry())
+    app.middlewares.append(error_middleware)
+    app.cleanup_ctx.append(
+        postgres_ctx(
+            settings.database_url,
+            minsize=settings.db_pool_min,
+            maxsize=settings.db_pool_max,
+            timeout=settings.db_timeout,
+        )
+    )
+    app.cleanup_ctx.append(redis_ctx(settings.redis_url, timeout=settings.redis_timeout))
+    app.cleanup_ctx.append(_auth_service_ctx(settings))  # type: ignore[arg-type]
+    add_routes(app)
+    setup_openapi(
+        app,
+        prefix=API_PREFIX,
+        title="Auth service",
+        version="1.0.0",
+        description=DESCRIPTION,
+        components=_security_schemes(settings),
+    )
+    return app

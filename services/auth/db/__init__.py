@@ -1,0 +1,1 @@
+"""The auth service's data layer: Core tables and repositories (SQL only)."""

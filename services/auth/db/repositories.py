@@ -1,0 +1,181 @@
+"""Repositories of the auth service: SQL in, domain objects out."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, func, insert, select, update
+
+from services.auth.db.tables import refresh_tokens_table as rt
+from services.auth.db.tables import users_table as users
+from services.auth.domain.models import Credentials, User
+from shared.db import Connection, Database, UniqueViolation, prepare
+
+EMAIL_UNIQUE = "users_email_lower_key"
+
+_USER_COLUMNS = (
+    users.c.id,
+    users.c.email,
+    users.c.created_at,
+    users.c.referrer_id,
+    users.c.email_check,
+    users.c.profile,
+)
+
+_INSERT_USER = prepare(
+    insert(users)
+    .values(email=bindparam("email"), password_hash=bindparam("password_hash"))
+    .returning(*_USER_COLUMNS)
+)
+_USER_BY_ID = prepare(select(*_USER_COLUMNS).where(users.c.id == bindparam("id")))
+_CREDENTIALS_BY_EMAIL = prepare(
+    select(*_USER_COLUMNS, users.c.password_hash).where(func.lower(users.c.email) == bindparam("email"))
+)
+_EMAIL_EXISTS = prepare(select(users.c.id).where(func.lower(users.c.email) == bindparam("email")))
+_SET_PASSWORD_HASH = prepare(
+    update(users).where(users.c.id == bindparam("id")).values(password_hash=bindparam("password_hash"))
+)
+
+_INSERT_REFRESH = prepare(
+    insert(rt).values(
+        token_hash=bindparam("token_hash"),
+        user_id=bindparam("user_id"),
+        family_id=bindparam("family_id"),
+        parent_id=bindparam("parent_id"),
+        expires_at=func.now() + bindparam("ttl"),
+    )
+)
+# Rotation claims the presented token atomically: only a live token is marked rotated, once.
+_ROTATE = prepare(
+    update(rt)
+    .where(
+        rt.c.token_hash == bindparam("token_hash"),
+        rt.c.rotated_at.is_(None),
+        rt.c.revoked_at.is_(None),
+        rt.c.expires_at > func.now(),
+    )
+    .values(rotated_at=func.now())
+    .returning(rt.c.id, rt.c.user_id, rt.c.family_id)
+)
+_TOKEN_STATE = prepare(
+    select(rt.c.family_id, rt.c.rotated_at, rt.c.revoked_at).where(rt.c.token_hash == bindparam("token_hash"))
+)
+_FAMILY_OF = prepare(select(rt.c.family_id).where(rt.c.token_hash == bindparam("token_hash")))
+_REVOKE_FAMILY = prepare(
+    update(rt)
+    .where(rt.c.family_id == bindparam("family_id"), rt.c.revoked_at.is_(None))
+    .values(revoked_at=func.now())
+)
+
+
+def _user(row: Mapping[str, Any]) -> User:
+    return User(
+        id=row["id"],
+        email=row["email"],
+        created_at=row["created_at"],
+        referrer_id=row["referrer_id"],
+        email_check=row["email_check"],
+        profile=row["profile"],
+    )
+
+
+class EmailAlreadyUsed(Exception):
+    """The unique index on lower(email) refused the insert."""
+
+
+@dataclass(frozen=True)
+class Rotated:
+    """The presented token was live and is now rotated; `token_id` is the new token's parent."""
+
+    token_id: uuid.UUID
+    user_id: uuid.UUID
+    family_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class ReusedToken:
+    """The presented token had already been rotated: its family must be revoked."""
+
+    family_id: uuid.UUID
+
+
+class UserRepository:
+    """Users by id and by email (compared case-insensitively)."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def email_exists(self, email: str) -> bool:
+        return await self._db.fetch_one(_EMAIL_EXISTS, {"email": email.lower()}) is not None
+
+    async def add(self, conn: Connection, email: str, password_hash: str | None) -> User:
+        """Insert a user in the caller's transaction; EmailAlreadyUsed when the email is taken."""
+        try:
+            row = await conn.fetch_one(_INSERT_USER, {"email": email, "password_hash": password_hash})
+        except UniqueViolation as violation:
+            if violation.constraint == EMAIL_UNIQUE:
+                raise EmailAlreadyUsed(email) from None
+            raise
+        assert row is not None
+        return _user(row)
+
+    async def get(self, user_id: uuid.UUID) -> User | None:
+        row = await self._db.fetch_one(_USER_BY_ID, {"id": user_id})
+        return _user(row) if row else None
+
+    async def credentials(self, email: str) -> Credentials | None:
+        row = await self._db.fetch_one(_CREDENTIALS_BY_EMAIL, {"email": email.lower()})
+        return Credentials(_user(row), row["password_hash"]) if row else None
+
+    async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> None:
+        await self._db.execute(_SET_PASSWORD_HASH, {"id": user_id, "password_hash": password_hash})
+
+
+class RefreshTokenRepository:
+    """Refresh tokens, stored only as SHA-256 hashes, grouped in families (one login each)."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def add(
+        self,
+        conn: Connection,
+        *,
+        token_hash: bytes,
+        user_id: uuid.UUID,
+        family_id: uuid.UUID,
+        parent_id: uuid.UUID | None,
+        ttl: timedelta,
+    ) -> None:
+        await conn.execute(
+            _INSERT_REFRESH,
+            {
+                "token_hash": token_hash,
+                "user_id": user_id,
+                "family_id": family_id,
+                "parent_id": parent_id,
+                "ttl": ttl,
+            },
+        )
+
+    async def rotate(self, conn: Connection, token_hash: bytes) -> Rotated | ReusedToken | None:
+        """Mark a live token rotated; say so when it was rotated before; None when unknown or dead."""
+        row = await conn.fetch_one(_ROTATE, {"token_hash": token_hash})
+        if row is not None:
+            return Rotated(row["id"], row["user_id"], row["family_id"])
+        state = await conn.fetch_one(_TOKEN_STATE, {"token_hash": token_hash})
+        if state is not None and state["rotated_at"] is not None:
+            return ReusedToken(state["family_id"])
+        return None
+
+    async def family_of(self, token_hash: bytes) -> uuid.UUID | None:
+        row = await self._db.fetch_one(_FAMILY_OF, {"token_hash": token_hash})
+        return row["family_id"] if row else None
+
+    async def revoke_family(self, family_id: uuid.UUID) -> int:
+        """Revoke every token of the family still standing; return how many."""
+        return await self._db.execute(_REVOKE_FAMILY, {"family_id": family_id})

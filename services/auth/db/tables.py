@@ -1,0 +1,58 @@
+"""SQLAlchemy Core tables of schema `auth`, mirroring the migrations (which are the source of truth)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    Uuid,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+SCHEMA = "auth"
+metadata = MetaData(schema=SCHEMA)
+
+users_table = Table(
+    "users",
+    metadata,
+    Column("id", Uuid, primary_key=True, server_default=text("gen_random_uuid()")),
+    Column("email", Text, nullable=False),
+    Column("password_hash", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("referrer_id", Uuid),
+    Column("email_check", JSONB),
+    Column("profile", JSONB),
+    CheckConstraint("char_length(email) BETWEEN 3 AND 254", name="users_email_length"),
+    CheckConstraint("referrer_id IS DISTINCT FROM id", name="users_not_own_referrer"),
+)
+Index("users_email_lower_key", func.lower(users_table.c.email), unique=True)
+
+refresh_tokens_table = Table(
+    "refresh_tokens",
+    metadata,
+    Column("id", Uuid, primary_key=True, server_default=text("gen_random_uuid()")),
+    Column("token_hash", LargeBinary, nullable=False, unique=True),
+    Column("user_id", Uuid, ForeignKey("auth.users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("family_id", Uuid, nullable=False, index=True),
+    Column("parent_id", Uuid, ForeignKey("auth.refresh_tokens.id", ondelete="SET NULL"), index=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("rotated_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+    CheckConstraint("octet_length(token_hash) = 32", name="refresh_tokens_hash_length"),
+)
+Index(
+    "refresh_tokens_one_live_per_family",
+    refresh_tokens_table.c.family_id,
+    unique=True,
+    postgresql_where=text("rotated_at IS NULL AND revoked_at IS NULL"),
+)

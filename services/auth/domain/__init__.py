@@ -1,0 +1,1 @@
+"""The auth service's use cases and rules; no HTTP, no SQL."""

@@ -1,0 +1,44 @@
+"""Domain errors: problem+json ones carry status and code; OAuth2 ones use RFC 6749 names."""
+
+from __future__ import annotations
+
+from shared.errors import OAuthError, Problem
+
+
+class EmailTaken(Problem):
+    status = 409
+    code = "email_taken"
+    title = "An account with this email already exists"
+
+
+class ReferralCodesUnavailable(Problem):
+    status = 422
+    code = "referral_code_not_supported"
+    title = "Signing up with a referral code is not available yet"
+
+
+class UserGone(Problem):
+    status = 401
+    code = "invalid_token"
+    title = "The token's user no longer exists"
+
+
+def invalid_grant(description: str) -> OAuthError:
+    return OAuthError("invalid_grant", description)
+
+
+def invalid_request(description: str) -> OAuthError:
+    return OAuthError("invalid_request", description)
+
+
+def unsupported_grant_type(grant_type: str) -> OAuthError:
+    return OAuthError("unsupported_grant_type", f"grant_type {grant_type!r} is not supported")
+
+
+def login_throttled(retry_after: int) -> OAuthError:
+    return OAuthError(
+        "temporarily_unavailable",
+        f"too many failed login attempts; retry in {retry_after} seconds",
+        status=429,
+        headers={"Retry-After": str(retry_after)},
+    )

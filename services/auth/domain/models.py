@@ -1,0 +1,44 @@
+"""Domain objects the repositories return and the use cases hand to the API layer."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: uuid.UUID
+    email: str
+    created_at: datetime
+    referrer_id: uuid.UUID | None
+    email_check: Any
+    profile: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What login needs: the user and their password hash (None for provider-only accounts)."""
+
+    user: User
+    password_hash: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPair:
+    """The answer of signup and of both grants."""
+
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    token_type: str = "Bearer"
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A signed-in user with fresh tokens."""
+
+    user: User
+    tokens: TokenPair

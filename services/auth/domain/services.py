@@ -1,0 +1,145 @@
+"""Use cases of the auth service: signup, the two OAuth2 grants, revocation, the current user."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from services.auth.db.repositories import (
+    EmailAlreadyUsed,
+    RefreshTokenRepository,
+    ReusedToken,
+    Rotated,
+    UserRepository,
+)
+from services.auth.domain.errors import (
+    EmailTaken,
+    ReferralCodesUnavailable,
+    UserGone,
+    invalid_grant,
+    login_throttled,
+)
+from services.auth.domain.models import Session, TokenPair, User
+from services.auth.domain.passwords import PasswordHasher
+from services.auth.signing import AccessTokenIssuer
+from services.auth.throttle import LoginThrottle
+from shared.db import Connection, Database
+
+log = logging.getLogger(__name__)
+
+REFRESH_TOKEN_BYTES = 32
+BAD_CREDENTIALS = "invalid username or password"
+
+
+def hash_refresh_token(token: str) -> bytes:
+    """Only this digest is stored: a database leak yields no usable refresh token."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+@dataclass
+class AuthService:
+    """The auth use cases, with their collaborators."""
+
+    database: Database
+    users: UserRepository
+    refresh_tokens: RefreshTokenRepository
+    hasher: PasswordHasher
+    issuer: AccessTokenIssuer
+    throttle: LoginThrottle
+    refresh_ttl: timedelta
+
+    async def _new_refresh_token(
+        self, conn: Connection, user_id: uuid.UUID, family_id: uuid.UUID, parent_id: uuid.UUID | None
+    ) -> str:
+        token = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
+        await self.refresh_tokens.add(
+            conn,
+            token_hash=hash_refresh_token(token),
+            user_id=user_id,
+            family_id=family_id,
+            parent_id=parent_id,
+            ttl=self.refresh_ttl,
+        )
+        return token
+
+    def _pair(self, user_id: uuid.UUID, email: str, refresh_token: str) -> TokenPair:
+        access = self.issuer.issue(user_id, email=email)
+        return TokenPair(access.token, refresh_token, access.expires_in)
+
+    async def signup(self, email: str, password: str, referral_code: str | None) -> Session:
+        """Create a user with a password and sign them in; EmailTaken when the email has an account."""
+        if referral_code is not None:
+            raise ReferralCodesUnavailable(
+                "Sign up without referral_code; referral codes are not accepted by this version."
+            )
+        if await self.users.email_exists(email):
+            raise EmailTaken()
+        password_hash = await self.hasher.hash(password)
+        try:
+            async with self.database.transaction() as conn:
+                user = await self.users.add(conn, email, password_hash)
+                refresh = await self._new_refresh_token(conn, user.id, uuid.uuid4(), None)
+        except EmailAlreadyUsed:
+            raise EmailTaken() from None
+        log.info("user signed up", extra={"user_id": str(user.id)})
+        return Session(user, self._pair(user.id, user.email, refresh))
+
+    async def password_grant(self, username: str, password: str, client_address: str) -> TokenPair:
+        """RFC 6749 section 4.3; the same answer, in about the same time, for unknown and wrong."""
+        retry_after = await self.throttle.retry_after(username, client_address)
+        if retry_after is not None:
+            raise login_throttled(retry_after)
+        credentials = await self.users.credentials(username.strip())
+        if credentials is None or credentials.password_hash is None:
+            await self.hasher.verify_dummy(password)
+            await self.throttle.record_failure(username, client_address)
+            raise invalid_grant(BAD_CREDENTIALS)
+        if not await self.hasher.verify(credentials.password_hash, password):
+            await self.throttle.record_failure(username, client_address)
+            raise invalid_grant(BAD_CREDENTIALS)
+        await self.throttle.record_success(username, client_address)
+        user = credentials.user
+        if self.hasher.needs_rehash(credentials.password_hash):
+            await self.users.set_password_hash(user.id, await self.hasher.hash(password))
+        async with self.database.transaction() as conn:
+            refresh = await self._new_refresh_token(conn, user.id, uuid.uuid4(), None)
+        return self._pair(user.id, user.email, refresh)
+
+    async def refresh_grant(self, refresh_token: str) -> TokenPair:
+        """RFC 6749 section 6 with rotation; a rotated token presented again revokes its family."""
+        token_hash = hash_refresh_token(refresh_token)
+        async with self.database.transaction() as conn:
+            outcome = await self.refresh_tokens.rotate(conn, token_hash)
+            if isinstance(outcome, Rotated):
+                refresh = await self._new_refresh_token(
+                    conn, outcome.user_id, outcome.family_id, outcome.token_id
+                )
+        if isinstance(outcome, ReusedToken):
+            revoked = await self.refresh_tokens.revoke_family(outcome.family_id)
+            log.warning(
+                "refresh token reuse detected; family revoked",
+                extra={"family_id": str(outcome.family_id), "tokens_revoked": revoked},
+            )
+            raise invalid_grant("refresh token was already used; the session has been revoked")
+        if outcome is None:
+            raise invalid_grant("refresh token is invalid, expired or revoked")
+        user = await self.users.get(outcome.user_id)
+        if user is None:
+            raise invalid_grant("refresh token is invalid, expired or revoked")
+        return self._pair(user.id, user.email, refresh)
+
+    async def revoke(self, token: str) -> None:
+        """RFC 7009: revoke the refresh token's whole family; unknown tokens are silently accepted."""
+        family_id = await self.refresh_tokens.family_of(hash_refresh_token(token))
+        if family_id is not None:
+            await self.refresh_tokens.revoke_family(family_id)
+
+    async def current_user(self, user_id: uuid.UUID) -> User:
+        user = await self.users.get(user_id)
+        if user is None:
+            raise UserGone()
+        return user

@@ -1,0 +1,2 @@
+DROP TABLE auth.refresh_tokens;
+DROP TABLE auth.users;

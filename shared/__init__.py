@@ -1,0 +1,1 @@
+"""Code both services use: settings, database, Redis, errors, OpenAPI, health, logging, tokens."""

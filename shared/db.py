@@ -1,0 +1,251 @@
+"""The PostgreSQL layer: an aiopg pool running SQLAlchemy 2 Core statements, with transactions.
+
+This is the only module that imports aiopg (which is in low maintenance): everything else talks to
+`Database` and `Connection`. Hot statements are compiled once with `prepare`, so the request path
+pays only for binding parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiopg
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.sql import ClauseElement
+
+log = logging.getLogger(__name__)
+
+_DIALECT = postgresql.psycopg2.dialect()  # type: ignore[attr-defined]
+
+# UUIDs in and out as uuid.UUID; dicts out as JSON (hstore is off, see create_pool).
+psycopg2.extras.register_uuid()
+psycopg2.extensions.register_adapter(dict, psycopg2.extras.Json)
+
+Row = Mapping[str, Any]
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL could not be reached or did not answer in time."""
+
+
+class UniqueViolation(Exception):
+    """An INSERT or UPDATE broke a unique constraint; `constraint` names it."""
+
+    def __init__(self, constraint: str | None) -> None:
+        super().__init__(constraint)
+        self.constraint = constraint
+
+
+class ForeignKeyViolation(Exception):
+    """An INSERT or UPDATE referenced a missing row; `constraint` names it."""
+
+    def __init__(self, constraint: str | None) -> None:
+        super().__init__(constraint)
+        self.constraint = constraint
+
+
+class CheckViolation(Exception):
+    """A CHECK constraint refused a row; `constraint` names it."""
+
+    def __init__(self, constraint: str | None) -> None:
+        super().__init__(constraint)
+        self.constraint = constraint
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A Core statement compiled once (at import time) for the hot path; bind values at each call."""
+
+    sql: str
+    defaults: Mapping[str, Any]
+
+
+def prepare(statement: ClauseElement) -> Prepared:
+    """Compile a Core statement built with `bindparam`s once, for reuse on every request."""
+    sql, params = _compile(statement)
+    return Prepared(sql, params)
+
+
+def _compile(statement: ClauseElement) -> tuple[str, dict[str, Any]]:
+    compiled = statement.compile(dialect=_DIALECT)
+    return str(compiled), dict(compiled.params)
+
+
+Statement = ClauseElement | Prepared | str
+
+
+def _translate(error: psycopg2.Error) -> Exception:
+    if isinstance(error, psycopg2.errors.UniqueViolation):
+        return UniqueViolation(error.diag.constraint_name)
+    if isinstance(error, psycopg2.errors.ForeignKeyViolation):
+        return ForeignKeyViolation(error.diag.constraint_name)
+    if isinstance(error, psycopg2.errors.CheckViolation):
+        return CheckViolation(error.diag.constraint_name)
+    if isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        return DatabaseUnavailable(type(error).__name__)
+    return error
+
+
+class Connection:
+    """One pooled connection; statements are SQLAlchemy Core or (sql, params) pairs."""
+
+    def __init__(self, raw: Any, timeout: float) -> None:
+        self._raw = raw
+        self._timeout = timeout
+
+    async def _run(self, statement: Statement, params: Mapping[str, Any] | None) -> Any:
+        if isinstance(statement, str):
+            sql, bound = statement, dict(params or {})
+        elif isinstance(statement, Prepared):
+            sql, bound = statement.sql, {**statement.defaults, **(params or {})}
+        else:
+            sql, bound = _compile(statement)
+            if params:
+                bound.update(params)
+        cursor = await self._raw.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await cursor.execute(sql, bound)
+        except psycopg2.Error as error:
+            cursor.close()
+            raise _translate(error) from error
+        except TimeoutError:
+            cursor.close()
+            raise DatabaseUnavailable("statement timed out") from None
+        return cursor
+
+    async def fetch_one(
+        self, statement: Statement, params: Mapping[str, Any] | None = None
+    ) -> Row | None:
+        """Run a statement and return its first row, or None."""
+        cursor = await self._run(statement, params)
+        try:
+            row = await cursor.fetchone()
+        finally:
+            cursor.close()
+        return row  # type: ignore[no-any-return]
+
+    async def fetch_all(
+        self, statement: Statement, params: Mapping[str, Any] | None = None
+    ) -> Sequence[Row]:
+        """Run a statement and return every row."""
+        cursor = await self._run(statement, params)
+        try:
+            rows = await cursor.fetchall()
+        finally:
+            cursor.close()
+        return rows  # type: ignore[no-any-return]
+
+    async def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> int:
+        """Run a statement; return the number of rows it touched."""
+        cursor = await self._run(statement, params)
+        try:
+            return int(cursor.rowcount)
+        finally:
+            cursor.close()
+
+
+class Database:
+    """A pool of connections with timeouts; `connection()` for one statement, `transaction()` for many."""
+
+    def __init__(self, pool: Any, timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    @property
+    def size(self) -> int:
+        return int(self._pool.size)
+
+    @contextlib.asynccontextmanager
+    async def _acquire(self) -> AsyncIterator[Any]:
+        try:
+            async with asyncio.timeout(self._timeout):
+                raw = await self._pool.acquire()
+        except TimeoutError:
+            raise DatabaseUnavailable("no connection available in time") from None
+        except psycopg2.Error as error:
+            raise _translate(error) from error
+        except OSError as error:
+            raise DatabaseUnavailable(type(error).__name__) from error
+        try:
+            yield raw
+        except BaseException:
+            # A connection whose statement failed mid-flight may be in any state: do not reuse it
+            # unless it is plainly idle.
+            if not raw.closed and raw.raw.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                raw.close()
+            raise
+        finally:
+            self._pool.release(raw)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A connection in autocommit mode: each statement commits on its own."""
+        async with self._acquire() as raw:
+            yield Connection(raw, self._timeout)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """A connection inside BEGIN ... COMMIT; any exception rolls it back."""
+        async with self._acquire() as raw:
+            conn = Connection(raw, self._timeout)
+            await conn.execute("BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(conn.execute("ROLLBACK"))
+                raise
+            await conn.execute("COMMIT")
+
+    async def fetch_one(
+        self, statement: Statement, params: Mapping[str, Any] | None = None
+    ) -> Row | None:
+        """One statement on its own connection, first row."""
+        async with self.connection() as conn:
+            return await conn.fetch_one(statement, params)
+
+    async def fetch_all(
+        self, statement: Statement, params: Mapping[str, Any] | None = None
+    ) -> Sequence[Row]:
+        """One statement on its own connection, every row."""
+        async with self.connection() as conn:
+            return await conn.fetch_all(statement, params)
+
+    async def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> int:
+        """One statement on its own connection, rows touched."""
+        async with self.connection() as conn:
+            return await conn.execute(statement, params)
+
+    async def ping(self) -> None:
+        """Raise DatabaseUnavailable unless PostgreSQL answers."""
+        await self.fetch_one("SELECT 1")
+
+    async def close(self) -> None:
+        self._pool.close()
+        await self._pool.wait_closed()
+
+
+async def create_database(dsn: str, *, minsize: int, maxsize: int, timeout: float) -> Database:
+    """Open a pool; connections are made lazily past `minsize`, so startup does not need them all."""
+    pool = await aiopg.create_pool(
+        dsn,
+        minsize=minsize,
+        maxsize=maxsize,
+        timeout=timeout,
+        enable_hstore=False,
+        enable_json=True,
+        enable_uuid=True,
+        pool_recycle=600,
+        options="-c timezone=UTC",
+    )
+    return Database(pool, timeout)

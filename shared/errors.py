@@ -1,0 +1,226 @@
+"""The problem+json error model (RFC 9457) and the one middleware that renders every error.
+
+Domain errors subclass `Problem` and carry their status and stable `code`. The OAuth2 endpoints
+raise `OAuthError`, rendered in the RFC 6749 section 5.2 format instead. Anything unexpected is
+logged with the request id and answered as a bare 500 that reveals nothing of the internals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from shared.db import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+PROBLEM_TYPE_PREFIX = "urn:referral-system:problem:"
+
+
+class Problem(Exception):
+    """An error answered as problem+json; subclasses set `status`, `code` and `title`."""
+
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+    title: ClassVar[str] = "Bad request"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        errors: Mapping[str, list[str]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.errors = errors
+        self.headers = dict(headers or {})
+
+
+class ValidationProblem(Problem):
+    status = 422
+    code = "validation_failed"
+    title = "The request is not valid"
+
+
+class MalformedJson(Problem):
+    status = 400
+    code = "malformed_json"
+    title = "The body is not well-formed JSON"
+
+
+class UnsupportedMediaType(Problem):
+    status = 415
+    code = "unsupported_media_type"
+    title = "The body must be application/json"
+
+
+class InvalidToken(Problem):
+    status = 401
+    code = "invalid_token"
+    title = "A valid bearer token is required"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": _bearer_challenge("invalid_token", detail)})
+
+
+class MissingToken(Problem):
+    status = 401
+    code = "invalid_token"
+    title = "A valid bearer token is required"
+
+    def __init__(self) -> None:
+        # RFC 6750 section 3.1: a request without credentials gets a challenge without an error code,
+        # but API.md asks for invalid_token in every 401.
+        super().__init__(headers={"WWW-Authenticate": _bearer_challenge("invalid_token", "missing token")})
+
+
+class InsufficientScope(Problem):
+    status = 403
+    code = "insufficient_scope"
+    title = "The token does not allow this request"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": _bearer_challenge("insufficient_scope", detail)})
+
+
+class ServiceUnavailable(Problem):
+    status = 503
+    code = "service_unavailable"
+    title = "A backing service is unavailable; retry shortly"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
+def _bearer_challenge(error: str, description: str | None) -> str:
+    challenge = f'Bearer error="{error}"'
+    if description:
+        safe = description.replace("\\", "").replace('"', "'")
+        challenge += f', error_description="{safe}"'
+    return challenge
+
+
+class OAuthError(Exception):
+    """An RFC 6749 section 5.2 error: `{"error", "error_description"}`, never cached."""
+
+    def __init__(
+        self, error: str, description: str, *, status: int = 400, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(f"{error}: {description}")
+        self.error = error
+        self.description = description
+        self.status = status
+        self.headers = dict(headers or {})
+
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def problem_response(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    errors: Mapping[str, list[str]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """Build the problem+json response every error path uses."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_PREFIX + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if errors is not None:
+        body["errors"] = errors
+    return web.Response(
+        status=status,
+        text=json.dumps(body, ensure_ascii=False),
+        content_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def oauth_error_response(error: OAuthError) -> web.Response:
+    """The RFC 6749 section 5.2 body."""
+    body = {"error": error.error, "error_description": error.description}
+    return web.json_response(body, status=error.status, headers={**NO_STORE, **error.headers})
+
+
+def _http_exception_code(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "http_error"
+
+
+_HTTP_TITLES = {
+    404: "No such resource",
+    405: "Method not allowed on this resource",
+    413: "The request body is too large",
+}
+
+
+def render_http_exception(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own errors (404, 405, 413, ...) as problem+json, keeping headers such as Allow."""
+    status = exc.status
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else exc.reason
+    headers = {
+        k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
+    }
+    return problem_response(
+        status,
+        _http_exception_code(status),
+        _HTTP_TITLES.get(status, phrase),
+        exc.reason or phrase,
+        headers=headers,
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place where exceptions become responses."""
+    try:
+        return await handler(request)
+    except Problem as problem:
+        return problem_response(
+            problem.status,
+            problem.code,
+            problem.title,
+            problem.detail,
+            errors=problem.errors,
+            headers=problem.headers,
+        )
+    except OAuthError as error:
+        return oauth_error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return render_http_exception(exc)
+    except DatabaseUnavailable as error:
+        log.warning("database unavailable: %s", error)
+        return problem_response(
+            503,
+            "database_unavailable",
+            "The database is unavailable; retry shortly",
+            "The database did not answer in time.",
+            headers={"Retry-After": "1"},
+        )
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return problem_response(
+            500,
+            "internal_error",
+            "Internal server error",
+            "The server could not complete the request; it has been logged.",
+        )

@@ -1,0 +1,85 @@
+"""`/healthz`, `/readyz`, `/metrics` and the request metrics middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from shared.appkeys import METRICS_REGISTRY, READINESS_CHECKS
+
+READINESS_TIMEOUT = 2.0
+
+REQUESTS = web.AppKey("http_requests_total", Counter)
+LATENCY = web.AppKey("http_request_duration_seconds", Histogram)
+
+
+async def healthz(_: web.Request) -> web.Response:
+    """Liveness: the process runs and its event loop answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: every dependency answers within the timeout, else 503 naming the failed ones."""
+    checks = request.app[READINESS_CHECKS]
+
+    async def run(probe_name: str, probe: object) -> tuple[str, str]:
+        try:
+            async with asyncio.timeout(READINESS_TIMEOUT):
+                await probe()  # type: ignore[operator]
+        except Exception as error:  # any failure means not ready
+            return probe_name, f"unavailable ({type(error).__name__})"
+        return probe_name, "ok"
+
+    results = dict(await asyncio.gather(*(run(c.name, c.probe) for c in checks)))
+    ready = all(v == "ok" for v in results.values())
+    return web.json_response(
+        {"status": "ready" if ready else "unavailable", "checks": results}, status=200 if ready else 503
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of this process's registry."""
+    body = generate_latest(request.app[METRICS_REGISTRY])
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count requests and time them per route template (never per raw path: bounded labels)."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        app = request.app
+        app[REQUESTS].labels(request.method, route, str(status)).inc()
+        app[LATENCY].labels(request.method, route).observe(time.perf_counter() - started)
+
+
+def setup_health(app: web.Application, registry: CollectorRegistry) -> None:
+    """Mount the probes and metrics on the service's own root, outside the public prefix."""
+    app[METRICS_REGISTRY] = registry
+    app.setdefault(READINESS_CHECKS, [])
+    app[REQUESTS] = Counter(
+        "http_requests_total", "HTTP requests served", ["method", "route", "status"], registry=registry
+    )
+    app[LATENCY] = Histogram(
+        "http_request_duration_seconds", "HTTP request latency", ["method", "route"], registry=registry
+    )
+    app.middlewares.append(metrics_middleware)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,193 @@
+"""OpenAPI 3 through aiohttp-apigami: the spec, Swagger UI and ReDoc per service, and the body parser.
+
+The spec is served at `{prefix}/openapi.json`, Swagger UI at `{prefix}/docs` and ReDoc at
+`{prefix}/redoc`, all from assets inside installed packages (no CDN). apigami leaves Swagger-2 keys
+(`produces`, `consumes`) on operations; they are stripped before the spec is served. The parser
+turns webargs' errors into problem+json: 415 for a body that is not JSON, 400 for malformed JSON,
+422 with flat `errors` for validation failures.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+import marshmallow as ma
+import openapi_ui_bundles.redoc
+from aiohttp import web
+from aiohttp_apigami import setup_aiohttp_apispec, validation_middleware
+from aiohttp_apigami.constants import APISPEC_PARSER, SWAGGER_DICT
+from webargs import core
+from webargs.aiohttpparser import AIOHTTPParser
+
+from shared.errors import MalformedJson, UnsupportedMediaType, ValidationProblem
+
+
+
+class ProblemSchema(ma.Schema):
+    """RFC 9457 problem details, as every error (but the OAuth2 endpoints') is answered."""
+
+    type = ma.fields.String(required=True)
+    title = ma.fields.String(required=True)
+    status = ma.fields.Integer(required=True)
+    detail = ma.fields.String(required=True)
+    code = ma.fields.String(required=True, metadata={"description": "stable machine-readable name"})
+    errors = ma.fields.Dict(
+        keys=ma.fields.String(),
+        values=ma.fields.List(ma.fields.String()),
+        metadata={"description": "per-field messages, for validation failures"},
+    )
+
+
+def problem_responses(*statuses: int) -> dict[int, dict[str, Any]]:
+    """OpenAPI `responses` entries for problem+json errors."""
+    return {
+        status: {
+            "description": HTTPStatus(status).phrase,
+            "content": {"application/problem+json": {"schema": ProblemSchema}},
+        }
+        for status in statuses
+    }
+
+
+_SWAGGER2_OPERATION_KEYS = ("produces", "consumes")
+_MAX_JSON_DEPTH = 32
+
+
+def _flatten(messages: Any) -> dict[str, list[str]]:
+    """webargs nests errors under the location (`{"json": {...}}`): keep one level, field -> messages."""
+    if isinstance(messages, Mapping) and len(messages) == 1 and next(iter(messages)) in (
+        "json",
+        "query",
+        "querystring",
+        "form",
+        "match_info",
+        "path",
+        "headers",
+    ):
+        messages = next(iter(messages.values()))
+    flat: dict[str, list[str]] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            flat.setdefault(prefix or "_body", []).extend(value)
+        elif isinstance(value, list):
+            for index, inner in enumerate(value):
+                walk(f"{prefix}.{index}", inner)
+        else:
+            flat.setdefault(prefix or "_body", []).append(str(value))
+
+    walk("", messages)
+    return flat
+
+
+def _depth_ok(raw: str) -> bool:
+    """Refuse absurd nesting before json.loads can hit the recursion limit."""
+    depth = 0
+    for char in raw:
+        if char in "[{":
+            depth += 1
+            if depth > _MAX_JSON_DEPTH:
+                return False
+        elif char in "]}":
+            depth -= 1
+    return True
+
+
+class ProblemParser(AIOHTTPParser):
+    """webargs' aiohttp parser with problem+json errors and a strict content type for JSON bodies."""
+
+    async def load_json(self, req: web.Request, schema: ma.Schema) -> Any:
+        if not req.body_exists:
+            return core.missing
+        if not core.is_json(req.content_type):
+            raise UnsupportedMediaType(f"Send the body as application/json, not {req.content_type!r}.")
+        body = await req.read()
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MalformedJson("The body is not valid UTF-8.") from None
+        if not text.strip():
+            return core.missing
+        if not _depth_ok(text):
+            raise MalformedJson("The JSON body is nested too deeply.")
+        try:
+            return json.loads(text)
+        except ValueError as error:
+            raise MalformedJson(f"The body is not well-formed JSON: {error.args[0]}") from None
+
+    def handle_error(  # type: ignore[override]
+        self,
+        error: ma.ValidationError,
+        req: web.Request,
+        schema: ma.Schema,
+        *,
+        error_status_code: int | None,
+        error_headers: Mapping[str, str] | None,
+    ) -> NoReturn:
+        raise ValidationProblem("One or more fields are not valid.", errors=_flatten(error.messages))
+
+
+def _clean(spec: dict[str, Any]) -> dict[str, Any]:
+    for path_item in spec.get("paths", {}).values():
+        for operation in path_item.values():
+            if isinstance(operation, dict):
+                for key in _SWAGGER2_OPERATION_KEYS:
+                    operation.pop(key, None)
+    return spec
+
+
+_REDOC_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body><redoc spec-url="{spec_url}"></redoc><script src="{script}"></script></body></html>
+"""
+
+
+def setup_openapi(
+    app: web.Application,
+    *,
+    prefix: str,
+    title: str,
+    version: str,
+    description: str,
+    components: Mapping[str, Any] | None = None,
+) -> None:
+    """Document every route decorated with apigami's `docs`; validate bodies with `ProblemParser`."""
+    spec_url = f"{prefix}/openapi.json"
+    setup_aiohttp_apispec(
+        app,
+        title=title,
+        version=version,
+        url=spec_url,
+        swagger_path=f"{prefix}/docs",
+        static_path=f"{prefix}/static/swagger",
+        openapi_version="3.0.3",
+        info={"description": description},
+    )
+    app[APISPEC_PARSER] = ProblemParser()
+    app.middlewares.append(validation_middleware)
+
+    async def finish_spec(app_: web.Application) -> None:
+        spec = _clean(app_[SWAGGER_DICT])
+        if components:
+            for section, entries in components.items():
+                spec.setdefault("components", {}).setdefault(section, {}).update(entries)
+        app_[SWAGGER_DICT] = spec
+
+    app.on_startup.append(finish_spec)
+
+    redoc_page = _REDOC_PAGE.format(
+        title=title, spec_url=spec_url, script=f"{prefix}/static/redoc/redoc.standalone.js"
+    )
+
+    async def redoc(_: web.Request) -> web.Response:
+        return web.Response(text=redoc_page, content_type="text/html")
+
+    app.router.add_get(f"{prefix}/redoc", redoc)
+    app.router.add_static(f"{prefix}/static/redoc", openapi_ui_bundles.redoc.static_path)

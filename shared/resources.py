@@ -1,0 +1,49 @@
+"""Cleanup contexts for the resources both services hold: the PostgreSQL pool and the Redis client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from shared.appkeys import DATABASE, READINESS_CHECKS, REDIS, ReadinessCheck
+from shared.db import create_database
+
+CleanupContext = Callable[[web.Application], AsyncIterator[None]]
+
+
+def postgres_ctx(dsn: str, *, minsize: int, maxsize: int, timeout: float) -> CleanupContext:
+    """Open the pool at startup, close it at shutdown; register it with `/readyz`."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        database = await create_database(dsn, minsize=minsize, maxsize=maxsize, timeout=timeout)
+        app[DATABASE] = database
+        app.setdefault(READINESS_CHECKS, []).append(ReadinessCheck("postgres", database.ping))
+        try:
+            yield
+        finally:
+            await database.close()
+
+    return ctx
+
+
+def redis_ctx(url: str, *, timeout: float) -> CleanupContext:
+    """A Redis client whose commands fail fast (socket timeouts) rather than hang."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        client: Redis = Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=30,
+            retry_on_timeout=False,
+        )
+        app[REDIS] = client
+        app.setdefault(READINESS_CHECKS, []).append(ReadinessCheck("redis", client.ping))
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    return ctx
