@@ -24,7 +24,7 @@ from sqlalchemy.sql import ClauseElement
 
 log = logging.getLogger(__name__)
 
-_DIALECT = postgresql.psycopg2.dialect()  # type: ignore[attr-defined]
+_DIALECT = postgresql.psycopg2.dialect()  # type: ignore[no-untyped-call]
 
 # UUIDs in and out as uuid.UUID; dicts out as JSON (hstore is off, see create_pool).
 psycopg2.extras.register_uuid()
@@ -83,7 +83,7 @@ def _compile(statement: ClauseElement) -> tuple[str, dict[str, Any]]:
 Statement = ClauseElement | Prepared | str
 
 
-def _translate(error: psycopg2.Error) -> Exception:
+def _translate(error: psycopg2.Error) -> BaseException:
     if isinstance(error, psycopg2.errors.UniqueViolation):
         return UniqueViolation(error.diag.constraint_name)
     if isinstance(error, psycopg2.errors.ForeignKeyViolation):
@@ -92,7 +92,7 @@ def _translate(error: psycopg2.Error) -> Exception:
         return CheckViolation(error.diag.constraint_name)
     if isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)):
         return DatabaseUnavailable(type(error).__name__)
-    return error
+    return error  # type: ignore[no-any-return]
 
 
 class Connection:
@@ -123,9 +123,7 @@ class Connection:
             raise DatabaseUnavailable("statement timed out") from None
         return cursor
 
-    async def fetch_one(
-        self, statement: Statement, params: Mapping[str, Any] | None = None
-    ) -> Row | None:
+    async def fetch_one(self, statement: Statement, params: Mapping[str, Any] | None = None) -> Row | None:
         """Run a statement and return its first row, or None."""
         cursor = await self._run(statement, params)
         try:
@@ -134,9 +132,7 @@ class Connection:
             cursor.close()
         return row  # type: ignore[no-any-return]
 
-    async def fetch_all(
-        self, statement: Statement, params: Mapping[str, Any] | None = None
-    ) -> Sequence[Row]:
+    async def fetch_all(self, statement: Statement, params: Mapping[str, Any] | None = None) -> Sequence[Row]:
         """Run a statement and return every row."""
         cursor = await self._run(statement, params)
         try:
@@ -181,7 +177,10 @@ class Database:
         except BaseException:
             # A connection whose statement failed mid-flight may be in any state: do not reuse it
             # unless it is plainly idle.
-            if not raw.closed and raw.raw.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            if (
+                not raw.closed
+                and raw.raw.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE
+            ):
                 raw.close()
             raise
         finally:
@@ -207,16 +206,12 @@ class Database:
                 raise
             await conn.execute("COMMIT")
 
-    async def fetch_one(
-        self, statement: Statement, params: Mapping[str, Any] | None = None
-    ) -> Row | None:
+    async def fetch_one(self, statement: Statement, params: Mapping[str, Any] | None = None) -> Row | None:
         """One statement on its own connection, first row."""
         async with self.connection() as conn:
             return await conn.fetch_one(statement, params)
 
-    async def fetch_all(
-        self, statement: Statement, params: Mapping[str, Any] | None = None
-    ) -> Sequence[Row]:
+    async def fetch_all(self, statement: Statement, params: Mapping[str, Any] | None = None) -> Sequence[Row]:
         """One statement on its own connection, every row."""
         async with self.connection() as conn:
             return await conn.fetch_all(statement, params)
@@ -235,7 +230,7 @@ class Database:
         await self._pool.wait_closed()
 
 
-async def create_database(dsn: str, *, minsize: int, maxsize: int, timeout: float) -> Database:
+async def create_database(dsn: str, *, minsize: int, maxsize: int, timeout: float) -> Database:  # noqa: ASYNC109
     """Open a pool; connections are made lazily past `minsize`, so startup does not need them all."""
     pool = await aiopg.create_pool(
         dsn,

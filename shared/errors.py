@@ -88,7 +88,9 @@ class InsufficientScope(Problem):
     title = "The token does not allow this request"
 
     def __init__(self, detail: str | None = None) -> None:
-        super().__init__(detail, headers={"WWW-Authenticate": _bearer_challenge("insufficient_scope", detail)})
+        super().__init__(
+            detail, headers={"WWW-Authenticate": _bearer_challenge("insufficient_scope", detail)}
+        )
 
 
 class ServiceUnavailable(Problem):
@@ -175,9 +177,7 @@ def render_http_exception(exc: web.HTTPException) -> web.Response:
     """aiohttp's own errors (404, 405, 413, ...) as problem+json, keeping headers such as Allow."""
     status = exc.status
     phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else exc.reason
-    headers = {
-        k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
-    }
+    headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
     return problem_response(
         status,
         _http_exception_code(status),

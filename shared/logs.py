@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler
 
 REQUEST_ID_HEADER = "X-Request-ID"
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+REQUEST_ID = web.RequestKey("request_id", str)
 
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
@@ -72,7 +73,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     """Adopt or generate the request id, expose it to logging, echo it on the response."""
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else new_request_id()
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     token = request_id_var.set(request_id)
     try:
         response = await handler(request)

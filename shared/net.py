@@ -30,7 +30,9 @@ def client_address(request: web.Request, trusted_proxies: tuple[Network, ...]) -
     peer = request.remote or "unknown"
     if not _trusted(peer, trusted_proxies):
         return peer
-    hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if h.strip()]
+    hops = [
+        h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if h.strip()
+    ]
     for hop in reversed(hops):
         if not _trusted(hop, trusted_proxies):
             try:

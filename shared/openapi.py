@@ -10,8 +10,9 @@ turns webargs' errors into problem+json: 415 for a body that is not JSON, 400 fo
 from __future__ import annotations
 
 import json
-from http import HTTPStatus
+import warnings
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any, NoReturn
 
 import marshmallow as ma
@@ -23,7 +24,6 @@ from webargs import core
 from webargs.aiohttpparser import AIOHTTPParser
 
 from shared.errors import MalformedJson, UnsupportedMediaType, ValidationProblem
-
 
 
 class ProblemSchema(ma.Schema):
@@ -58,14 +58,19 @@ _MAX_JSON_DEPTH = 32
 
 def _flatten(messages: Any) -> dict[str, list[str]]:
     """webargs nests errors under the location (`{"json": {...}}`): keep one level, field -> messages."""
-    if isinstance(messages, Mapping) and len(messages) == 1 and next(iter(messages)) in (
-        "json",
-        "query",
-        "querystring",
-        "form",
-        "match_info",
-        "path",
-        "headers",
+    if (
+        isinstance(messages, Mapping)
+        and len(messages) == 1
+        and next(iter(messages))
+        in (
+            "json",
+            "query",
+            "querystring",
+            "form",
+            "match_info",
+            "path",
+            "headers",
+        )
     ):
         messages = next(iter(messages.values()))
     flat: dict[str, list[str]] = {}
@@ -121,7 +126,7 @@ class ProblemParser(AIOHTTPParser):
         except ValueError as error:
             raise MalformedJson(f"The body is not well-formed JSON: {error.args[0]}") from None
 
-    def handle_error(  # type: ignore[override]
+    def handle_error(
         self,
         error: ma.ValidationError,
         req: web.Request,
@@ -160,6 +165,8 @@ def setup_openapi(
 ) -> None:
     """Document every route decorated with apigami's `docs`; validate bodies with `ProblemParser`."""
     spec_url = f"{prefix}/openapi.json"
+    # apigami 0.9 keeps the spec under a plain string key (an AppKey is on its 1.x list).
+    warnings.filterwarnings("ignore", category=web.NotAppKeyWarning, module="aiohttp_apigami")
     setup_aiohttp_apispec(
         app,
         title=title,
@@ -178,7 +185,6 @@ def setup_openapi(
         if components:
             for section, entries in components.items():
                 spec.setdefault("components", {}).setdefault(section, {}).update(entries)
-        app_[SWAGGER_DICT] = spec
 
     app.on_startup.append(finish_spec)
 

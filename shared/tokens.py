@@ -25,13 +25,13 @@ import aiohttp
 from aiohttp import web
 from joserfc import jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import KeySet, RSAKey
+from joserfc.jwk import RSAKey
 
 from shared.errors import InsufficientScope, InvalidToken, MissingToken
 
 log = logging.getLogger(__name__)
 
-ACCESS_TOKEN_TYPE = "at+jwt"
+ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 (a media type, not a secret)
 DEFAULT_ALGORITHMS = ("RS256",)
 
 

@@ -45,7 +45,7 @@ class KeyRing:
         """The RFC 7517 document of every published key."""
         keys = []
         for key in self.public_keys:
-            entry = key.as_dict(private=False)
+            entry: dict[str, Any] = dict(key.as_dict(private=False))
             entry.update({"use": "sig", "alg": ALGORITHM, "kid": key.kid})
             keys.append(entry)
         return {"keys": keys}
@@ -55,7 +55,9 @@ def _import(pem: str) -> RSAKey:
     try:
         key = RSAKey.import_key(pem)
     except Exception as error:
-        raise SettingsError(f"a configured JWT key is not a valid RSA PEM key ({type(error).__name__})") from None
+        raise SettingsError(
+            f"a configured JWT key is not a valid RSA PEM key ({type(error).__name__})"
+        ) from None
     raw = key.raw_value
     size = raw.key_size if isinstance(raw, (rsa.RSAPrivateKey, rsa.RSAPublicKey)) else 0
     if size < MIN_RSA_BITS:

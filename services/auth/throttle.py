@@ -90,7 +90,10 @@ class LoginThrottle:
         account_key, address_key = self._keys(account, address)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.get(account_key).ttl(account_key).get(address_key).ttl(address_key)
+                pipe.get(account_key)
+                pipe.ttl(account_key)
+                pipe.get(address_key)
+                pipe.ttl(address_key)
                 account_count, account_ttl, address_count, address_ttl = await pipe.execute()
             counts = [
                 (int(account_count or 0), int(account_ttl)),
@@ -110,8 +113,9 @@ class LoginThrottle:
         window = self._limits.window
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.incr(account_key).expire(account_key, window, nx=True)
-                pipe.incr(address_key).expire(address_key, window, nx=True)
+                for key in (account_key, address_key):
+                    pipe.incr(key)
+                    pipe.expire(key, window, nx=True)
                 await pipe.execute()
         except RedisError as error:
             self._fallback(error)

@@ -147,9 +147,7 @@ async def token(request: web.Request) -> web.Response:
     tags=TAG,
     summary="Revoke a refresh token (RFC 7009)",
     description="Revokes the token and every token of the same login. Unknown tokens also answer 200.",
-    requestBody=_form_body(
-        {"token": {"type": "string"}, "token_type_hint": {"type": "string"}}, ["token"]
-    ),
+    requestBody=_form_body({"token": {"type": "string"}, "token_type_hint": {"type": "string"}}, ["token"]),
     responses={200: {"description": "Revoked (or unknown)"}, **_oauth_errors(400), **problem_responses(413)},
 )
 async def revoke(request: web.Request) -> web.Response:
@@ -174,9 +172,7 @@ async def me(request: web.Request) -> web.Response:
 @docs(tags=TAG, summary="Public keys that verify access tokens (RFC 7517)")
 @response_schema(JwksSchema, 200, description="JWKS")
 async def jwks(request: web.Request) -> web.Response:
-    return web.json_response(
-        request.app[KEY_RING].jwks(), headers={"Cache-Control": "public, max-age=300"}
-    )
+    return web.json_response(request.app[KEY_RING].jwks(), headers={"Cache-Control": "public, max-age=300"})
 
 
 @docs(tags=TAG, summary="Authorization server metadata (discovery)")

@@ -48,9 +48,7 @@ class MeSchema(UserSchema):
     email_check = fields.Raw(
         required=True, allow_none=True, metadata={"description": "the email verifier's verdict, if any"}
     )
-    profile = fields.Raw(
-        required=True, allow_none=True, metadata={"description": "enriched profile, if any"}
-    )
+    profile = fields.Raw(required=True, allow_none=True, metadata={"description": "enriched profile, if any"})
 
 
 class TokenResponseSchema(Schema):

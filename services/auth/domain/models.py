@@ -33,7 +33,7 @@ class TokenPair:
     access_token: str
     refresh_token: str
     expires_in: int
-    token_type: str = "Bearer"
+    token_type: str = "Bearer"  # noqa: S105 (the RFC 6750 scheme name)
 
 
 @dataclass(frozen=True, slots=True)
