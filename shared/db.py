@@ -32,6 +32,9 @@ psycopg2.extensions.register_adapter(dict, psycopg2.extras.Json)
 
 Row = Mapping[str, Any]
 
+# How much longer than the server-side statement_timeout the client waits on a silent server.
+CLIENT_GRACE = 1.0
+
 
 class DatabaseUnavailable(Exception):
     """PostgreSQL could not be reached or did not answer in time."""
@@ -90,7 +93,11 @@ def _translate(error: psycopg2.Error) -> BaseException:
         return ForeignKeyViolation(error.diag.constraint_name)
     if isinstance(error, psycopg2.errors.CheckViolation):
         return CheckViolation(error.diag.constraint_name)
+    if isinstance(error, psycopg2.errors.InFailedSqlTransaction):
+        # An earlier statement of this transaction failed (a statement timeout, say); the caller went on.
+        return DatabaseUnavailable("transaction aborted by an earlier failure")
     if isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        # QueryCanceled (statement_timeout) is an OperationalError too.
         return DatabaseUnavailable(type(error).__name__)
     return error  # type: ignore[no-any-return]
 
@@ -111,15 +118,24 @@ class Connection:
             sql, bound = _compile(statement)
             if params:
                 bound.update(params)
-        cursor = await self._raw.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
+        cursor = None
         try:
-            async with asyncio.timeout(self._timeout):
+            cursor = await self._raw.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
+            async with asyncio.timeout(self._timeout + CLIENT_GRACE):
                 await cursor.execute(sql, bound)
         except psycopg2.Error as error:
-            cursor.close()
+            if cursor is not None:
+                cursor.close()
             raise _translate(error) from error
         except TimeoutError:
-            cursor.close()
+            if cursor is not None:
+                cursor.close()
+            raise DatabaseUnavailable("statement timed out") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # a real cancellation of this request
+            # aiopg turns the server's statement_timeout (QueryCanceledError) into CancelledError.
             raise DatabaseUnavailable("statement timed out") from None
         return cursor
 
@@ -231,16 +247,30 @@ class Database:
 
 
 async def create_database(dsn: str, *, minsize: int, maxsize: int, timeout: float) -> Database:  # noqa: ASYNC109
-    """Open a pool; connections are made lazily past `minsize`, so startup does not need them all."""
-    pool = await aiopg.create_pool(
-        dsn,
-        minsize=minsize,
-        maxsize=maxsize,
-        timeout=timeout,
-        enable_hstore=False,
-        enable_json=True,
-        enable_uuid=True,
-        pool_recycle=600,
-        options="-c timezone=UTC",
-    )
+    """Open a pool; connections are made lazily past `minsize`, so startup does not need them all.
+
+    The server enforces the timeout (`statement_timeout`), so a slow statement is cancelled where it
+    runs and releases its locks; the client waits `CLIENT_GRACE` longer before it gives up on an
+    unresponsive server (and then closes the connection).
+    """
+    server_timeout_ms = max(1, int(timeout * 1000))
+    try:
+        async with asyncio.timeout(timeout):  # opening `minsize` connections
+            pool = await aiopg.create_pool(
+                dsn,
+                minsize=minsize,
+                maxsize=maxsize,
+                timeout=timeout + CLIENT_GRACE,
+                enable_hstore=False,
+                enable_json=True,
+                enable_uuid=True,
+                pool_recycle=600,
+                options=f"-c timezone=UTC -c statement_timeout={server_timeout_ms}",
+            )
+    except TimeoutError:
+        raise DatabaseUnavailable("PostgreSQL did not answer in time") from None
+    except psycopg2.Error as error:
+        raise _translate(error) from error
+    except OSError as error:
+        raise DatabaseUnavailable(type(error).__name__) from error
     return Database(pool, timeout)

@@ -104,6 +104,10 @@ def _depth_ok(raw: str) -> bool:
     return True
 
 
+def _refuse_constant(name: str) -> NoReturn:
+    raise MalformedJson(f"{name} is not JSON (RFC 8259).")
+
+
 class ProblemParser(AIOHTTPParser):
     """webargs' aiohttp parser with problem+json errors and a strict content type for JSON bodies."""
 
@@ -122,7 +126,7 @@ class ProblemParser(AIOHTTPParser):
         if not _depth_ok(text):
             raise MalformedJson("The JSON body is nested too deeply.")
         try:
-            return json.loads(text)
+            return json.loads(text, parse_constant=_refuse_constant)
         except ValueError as error:
             raise MalformedJson(f"The body is not well-formed JSON: {error.args[0]}") from None
 
@@ -139,11 +143,14 @@ class ProblemParser(AIOHTTPParser):
 
 
 def _clean(spec: dict[str, Any]) -> dict[str, Any]:
+    """Strip Swagger-2 leftovers; every body this system takes is required."""
     for path_item in spec.get("paths", {}).values():
         for operation in path_item.values():
             if isinstance(operation, dict):
                 for key in _SWAGGER2_OPERATION_KEYS:
                     operation.pop(key, None)
+                if "requestBody" in operation:
+                    operation["requestBody"]["required"] = True
     return spec
 
 
@@ -162,12 +169,18 @@ def setup_openapi(
     version: str,
     description: str,
     components: Mapping[str, Any] | None = None,
+    schemas: Mapping[str, type[ma.Schema]] | None = None,
 ) -> None:
-    """Document every route decorated with apigami's `docs`; validate bodies with `ProblemParser`."""
+    """Document every route decorated with apigami's `docs`; validate bodies with `ProblemParser`.
+
+    Schemas named in `responses` of `docs(...)` are registered here by name: apispec rewrites those
+    shared dicts into `$ref`s in place, so a second app in the same process would otherwise never
+    see the component defined.
+    """
     spec_url = f"{prefix}/openapi.json"
     # apigami 0.9 keeps the spec under a plain string key (an AppKey is on its 1.x list).
     warnings.filterwarnings("ignore", category=web.NotAppKeyWarning, module="aiohttp_apigami")
-    setup_aiohttp_apispec(
+    apispec = setup_aiohttp_apispec(
         app,
         title=title,
         version=version,
@@ -177,6 +190,8 @@ def setup_openapi(
         openapi_version="3.0.3",
         info={"description": description},
     )
+    for name, schema in {"Problem": ProblemSchema, **(schemas or {})}.items():
+        apispec.spec.components.schema(name, schema=schema)
     app[APISPEC_PARSER] = ProblemParser()
     app.middlewares.append(validation_middleware)
 

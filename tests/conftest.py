@@ -154,9 +154,7 @@ def auth_settings(database_url: str, redis_url: str, redis_prefix: str, signing_
 
 
 @pytest.fixture
-async def auth_client(
-    aiohttp_client: Any, auth_settings: AuthSettings, db: Any
-) -> TestClient[Any, Any]:
+async def auth_client(aiohttp_client: Any, auth_settings: AuthSettings, db: Any) -> TestClient[Any, Any]:
     """The real auth app on a loopback port, over a truncated database."""
     return await aiohttp_client(create_auth_app(auth_settings))
 

@@ -10,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from services.auth.api.handlers import add_routes
+from services.auth.api.schemas import OAuthErrorSchema
 from services.auth.appkeys import AUTH_SERVICE, KEY_RING, SETTINGS, TRUSTED_PROXIES
 from services.auth.db.repositories import RefreshTokenRepository, UserRepository
 from services.auth.domain.passwords import PasswordHasher
@@ -18,13 +19,11 @@ from services.auth.settings import API_PREFIX, AuthSettings
 from services.auth.signing import AccessTokenIssuer, load_key_ring
 from services.auth.throttle import LoginThrottle, ThrottleLimits
 from shared.appkeys import DATABASE, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
-from shared.errors import error_middleware
-from shared.health import setup_health
-from shared.logs import request_id_middleware
 from shared.net import parse_networks
 from shared.openapi import setup_openapi
 from shared.resources import postgres_ctx, redis_ctx
 from shared.tokens import StaticKeySource, TokenVerifier
+from shared.web import setup_common
 
 DESCRIPTION = """Signup, OAuth2 tokens (password and refresh_token grants), revocation and JWKS.
 
@@ -90,10 +89,8 @@ def _auth_service_ctx(settings: AuthSettings) -> object:
 
 def create_app(settings: AuthSettings) -> web.Application:
     """Build the auth service; resources open on startup and close on cleanup."""
-    app = web.Application(
-        client_max_size=settings.max_body_bytes,
-        middlewares=[request_id_middleware],
-    )
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    setup_common(app, CollectorRegistry())
     app[SETTINGS] = settings
     ring = load_key_ring(settings)
     app[KEY_RING] = ring
@@ -101,8 +98,6 @@ def create_app(settings: AuthSettings) -> web.Application:
     app[TOKEN_VERIFIER] = TokenVerifier(
         StaticKeySource(ring.public_keys), issuer=settings.issuer, audience=settings.token_audience
     )
-    setup_health(app, CollectorRegistry())
-    app.middlewares.append(error_middleware)
     app.cleanup_ctx.append(
         postgres_ctx(
             settings.database_url,
@@ -121,5 +116,6 @@ def create_app(settings: AuthSettings) -> web.Application:
         version="1.0.0",
         description=DESCRIPTION,
         components=_security_schemes(settings),
+        schemas={"OAuthError": OAuthErrorSchema},
     )
     return app

@@ -114,8 +114,10 @@ class LoginThrottle:
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 for key in (account_key, address_key):
+                    # SET NX EX starts the window at the first failure; INCR keeps the TTL.
+                    # (EXPIRE NX would say the same, but needs Redis 7; embedded Redis is 6.2.)
+                    pipe.set(key, 0, ex=window, nx=True)
                     pipe.incr(key)
-                    pipe.expire(key, window, nx=True)
                 await pipe.execute()
         except RedisError as error:
             self._fallback(error)

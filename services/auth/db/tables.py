@@ -41,15 +41,18 @@ refresh_tokens_table = Table(
     metadata,
     Column("id", Uuid, primary_key=True, server_default=text("gen_random_uuid()")),
     Column("token_hash", LargeBinary, nullable=False, unique=True),
-    Column("user_id", Uuid, ForeignKey("auth.users.id", ondelete="CASCADE"), nullable=False, index=True),
-    Column("family_id", Uuid, nullable=False, index=True),
-    Column("parent_id", Uuid, ForeignKey("auth.refresh_tokens.id", ondelete="SET NULL"), index=True),
+    Column("user_id", Uuid, ForeignKey("auth.users.id", ondelete="CASCADE"), nullable=False),
+    Column("family_id", Uuid, nullable=False),
+    Column("parent_id", Uuid, ForeignKey("auth.refresh_tokens.id", ondelete="SET NULL")),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("rotated_at", DateTime(timezone=True)),
     Column("revoked_at", DateTime(timezone=True)),
     CheckConstraint("octet_length(token_hash) = 32", name="refresh_tokens_hash_length"),
 )
+Index("refresh_tokens_family_idx", refresh_tokens_table.c.family_id)
+Index("refresh_tokens_user_idx", refresh_tokens_table.c.user_id)
+Index("refresh_tokens_parent_idx", refresh_tokens_table.c.parent_id)
 Index(
     "refresh_tokens_one_live_per_family",
     refresh_tokens_table.c.family_id,

@@ -1,0 +1,1 @@
+"""Deployment tooling: how the system is run locally and elsewhere."""

@@ -1,0 +1,340 @@
+"""Run the whole system locally in the foreground until Ctrl-C: `python -m deploy.local.run` (`make run`)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from urllib.parse import urlsplit
+
+from deploy.local.embedded import EmbeddedServerError, start_postgres, start_redis
+from services.auth.signing import generate_pem
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DATA_DIR = REPO_ROOT / ".data"
+SIGNING_KEY_FILE = DATA_DIR / "dev" / "jwt-signing-key.pem"
+HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+HEALTH_TIMEOUT = 30.0
+STOP_GRACE = 10.0
+POLL_INTERVAL = 0.2
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def say(message: str) -> None:
+    """Print one plain line for the developer, at once."""
+    print(message, flush=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A process the launcher runs and watches; healthy once `health_url` (if any) answers 200."""
+
+    name: str
+    command: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    health_url: str | None = None
+
+    @classmethod
+    def python(
+        cls, name: str, module: str, *args: str, env: Mapping[str, str], health_url: str | None = None
+    ) -> Service:
+        """A `python -m module args...` service run with this interpreter."""
+        return cls(name, (sys.executable, "-m", module, *args), env, health_url)
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM/SIGHUP; the launcher checks it between steps and while it waits."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        """Whether a stop was requested."""
+        return self._event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, waking early on a stop request; return whether one came."""
+        return self._event.wait(seconds)
+
+
+class Supervisor:
+    """Starts services as child processes, notices when one exits, and stops them all."""
+
+    def __init__(self, grace: float = STOP_GRACE) -> None:
+        self.grace = grace
+        self._running: list[tuple[Service, subprocess.Popen[bytes]]] = []
+
+    def start(self, service: Service) -> None:
+        """Start one service; it stops when the launcher tells it to, not on the terminal's Ctrl-C."""
+        self._running.append((service, spawn(service.command, service.env)))
+
+    def exited(self) -> tuple[Service, int] | None:
+        """The first service whose process has exited, with its exit code; None while all run."""
+        for service, process in self._running:
+            code = process.poll()
+            if code is not None:
+                return service, code
+        return None
+
+    def stop(self) -> None:
+        """SIGTERM every child (newest first), wait up to the grace period, then SIGKILL stragglers."""
+        for _, process in reversed(self._running):
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
+        for service, process in reversed(self._running):
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                say(f"{service.name} did not stop within {self.grace:.0f} s; killing it.")
+                _signal_group(process, signal.SIGKILL)
+                process.wait()
+        self._running.clear()
+
+
+def spawn(command: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """Start a child in the repo root, in its own process group (Ctrl-C reaches only the launcher)."""
+    return subprocess.Popen(command, env=dict(env), cwd=REPO_ROOT, stdin=subprocess.DEVNULL, process_group=0)
+
+
+def _signal_group(process: subprocess.Popen[bytes], number: signal.Signals) -> None:
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, number)
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password (in the user part or a `password=` parameter) replaced by `***`."""
+    netloc = urlsplit(url).netloc
+    userinfo, at, hostinfo = netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if at and colon and password:
+        url = url.replace(netloc, f"{user}:***@{hostinfo}", 1)
+    return _PASSWORD_PARAMETER.sub(r"\1***", url)
+
+
+def ensure_signing_key(path: Path) -> bool:
+    """Create an RSA-2048 PKCS8 PEM private key (mode 0600) at `path` unless one exists; True if created."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.exists():
+        if path.stat().st_mode & 0o777 != 0o600:
+            path.chmod(0o600)
+        return False
+    pem = generate_pem().encode("ascii")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(pem)
+    os.replace(partial, path)
+    return True
+
+
+def service_port(environ: Mapping[str, str]) -> int:
+    """The auth service's port: `PORT` from the launcher's environment, else 8080."""
+    raw = environ.get("PORT", "").strip()
+    if not raw:
+        return DEFAULT_PORT
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise SystemExit(f"PORT must be a TCP port number, got {raw!r}")
+    return int(raw)
+
+
+def service_env(
+    environ: Mapping[str, str], *, database_url: str, redis_url: str, port: int, signing_key: Path
+) -> dict[str, str]:
+    """The environment every service runs with: the launcher's, plus the dev settings."""
+    env = dict(environ)
+    env.update(
+        {
+            "AUTH_ENV": "dev",
+            "AUTH_HOST": HOST,
+            "AUTH_PORT": str(port),
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "AUTH_JWT_PRIVATE_KEYS_FILE": str(signing_key),
+        }
+    )
+    env.setdefault("AUTH_PUBLIC_BASE_URL", f"http://{HOST}:{port}")
+    return env
+
+
+def services(env: Mapping[str, str], port: int) -> list[Service]:
+    """Everything `make run` starts, in start order (the referral service and the gateway go here too)."""
+    return [
+        Service.python("auth", "services.auth", "serve", env=env, health_url=f"http://{HOST}:{port}/healthz"),
+    ]
+
+
+def port_in_use(port: int) -> bool:
+    """Whether something already listens on 127.0.0.1:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+def run_step(command: Sequence[str], env: Mapping[str, str], stop: StopRequest) -> int | None:
+    """Run a one-off command to completion; its exit code, or None if a stop request cut it short."""
+    process = spawn(command, env)
+    try:
+        while (code := process.poll()) is None:
+            if stop.wait(POLL_INTERVAL):
+                return None
+        return code
+    finally:
+        if process.poll() is None:
+            _signal_group(process, signal.SIGTERM)
+            try:
+                process.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                process.wait()
+
+
+def healthy(url: str) -> bool:
+    """Whether GET `url` answers 200 right now."""
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:  # noqa: S310 (a fixed http:// URL)
+            status: int = response.status
+            return status == 200
+    except (urllib.error.URLError, http.client.HTTPException, OSError):
+        return False
+
+
+def wait_until_healthy(supervisor: Supervisor, pending: list[Service], stop: StopRequest) -> int | None:
+    """Poll the services' health URLs; None once all answer, else the launcher's exit code."""
+    deadline = time.monotonic() + HEALTH_TIMEOUT
+    while pending:
+        if stop.is_set():
+            return 0
+        if (gone := supervisor.exited()) is not None:
+            service, code = gone
+            say(f"{service.name} exited with code {code} before it was ready; stopping.")
+            return 1
+        pending = [service for service in pending if service.health_url and not healthy(service.health_url)]
+        if not pending:
+            break
+        if time.monotonic() >= deadline:
+            names = ", ".join(service.name for service in pending)
+            say(f"Not ready after {HEALTH_TIMEOUT:.0f} s: {names}; stopping.")
+            return 1
+        stop.wait(POLL_INTERVAL)
+    return None
+
+
+def backing_stores(stack: contextlib.ExitStack, environ: Mapping[str, str]) -> tuple[str, str]:
+    """The database and Redis URLs: from the environment, else from embedded servers `stack` will stop."""
+    database_url = environ.get("DATABASE_URL") or ""
+    if database_url:
+        say(f"Database: {mask_url(database_url)} (from DATABASE_URL)")
+    else:
+        postgres = stack.enter_context(start_postgres(DATA_DIR / "postgres"))
+        database_url = postgres.url
+        say(f"Database: {database_url} (embedded PostgreSQL, data in {postgres.data_dir})")
+    redis_url = environ.get("REDIS_URL") or ""
+    if redis_url:
+        say(f"Redis: {mask_url(redis_url)} (from REDIS_URL)")
+    else:
+        redis = stack.enter_context(start_redis(DATA_DIR / "redis"))
+        redis_url = redis.url
+        say(f"Redis: {redis_url} (embedded Redis, data in {redis.data_dir})")
+    return database_url, redis_url
+
+
+def migrate(env: Mapping[str, str], stop: StopRequest) -> int | None:
+    """Run the auth service's migrations; None when they succeeded, else the launcher's exit code."""
+    say("Running migrations...")
+    code = run_step((sys.executable, "-m", "services.auth", "migrate"), env, stop)
+    if code is None:
+        return 0
+    if code != 0:
+        say(f"Migrations failed (exit code {code}); nothing was started.")
+        return 1
+    return None
+
+
+def supervise(supervisor: Supervisor, planned: list[Service], port: int, stop: StopRequest) -> int:
+    """Start the services, wait until they are healthy, then until a stop request or a child exits."""
+    for service in planned:
+        supervisor.start(service)
+    outcome = wait_until_healthy(supervisor, planned, stop)
+    if outcome is not None:
+        return outcome
+    base = f"http://{HOST}:{port}/api/v1/auth/"
+    say(f"Serving on {base} (docs: {base}docs). Press Ctrl-C to stop.")
+    while not stop.wait(POLL_INTERVAL):
+        if (gone := supervisor.exited()) is not None:
+            service, code = gone
+            say(f"{service.name} exited unexpectedly with code {code}; stopping everything.")
+            return 1
+    say("Stopping...")
+    return 0
+
+
+def run(stop: StopRequest) -> int:
+    """Start everything, serve until a stop request or a child's exit, stop everything; the exit code."""
+    environ = os.environ
+    port = service_port(environ)
+    if port_in_use(port):
+        say(f"Port {port} on {HOST} is already in use; stop whatever uses it or set PORT.")
+        return 1
+    with contextlib.ExitStack() as stack:  # unwinds in reverse: services first, then embedded servers
+        try:
+            database_url, redis_url = backing_stores(stack, environ)
+        except EmbeddedServerError as error:
+            if stop.is_set():  # Ctrl-C reached initdb or pg_ctl too
+                return 0
+            say(f"Could not start an embedded server: {error}")
+            return 1
+        if stop.is_set():
+            return 0
+        created = ensure_signing_key(SIGNING_KEY_FILE)
+        say(f"JWT signing key: {SIGNING_KEY_FILE} ({'created' if created else 'existing'})")
+        env = service_env(
+            environ, database_url=database_url, redis_url=redis_url, port=port, signing_key=SIGNING_KEY_FILE
+        )
+        failed = migrate(env, stop)
+        if failed is not None:
+            return failed
+        supervisor = Supervisor()
+        stack.callback(supervisor.stop)
+        return supervise(supervisor, services(env, port), port, stop)
+
+
+def main() -> int:
+    """Entry point: handle SIGINT/SIGTERM (and SIGHUP) as a stop request, run, and restore the handlers."""
+    stop = StopRequest()
+    # SIGHUP too: a closed terminal must not leave the services (in their own process groups) running.
+    stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {number: signal.signal(number, stop) for number in stopping}
+    try:
+        code = run(stop)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    say("Stopped." if code == 0 else f"Stopped (exit code {code}).")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

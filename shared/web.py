@@ -1,0 +1,26 @@
+"""The middleware stack and response hygiene every service shares, set up in one call."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from shared.errors import error_middleware
+from shared.health import setup_health
+from shared.logs import request_id_middleware
+
+SERVER_NAME = "referral-system"
+
+
+async def _harden(_: web.Request, response: web.StreamResponse) -> None:
+    """No framework or version in `Server`; no MIME sniffing of JSON answers."""
+    response.headers["Server"] = SERVER_NAME
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+
+def setup_common(app: web.Application, registry: CollectorRegistry) -> None:
+    """Request ids (outermost), metrics, the one error middleware; /healthz, /readyz, /metrics."""
+    app.middlewares.append(request_id_middleware)
+    setup_health(app, registry)  # adds the metrics middleware, so it sees the final status
+    app.middlewares.append(error_middleware)
+    app.on_response_prepare.append(_harden)
