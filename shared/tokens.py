@@ -39,12 +39,20 @@ DEFAULT_ALGORITHMS = ("RS256",)
 class AccessClaims:
     """What a verified token says about its bearer."""
 
-    subject: uuid.UUID
+    subject: str
     email: str | None
     scope: frozenset[str]
     expires_at: int
     token_id: str | None
     raw: Mapping[str, Any]
+
+    @property
+    def user_id(self) -> uuid.UUID:
+        """The subject as a user id; user tokens always have one, service tokens do not."""
+        try:
+            return uuid.UUID(self.subject)
+        except ValueError:
+            raise InvalidToken("the token's subject is not a user") from None
 
 
 class KeySource(Protocol):
@@ -195,10 +203,9 @@ class TokenVerifier:
             registry.validate(claims)
         except JoseError as error:
             raise InvalidToken(_claim_problem(error)) from None
-        try:
-            subject = uuid.UUID(str(claims["sub"]))
-        except ValueError:
-            raise InvalidToken("bad subject") from None
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not subject:
+            raise InvalidToken("bad subject")
         scope = claims.get("scope")
         email = claims.get("email")
         return AccessClaims(

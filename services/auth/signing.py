@@ -130,7 +130,7 @@ class AccessTokenIssuer:
 
     def issue(
         self,
-        subject: uuid.UUID,
+        subject: uuid.UUID | str,
         *,
         email: str | None,
         audience: str | None = None,

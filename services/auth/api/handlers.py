@@ -165,7 +165,7 @@ async def revoke(request: web.Request) -> web.Response:
 @response_schema(MeSchema, 200, description="The bearer's account")
 async def me(request: web.Request) -> web.Response:
     claims = await authenticate(request, request.app[TOKEN_VERIFIER])
-    user = await request.app[AUTH_SERVICE].current_user(claims.subject)
+    user = await request.app[AUTH_SERVICE].current_user(claims.user_id)
     return web.json_response(_me_schema.dump(user))
 
 
