@@ -43,8 +43,10 @@ fmt: $(STAMP)
 
 migrate: $(STAMP)
 	$(PY) -m services.auth migrate
+	$(PY) -m services.referral migrate
 
 rollback: $(STAMP)
+	$(PY) -m services.referral rollback
 	$(PY) -m services.auth rollback
 
 clean:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import ClientSession, web
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
@@ -26,3 +26,4 @@ REDIS = web.AppKey("redis", Redis)
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 READINESS_CHECKS = web.AppKey("readiness_checks", list[ReadinessCheck])
 TOKEN_VERIFIER = web.AppKey("token_verifier", TokenVerifier)
+HTTP_CLIENT = web.AppKey("http_client", ClientSession)

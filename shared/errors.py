@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from shared.db import DatabaseUnavailable
+from shared.db import CheckViolation, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +207,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return render_http_exception(exc)
+    except CheckViolation as violation:
+        # Input the schemas let through but a CHECK constraint refused: still the client's input.
+        log.warning("check constraint %s refused a write", violation.constraint)
+        return problem_response(
+            422,
+            ValidationProblem.code,
+            ValidationProblem.title,
+            "A value is outside what is allowed.",
+            errors={"_body": ["A value is outside what is allowed."]},
+        )
     except DatabaseUnavailable as error:
         log.warning("database unavailable: %s", error)
         return problem_response(

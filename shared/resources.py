@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
 
-from shared.appkeys import DATABASE, READINESS_CHECKS, REDIS, ReadinessCheck
+from shared.appkeys import DATABASE, HTTP_CLIENT, READINESS_CHECKS, REDIS, ReadinessCheck
 from shared.db import create_database
 
 CleanupContext = Callable[[web.Application], AsyncIterator[None]]
@@ -45,5 +46,23 @@ def redis_ctx(url: str, *, timeout: float) -> CleanupContext:
             yield
         finally:
             await client.aclose()
+
+    return ctx
+
+
+def http_client_ctx(*, timeout: float, user_agent: str) -> CleanupContext:
+    """One outgoing HTTP session for the process: pooled keep-alive connections, a total timeout."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            connector=aiohttp.TCPConnector(limit=100, keepalive_timeout=30, ttl_dns_cache=60),
+            headers={"User-Agent": user_agent},
+        )
+        app[HTTP_CLIENT] = session
+        try:
+            yield
+        finally:
+            await session.close()
 
     return ctx

@@ -17,12 +17,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler as AiohttpHandler
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
@@ -166,12 +167,14 @@ class TokenVerifier:
         audience: str,
         algorithms: Collection[str] = DEFAULT_ALGORITHMS,
         leeway: int = 30,
+        required_scope: str | None = None,
     ) -> None:
         self._keys = keys
         self._issuer = issuer
         self._audience = audience
         self._algorithms = list(algorithms)
         self._leeway = leeway
+        self._required_scope = required_scope
 
     async def verify(self, token: str) -> AccessClaims:
         """The token's claims, or InvalidToken saying (briefly, without secrets) what was wrong."""
@@ -207,11 +210,14 @@ class TokenVerifier:
         if not isinstance(subject, str) or not subject:
             raise InvalidToken("bad subject")
         scope = claims.get("scope")
+        scopes = frozenset(scope.split()) if isinstance(scope, str) else frozenset()
+        if self._required_scope is not None and self._required_scope not in scopes:
+            raise InsufficientScope(f"requires scope {self._required_scope}")
         email = claims.get("email")
         return AccessClaims(
             subject=subject,
             email=email if isinstance(email, str) else None,
-            scope=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
+            scope=scopes,
             expires_at=int(claims["exp"]),
             token_id=str(claims["jti"]) if "jti" in claims else None,
             raw=claims,
@@ -237,11 +243,28 @@ def bearer_token(request: web.Request) -> str:
     return token.strip()
 
 
-async def authenticate(
-    request: web.Request, verifier: TokenVerifier, *, required_scope: str | None = None
-) -> AccessClaims:
-    """Verify the request's bearer token; with `required_scope`, 403 unless the token has it."""
-    claims = await verifier.verify(bearer_token(request))
-    if required_scope is not None and required_scope not in claims.scope:
-        raise InsufficientScope(f"requires scope {required_scope}")
-    return claims
+CLAIMS = web.RequestKey("claims", AccessClaims)
+_BEARER_ATTRIBUTE = "__bearer_verifier__"
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[web.StreamResponse]])
+
+
+def bearer(verifier: web.AppKey[TokenVerifier]) -> Callable[[Handler], Handler]:
+    """Mark a handler as needing a bearer token that `app[verifier]` accepts; claims in `request[CLAIMS]`."""
+
+    def mark(handler: Handler) -> Handler:
+        setattr(handler, _BEARER_ATTRIBUTE, verifier)
+        return handler
+
+    return mark
+
+
+@web.middleware
+async def bearer_middleware(request: web.Request, handler: AiohttpHandler) -> web.StreamResponse:
+    """Verify the token of handlers marked with `bearer` before anything else looks at the request.
+
+    It runs before body validation, so a request without a valid token gets 401, not 422.
+    """
+    verifier_key = getattr(request.match_info.handler, _BEARER_ATTRIBUTE, None)
+    if verifier_key is not None:
+        request[CLAIMS] = await request.app[verifier_key].verify(bearer_token(request))
+    return await handler(request)

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry
 from shared.errors import error_middleware
 from shared.health import setup_health
 from shared.logs import request_id_middleware
+from shared.tokens import bearer_middleware
 
 SERVER_NAME = "referral-system"
 
@@ -19,8 +20,9 @@ async def _harden(_: web.Request, response: web.StreamResponse) -> None:
 
 
 def setup_common(app: web.Application, registry: CollectorRegistry) -> None:
-    """Request ids (outermost), metrics, the one error middleware; /healthz, /readyz, /metrics."""
+    """Request ids (outermost), metrics, errors, bearer tokens; /healthz, /readyz, /metrics."""
     app.middlewares.append(request_id_middleware)
     setup_health(app, registry)  # adds the metrics middleware, so it sees the final status
     app.middlewares.append(error_middleware)
+    app.middlewares.append(bearer_middleware)  # before body validation (setup_openapi adds it)
     app.on_response_prepare.append(_harden)

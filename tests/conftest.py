@@ -30,6 +30,7 @@ from shared.migrations import apply_migrations
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH_MIGRATIONS = ROOT / "services" / "auth" / "migrations"
+REFERRAL_MIGRATIONS = ROOT / "services" / "referral" / "migrations"
 DATA_DIR = ROOT / ".data" / "test"
 
 
@@ -84,6 +85,7 @@ def database_url(server_database_url: str) -> Iterator[str]:
     url = _with_database(server_database_url, name)
     try:
         apply_migrations(url, "auth", AUTH_MIGRATIONS)
+        apply_migrations(url, "referral", REFERRAL_MIGRATIONS)
         yield url
     finally:
         with admin.cursor() as cursor:
@@ -114,7 +116,7 @@ def db(database_url: str) -> Iterator[Any]:
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
     with conn.cursor() as cursor:
-        cursor.execute("TRUNCATE auth.users, auth.refresh_tokens CASCADE")
+        cursor.execute("TRUNCATE auth.users, auth.refresh_tokens, referral.codes, referral.referrals CASCADE")
     try:
         yield conn
     finally:

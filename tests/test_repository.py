@@ -5,8 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from services.auth.settings import PREFIX as AUTH_PREFIX
 from services.auth.settings import AuthSettings
+from services.referral.settings import PREFIX as REFERRAL_PREFIX
+from services.referral.settings import ReferralSettings
 from shared.config import describe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,15 +21,20 @@ def documented_variables() -> set[str]:
     return set(re.findall(r"^([A-Z][A-Z0-9_]*)=", text, flags=re.MULTILINE))
 
 
-def test_every_auth_setting_is_in_env_example():
-    missing = {name for name, _, _ in describe(AuthSettings, AUTH_PREFIX)} - documented_variables()
+SERVICES = [(AuthSettings, AUTH_PREFIX), (ReferralSettings, REFERRAL_PREFIX)]
+
+
+@pytest.mark.parametrize(("settings", "prefix"), SERVICES)
+def test_every_setting_is_in_env_example(settings, prefix):
+    missing = {name for name, _, _ in describe(settings, prefix)} - documented_variables()
     assert not missing, f"add to .env.example: {sorted(missing)}"
 
 
-def test_env_example_has_no_unknown_auth_variables():
-    known = {name for name, _, _ in describe(AuthSettings, AUTH_PREFIX)}
-    unknown = {v for v in documented_variables() if v.startswith(AUTH_PREFIX)} - known
-    assert not unknown, f"not read by the auth service: {sorted(unknown)}"
+@pytest.mark.parametrize(("settings", "prefix"), SERVICES)
+def test_env_example_has_no_unknown_variables(settings, prefix):
+    known = {name for name, _, _ in describe(settings, prefix)}
+    unknown = {v for v in documented_variables() if v.startswith(prefix)} - known
+    assert not unknown, f"not read by the service: {sorted(unknown)}"
 
 
 def test_readme_shows_the_two_commands_first():

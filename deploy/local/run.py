@@ -27,7 +27,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO_ROOT / ".data"
 SIGNING_KEY_FILE = DATA_DIR / "dev" / "jwt-signing-key.pem"
 HOST = "127.0.0.1"
-DEFAULT_PORT = 8080
+DEFAULT_PORT = 8080  # the gateway's; PORT overrides it
+AUTH_PORT = 8081
+REFERRAL_PORT = 8082
+AUTH_API = "/api/v1/auth"
+REFERRAL_API = "/api/v1/referral"
 HEALTH_TIMEOUT = 30.0
 STOP_GRACE = 10.0
 POLL_INTERVAL = 0.2
@@ -146,39 +150,95 @@ def ensure_signing_key(path: Path) -> bool:
     return True
 
 
-def service_port(environ: Mapping[str, str]) -> int:
-    """The auth service's port: `PORT` from the launcher's environment, else 8080."""
+def gateway_port(environ: Mapping[str, str]) -> int:
+    """The gateway's port: `PORT` from the launcher's environment, else 8080 (not a service's port)."""
     raw = environ.get("PORT", "").strip()
     if not raw:
         return DEFAULT_PORT
     if not raw.isdigit() or not 0 < int(raw) < 65536:
         raise SystemExit(f"PORT must be a TCP port number, got {raw!r}")
-    return int(raw)
+    port = int(raw)
+    if port in (AUTH_PORT, REFERRAL_PORT):
+        raise SystemExit(f"PORT must not be {AUTH_PORT} or {REFERRAL_PORT}: the services listen there")
+    return port
 
 
-def service_env(
-    environ: Mapping[str, str], *, database_url: str, redis_url: str, port: int, signing_key: Path
+def base_url(port: int) -> str:
+    """`http://127.0.0.1:port`."""
+    return f"http://{HOST}:{port}"
+
+
+def auth_env(
+    environ: Mapping[str, str], *, database_url: str, redis_url: str, gateway_port: int, signing_key: Path
 ) -> dict[str, str]:
-    """The environment every service runs with: the launcher's, plus the dev settings."""
+    """The auth service's environment: the launcher's, plus the dev settings."""
     env = dict(environ)
     env.update(
         {
             "AUTH_ENV": "dev",
             "AUTH_HOST": HOST,
-            "AUTH_PORT": str(port),
+            "AUTH_PORT": str(AUTH_PORT),
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "AUTH_JWT_PRIVATE_KEYS_FILE": str(signing_key),
+            "AUTH_REFERRAL_SERVICE_URL": base_url(REFERRAL_PORT),
         }
     )
-    env.setdefault("AUTH_PUBLIC_BASE_URL", f"http://{HOST}:{port}")
+    env.setdefault("AUTH_PUBLIC_BASE_URL", base_url(gateway_port))
     return env
 
 
-def services(env: Mapping[str, str], port: int) -> list[Service]:
-    """Everything `make run` starts, in start order (the referral service and the gateway go here too)."""
+def referral_env(
+    environ: Mapping[str, str], *, database_url: str, redis_url: str, auth_public_base_url: str
+) -> dict[str, str]:
+    """The referral service's environment: the launcher's, plus the dev settings (auth's JWKS and issuer)."""
+    env = dict(environ)
+    env.update(
+        {
+            "REFERRAL_ENV": "dev",
+            "REFERRAL_HOST": HOST,
+            "REFERRAL_PORT": str(REFERRAL_PORT),
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "REFERRAL_AUTH_JWKS_URL": f"{base_url(AUTH_PORT)}{AUTH_API}/.well-known/jwks.json",
+            # The same value as the auth service's `iss` (AuthSettings.issuer).
+            "REFERRAL_AUTH_ISSUER": auth_public_base_url.rstrip("/") + AUTH_API,
+        }
+    )
+    return env
+
+
+def migrations(auth: Mapping[str, str], referral: Mapping[str, str]) -> list[Service]:
+    """The one-off migration steps, in order: auth's schema, then referral's."""
     return [
-        Service.python("auth", "services.auth", "serve", env=env, health_url=f"http://{HOST}:{port}/healthz"),
+        Service.python("auth", "services.auth", "migrate", env=auth),
+        Service.python("referral", "services.referral", "migrate", env=referral),
+    ]
+
+
+def gateway(environ: Mapping[str, str], port: int) -> Service:
+    """The gateway on `port`: /api/v1/auth to the auth service, /api/v1/referral to the referral service."""
+    # Where nginx goes: when nginx is installed, render its configuration (the same routes, /internal/
+    # refused) and return a Service running it in the foreground instead of the Python gateway.
+    routes = ((AUTH_API, AUTH_PORT), (REFERRAL_API, REFERRAL_PORT))
+    arguments = ["--host", HOST, "--port", str(port)]
+    for prefix, upstream_port in routes:
+        arguments += ["--route", f"{prefix}={base_url(upstream_port)}"]
+    return Service.python(
+        "gateway", "deploy.local.gateway", *arguments, env=environ, health_url=f"{base_url(port)}/healthz"
+    )
+
+
+def services(
+    environ: Mapping[str, str], auth: Mapping[str, str], referral: Mapping[str, str], port: int
+) -> list[Service]:
+    """Everything `make run` starts, in start order: the two services, then the gateway on `port`."""
+    auth_health = f"{base_url(AUTH_PORT)}/healthz"
+    referral_health = f"{base_url(REFERRAL_PORT)}/healthz"
+    return [
+        Service.python("auth", "services.auth", "serve", env=auth, health_url=auth_health),
+        Service.python("referral", "services.referral", "serve", env=referral, health_url=referral_health),
+        gateway(environ, port),
     ]
 
 
@@ -261,16 +321,27 @@ def backing_stores(stack: contextlib.ExitStack, environ: Mapping[str, str]) -> t
     return database_url, redis_url
 
 
-def migrate(env: Mapping[str, str], stop: StopRequest) -> int | None:
-    """Run the auth service's migrations; None when they succeeded, else the launcher's exit code."""
-    say("Running migrations...")
-    code = run_step((sys.executable, "-m", "services.auth", "migrate"), env, stop)
-    if code is None:
-        return 0
-    if code != 0:
-        say(f"Migrations failed (exit code {code}); nothing was started.")
-        return 1
+def migrate(steps: Sequence[Service], stop: StopRequest) -> int | None:
+    """Run each service's migrations in turn; None when all succeeded, else the launcher's exit code."""
+    for step in steps:
+        say(f"Running the {step.name} service's migrations...")
+        code = run_step(step.command, step.env, stop)
+        if code is None:
+            return 0
+        if code != 0:
+            say(f"The {step.name} service's migrations failed (exit code {code}); nothing was started.")
+            return 1
     return None
+
+
+def banner(port: int) -> str:
+    """What the developer reads once everything is up: each API and its docs, through the gateway."""
+    lines = [f"Serving on {base_url(port)}:"]
+    for name, prefix in (("auth", AUTH_API), ("referral", REFERRAL_API)):
+        api = f"{base_url(port)}{prefix}/"
+        lines.append(f"  {name + ' API':<13} {api} (docs: {api}docs)")
+    lines.append("Press Ctrl-C to stop.")
+    return "\n".join(lines)
 
 
 def supervise(supervisor: Supervisor, planned: list[Service], port: int, stop: StopRequest) -> int:
@@ -280,8 +351,7 @@ def supervise(supervisor: Supervisor, planned: list[Service], port: int, stop: S
     outcome = wait_until_healthy(supervisor, planned, stop)
     if outcome is not None:
         return outcome
-    base = f"http://{HOST}:{port}/api/v1/auth/"
-    say(f"Serving on {base} (docs: {base}docs). Press Ctrl-C to stop.")
+    say(banner(port))
     while not stop.wait(POLL_INTERVAL):
         if (gone := supervisor.exited()) is not None:
             service, code = gone
@@ -294,9 +364,13 @@ def supervise(supervisor: Supervisor, planned: list[Service], port: int, stop: S
 def run(stop: StopRequest) -> int:
     """Start everything, serve until a stop request or a child's exit, stop everything; the exit code."""
     environ = os.environ
-    port = service_port(environ)
-    if port_in_use(port):
-        say(f"Port {port} on {HOST} is already in use; stop whatever uses it or set PORT.")
+    port = gateway_port(environ)
+    busy = [number for number in (port, AUTH_PORT, REFERRAL_PORT) if port_in_use(number)]
+    if busy:
+        listed = ", ".join(str(number) for number in busy)
+        hint = " (set PORT to move the gateway)" if port in busy else ""
+        noun = "Port" if len(busy) == 1 else "Ports"
+        say(f"{noun} {listed} on {HOST} already in use; stop whatever uses them{hint}.")
         return 1
     with contextlib.ExitStack() as stack:  # unwinds in reverse: services first, then embedded servers
         try:
@@ -310,15 +384,25 @@ def run(stop: StopRequest) -> int:
             return 0
         created = ensure_signing_key(SIGNING_KEY_FILE)
         say(f"JWT signing key: {SIGNING_KEY_FILE} ({'created' if created else 'existing'})")
-        env = service_env(
-            environ, database_url=database_url, redis_url=redis_url, port=port, signing_key=SIGNING_KEY_FILE
+        auth = auth_env(
+            environ,
+            database_url=database_url,
+            redis_url=redis_url,
+            gateway_port=port,
+            signing_key=SIGNING_KEY_FILE,
         )
-        failed = migrate(env, stop)
+        referral = referral_env(
+            environ,
+            database_url=database_url,
+            redis_url=redis_url,
+            auth_public_base_url=auth["AUTH_PUBLIC_BASE_URL"],
+        )
+        failed = migrate(migrations(auth, referral), stop)
         if failed is not None:
             return failed
         supervisor = Supervisor()
         stack.callback(supervisor.stop)
-        return supervise(supervisor, services(env, port), port, stop)
+        return supervise(supervisor, services(environ, auth, referral, port), port, stop)
 
 
 def main() -> int:

@@ -11,20 +11,29 @@ from prometheus_client import CollectorRegistry
 
 from services.auth.api.handlers import add_routes
 from services.auth.api.schemas import OAuthErrorSchema
-from services.auth.appkeys import AUTH_SERVICE, KEY_RING, SETTINGS, TRUSTED_PROXIES
-from services.auth.db.repositories import RefreshTokenRepository, UserRepository
+from services.auth.appkeys import (
+    AUTH_SERVICE,
+    KEY_RING,
+    REFERRAL_RELAY,
+    SETTINGS,
+    TRUSTED_PROXIES,
+)
+from services.auth.db.repositories import ReferralOutboxRepository, RefreshTokenRepository, UserRepository
 from services.auth.domain.passwords import PasswordHasher
 from services.auth.domain.services import AuthService
+from services.auth.outbox import Backoff, ReferralOutboxRelay
+from services.auth.referrals import ReferralClient, ServiceToken
 from services.auth.settings import API_PREFIX, AuthSettings
 from services.auth.signing import AccessTokenIssuer, load_key_ring
 from services.auth.throttle import LoginThrottle, ThrottleLimits
-from shared.appkeys import DATABASE, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
+from shared.appkeys import DATABASE, HTTP_CLIENT, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
 from shared.net import parse_networks
 from shared.openapi import setup_openapi
-from shared.resources import postgres_ctx, redis_ctx
+from shared.resources import CleanupContext, http_client_ctx, postgres_ctx, redis_ctx
 from shared.tokens import StaticKeySource, TokenVerifier
 from shared.web import setup_common
 
+USER_AGENT = "referral-system-auth"
 DESCRIPTION = """Signup, OAuth2 tokens (password and refresh_token grants), revocation and JWKS.
 
 Errors are `application/problem+json` (RFC 9457) with a stable `code`, except on `/token` and
@@ -44,7 +53,17 @@ def _security_schemes(settings: AuthSettings) -> dict[str, dict[str, object]]:
     }
 
 
-def _auth_service_ctx(settings: AuthSettings) -> object:
+async def _referral_relay_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run the outbox relay while the app runs; at shutdown let a delivery in flight finish."""
+    relay = app[REFERRAL_RELAY]
+    relay.start()
+    try:
+        yield
+    finally:
+        await relay.stop()
+
+
+def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         executor = ThreadPoolExecutor(max_workers=settings.hash_workers, thread_name_prefix="argon2")
         hasher = PasswordHasher(
@@ -56,17 +75,31 @@ def _auth_service_ctx(settings: AuthSettings) -> object:
         await hasher.warm_up()
         ring = app[KEY_RING]
         database = app[DATABASE]
+        issuer = AccessTokenIssuer(
+            ring, issuer=settings.issuer, audience=settings.token_audience, ttl=settings.access_token_ttl
+        )
+        referrals = ReferralClient(
+            app[HTTP_CLIENT],
+            base_url=settings.referral_service_url,
+            token=ServiceToken(issuer, audience=settings.referral_audience),
+            timeout=settings.referral_timeout,
+        )
+        outbox = ReferralOutboxRepository(database)
+        relay = ReferralOutboxRelay(
+            outbox,
+            referrals,
+            backoff=Backoff(maximum=settings.outbox_max_backoff),
+            poll_interval=settings.outbox_poll_interval,
+            call_timeout=settings.referral_timeout,
+            registry=app[METRICS_REGISTRY],
+        )
+        app[REFERRAL_RELAY] = relay
         app[AUTH_SERVICE] = AuthService(
             database=database,
             users=UserRepository(database),
             refresh_tokens=RefreshTokenRepository(database),
             hasher=hasher,
-            issuer=AccessTokenIssuer(
-                ring,
-                issuer=settings.issuer,
-                audience=settings.token_audience,
-                ttl=settings.access_token_ttl,
-            ),
+            issuer=issuer,
             throttle=LoginThrottle(
                 app[REDIS],
                 prefix=settings.redis_prefix,
@@ -78,6 +111,9 @@ def _auth_service_ctx(settings: AuthSettings) -> object:
                 registry=app[METRICS_REGISTRY],
             ),
             refresh_ttl=timedelta(seconds=settings.refresh_token_ttl),
+            referrals=referrals,
+            referral_outbox=outbox,
+            referral_relay=relay,
         )
         try:
             yield
@@ -107,7 +143,11 @@ def create_app(settings: AuthSettings) -> web.Application:
         )
     )
     app.cleanup_ctx.append(redis_ctx(settings.redis_url, timeout=settings.redis_timeout))
-    app.cleanup_ctx.append(_auth_service_ctx(settings))  # type: ignore[arg-type]
+    app.cleanup_ctx.append(
+        http_client_ctx(timeout=settings.referral_timeout, user_agent="referral-system-auth")
+    )
+    app.cleanup_ctx.append(_auth_service_ctx(settings))
+    app.cleanup_ctx.append(_referral_relay_ctx)
     add_routes(app)
     setup_openapi(
         app,

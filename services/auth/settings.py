@@ -40,6 +40,11 @@ class AuthSettings:
     login_max_failures_per_address: int = setting(50, doc="failed logins per client address before 429")
     login_lockout_seconds: int = setting(300, doc="how long failures are counted and a lockout lasts")
     trusted_proxies: tuple[str, ...] = setting((), doc="addresses whose X-Forwarded-For is believed")
+    referral_service_url: str = setting("http://127.0.0.1:8082", doc="the referral service's own base URL")
+    referral_audience: str = setting("referral-service", doc="aud of the tokens this service calls it with")
+    referral_timeout: float = setting(2.0, doc="seconds any call to the referral service may take")
+    outbox_max_backoff: float = setting(60.0, doc="longest wait between two deliveries of one link, seconds")
+    outbox_poll_interval: float = setting(1.0, doc="seconds between two looks at the referral outbox")
     log_level: str = setting("INFO", doc="logging level")
 
     def __post_init__(self) -> None:
@@ -49,6 +54,15 @@ class AuthSettings:
             )
         if not 8 <= self.db_pool_max <= 500 or self.db_pool_min > self.db_pool_max:
             raise SettingsError(f"{PREFIX}DB_POOL_MAX must be 8..500 and at least {PREFIX}DB_POOL_MIN")
+        if not self.referral_service_url.startswith(("http://", "https://")):
+            raise SettingsError(f"{PREFIX}REFERRAL_SERVICE_URL must be an http(s) URL")
+        if not 0 < self.referral_timeout <= 60:
+            raise SettingsError(f"{PREFIX}REFERRAL_TIMEOUT must be more than 0 and at most 60 seconds")
+        if not 0 < self.outbox_poll_interval <= 3600 or not 0.5 <= self.outbox_max_backoff <= 86400:
+            raise SettingsError(
+                f"{PREFIX}OUTBOX_POLL_INTERVAL must be 0..3600 seconds"
+                f" and {PREFIX}OUTBOX_MAX_BACKOFF 0.5..86400 seconds"
+            )
 
     @property
     def issuer(self) -> str:

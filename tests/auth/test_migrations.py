@@ -20,6 +20,7 @@ from services.auth.db.tables import SCHEMA, metadata
 from shared.migrations import apply_migrations, rollback_migrations
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "auth" / "migrations"
+COUNT = len([p for p in MIGRATIONS.glob("*.sql") if not p.name.endswith(".rollback.sql")])
 TYPE_FAMILIES = (
     sqltypes.Uuid,
     sqltypes.String,  # Text is a String
@@ -62,9 +63,9 @@ def fresh_database_url(server_database_url: str) -> Iterator[str]:
 def migrated_url(server_database_url: str) -> Iterator[str]:
     """A database of its own taken up, down and up again, then left migrated for the comparisons."""
     with fresh_database(server_database_url) as url:
-        assert apply_migrations(url, SCHEMA, MIGRATIONS) == 1
-        assert rollback_migrations(url, SCHEMA, MIGRATIONS) == 1
-        assert apply_migrations(url, SCHEMA, MIGRATIONS) == 1
+        assert apply_migrations(url, SCHEMA, MIGRATIONS) == COUNT
+        assert rollback_migrations(url, SCHEMA, MIGRATIONS) == COUNT
+        assert apply_migrations(url, SCHEMA, MIGRATIONS) == COUNT
         yield url
 
 
@@ -107,18 +108,18 @@ def index_name(index: sa.Index) -> str:
 
 def test_stairway_up_down_up(fresh_database_url):
     url = fresh_database_url
-    assert apply_migrations(url, SCHEMA, MIGRATIONS) == 1
+    assert apply_migrations(url, SCHEMA, MIGRATIONS) == COUNT
     first = tables_in(url, SCHEMA)
-    assert {"users", "refresh_tokens"} <= first
+    assert {"users", "refresh_tokens", "referral_outbox"} <= first
     assert apply_migrations(url, SCHEMA, MIGRATIONS) == 0, "applying twice is a no-op"
 
-    assert rollback_migrations(url, SCHEMA, MIGRATIONS) == 1
+    assert rollback_migrations(url, SCHEMA, MIGRATIONS) == COUNT
     left = tables_in(url, SCHEMA)
     assert left, "yoyo keeps its bookkeeping tables"
     assert all(is_yoyo_table(name) for name in left), left
     assert rollback_migrations(url, SCHEMA, MIGRATIONS) == 0, "nothing left to roll back"
 
-    assert apply_migrations(url, SCHEMA, MIGRATIONS) == 1
+    assert apply_migrations(url, SCHEMA, MIGRATIONS) == COUNT
     assert tables_in(url, SCHEMA) == first
     with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cursor:
         cursor.execute("INSERT INTO auth.users (email) VALUES ('stair@example.com') RETURNING id")
@@ -128,9 +129,14 @@ def test_stairway_up_down_up(fresh_database_url):
             " VALUES (%s, %s, gen_random_uuid(), now() + interval '1 day')",
             (b"\x00" * 32, str(user_id)),
         )
+        cursor.execute(
+            "INSERT INTO auth.referral_outbox (referral_id, referrer_id, referral_email, code)"
+            " VALUES (%s, gen_random_uuid(), 'stair@example.com', 'ABCD1234')",
+            (str(user_id),),
+        )
         conn.commit()
     # Down again with rows in the tables: the rollback drops them too.
-    assert rollback_migrations(url, SCHEMA, MIGRATIONS) == 1
+    assert rollback_migrations(url, SCHEMA, MIGRATIONS) == COUNT
     assert all(is_yoyo_table(name) for name in tables_in(url, SCHEMA))
 
 
@@ -247,3 +253,14 @@ def test_the_indexes_the_code_relies_on_exist(migrated_url):
     assert partial["column_names"] == ["family_id"]
     where = str(partial["dialect_options"]["postgresql_where"])
     assert "rotated_at IS NULL" in where and "revoked_at IS NULL" in where
+
+
+def test_the_outbox_claim_index_and_cascade_exist(migrated_url):
+    with inspector(migrated_url) as insp:
+        indexes = {i["name"]: i for i in insp.get_indexes("referral_outbox", schema=SCHEMA)}
+        foreign = insp.get_foreign_keys("referral_outbox", schema=SCHEMA)
+    pending = indexes["referral_outbox_pending_idx"]
+    assert pending["column_names"] == ["next_attempt_at"]
+    where = str(pending["dialect_options"]["postgresql_where"])
+    assert "delivered_at IS NULL" in where and "failed_at IS NULL" in where
+    assert [(fk["referred_table"], fk["options"].get("ondelete")) for fk in foreign] == [("users", "CASCADE")]

@@ -153,23 +153,22 @@ async def test_unicode_password_signs_up_and_logs_in(auth_client, password):
     assert (await wrong.json())["error"] == "invalid_grant"
 
 
-# --- referral codes are not accepted -------------------------------------------------------------
+# --- referral codes need the referral service -------------------------------------------------------
 
 
-async def test_referral_code_is_refused_and_no_user_is_created(auth_client, db):
-    response = await auth_client.post(
+async def test_referral_code_with_the_referral_service_unreachable_is_503_and_creates_nobody(
+    make_auth_client, db
+):
+    client = await make_auth_client(referral_service_url="http://127.0.0.1:1")
+    response = await client.post(
         SIGNUP, json={"email": "ref@example.com", "password": "correct horse", "referral_code": "ABCD1234"}
     )
-    text = await response.text()
-    assert response.status == 422, text
-    assert response.content_type == "application/problem+json"
-    body = await response.json(content_type=None)
-    assert set(body) >= PROBLEM_KEYS, body
-    assert body["code"] == "referral_code_not_supported"
-    assert body["status"] == 422
+    body = await assert_problem(response, 503, "referral_service_unavailable")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert "ABCD1234" not in body["detail"]
     assert user_count(db) == 0
-    # The email is still free.
-    await signup(auth_client, "ref@example.com")
+    # The email is still free, and a signup without a code does not need the referral service.
+    await signup(client, "ref@example.com")
 
 
 # --- malformed input -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from shared.appkeys import TOKEN_VERIFIER
 from shared.errors import NO_STORE
 from shared.net import client_address
 from shared.openapi import problem_responses
-from shared.tokens import authenticate
+from shared.tokens import CLAIMS, bearer
 
 FORM = "application/x-www-form-urlencoded"
 TAG = ["auth"]
@@ -92,8 +92,14 @@ def _token_response(tokens: TokenPair) -> web.Response:
 @docs(
     tags=TAG,
     summary="Sign up with email and password",
-    description="Creates the user and signs them in. `referral_code` is not accepted yet (422).",
-    responses=problem_responses(400, 409, 413, 415, 422),
+    description=(
+        "Creates the user and signs them in. With `referral_code`, the code is checked first: an "
+        "unknown code answers 404 `code_not_found`, an expired or deleted one 410 `code_expired`, and "
+        "when the referral service cannot be asked, 503 `referral_service_unavailable` with "
+        "Retry-After; no user is created in those cases. A valid code makes its owner the new "
+        "user's `referrer_id`, and the referral is recorded with the referral service."
+    ),
+    responses=problem_responses(400, 404, 409, 410, 413, 415, 422, 503),
 )
 @request_schema(SignupRequestSchema)
 @response_schema(SignupResponseSchema, 201, description="The new user, signed in")
@@ -163,9 +169,9 @@ async def revoke(request: web.Request) -> web.Response:
     responses=problem_responses(401),
 )
 @response_schema(MeSchema, 200, description="The bearer's account")
+@bearer(TOKEN_VERIFIER)
 async def me(request: web.Request) -> web.Response:
-    claims = await authenticate(request, request.app[TOKEN_VERIFIER])
-    user = await request.app[AUTH_SERVICE].current_user(claims.user_id)
+    user = await request.app[AUTH_SERVICE].current_user(request[CLAIMS].user_id)
     return web.json_response(_me_schema.dump(user))
 
 

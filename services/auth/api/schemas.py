@@ -6,16 +6,14 @@ from typing import Any
 
 from marshmallow import Schema, fields, validate
 
-EMAIL_MAX = 254
+from shared.schemas import TrimmedEmail
+
 PASSWORD_MIN = 8
 PASSWORD_MAX = 128
 
 
-class TrimmedEmail(fields.Email):
-    """An email, trimmed before it is validated; at most 254 characters."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(validate=validate.Length(max=EMAIL_MAX), **kwargs)
+class TrimmedString(fields.String):
+    """A string with surrounding whitespace removed before it is validated."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         if isinstance(value, str):
@@ -30,10 +28,10 @@ class SignupRequestSchema(Schema):
         validate=validate.Length(min=PASSWORD_MIN, max=PASSWORD_MAX),
         metadata={"description": "8 to 128 characters", "format": "password"},
     )
-    referral_code = fields.String(
+    referral_code = TrimmedString(
         load_default=None,
         validate=validate.Length(min=1, max=64),
-        metadata={"description": "a referrer's code"},
+        metadata={"description": "a referrer's code (case-insensitive): its owner becomes the referrer"},
     )
 
 

@@ -10,9 +10,10 @@ from typing import Any
 
 from sqlalchemy import bindparam, func, insert, select, update
 
+from services.auth.db.tables import referral_outbox_table as outbox
 from services.auth.db.tables import refresh_tokens_table as rt
 from services.auth.db.tables import users_table as users
-from services.auth.domain.models import Credentials, User
+from services.auth.domain.models import Credentials, PendingLink, ReferralLink, User
 from shared.db import Connection, Database, UniqueViolation, prepare
 
 EMAIL_UNIQUE = "users_email_lower_key"
@@ -28,7 +29,11 @@ _USER_COLUMNS = (
 
 _INSERT_USER = prepare(
     insert(users)
-    .values(email=bindparam("email"), password_hash=bindparam("password_hash"))
+    .values(
+        email=bindparam("email"),
+        password_hash=bindparam("password_hash"),
+        referrer_id=bindparam("referrer_id"),
+    )
     .returning(*_USER_COLUMNS)
 )
 _USER_BY_ID = prepare(select(*_USER_COLUMNS).where(users.c.id == bindparam("id")))
@@ -71,6 +76,64 @@ _REVOKE_FAMILY = prepare(
     .values(revoked_at=func.now())
 )
 
+_OUTBOX_COLUMNS = (
+    outbox.c.referral_id,
+    outbox.c.referrer_id,
+    outbox.c.referral_email,
+    outbox.c.code,
+    outbox.c.attempts,
+)
+# A new link is written already claimed by the signup that delivers it at once: attempts 1, leased.
+_INSERT_OUTBOX = prepare(
+    insert(outbox).values(
+        referral_id=bindparam("referral_id"),
+        referrer_id=bindparam("referrer_id"),
+        referral_email=bindparam("referral_email"),
+        code=bindparam("code"),
+        attempts=1,
+        next_attempt_at=func.now() + bindparam("lease"),
+    )
+)
+# Claim due rows atomically: SKIP LOCKED lets replicas claim disjoint rows at the same moment, and
+# moving next_attempt_at past the lease keeps the rows from being claimed again while in flight.
+_DUE = (
+    select(outbox.c.referral_id)
+    .where(
+        outbox.c.delivered_at.is_(None),
+        outbox.c.failed_at.is_(None),
+        outbox.c.next_attempt_at <= func.now(),
+    )
+    .order_by(outbox.c.next_attempt_at)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
+_CLAIM_DUE = prepare(
+    update(outbox)
+    .where(outbox.c.referral_id.in_(_DUE.scalar_subquery()))
+    .values(next_attempt_at=func.now() + bindparam("lease"), attempts=outbox.c.attempts + 1)
+    .returning(*_OUTBOX_COLUMNS)
+)
+_MARK_DELIVERED = prepare(
+    update(outbox)
+    .where(outbox.c.referral_id == bindparam("referral_id"), outbox.c.delivered_at.is_(None))
+    .values(delivered_at=func.now(), failed_at=None, last_error=None)
+)
+_MARK_FAILED = prepare(
+    update(outbox)
+    .where(outbox.c.referral_id == bindparam("referral_id"), outbox.c.delivered_at.is_(None))
+    .values(failed_at=func.now(), last_error=bindparam("last_error"))
+)
+_MARK_RETRY = prepare(
+    update(outbox)
+    .where(
+        outbox.c.referral_id == bindparam("referral_id"),
+        outbox.c.delivered_at.is_(None),
+        outbox.c.failed_at.is_(None),
+    )
+    .values(next_attempt_at=func.now() + bindparam("delay"), last_error=bindparam("last_error"))
+)
+LAST_ERROR_MAX = 200
+
 
 def _user(row: Mapping[str, Any]) -> User:
     return User(
@@ -112,10 +175,17 @@ class UserRepository:
     async def email_exists(self, email: str) -> bool:
         return await self._db.fetch_one(_EMAIL_EXISTS, {"email": email.lower()}) is not None
 
-    async def add(self, conn: Connection, email: str, password_hash: str | None) -> User:
+    async def add(
+        self,
+        conn: Connection,
+        email: str,
+        password_hash: str | None,
+        referrer_id: uuid.UUID | None = None,
+    ) -> User:
         """Insert a user in the caller's transaction; EmailAlreadyUsed when the email is taken."""
+        params = {"email": email, "password_hash": password_hash, "referrer_id": referrer_id}
         try:
-            row = await conn.fetch_one(_INSERT_USER, {"email": email, "password_hash": password_hash})
+            row = await conn.fetch_one(_INSERT_USER, params)
         except UniqueViolation as violation:
             if violation.constraint == EMAIL_UNIQUE:
                 raise EmailAlreadyUsed(email) from None
@@ -179,3 +249,52 @@ class RefreshTokenRepository:
     async def revoke_family(self, family_id: uuid.UUID) -> int:
         """Revoke every token of the family still standing; return how many."""
         return await self._db.execute(_REVOKE_FAMILY, {"family_id": family_id})
+
+
+def _pending(row: Mapping[str, Any]) -> PendingLink:
+    link = ReferralLink(
+        referral_id=row["referral_id"],
+        referrer_id=row["referrer_id"],
+        referral_email=row["referral_email"],
+        code=row["code"],
+    )
+    return PendingLink(link, row["attempts"])
+
+
+class ReferralOutboxRepository:
+    """Referral links waiting to be delivered to the referral service, with their attempts."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def add(self, conn: Connection, link: ReferralLink, *, lease: timedelta) -> PendingLink:
+        """Write the link in the caller's (the signup's) transaction, claimed for `lease` by the caller."""
+        await conn.execute(
+            _INSERT_OUTBOX,
+            {
+                "referral_id": link.referral_id,
+                "referrer_id": link.referrer_id,
+                "referral_email": link.referral_email,
+                "code": link.code,
+                "lease": lease,
+            },
+        )
+        return PendingLink(link, 1)
+
+    async def claim_due(self, *, limit: int, lease: timedelta) -> list[PendingLink]:
+        """Claim up to `limit` due links for one attempt each; nobody else gets them until `lease` ends."""
+        rows = await self._db.fetch_all(_CLAIM_DUE, {"limit": limit, "lease": lease})
+        return [_pending(row) for row in rows]
+
+    async def mark_delivered(self, referral_id: uuid.UUID) -> None:
+        await self._db.execute(_MARK_DELIVERED, {"referral_id": referral_id})
+
+    async def mark_failed(self, referral_id: uuid.UUID, error: str) -> None:
+        """A permanent refusal: the link is never tried again."""
+        params = {"referral_id": referral_id, "last_error": error[:LAST_ERROR_MAX]}
+        await self._db.execute(_MARK_FAILED, params)
+
+    async def retry_later(self, referral_id: uuid.UUID, delay: timedelta, error: str) -> None:
+        await self._db.execute(
+            _MARK_RETRY, {"referral_id": referral_id, "delay": delay, "last_error": error[:LAST_ERROR_MAX]}
+        )

@@ -8,6 +8,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     LargeBinary,
     MetaData,
     Table,
@@ -58,4 +59,27 @@ Index(
     refresh_tokens_table.c.family_id,
     unique=True,
     postgresql_where=text("rotated_at IS NULL AND revoked_at IS NULL"),
+)
+
+referral_outbox_table = Table(
+    "referral_outbox",
+    metadata,
+    Column("referral_id", Uuid, ForeignKey("auth.users.id", ondelete="CASCADE"), primary_key=True),
+    Column("referrer_id", Uuid, nullable=False),
+    Column("referral_email", Text, nullable=False),
+    Column("code", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("delivered_at", DateTime(timezone=True)),
+    Column("failed_at", DateTime(timezone=True)),
+    Column("last_error", Text),
+    CheckConstraint("attempts >= 0", name="referral_outbox_attempts_not_negative"),
+    CheckConstraint("char_length(last_error) <= 200", name="referral_outbox_last_error_length"),
+    CheckConstraint("delivered_at IS NULL OR failed_at IS NULL", name="referral_outbox_one_outcome"),
+)
+Index(
+    "referral_outbox_pending_idx",
+    referral_outbox_table.c.next_attempt_at,
+    postgresql_where=text("delivered_at IS NULL AND failed_at IS NULL"),
 )

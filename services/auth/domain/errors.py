@@ -11,10 +11,25 @@ class EmailTaken(Problem):
     title = "An account with this email already exists"
 
 
-class ReferralCodesUnavailable(Problem):
-    status = 422
-    code = "referral_code_not_supported"
-    title = "Signing up with a referral code is not available yet"
+class ReferralCodeNotFound(Problem):
+    status = 404
+    code = "code_not_found"
+    title = "No such referral code"
+
+
+class ReferralCodeExpired(Problem):
+    status = 410
+    code = "code_expired"
+    title = "The referral code has expired or was deleted"
+
+
+class ReferralServiceUnavailable(Problem):
+    status = 503
+    code = "referral_service_unavailable"
+    title = "The referral code cannot be checked right now; retry shortly"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int = 5) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
 class UserGone(Problem):

@@ -42,3 +42,30 @@ class Session:
 
     user: User
     tokens: TokenPair
+
+
+@dataclass(frozen=True, slots=True)
+class ReferralCode:
+    """An active referral code, as the referral service vouched for it."""
+
+    code: str
+    owner_id: uuid.UUID
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ReferralLink:
+    """'referral_id signed up with referrer_id's code': what the referral service is told."""
+
+    referral_id: uuid.UUID
+    referrer_id: uuid.UUID
+    referral_email: str
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLink:
+    """A link in the outbox, claimed for one delivery attempt (`attempts` counts this one)."""
+
+    link: ReferralLink
+    attempts: int

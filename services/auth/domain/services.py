@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from services.auth.db.repositories import (
     EmailAlreadyUsed,
+    ReferralOutboxRepository,
     RefreshTokenRepository,
     ReusedToken,
     Rotated,
@@ -18,13 +19,17 @@ from services.auth.db.repositories import (
 )
 from services.auth.domain.errors import (
     EmailTaken,
-    ReferralCodesUnavailable,
+    ReferralCodeExpired,
+    ReferralCodeNotFound,
+    ReferralServiceUnavailable,
     UserGone,
     invalid_grant,
     login_throttled,
 )
-from services.auth.domain.models import Session, TokenPair, User
+from services.auth.domain.models import PendingLink, ReferralCode, ReferralLink, Session, TokenPair, User
 from services.auth.domain.passwords import PasswordHasher
+from services.auth.outbox import ReferralOutboxRelay
+from services.auth.referrals import InactiveCode, ReferralClient, ReferralServiceError, UnknownCode
 from services.auth.signing import AccessTokenIssuer
 from services.auth.throttle import LoginThrottle
 from shared.db import Connection, Database
@@ -51,6 +56,9 @@ class AuthService:
     issuer: AccessTokenIssuer
     throttle: LoginThrottle
     refresh_ttl: timedelta
+    referrals: ReferralClient
+    referral_outbox: ReferralOutboxRepository
+    referral_relay: ReferralOutboxRelay
 
     async def _new_refresh_token(
         self, conn: Connection, user_id: uuid.UUID, family_id: uuid.UUID, parent_id: uuid.UUID | None
@@ -70,22 +78,46 @@ class AuthService:
         access = self.issuer.issue(user_id, email=email)
         return TokenPair(access.token, refresh_token, access.expires_in)
 
+    async def _check_referral_code(self, code: str) -> ReferralCode:
+        try:
+            return await self.referrals.check_code(code)
+        except UnknownCode:
+            raise ReferralCodeNotFound("No referral code matches referral_code.") from None
+        except InactiveCode:
+            raise ReferralCodeExpired("The referral code has expired or was deleted.") from None
+        except ReferralServiceError as error:
+            log.warning("referral code check failed: %s", error)
+            raise ReferralServiceUnavailable(
+                "The referral service did not answer; nothing was created, retry shortly."
+            ) from None
+
     async def signup(self, email: str, password: str, referral_code: str | None) -> Session:
-        """Create a user with a password and sign them in; EmailTaken when the email has an account."""
-        if referral_code is not None:
-            raise ReferralCodesUnavailable(
-                "Sign up without referral_code; referral codes are not accepted by this version."
-            )
+        """Create a user with a password and sign them in; with a code, link them to its owner.
+
+        The code is checked before anything is written (404, 410, or 503 when it cannot be checked).
+        The user, their refresh token and the link to deliver are one transaction; the link is then
+        delivered at once, and by the outbox relay if that fails: the signup does not depend on it.
+        """
         if await self.users.email_exists(email):
             raise EmailTaken()
+        code = await self._check_referral_code(referral_code) if referral_code is not None else None
         password_hash = await self.hasher.hash(password)
+        pending: PendingLink | None = None
         try:
             async with self.database.transaction() as conn:
-                user = await self.users.add(conn, email, password_hash)
+                user = await self.users.add(conn, email, password_hash, code.owner_id if code else None)
                 refresh = await self._new_refresh_token(conn, user.id, uuid.uuid4(), None)
+                if code is not None:
+                    link = ReferralLink(user.id, code.owner_id, user.email, code.code)
+                    pending = await self.referral_outbox.add(conn, link, lease=self.referral_relay.lease)
         except EmailAlreadyUsed:
             raise EmailTaken() from None
-        log.info("user signed up", extra={"user_id": str(user.id)})
+        log.info(
+            "user signed up",
+            extra={"user_id": str(user.id), "referrer_id": str(code.owner_id) if code else None},
+        )
+        if pending is not None:
+            await self.referral_relay.deliver_now(pending)
         return Session(user, self._pair(user.id, user.email, refresh))
 
     async def password_grant(self, username: str, password: str, client_address: str) -> TokenPair:

@@ -1,0 +1,187 @@
+"""The referral service's internal API, as the auth service calls it: check a code, record a link.
+
+Every call carries a service token the auth service signs for itself (`sub` auth-service, `aud` the
+referral service, scope `referrals:internal`), cached and reissued well before it expires, and is
+bounded by one timeout. Outcomes are plain values or the exceptions below; mapping them to HTTP
+answers or retries is the callers' business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from services.auth.domain.models import ReferralCode, ReferralLink
+from services.auth.signing import AccessTokenIssuer
+
+log = logging.getLogger(__name__)
+
+SERVICE_SUBJECT = "auth-service"
+INTERNAL_SCOPE = "referrals:internal"
+SERVICE_TOKEN_TTL = 300
+# Reissue the cached token when less than this is left, so a token never expires in flight.
+SERVICE_TOKEN_RENEW_BEFORE = 60
+_PERMANENT_LINK_STATUSES = frozenset({409, 422})
+
+
+class UnknownCode(Exception):
+    """The referral service knows no such code."""
+
+
+class InactiveCode(Exception):
+    """The code exists but has expired or was deleted."""
+
+
+class ReferralServiceError(Exception):
+    """The call failed in a way that may pass: unreachable, timeout, 5xx, refused token, odd answer.
+
+    The message is short and holds no secrets; it is stored as the outbox row's `last_error`.
+    """
+
+
+class LinkRefused(Exception):
+    """The referral service refused the link for good (409 already_referred, 422): never retry it."""
+
+    def __init__(self, status: int, code: str) -> None:
+        super().__init__(f"HTTP {status} {code}".strip())
+        self.status = status
+        self.code = code
+
+
+class ServiceToken:
+    """The auth service's own bearer token for the referral service, signed once per lifetime."""
+
+    def __init__(
+        self,
+        issuer: AccessTokenIssuer,
+        *,
+        audience: str,
+        ttl: int = SERVICE_TOKEN_TTL,
+        renew_before: int = SERVICE_TOKEN_RENEW_BEFORE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._issuer = issuer
+        self._audience = audience
+        self._ttl = ttl
+        self._renew_before = min(renew_before, ttl // 2)
+        self._clock = clock
+        self._token = ""
+        self._renew_at = float("-inf")
+
+    def bearer(self) -> str:
+        """The current token, reissued when it is close to its expiry."""
+        now = self._clock()
+        if now >= self._renew_at:
+            issued = self._issuer.issue(
+                SERVICE_SUBJECT,
+                email=None,
+                audience=self._audience,
+                scope=(INTERNAL_SCOPE,),
+                ttl=self._ttl,
+            )
+            self._token = issued.token
+            self._renew_at = now + issued.expires_in - self._renew_before
+        return self._token
+
+
+async def _problem_code(response: aiohttp.ClientResponse) -> str:
+    """The `code` of a problem+json answer, or "" when there is none."""
+    try:
+        body = await response.json(content_type=None)
+    except (ValueError, aiohttp.ClientError, UnicodeDecodeError):
+        return ""
+    code = body.get("code") if isinstance(body, dict) else None
+    return code if isinstance(code, str) else ""
+
+
+def _parse_code(body: Any) -> ReferralCode:
+    if not isinstance(body, dict):
+        raise ReferralServiceError("code check: the answer is not a JSON object")
+    try:
+        expires_at = datetime.fromisoformat(str(body["expires_at"]))
+        owner_id = uuid.UUID(str(body["owner_id"]))
+        return ReferralCode(code=str(body["code"]), owner_id=owner_id, expires_at=expires_at)
+    except (KeyError, ValueError):
+        raise ReferralServiceError("code check: the answer lacks code, owner_id or expires_at") from None
+
+
+class ReferralClient:
+    """Calls to the referral service's `/internal/v1` endpoints over the service's one HTTP session."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, *, base_url: str, token: ServiceToken, timeout: float
+    ) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._token = token
+        self._timeout = timeout
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token.bearer()}", "Accept": "application/json"}
+
+    async def check_code(self, code: str) -> ReferralCode:
+        """The active code's owner; UnknownCode, InactiveCode, or ReferralServiceError."""
+        if not code.strip(".") or "/" in code:
+            raise UnknownCode()  # no code looks like this, and such a path would not reach the endpoint
+        url = URL(f"{self._base}/internal/v1/codes/{quote(code, safe='')}", encoded=True)
+        try:
+            async with asyncio.timeout(self._timeout):
+                # One retry when a kept-alive connection turns out closed by the peer (a restart, an
+                # idle timeout on its side): the GET is safe to repeat, and the deadline covers both.
+                for attempt in (1, 2):
+                    try:
+                        async with self._session.get(url, headers=self._headers()) as response:
+                            if response.status == 200:
+                                return _parse_code(await response.json(content_type=None))
+                            problem = await _problem_code(response)
+                            # 422: the referral service says no code can look like this one.
+                            if (response.status == 404 and problem == "code_not_found") or (
+                                response.status == 422
+                            ):
+                                raise UnknownCode()
+                            if response.status == 410:
+                                raise InactiveCode()
+                            status = f"HTTP {response.status} {problem}".strip()
+                            raise ReferralServiceError(f"code check: {status}")
+                    except aiohttp.ServerDisconnectedError:
+                        if attempt == 2:
+                            raise
+                raise AssertionError("unreachable")
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            raise ReferralServiceError(f"code check: {type(error).__name__}") from None
+
+    async def record_referral(self, link: ReferralLink) -> bool:
+        """Record the link (idempotent by referral id); True when recorded now, False when it was already.
+
+        LinkRefused on 409/422; ReferralServiceError for everything worth retrying.
+        """
+        body = {
+            "referral_id": str(link.referral_id),
+            "referrer_id": str(link.referrer_id),
+            "referral_email": link.referral_email,
+            "code": link.code,
+        }
+        try:
+            async with (
+                asyncio.timeout(self._timeout),
+                self._session.post(
+                    f"{self._base}/internal/v1/referrals", json=body, headers=self._headers()
+                ) as response,
+            ):
+                if response.status in (200, 201):
+                    return response.status == 201
+                problem = await _problem_code(response)
+                if response.status in _PERMANENT_LINK_STATUSES:
+                    raise LinkRefused(response.status, problem)
+                raise ReferralServiceError(f"HTTP {response.status} {problem}".strip())
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise ReferralServiceError(type(error).__name__) from None

@@ -1,0 +1,1 @@
+"""The referral service: referral codes, their lookup, and who referred whom."""

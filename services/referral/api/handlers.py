@@ -1,0 +1,215 @@
+"""Handlers of the referral API: read validated input, call one use case, dump a response."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp_apigami import docs, match_info_schema, querystring_schema, request_schema, response_schema
+
+from services.referral.api.cursor import decode_cursor, encode_cursor
+from services.referral.api.schemas import (
+    ActivateRequestSchema,
+    CodeByEmailQuerySchema,
+    CodeSchema,
+    CreateCodeRequestSchema,
+    InternalCodePathSchema,
+    InternalCodeSchema,
+    InternalLinkRequestSchema,
+    PublicCodeSchema,
+    ReferralListSchema,
+    ReferralSchema,
+    ReferralsQuerySchema,
+    ReferrerPathSchema,
+)
+from services.referral.appkeys import INTERNAL_VERIFIER, REFERRAL_SERVICE
+from services.referral.domain.models import Referral, ReferralPage
+from services.referral.settings import API_PREFIX, INTERNAL_PREFIX
+from shared.appkeys import TOKEN_VERIFIER
+from shared.errors import InvalidToken
+from shared.openapi import problem_responses
+from shared.tokens import CLAIMS, AccessClaims, bearer
+
+TAG = ["referral"]
+INTERNAL_TAG = ["internal (service to service)"]
+BEARER: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"oauth2": []}]
+
+_code_schema = CodeSchema()
+_public_code_schema = PublicCodeSchema()
+_referral_schema = ReferralSchema()
+_internal_code_schema = InternalCodeSchema()
+
+
+def _email_of(claims: AccessClaims) -> str:
+    if not claims.email:
+        raise InvalidToken("the token carries no email")
+    return claims.email
+
+
+def mask_email(email: str) -> str:
+    """`jane@example.com` -> `j***@example.com`."""
+    local, at, domain = email.rpartition("@")
+    if not at:
+        return "***"
+    return f"{local[:1]}***@{domain}"
+
+
+def _page_body(page: ReferralPage, viewer_is_referrer: bool) -> dict[str, object]:
+    return {
+        "referrer_id": str(page.referrer_id),
+        "total": page.total,
+        "items": [
+            {
+                "referral_id": str(item.referral_id),
+                "email": item.referral_email if viewer_is_referrer else mask_email(item.referral_email),
+                "joined_at": item.created_at.isoformat(),
+            }
+            for item in page.items
+        ],
+        "next_cursor": encode_cursor(page.next_cursor) if page.next_cursor else None,
+    }
+
+
+def _referral_body(referral: Referral) -> dict[str, object]:
+    return dict(_referral_schema.dump(referral))
+
+
+@docs(
+    tags=TAG,
+    summary="Create my referral code",
+    description="One active code per user. Omit `code` to get a generated one.",
+    security=BEARER,
+    responses=problem_responses(400, 401, 409, 413, 415, 422),
+)
+@request_schema(CreateCodeRequestSchema)
+@response_schema(CodeSchema, 201, description="The new code")
+@bearer(TOKEN_VERIFIER)
+async def create_code(request: web.Request) -> web.Response:
+    claims = request[CLAIMS]
+    data = request["data"]
+    code = await request.app[REFERRAL_SERVICE].create_code(
+        claims.user_id, _email_of(claims), data["expires_at"], data["code"]
+    )
+    return web.json_response(_code_schema.dump(code), status=201)
+
+
+@docs(tags=TAG, summary="My active referral code", security=BEARER, responses=problem_responses(401, 404))
+@response_schema(CodeSchema, 200, description="The caller's active code")
+@bearer(TOKEN_VERIFIER)
+async def get_my_code(request: web.Request) -> web.Response:
+    claims = request[CLAIMS]
+    code = await request.app[REFERRAL_SERVICE].my_code(claims.user_id)
+    return web.json_response(_code_schema.dump(code))
+
+
+@docs(
+    tags=TAG,
+    summary="Delete my active referral code",
+    description="Refused at once by every later request; a new code can be created afterwards.",
+    security=BEARER,
+    responses={204: {"description": "Deleted"}, **problem_responses(401, 404)},
+)
+@bearer(TOKEN_VERIFIER)
+async def delete_my_code(request: web.Request) -> web.Response:
+    claims = request[CLAIMS]
+    await request.app[REFERRAL_SERVICE].delete_my_code(claims.user_id)
+    return web.Response(status=204)
+
+
+@docs(
+    tags=TAG,
+    summary="A referrer's active code, by the referrer's email",
+    description="Public. The same 404 for an unknown email and for a user without an active code.",
+    responses=problem_responses(404, 422),
+)
+@querystring_schema(CodeByEmailQuerySchema)
+@response_schema(PublicCodeSchema, 200, description="The active code")
+async def code_by_email(request: web.Request) -> web.Response:
+    code = await request.app[REFERRAL_SERVICE].code_by_email(request["querystring"]["email"])
+    return web.json_response(_public_code_schema.dump(code))
+
+
+@docs(
+    tags=TAG,
+    summary="Become the referral of a code's owner",
+    security=BEARER,
+    responses=problem_responses(400, 401, 404, 409, 410, 413, 415, 422),
+)
+@request_schema(ActivateRequestSchema)
+@response_schema(ReferralSchema, 201, description="The link")
+@bearer(TOKEN_VERIFIER)
+async def activate(request: web.Request) -> web.Response:
+    claims = request[CLAIMS]
+    referral = await request.app[REFERRAL_SERVICE].activate(
+        claims.user_id, _email_of(claims), request["data"]["code"]
+    )
+    return web.json_response(_referral_body(referral), status=201)
+
+
+@docs(
+    tags=TAG,
+    summary="A referrer's referrals, newest first",
+    description=(
+        "Keyset pagination: pass `next_cursor` as `cursor`. Emails are masked unless you are the referrer."
+    ),
+    security=BEARER,
+    responses=problem_responses(401, 422),
+)
+@match_info_schema(ReferrerPathSchema, put_into="path")
+@querystring_schema(ReferralsQuerySchema)
+@response_schema(ReferralListSchema, 200, description="One page")
+@bearer(TOKEN_VERIFIER)
+async def list_referrals(request: web.Request) -> web.Response:
+    claims = request[CLAIMS]
+    referrer_id = request["path"]["referrer_id"]
+    query = request["querystring"]
+    after = decode_cursor(query["cursor"]) if query["cursor"] else None
+    page = await request.app[REFERRAL_SERVICE].referrals_of(referrer_id, query["limit"], after)
+    return web.json_response(_page_body(page, viewer_is_referrer=claims.user_id == referrer_id))
+
+
+# --- internal: the auth service only (its service token: internal audience and scope) -----------
+
+
+@docs(
+    tags=INTERNAL_TAG,
+    summary="Check a code before a signup is accepted (service token)",
+    security=[{"bearerAuth": []}],
+    responses=problem_responses(401, 403, 404, 410, 422),
+)
+@match_info_schema(InternalCodePathSchema, put_into="path")
+@response_schema(InternalCodeSchema, 200, description="The usable code and its owner")
+@bearer(INTERNAL_VERIFIER)
+async def internal_code(request: web.Request) -> web.Response:
+    code = await request.app[REFERRAL_SERVICE].usable_code(request["path"]["code"])
+    return web.json_response(_internal_code_schema.dump(code))
+
+
+@docs(
+    tags=INTERNAL_TAG,
+    summary="Record a signup's link (service token); idempotent by referral id",
+    security=[{"bearerAuth": []}],
+    responses={
+        200: {"description": "Already recorded, the same link"},
+        **problem_responses(400, 401, 403, 409, 415, 422),
+    },
+)
+@request_schema(InternalLinkRequestSchema)
+@response_schema(ReferralSchema, 201, description="Recorded now")
+@bearer(INTERNAL_VERIFIER)
+async def internal_link(request: web.Request) -> web.Response:
+    data = request["data"]
+    linked = await request.app[REFERRAL_SERVICE].record_signup_link(
+        data["referral_id"], data["referrer_id"], data["referral_email"], data["code"]
+    )
+    return web.json_response(_referral_body(linked.referral), status=201 if linked.created else 200)
+
+
+def add_routes(app: web.Application) -> None:
+    """Every public route under /api/v1/referral, and the internal ones under /internal/v1."""
+    app.router.add_post(f"{API_PREFIX}/codes", create_code)
+    app.router.add_get(f"{API_PREFIX}/codes/me", get_my_code)
+    app.router.add_delete(f"{API_PREFIX}/codes/me", delete_my_code)
+    app.router.add_get(f"{API_PREFIX}/codes", code_by_email)
+    app.router.add_post(f"{API_PREFIX}/referrals", activate)
+    app.router.add_get(f"{API_PREFIX}/referrers/{{referrer_id}}/referrals", list_referrals)
+    app.router.add_get(f"{INTERNAL_PREFIX}/codes/{{code}}", internal_code)
+    app.router.add_post(f"{INTERNAL_PREFIX}/referrals", internal_link)

@@ -1,0 +1,99 @@
+"""Request and response schemas of the referral API (they also generate its OpenAPI document)."""
+
+from __future__ import annotations
+
+import re
+
+from marshmallow import Schema, ValidationError, fields, validate
+
+from shared.schemas import TrimmedEmail
+
+CODE_PATTERN = r"^[A-Za-z0-9_-]{4,32}$"
+_CODE_TEXT = re.compile(r"[A-Za-z0-9_-]{4,32}")
+
+
+def _whole_code(value: str) -> None:
+    # Regexp's `$` also matches before a final newline: the whole text must match.
+    if not _CODE_TEXT.fullmatch(value):
+        raise ValidationError("4 to 32 of A-Z a-z 0-9 _ -")
+
+
+class CreateCodeRequestSchema(Schema):
+    expires_at = fields.AwareDateTime(
+        required=True,
+        metadata={"description": "RFC 3339 with an offset; at least 1 minute and at most 365 days ahead"},
+    )
+    code = fields.String(
+        load_default=None,
+        validate=[validate.Regexp(CODE_PATTERN, error="4 to 32 of A-Z a-z 0-9 _ -"), _whole_code],
+        metadata={"description": "a vanity code (case-insensitive); omitted: one is generated"},
+    )
+
+
+class CodeSchema(Schema):
+    code = fields.String(required=True, metadata={"example": "K7QM2XRT4HZ"})
+    expires_at = fields.DateTime(required=True)
+    created_at = fields.DateTime(required=True)
+    owner_id = fields.UUID(required=True)
+
+
+class PublicCodeSchema(Schema):
+    code = fields.String(required=True)
+    expires_at = fields.DateTime(required=True)
+
+
+class CodeByEmailQuerySchema(Schema):
+    email = TrimmedEmail(required=True, metadata={"description": "the referrer's email"})
+
+
+class ActivateRequestSchema(Schema):
+    code = fields.String(required=True, validate=validate.Length(min=1, max=64))
+
+
+class ReferralSchema(Schema):
+    referrer_id = fields.UUID(required=True)
+    referral_id = fields.UUID(required=True)
+    created_at = fields.DateTime(required=True)
+
+
+class ReferrerPathSchema(Schema):
+    referrer_id = fields.UUID(required=True)
+
+
+class ReferralsQuerySchema(Schema):
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    cursor = fields.String(
+        load_default=None,
+        validate=validate.Length(min=1, max=200),
+        metadata={"description": "`next_cursor` of the previous page"},
+    )
+
+
+class ReferralItemSchema(Schema):
+    referral_id = fields.UUID(required=True)
+    email = fields.String(required=True, metadata={"description": "masked unless you are the referrer"})
+    joined_at = fields.DateTime(required=True)
+
+
+class ReferralListSchema(Schema):
+    referrer_id = fields.UUID(required=True)
+    total = fields.Integer(required=True)
+    items = fields.List(fields.Nested(ReferralItemSchema), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
+
+
+class InternalCodeSchema(Schema):
+    code = fields.String(required=True)
+    owner_id = fields.UUID(required=True)
+    expires_at = fields.DateTime(required=True)
+
+
+class InternalCodePathSchema(Schema):
+    code = fields.String(required=True, validate=validate.Length(min=1, max=64))
+
+
+class InternalLinkRequestSchema(Schema):
+    referral_id = fields.UUID(required=True)
+    referrer_id = fields.UUID(required=True)
+    referral_email = TrimmedEmail(required=True)
+    code = fields.String(required=True, validate=validate.Length(min=1, max=64))

@@ -1,0 +1,111 @@
+"""The referral service's application factory: every resource in a cleanup context, no globals."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from services.referral.api.handlers import add_routes
+from services.referral.appkeys import INTERNAL_VERIFIER, REFERRAL_SERVICE, SETTINGS
+from services.referral.cache import CodeCache, CodeCacheSettings
+from services.referral.db.repositories import CodeRepository, ReferralRepository
+from services.referral.domain.services import CodeRules, ReferralService
+from services.referral.settings import API_PREFIX, ReferralSettings
+from shared.appkeys import DATABASE, HTTP_CLIENT, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
+from shared.openapi import setup_openapi
+from shared.resources import CleanupContext, http_client_ctx, postgres_ctx, redis_ctx
+from shared.tokens import RemoteJWKS, TokenVerifier
+from shared.web import setup_common
+
+DESCRIPTION = """Referral codes (one active per user), their public lookup by email, and who referred whom.
+
+Tokens are the auth service's access tokens, verified here against its JWKS. Errors are
+`application/problem+json` (RFC 9457) with a stable `code`. Use **Authorize** with the OAuth2
+password flow (email as username) to call the secured endpoints from this page."""
+
+AUTH_TOKEN_URL = "/api/v1/auth/token"  # noqa: S105 (a path, not a secret)
+
+
+def _verifiers_ctx(settings: ReferralSettings) -> CleanupContext:
+    """Token verifiers sharing one cached JWKS, fetched from the auth service (never per request)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        jwks = RemoteJWKS(settings.auth_jwks_url, app[HTTP_CLIENT])
+        app[TOKEN_VERIFIER] = TokenVerifier(
+            jwks, issuer=settings.auth_issuer, audience=settings.token_audience
+        )
+        app[INTERNAL_VERIFIER] = TokenVerifier(
+            jwks,
+            issuer=settings.auth_issuer,
+            audience=settings.internal_audience,
+            required_scope=settings.internal_scope,
+        )
+        yield
+
+    return ctx
+
+
+def _referral_service_ctx(settings: ReferralSettings) -> CleanupContext:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        database = app[DATABASE]
+        app[REFERRAL_SERVICE] = ReferralService(
+            codes=CodeRepository(database),
+            referrals=ReferralRepository(database),
+            cache=CodeCache(
+                app[REDIS],
+                prefix=settings.redis_prefix,
+                settings=CodeCacheSettings(
+                    ttl=settings.cache_ttl,
+                    negative_ttl=settings.negative_cache_ttl,
+                    timeout=settings.redis_timeout,
+                ),
+                registry=app[METRICS_REGISTRY],
+            ),
+            rules=CodeRules(
+                min_lifetime=timedelta(seconds=settings.code_min_lifetime),
+                max_lifetime=timedelta(days=settings.code_max_lifetime_days),
+            ),
+        )
+        yield
+
+    return ctx
+
+
+def create_app(settings: ReferralSettings) -> web.Application:
+    """Build the referral service; resources open on startup and close on cleanup."""
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    setup_common(app, CollectorRegistry())
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(
+        postgres_ctx(
+            settings.database_url,
+            minsize=settings.db_pool_min,
+            maxsize=settings.db_pool_max,
+            timeout=settings.db_timeout,
+        )
+    )
+    app.cleanup_ctx.append(redis_ctx(settings.redis_url, timeout=settings.redis_timeout))
+    app.cleanup_ctx.append(http_client_ctx(timeout=5.0, user_agent="referral-system-referral"))
+    app.cleanup_ctx.append(_verifiers_ctx(settings))
+    app.cleanup_ctx.append(_referral_service_ctx(settings))
+    add_routes(app)
+    setup_openapi(
+        app,
+        prefix=API_PREFIX,
+        title="Referral service",
+        version="1.0.0",
+        description=DESCRIPTION,
+        components={
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "oauth2": {
+                    "type": "oauth2",
+                    "flows": {"password": {"tokenUrl": AUTH_TOKEN_URL, "scopes": {}}},
+                },
+            }
+        },
+    )
+    return app

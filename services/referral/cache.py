@@ -1,0 +1,207 @@
+"""The Redis cache (aiocache) in front of the two hot reads: a code by its owner's email, and by its text.
+
+The database stays the source of truth; the cache only ever answers what the database said, and:
+- an entry never outlives its code's expiry (its TTL stops there, and expiry is checked again on read);
+- writers overwrite (`SET`): creating a code writes it, deleting one writes a tombstone, so the very
+  next request sees the change; readers only fill gaps (`SET NX`), so a reader that looked at the
+  database just before a write cannot put the old state back afterwards;
+- unknown emails and codes are cached briefly, so a flood of lookups does not reach the database;
+- codes never change owner or come back once deleted, so a tombstone is always right.
+When Redis fails, the failure is logged (at most every few seconds), counted in /metrics, and reads
+bypass the cache for a short while (a breaker), so requests go straight to the database instead of
+each waiting for Redis to time out. Changes are still written through; if such a write itself fails
+while Redis is reachable for reads, the stale entry lives until its TTL (`REFERRAL_CACHE_TTL`), and
+the write paths that matter (activation) re-check the database in the same statement anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiocache import RedisCache
+from aiocache.serializers import JsonSerializer
+from prometheus_client import CollectorRegistry, Counter
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.referral.domain.models import ReferralCode
+
+log = logging.getLogger(__name__)
+
+BREAKER_SECONDS = 5.0
+LOG_EVERY_SECONDS = 10.0
+_CACHE_ERRORS = (RedisError, OSError, asyncio.TimeoutError, ValueError, TypeError)
+
+
+class Absent:
+    """The database said: no such code (or no active code for this email)."""
+
+
+ABSENT = Absent()
+
+
+@dataclass(frozen=True)
+class CodeCacheSettings:
+    ttl: int
+    negative_ttl: int
+    timeout: float
+
+
+def _dump(code: ReferralCode) -> dict[str, Any]:
+    return {
+        "id": str(code.id),
+        "code": code.code,
+        "owner_id": str(code.owner_id),
+        "owner_email": code.owner_email,
+        "expires_at": code.expires_at.isoformat(),
+        "created_at": code.created_at.isoformat(),
+        "deleted_at": code.deleted_at.isoformat() if code.deleted_at else None,
+    }
+
+
+def _load(value: dict[str, Any]) -> ReferralCode:
+    return ReferralCode(
+        id=uuid.UUID(value["id"]),
+        code=value["code"],
+        owner_id=uuid.UUID(value["owner_id"]),
+        owner_email=value["owner_email"],
+        expires_at=datetime.fromisoformat(value["expires_at"]),
+        created_at=datetime.fromisoformat(value["created_at"]),
+        deleted_at=datetime.fromisoformat(value["deleted_at"]) if value["deleted_at"] else None,
+    )
+
+
+class CodeCache:
+    """Cached answers of `CodeRepository.by_code` and `.active_by_email`; never raises on Redis trouble."""
+
+    def __init__(
+        self, redis: Redis, *, prefix: str, settings: CodeCacheSettings, registry: CollectorRegistry
+    ):
+        # aiocache builds its own client from host/port, which cannot reach a unix socket or share a
+        # pool: it gets the service's client (one pool, one set of timeouts) instead.
+        self._cache = RedisCache(
+            serializer=JsonSerializer(), namespace=prefix.rstrip(":"), timeout=settings.timeout
+        )
+        self._cache.client = redis
+        self._settings = settings
+        self._open_until = 0.0
+        self._last_logged = 0.0
+        self._lookups = Counter(
+            "referral_cache_lookups", "Code cache lookups by result", ["result"], registry=registry
+        )
+        self._errors = Counter("referral_cache_errors", "Redis failures of the code cache", registry=registry)
+
+    # --- plumbing --------------------------------------------------------------------------------
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._open_until
+
+    def _failed(self, error: BaseException) -> None:
+        self._errors.inc()
+        now = time.monotonic()
+        self._open_until = now + BREAKER_SECONDS
+        if now - self._last_logged >= LOG_EVERY_SECONDS:
+            self._last_logged = now
+            log.warning(
+                "code cache unavailable, reading the database for %.0f s: %s",
+                BREAKER_SECONDS,
+                type(error).__name__,
+            )
+
+    async def _get(self, key: str) -> Any:
+        if not self._available():
+            self._lookups.labels("bypassed").inc()
+            return None
+        try:
+            value = await self._cache.get(key)
+        except _CACHE_ERRORS as error:
+            self._failed(error)
+            self._lookups.labels("error").inc()
+            return None
+        self._lookups.labels("miss" if value is None else "hit").inc()
+        return value
+
+    async def _write(self, key: str, value: Any, ttl: int, *, overwrite: bool) -> None:
+        # Fills skip a Redis known to be failing; changes are always attempted, so that a Redis that
+        # comes back never serves an entry a change should have replaced.
+        if not overwrite and not self._available():
+            return
+        try:
+            if overwrite:
+                await self._cache.set(key, value, ttl=ttl)
+            else:
+                await self._cache.add(key, value, ttl=ttl)
+        except ValueError:
+            pass  # add(): somebody wrote first, and writers win
+        except _CACHE_ERRORS as error:
+            self._failed(error)
+
+    def _code_ttl(self, code: ReferralCode) -> int:
+        left = (code.expires_at - datetime.now(UTC)).total_seconds()
+        return max(1, min(self._settings.ttl, int(left)))
+
+    @staticmethod
+    def _email_key(email: str) -> str:
+        return f"email:{email.lower()}"
+
+    @staticmethod
+    def _code_key(code: str) -> str:
+        return f"code:{code.lower()}"
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    async def by_code(self, code: str) -> ReferralCode | Absent | None:
+        """The cached code, ABSENT when the database had none, None when not cached."""
+        value = await self._get(self._code_key(code))
+        if value is None:
+            return None
+        if value.get("absent"):
+            return ABSENT
+        return _load(value)
+
+    async def active_by_email(self, email: str) -> ReferralCode | Absent | None:
+        """The cached active code of this email's owner (ABSENT: none), None when not cached."""
+        value = await self._get(self._email_key(email))
+        if value is None:
+            return None
+        if value.get("absent"):
+            return ABSENT
+        code = _load(value)
+        return code if code.is_active(datetime.now(UTC)) else ABSENT
+
+    # --- fills (readers: only where nothing is cached yet) -------------------------------------
+
+    async def fill_code(self, text: str, code: ReferralCode | None) -> None:
+        if code is None:
+            await self._write(
+                self._code_key(text), {"absent": True}, self._settings.negative_ttl, overwrite=False
+            )
+        else:
+            await self._write(self._code_key(text), _dump(code), self._code_ttl(code), overwrite=False)
+
+    async def fill_email(self, email: str, code: ReferralCode | None) -> None:
+        if code is None:
+            await self._write(
+                self._email_key(email), {"absent": True}, self._settings.negative_ttl, overwrite=False
+            )
+        else:
+            await self._write(self._email_key(email), _dump(code), self._code_ttl(code), overwrite=False)
+
+    # --- writes (writers: always overwrite) ------------------------------------------------------
+
+    async def code_created(self, code: ReferralCode) -> None:
+        ttl = self._code_ttl(code)
+        await self._write(self._code_key(code.code), _dump(code), ttl, overwrite=True)
+        await self._write(self._email_key(code.owner_email), _dump(code), ttl, overwrite=True)
+
+    async def code_deleted(self, code: ReferralCode) -> None:
+        await self._write(self._code_key(code.code), _dump(code), self._settings.ttl, overwrite=True)
+        await self._write(
+            self._email_key(code.owner_email), {"absent": True}, self._settings.ttl, overwrite=True
+        )

@@ -1,0 +1,1 @@
+"""The referral service's data layer: Core tables and repositories (SQL only)."""

@@ -1,0 +1,295 @@
+"""Repositories of the referral service: SQL in, domain objects out."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, func, insert, literal, select, tuple_, update
+
+from services.referral.db.tables import codes_table as codes
+from services.referral.db.tables import referrals_table as referrals
+from services.referral.domain.models import Cursor, Referral, ReferralCode
+from shared.db import Connection, Database, UniqueViolation, prepare
+
+ONE_OPEN_PER_OWNER = "codes_one_open_per_owner"
+CODE_UNIQUE = "codes_code_lower_key"
+REFERRAL_PK = "referrals_pkey"
+
+_CODE_COLUMNS = (
+    codes.c.id,
+    codes.c.code,
+    codes.c.owner_id,
+    codes.c.owner_email,
+    codes.c.expires_at,
+    codes.c.created_at,
+    codes.c.deleted_at,
+)
+_REFERRAL_COLUMNS = (
+    referrals.c.referrer_id,
+    referrals.c.referral_id,
+    referrals.c.referral_email,
+    referrals.c.code,
+    referrals.c.created_at,
+)
+_active = (codes.c.deleted_at.is_(None), codes.c.expires_at > func.now())
+
+# An expired code is closed (deleted_at = its expiry) before its owner opens the next one.
+_CLOSE_EXPIRED = prepare(
+    update(codes)
+    .where(codes.c.owner_id == bindparam("owner_id"), codes.c.deleted_at.is_(None))
+    .where(codes.c.expires_at <= func.now())
+    .values(deleted_at=codes.c.expires_at)
+)
+_INSERT_CODE = prepare(
+    insert(codes)
+    .values(
+        code=bindparam("code"),
+        owner_id=bindparam("owner_id"),
+        owner_email=bindparam("owner_email"),
+        expires_at=bindparam("expires_at"),
+    )
+    .returning(*_CODE_COLUMNS)
+)
+_ACTIVE_BY_OWNER = prepare(select(*_CODE_COLUMNS).where(codes.c.owner_id == bindparam("owner_id"), *_active))
+_DELETE_ACTIVE = prepare(
+    update(codes)
+    .where(codes.c.owner_id == bindparam("owner_id"), *_active)
+    .values(deleted_at=func.now())
+    .returning(*_CODE_COLUMNS)
+)
+_ACTIVE_BY_EMAIL = prepare(
+    select(*_CODE_COLUMNS)
+    .where(func.lower(codes.c.owner_email) == bindparam("email"), *_active)
+    .order_by(codes.c.created_at.desc())
+    .limit(1)
+)
+_BY_CODE = prepare(select(*_CODE_COLUMNS).where(func.lower(codes.c.code) == bindparam("code")))
+
+_REFERRAL_OF = prepare(select(*_REFERRAL_COLUMNS).where(referrals.c.referral_id == bindparam("referral_id")))
+# The link is written only while the code is still active, checked in the same statement.
+_INSERT_REFERRAL_BY_ACTIVE_CODE = prepare(
+    insert(referrals)
+    .from_select(
+        ["referral_id", "referrer_id", "referral_email", "code"],
+        select(
+            bindparam("referral_id", type_=referrals.c.referral_id.type),
+            codes.c.owner_id,
+            bindparam("referral_email", type_=referrals.c.referral_email.type),
+            codes.c.code,
+        ).where(codes.c.id == bindparam("code_id"), *_active),
+    )
+    .returning(*_REFERRAL_COLUMNS)
+)
+_INSERT_REFERRAL = prepare(
+    insert(referrals)
+    .values(
+        referral_id=bindparam("referral_id"),
+        referrer_id=bindparam("referrer_id"),
+        referral_email=bindparam("referral_email"),
+        code=bindparam("code"),
+    )
+    .returning(*_REFERRAL_COLUMNS)
+)
+_COUNT = prepare(
+    select(func.count(literal(1)))
+    .select_from(referrals)
+    .where(referrals.c.referrer_id == bindparam("referrer_id"))
+)
+_ORDER = (referrals.c.created_at.desc(), referrals.c.referral_id.desc())
+_FIRST_PAGE = prepare(
+    select(*_REFERRAL_COLUMNS)
+    .where(referrals.c.referrer_id == bindparam("referrer_id"))
+    .order_by(*_ORDER)
+    .limit(bindparam("limit"))
+)
+_NEXT_PAGE = prepare(
+    select(*_REFERRAL_COLUMNS)
+    .where(
+        referrals.c.referrer_id == bindparam("referrer_id"),
+        tuple_(referrals.c.created_at, referrals.c.referral_id)
+        < tuple_(bindparam("after_created_at"), bindparam("after_referral_id")),
+    )
+    .order_by(*_ORDER)
+    .limit(bindparam("limit"))
+)
+
+# Walk up the referrer chain from a user to the root of their tree (each user has one referrer at most).
+_ROOT_OF = """
+WITH RECURSIVE chain(user_id, depth) AS (
+    SELECT %(user_id)s::uuid, 0
+    UNION ALL
+    SELECT r.referrer_id, chain.depth + 1
+    FROM referral.referrals r JOIN chain ON r.referral_id = chain.user_id
+    WHERE chain.depth < 100000
+)
+SELECT user_id FROM chain ORDER BY depth DESC LIMIT 1
+"""
+_LOCK_TREE = "SELECT pg_advisory_xact_lock(hashtextextended('referral-tree:' || %(user_id)s, 0))"
+
+
+def _code(row: Mapping[str, Any]) -> ReferralCode:
+    return ReferralCode(
+        id=row["id"],
+        code=row["code"],
+        owner_id=row["owner_id"],
+        owner_email=row["owner_email"],
+        expires_at=row["expires_at"],
+        created_at=row["created_at"],
+        deleted_at=row["deleted_at"],
+    )
+
+
+def _referral(row: Mapping[str, Any]) -> Referral:
+    return Referral(
+        referrer_id=row["referrer_id"],
+        referral_id=row["referral_id"],
+        referral_email=row["referral_email"],
+        code=row["code"],
+        created_at=row["created_at"],
+    )
+
+
+class OpenCodeExists(Exception):
+    """The owner already has an open code (the partial unique index said so)."""
+
+
+class CodeTextTaken(Exception):
+    """Another code (of anyone, ever) has this text, compared case-insensitively."""
+
+
+class AlreadyLinked(Exception):
+    """The user is already somebody's referral (the primary key said so)."""
+
+
+class CodeRepository:
+    """Referral codes; the database keeps one open code per owner and unique code texts."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def create(
+        self, owner_id: uuid.UUID, owner_email: str, code: str, expires_at: datetime
+    ) -> ReferralCode:
+        """Open a code; OpenCodeExists or CodeTextTaken when a unique index refuses it."""
+        try:
+            async with self._db.transaction() as conn:
+                await conn.execute(_CLOSE_EXPIRED, {"owner_id": owner_id})
+                row = await conn.fetch_one(
+                    _INSERT_CODE,
+                    {
+                        "code": code,
+                        "owner_id": owner_id,
+                        "owner_email": owner_email,
+                        "expires_at": expires_at,
+                    },
+                )
+        except UniqueViolation as violation:
+            if violation.constraint == ONE_OPEN_PER_OWNER:
+                raise OpenCodeExists from None
+            if violation.constraint == CODE_UNIQUE:
+                raise CodeTextTaken from None
+            raise
+        assert row is not None
+        return _code(row)
+
+    async def active_of(self, owner_id: uuid.UUID) -> ReferralCode | None:
+        row = await self._db.fetch_one(_ACTIVE_BY_OWNER, {"owner_id": owner_id})
+        return _code(row) if row else None
+
+    async def delete_active(self, owner_id: uuid.UUID) -> ReferralCode | None:
+        """Delete the owner's active code; the deleted code, or None when there was none."""
+        row = await self._db.fetch_one(_DELETE_ACTIVE, {"owner_id": owner_id})
+        return _code(row) if row else None
+
+    async def active_by_email(self, email: str) -> ReferralCode | None:
+        row = await self._db.fetch_one(_ACTIVE_BY_EMAIL, {"email": email.lower()})
+        return _code(row) if row else None
+
+    async def by_code(self, code: str) -> ReferralCode | None:
+        """The code with this text (any state), compared case-insensitively."""
+        row = await self._db.fetch_one(_BY_CODE, {"code": code.lower()})
+        return _code(row) if row else None
+
+
+class ReferralRepository:
+    """Who referred whom; the tree locks serialize links that could close a cycle."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def transaction(self) -> AbstractAsyncContextManager[Connection]:
+        """A transaction for a link: lock the trees, check, write."""
+        return self._db.transaction()
+
+    async def root_of(self, user_id: uuid.UUID, conn: Connection | None = None) -> uuid.UUID:
+        """The top of the user's referrer chain (the user when nobody referred them)."""
+        statement = (_ROOT_OF, {"user_id": user_id})
+        row = await (conn.fetch_one(*statement) if conn else self._db.fetch_one(*statement))
+        assert row is not None
+        return row["user_id"]  # type: ignore[no-any-return]
+
+    async def lock_trees(self, conn: Connection, roots: Iterable[uuid.UUID]) -> None:
+        """Transaction-scoped locks on the trees rooted at `roots`, always in the same order."""
+        for root in sorted(set(roots)):
+            await conn.execute(_LOCK_TREE, {"user_id": str(root)})
+
+    async def referral_of(self, conn: Connection, referral_id: uuid.UUID) -> Referral | None:
+        row = await conn.fetch_one(_REFERRAL_OF, {"referral_id": referral_id})
+        return _referral(row) if row else None
+
+    async def add_by_active_code(
+        self, conn: Connection, referral_id: uuid.UUID, referral_email: str, code_id: uuid.UUID
+    ) -> Referral | None:
+        """Link the user to the code's owner if the code is still active; None if it is not."""
+        try:
+            row = await conn.fetch_one(
+                _INSERT_REFERRAL_BY_ACTIVE_CODE,
+                {"referral_id": referral_id, "referral_email": referral_email, "code_id": code_id},
+            )
+        except UniqueViolation:
+            raise AlreadyLinked from None
+        return _referral(row) if row else None
+
+    async def add(
+        self, conn: Connection, referral_id: uuid.UUID, referrer_id: uuid.UUID, referral_email: str, code: str
+    ) -> Referral:
+        """Link the user to the referrer unconditionally (the code was checked at signup)."""
+        try:
+            row = await conn.fetch_one(
+                _INSERT_REFERRAL,
+                {
+                    "referral_id": referral_id,
+                    "referrer_id": referrer_id,
+                    "referral_email": referral_email,
+                    "code": code,
+                },
+            )
+        except UniqueViolation:
+            raise AlreadyLinked from None
+        assert row is not None
+        return _referral(row)
+
+    async def count(self, referrer_id: uuid.UUID) -> int:
+        row = await self._db.fetch_one(_COUNT, {"referrer_id": referrer_id})
+        assert row is not None
+        return int(next(iter(row.values())))
+
+    async def page(self, referrer_id: uuid.UUID, limit: int, after: Cursor | None) -> list[Referral]:
+        """Up to `limit` referrals, newest first, strictly after the cursor."""
+        if after is None:
+            rows = await self._db.fetch_all(_FIRST_PAGE, {"referrer_id": referrer_id, "limit": limit})
+        else:
+            rows = await self._db.fetch_all(
+                _NEXT_PAGE,
+                {
+                    "referrer_id": referrer_id,
+                    "limit": limit,
+                    "after_created_at": after.created_at,
+                    "after_referral_id": after.referral_id,
+                },
+            )
+        return [_referral(row) for row in rows]

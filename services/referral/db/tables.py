@@ -1,0 +1,49 @@
+"""SQLAlchemy Core tables of schema `referral`, mirroring the migrations (the source of truth)."""
+
+from __future__ import annotations
+
+from sqlalchemy import CheckConstraint, Column, DateTime, Index, MetaData, Table, Text, Uuid, func, text
+
+SCHEMA = "referral"
+metadata = MetaData(schema=SCHEMA)
+
+codes_table = Table(
+    "codes",
+    metadata,
+    Column("id", Uuid, primary_key=True, server_default=text("gen_random_uuid()")),
+    Column("code", Text, nullable=False),
+    Column("owner_id", Uuid, nullable=False),
+    Column("owner_email", Text, nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("deleted_at", DateTime(timezone=True)),
+    CheckConstraint("code ~ '^[A-Za-z0-9_-]{4,32}$'", name="codes_code_format"),
+    CheckConstraint("expires_at > created_at", name="codes_expire_after_creation"),
+)
+Index("codes_code_lower_key", func.lower(codes_table.c.code), unique=True)
+Index(
+    "codes_one_open_per_owner",
+    codes_table.c.owner_id,
+    unique=True,
+    postgresql_where=text("deleted_at IS NULL"),
+)
+Index(
+    "codes_open_by_email", func.lower(codes_table.c.owner_email), postgresql_where=text("deleted_at IS NULL")
+)
+
+referrals_table = Table(
+    "referrals",
+    metadata,
+    Column("referral_id", Uuid, primary_key=True),
+    Column("referrer_id", Uuid, nullable=False),
+    Column("referral_email", Text, nullable=False),
+    Column("code", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("referrer_id <> referral_id", name="referrals_not_self"),
+)
+Index(
+    "referrals_by_referrer",
+    referrals_table.c.referrer_id,
+    referrals_table.c.created_at.desc(),
+    referrals_table.c.referral_id.desc(),
+)

@@ -1,0 +1,1 @@
+"""The referral service's use cases and rules; no HTTP, no SQL."""

@@ -1,0 +1,47 @@
+"""Domain objects the repositories return and the use cases hand to the API layer."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ReferralCode:
+    id: uuid.UUID
+    code: str
+    owner_id: uuid.UUID
+    owner_email: str
+    expires_at: datetime
+    created_at: datetime
+    deleted_at: datetime | None
+
+    def is_active(self, now: datetime) -> bool:
+        """Usable: not deleted and not yet expired."""
+        return self.deleted_at is None and self.expires_at > now
+
+
+@dataclass(frozen=True, slots=True)
+class Referral:
+    referrer_id: uuid.UUID
+    referral_id: uuid.UUID
+    referral_email: str
+    code: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a page of a referrer's referrals (newest first) resumes."""
+
+    created_at: datetime
+    referral_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class ReferralPage:
+    referrer_id: uuid.UUID
+    total: int
+    items: list[Referral]
+    next_cursor: Cursor | None

@@ -1,0 +1,201 @@
+"""Use cases of the referral service: codes, their lookup, links between referrers and referrals."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from services.referral.cache import ABSENT, CodeCache
+from services.referral.db.repositories import (
+    AlreadyLinked,
+    CodeRepository,
+    CodeTextTaken,
+    OpenCodeExists,
+    ReferralRepository,
+)
+from services.referral.domain.codes import generate_code
+from services.referral.domain.errors import (
+    ActiveCodeExists,
+    AlreadyReferred,
+    CodeExpired,
+    CodeNotFound,
+    CodeTaken,
+    ReferralCycle,
+    SelfReferral,
+)
+from services.referral.domain.models import Cursor, Referral, ReferralCode, ReferralPage
+from shared.errors import ServiceUnavailable, ValidationProblem
+
+log = logging.getLogger(__name__)
+
+GENERATION_ATTEMPTS = 5
+LINK_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class CodeRules:
+    min_lifetime: timedelta
+    max_lifetime: timedelta
+
+
+@dataclass(frozen=True)
+class Linked:
+    """A link and whether this call made it (False: it was already there, the same)."""
+
+    referral: Referral
+    created: bool
+
+
+@dataclass
+class ReferralService:
+    """The referral use cases, with their collaborators."""
+
+    codes: CodeRepository
+    referrals: ReferralRepository
+    cache: CodeCache
+    rules: CodeRules
+
+    # --- codes -----------------------------------------------------------------------------------
+
+    def _check_expiry(self, expires_at: datetime, now: datetime) -> None:
+        if expires_at < now + self.rules.min_lifetime:
+            seconds = int(self.rules.min_lifetime.total_seconds())
+            raise ValidationProblem(errors={"expires_at": [f"must be at least {seconds} seconds ahead"]})
+        if expires_at > now + self.rules.max_lifetime:
+            raise ValidationProblem(
+                errors={"expires_at": [f"must be at most {self.rules.max_lifetime.days} days ahead"]}
+            )
+
+    async def create_code(
+        self, owner_id: uuid.UUID, owner_email: str, expires_at: datetime, vanity: str | None
+    ) -> ReferralCode:
+        """Open the owner's code: their vanity text or a generated one."""
+        self._check_expiry(expires_at, datetime.now(UTC))
+        attempts = 1 if vanity else GENERATION_ATTEMPTS
+        for _ in range(attempts):
+            try:
+                code = await self.codes.create(owner_id, owner_email, vanity or generate_code(), expires_at)
+            except OpenCodeExists:
+                raise ActiveCodeExists("Delete your active code first, or wait until it expires.") from None
+            except CodeTextTaken:
+                if vanity:
+                    raise CodeTaken() from None
+                continue  # a generated code collided (about 1 in 10^16): draw another
+            await self.cache.code_created(code)
+            return code
+        raise ServiceUnavailable("Could not generate a free code; try again.")
+
+    async def my_code(self, owner_id: uuid.UUID) -> ReferralCode:
+        code = await self.codes.active_of(owner_id)
+        if code is None:
+            raise CodeNotFound("You have no active referral code.")
+        return code
+
+    async def delete_my_code(self, owner_id: uuid.UUID) -> None:
+        code = await self.codes.delete_active(owner_id)
+        if code is None:
+            raise CodeNotFound("You have no active referral code.")
+        await self.cache.code_deleted(code)
+
+    async def code_by_email(self, email: str) -> ReferralCode:
+        """The active code of the user with this email; the same 404 for unknown emails and no code."""
+        cached = await self.cache.active_by_email(email)
+        if cached is ABSENT:
+            raise CodeNotFound()
+        if isinstance(cached, ReferralCode):
+            return cached
+        code = await self.codes.active_by_email(email)
+        await self.cache.fill_email(email, code)
+        if code is None:
+            raise CodeNotFound()
+        return code
+
+    async def usable_code(self, text: str) -> ReferralCode:
+        """The code with this text if it can be used now; CodeNotFound or CodeExpired otherwise."""
+        cached = await self.cache.by_code(text)
+        if cached is ABSENT:
+            raise CodeNotFound()
+        code = cached if isinstance(cached, ReferralCode) else await self.codes.by_code(text)
+        if cached is None:
+            await self.cache.fill_code(text, code)
+        if code is None:
+            raise CodeNotFound()
+        if not code.is_active(datetime.now(UTC)):
+            raise CodeExpired()
+        return code
+
+    # --- links -----------------------------------------------------------------------------------
+
+    async def activate(self, user_id: uuid.UUID, email: str, text: str) -> Referral:
+        """The caller becomes the referral of the code's owner."""
+        code = await self.usable_code(text)
+        if code.owner_id == user_id:
+            raise SelfReferral()
+        linked = await self._link(user_id, code.owner_id, email, code.code, code_id=code.id)
+        if not linked.created:
+            raise AlreadyReferred()
+        return linked.referral
+
+    async def record_signup_link(
+        self, referral_id: uuid.UUID, referrer_id: uuid.UUID, email: str, code: str
+    ) -> Linked:
+        """The auth service's link for a signup with a code, checked when the signup was accepted.
+
+        Idempotent by referral id: the same link again answers as before.
+        """
+        if referral_id == referrer_id:
+            raise SelfReferral()
+        return await self._link(referral_id, referrer_id, email, code, code_id=None)
+
+    async def _link(
+        self,
+        referral_id: uuid.UUID,
+        referrer_id: uuid.UUID,
+        email: str,
+        code: str,
+        *,
+        code_id: uuid.UUID | None,
+    ) -> Linked:
+        """Write the link unless it would make a cycle, under locks on both trees it joins.
+
+        The referral has no referrer (else the link is refused), so it is the root of its own tree;
+        the link closes a cycle exactly when it is also the root of the referrer's tree. Locking both
+        roots (in a fixed order) serializes every pair of links that could close a cycle together.
+        """
+        for _ in range(LINK_ATTEMPTS):
+            root_seen = await self.referrals.root_of(referrer_id)
+            async with self.referrals.transaction() as conn:
+                await self.referrals.lock_trees(conn, (referral_id, root_seen))
+                root = await self.referrals.root_of(referrer_id, conn)
+                if root != root_seen:
+                    continue  # the tree grew while we waited for its lock: lock the new root
+                existing = await self.referrals.referral_of(conn, referral_id)
+                if existing is not None:
+                    if existing.referrer_id == referrer_id:
+                        return Linked(existing, created=False)
+                    raise AlreadyReferred()
+                if root == referral_id:
+                    raise ReferralCycle()
+                try:
+                    if code_id is None:
+                        referral = await self.referrals.add(conn, referral_id, referrer_id, email, code)
+                    else:
+                        added = await self.referrals.add_by_active_code(conn, referral_id, email, code_id)
+                        if added is None:
+                            raise CodeExpired()
+                        referral = added
+                except AlreadyLinked:
+                    raise AlreadyReferred() from None
+                return Linked(referral, created=True)
+        raise ServiceUnavailable("The referral tree is changing quickly; try again.")
+
+    async def referrals_of(self, referrer_id: uuid.UUID, limit: int, after: Cursor | None) -> ReferralPage:
+        """A page of the referrer's referrals, newest first, with the total."""
+        items = await self.referrals.page(referrer_id, limit + 1, after)
+        total = await self.referrals.count(referrer_id)
+        more = len(items) > limit
+        items = items[:limit]
+        next_cursor = Cursor(items[-1].created_at, items[-1].referral_id) if more else None
+        return ReferralPage(referrer_id, total, items, next_cursor)

@@ -1,0 +1,2 @@
+DROP TABLE referral.referrals;
+DROP TABLE referral.codes;

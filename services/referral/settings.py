@@ -1,0 +1,51 @@
+"""The referral service's settings, read from `REFERRAL_*` variables (and the shared unprefixed ones)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.config import DEV, SettingsError, setting
+
+PREFIX = "REFERRAL_"
+API_PREFIX = "/api/v1/referral"
+INTERNAL_PREFIX = "/internal/v1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferralSettings:
+    """Everything the referral service can be configured with; see `.env.example`."""
+
+    env: str = setting("production", doc="dev or production")
+    host: str = setting("127.0.0.1", doc="address to listen on")
+    port: int = setting(8082, doc="port to listen on")
+    database_url: str = setting(env="DATABASE_URL", doc="PostgreSQL URL (schema referral)")
+    redis_url: str = setting(env="REDIS_URL", doc="Redis URL")
+    redis_prefix: str = setting("referral:", doc="prefix of every Redis key this service writes")
+    auth_jwks_url: str = setting(
+        "http://127.0.0.1:8081/api/v1/auth/.well-known/jwks.json", doc="the auth service's JWKS"
+    )
+    auth_issuer: str = setting("http://127.0.0.1:8080/api/v1/auth", doc="`iss` of the auth service's tokens")
+    token_audience: str = setting("referral-system", doc="`aud` of user access tokens")
+    internal_audience: str = setting("referral-service", doc="`aud` of service tokens for /internal/")
+    internal_scope: str = setting("referrals:internal", doc="scope a service token needs for /internal/")
+    code_min_lifetime: int = setting(60, doc="seconds a new code must at least live")
+    code_max_lifetime_days: int = setting(365, doc="days a new code may at most live")
+    cache_ttl: int = setting(300, doc="seconds a cached code lives at most (never past its expiry)")
+    negative_cache_ttl: int = setting(30, doc="seconds an unknown email or code stays cached")
+    db_pool_min: int = setting(2, doc="connections opened at start")
+    db_pool_max: int = setting(32, doc="most connections per process")
+    db_timeout: float = setting(5.0, doc="seconds to wait for a connection or a statement")
+    redis_timeout: float = setting(0.5, doc="seconds to wait for Redis before reading the database")
+    max_body_bytes: int = setting(16 * 1024, doc="largest request body accepted")
+    trusted_proxies: tuple[str, ...] = setting((), doc="addresses whose X-Forwarded-For is believed")
+    log_level: str = setting("INFO", doc="logging level")
+
+    def __post_init__(self) -> None:
+        if self.env not in (DEV, "production"):
+            raise SettingsError(f"{PREFIX}ENV must be dev or production")
+        if not 8 <= self.db_pool_max <= 500 or self.db_pool_min > self.db_pool_max:
+            raise SettingsError(f"{PREFIX}DB_POOL_MAX must be 8..500 and at least {PREFIX}DB_POOL_MIN")
+        if self.code_min_lifetime < 1 or self.code_max_lifetime_days < 1:
+            raise SettingsError(
+                f"{PREFIX}CODE_MIN_LIFETIME and {PREFIX}CODE_MAX_LIFETIME_DAYS must be positive"
+            )

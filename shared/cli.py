@@ -1,0 +1,65 @@
+"""The command line every service has: `serve`, `migrate`, `rollback`, with settings from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from shared.config import SettingsError, load_settings
+from shared.logs import JsonAccessLogger, configure_logging
+from shared.migrations import apply_migrations, rollback_migrations
+
+S = TypeVar("S")
+
+
+def run_service_command(
+    name: str,
+    *,
+    settings_class: type[S],
+    prefix: str,
+    create_app: Callable[[S], web.Application],
+    schema: str,
+    migrations: Path,
+    argv: list[str] | None = None,
+) -> int:
+    """Parse the command, load the settings (exit 2 with the reason when they are wrong), run it."""
+    parser = argparse.ArgumentParser(prog=f"python -m services.{name}")
+    parser.add_argument("command", choices=["serve", "migrate", "rollback"])
+    args = parser.parse_args(argv)
+    try:
+        settings: Any = load_settings(settings_class, prefix, os.environ)
+    except SettingsError as error:
+        print(f"{name}: configuration error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(name, settings.log_level)
+    log = logging.getLogger(f"services.{name}")
+    if args.command == "migrate":
+        applied = apply_migrations(settings.database_url, schema, migrations)
+        log.info("migrations applied", extra={"applied": applied, "schema": schema})
+        return 0
+    if args.command == "rollback":
+        rolled_back = rollback_migrations(settings.database_url, schema, migrations)
+        log.info("migrations rolled back", extra={"rolled_back": rolled_back, "schema": schema})
+        return 0
+    try:
+        app = create_app(settings)
+    except SettingsError as error:
+        print(f"{name}: configuration error: {error}", file=sys.stderr)
+        return 2
+    log.info("listening", extra={"host": settings.host, "port": settings.port})
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        access_log_class=JsonAccessLogger,
+        print=None,
+        shutdown_timeout=15,
+    )
+    return 0

@@ -1,0 +1,158 @@
+"""The pure pieces of the launcher (deploy/local/run.py): ports, environments, commands; no processes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy.local import run
+from deploy.local.gateway import parse_args
+
+KEY = Path("/keys/dev.pem")
+DB = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def envs(environ: dict[str, str], port: int = 8080) -> tuple[dict[str, str], dict[str, str]]:
+    auth = run.auth_env(environ, database_url=DB, redis_url=REDIS, gateway_port=port, signing_key=KEY)
+    referral = run.referral_env(
+        environ, database_url=DB, redis_url=REDIS, auth_public_base_url=auth["AUTH_PUBLIC_BASE_URL"]
+    )
+    return auth, referral
+
+
+def test_gateway_port() -> None:
+    assert run.gateway_port({}) == 8080
+    assert run.gateway_port({"PORT": ""}) == 8080
+    assert run.gateway_port({"PORT": " 9000 "}) == 9000
+
+
+@pytest.mark.parametrize("raw", ["http", "-1", "0", "65536", "80.5", "8081", "8082"])
+def test_gateway_port_refuses(raw: str) -> None:
+    with pytest.raises(SystemExit, match="PORT"):
+        run.gateway_port({"PORT": raw})
+
+
+def test_auth_env() -> None:
+    auth, _ = envs({"HOME": "/home/dev", "AUTH_PORT": "1", "AUTH_ENV": "production"})
+    assert auth["HOME"] == "/home/dev"  # the launcher's own environment is kept
+    assert auth["AUTH_ENV"] == "dev"
+    assert auth["AUTH_HOST"] == "127.0.0.1"
+    assert auth["AUTH_PORT"] == "8081"
+    assert auth["DATABASE_URL"] == DB
+    assert auth["REDIS_URL"] == REDIS
+    assert auth["AUTH_JWT_PRIVATE_KEYS_FILE"] == str(KEY)
+    assert auth["AUTH_REFERRAL_SERVICE_URL"] == "http://127.0.0.1:8082"
+    assert auth["AUTH_PUBLIC_BASE_URL"] == "http://127.0.0.1:8080"
+    assert not any(name.startswith("REFERRAL_") for name in auth)
+
+
+def test_referral_env() -> None:
+    _, referral = envs({"HOME": "/home/dev", "REFERRAL_PORT": "1"})
+    assert referral["HOME"] == "/home/dev"
+    assert referral["REFERRAL_ENV"] == "dev"
+    assert referral["REFERRAL_HOST"] == "127.0.0.1"
+    assert referral["REFERRAL_PORT"] == "8082"
+    assert referral["DATABASE_URL"] == DB
+    assert referral["REDIS_URL"] == REDIS
+    assert referral["REFERRAL_AUTH_JWKS_URL"] == "http://127.0.0.1:8081/api/v1/auth/.well-known/jwks.json"
+    assert referral["REFERRAL_AUTH_ISSUER"] == "http://127.0.0.1:8080/api/v1/auth"
+    assert not any(name.startswith("AUTH_") for name in referral)
+
+
+def test_the_issuer_follows_the_gateway_port_and_the_public_base_url() -> None:
+    auth, referral = envs({}, port=9000)
+    assert auth["AUTH_PUBLIC_BASE_URL"] == "http://127.0.0.1:9000"
+    assert referral["REFERRAL_AUTH_ISSUER"] == "http://127.0.0.1:9000/api/v1/auth"
+    assert auth["AUTH_PORT"] == "8081"  # the services' ports do not move with PORT
+
+    auth, referral = envs({"AUTH_PUBLIC_BASE_URL": "https://referrals.example.com/"}, port=9000)
+    assert auth["AUTH_PUBLIC_BASE_URL"] == "https://referrals.example.com/"
+    assert referral["REFERRAL_AUTH_ISSUER"] == "https://referrals.example.com/api/v1/auth"
+
+
+def test_the_issuer_matches_the_auth_services() -> None:
+    from services.auth.settings import PREFIX, AuthSettings
+    from shared.config import load_settings
+
+    for environ in ({}, {"AUTH_PUBLIC_BASE_URL": "https://referrals.example.com/"}):
+        auth, referral = envs(environ, port=9000)
+        settings = load_settings(AuthSettings, PREFIX, auth)
+        assert settings.issuer == referral["REFERRAL_AUTH_ISSUER"]
+        assert settings.port == 8081
+
+
+def test_migrations_run_auth_then_referral() -> None:
+    auth, referral = envs({})
+    steps = run.migrations(auth, referral)
+    assert [step.command for step in steps] == [
+        (sys.executable, "-m", "services.auth", "migrate"),
+        (sys.executable, "-m", "services.referral", "migrate"),
+    ]
+    assert steps[0].env == auth
+    assert steps[1].env == referral
+
+
+def test_services() -> None:
+    launcher = {"HOME": "/home/dev"}
+    auth, referral = envs(launcher, port=9000)
+    planned = run.services(launcher, auth, referral, 9000)
+    by_name = {service.name: service for service in planned}
+    assert list(by_name) == ["auth", "referral", "gateway"]
+
+    assert by_name["auth"].command == (sys.executable, "-m", "services.auth", "serve")
+    assert by_name["auth"].env == auth
+    assert by_name["auth"].health_url == "http://127.0.0.1:8081/healthz"
+
+    assert by_name["referral"].command == (sys.executable, "-m", "services.referral", "serve")
+    assert by_name["referral"].env == referral
+    assert by_name["referral"].health_url == "http://127.0.0.1:8082/healthz"
+
+    gateway = by_name["gateway"]
+    assert gateway.command[:3] == (sys.executable, "-m", "deploy.local.gateway")
+    assert gateway.health_url == "http://127.0.0.1:9000/healthz"
+    assert gateway.env == launcher
+    args = parse_args(list(gateway.command[3:]))  # the gateway accepts what the launcher passes
+    assert (args.host, args.port) == ("127.0.0.1", 9000)
+    assert args.routes == {
+        "/api/v1/auth": ["http://127.0.0.1:8081"],
+        "/api/v1/referral": ["http://127.0.0.1:8082"],
+    }
+
+
+def test_banner_lists_both_apis_and_their_docs() -> None:
+    text = run.banner(8080)
+    for url in (
+        "http://127.0.0.1:8080/api/v1/auth/",
+        "http://127.0.0.1:8080/api/v1/auth/docs",
+        "http://127.0.0.1:8080/api/v1/referral/",
+        "http://127.0.0.1:8080/api/v1/referral/docs",
+    ):
+        assert url in text
+    assert "8081" not in text
+    assert "8082" not in text
+    assert "http://127.0.0.1:9000/api/v1/referral/docs" in run.banner(9000)
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("postgresql://postgres@127.0.0.1:5432/postgres", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        ("postgresql://app:s3cret@db:5432/referral", "postgresql://app:***@db:5432/referral"),
+        ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+        (
+            "postgresql://app:p%40ss@db/referral?sslmode=require",
+            "postgresql://app:***@db/referral?sslmode=require",
+        ),
+        (
+            "postgresql:///referral?user=app&password=s3cret&host=/tmp",
+            "postgresql:///referral?user=app&password=***&host=/tmp",
+        ),
+        ("postgresql:///referral?PASSWORD=s3cret", "postgresql:///referral?PASSWORD=***"),
+        ("unix:///tmp/redis.sock", "unix:///tmp/redis.sock"),
+    ],
+)
+def test_mask_url(url: str, masked: str) -> None:
+    assert run.mask_url(url) == masked

@@ -1,0 +1,146 @@
+"""The internal endpoints: only the auth service's service token opens them."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from services.auth.signing import AccessTokenIssuer, parse_key_ring
+
+INTERNAL_LINK = "/internal/v1/referrals"
+
+
+def service_token(
+    system, signing_pem, *, audience=None, scope=("referrals:internal",), subject="auth-service"
+):
+    issuer = AccessTokenIssuer(
+        parse_key_ring(signing_pem), issuer=system.auth_settings.issuer, audience="unused", ttl=300
+    )
+    audience = audience or system.referral_settings.internal_audience
+    return issuer.issue(subject, email=None, audience=audience, scope=scope).token
+
+
+def auth_header(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_code_check(system, signing_pem, db):
+    ann = await system.user("ann@example.com")
+    code = (await (await system.create_code(ann, "Ann-Code")).json())["code"]
+    headers = auth_header(service_token(system, signing_pem))
+    response = await system.referral.get("/internal/v1/codes/ann-code", headers=headers)
+    assert response.status == 200
+    body = await response.json()
+    assert body["code"] == code
+    assert body["owner_id"] == ann.id
+    assert "expires_at" in body
+    missing = await system.referral.get("/internal/v1/codes/nope-nope", headers=headers)
+    assert missing.status == 404
+    assert (await missing.json())["code"] == "code_not_found"
+    assert (await system.referral.delete("/api/v1/referral/codes/me", headers=ann.headers)).status == 204
+    gone = await system.referral.get("/internal/v1/codes/ANN-CODE", headers=headers)
+    assert gone.status == 410
+    assert (await gone.json())["code"] == "code_expired"
+
+
+async def test_link_is_idempotent_by_referral_id(system, signing_pem, db):
+    ann, bob = await system.user("ann@example.com"), await system.user("bob@example.com")
+    headers = auth_header(service_token(system, signing_pem))
+    link = {"referral_id": bob.id, "referrer_id": ann.id, "referral_email": bob.email, "code": "OLD-CODE"}
+    first = await system.referral.post(INTERNAL_LINK, json=link, headers=headers)
+    assert first.status == 201, await first.text()
+    again = await system.referral.post(INTERNAL_LINK, json=link, headers=headers)
+    assert again.status == 200
+    assert await again.json() == await first.json()
+    with db.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM referral.referrals")
+        assert cursor.fetchone()[0] == 1
+    # The same user linked to somebody else: a permanent conflict.
+    cat = await system.user("cat@example.com")
+    other = {**link, "referrer_id": cat.id}
+    conflict = await system.referral.post(INTERNAL_LINK, json=other, headers=headers)
+    assert conflict.status == 409
+    assert (await conflict.json())["code"] == "already_referred"
+
+
+async def test_link_refuses_self_and_cycles(system, signing_pem):
+    ann, bob = await system.user("ann@example.com"), await system.user("bob@example.com")
+    headers = auth_header(service_token(system, signing_pem))
+
+    def link(referral, referrer):
+        return {
+            "referral_id": referral.id,
+            "referrer_id": referrer.id,
+            "referral_email": referral.email,
+            "code": "C0DE",
+        }
+
+    own = await system.referral.post(INTERNAL_LINK, json=link(ann, ann), headers=headers)
+    assert own.status == 422
+    assert (await own.json())["code"] == "self_referral"
+    assert (await system.referral.post(INTERNAL_LINK, json=link(bob, ann), headers=headers)).status == 201
+    cycle = await system.referral.post(INTERNAL_LINK, json=link(ann, bob), headers=headers)
+    assert cycle.status == 422
+    assert (await cycle.json())["code"] == "referral_cycle"
+
+
+async def test_link_does_not_need_the_code_to_be_active_any_more(system, signing_pem, db):
+    """The code was checked when the signup was accepted; its later expiry must not lose the link."""
+    ann, bob = await system.user("ann@example.com"), await system.user("bob@example.com")
+    code = (await (await system.create_code(ann)).json())["code"]
+    assert (await system.referral.delete("/api/v1/referral/codes/me", headers=ann.headers)).status == 204
+    headers = auth_header(service_token(system, signing_pem))
+    link = {"referral_id": bob.id, "referrer_id": ann.id, "referral_email": bob.email, "code": code}
+    assert (await system.referral.post(INTERNAL_LINK, json=link, headers=headers)).status == 201
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {
+            "referral_id": "x",
+            "referrer_id": str(uuid.uuid4()),
+            "referral_email": "a@example.com",
+            "code": "C",
+        },
+        {
+            "referral_id": str(uuid.uuid4()),
+            "referrer_id": str(uuid.uuid4()),
+            "referral_email": "nope",
+            "code": "C",
+        },
+    ],
+)
+async def test_link_validation(system, signing_pem, body):
+    headers = auth_header(service_token(system, signing_pem))
+    assert (await system.referral.post(INTERNAL_LINK, json=body, headers=headers)).status == 422
+
+
+async def test_user_tokens_are_refused_on_internal_endpoints(system):
+    ann, bob = await system.user("ann@example.com"), await system.user("bob@example.com")
+    link = {"referral_id": bob.id, "referrer_id": ann.id, "referral_email": bob.email, "code": "C0DE"}
+    for response in (
+        await system.referral.post(INTERNAL_LINK, json=link, headers=ann.headers),
+        await system.referral.get("/internal/v1/codes/whatever", headers=ann.headers),
+        await system.referral.get("/internal/v1/codes/whatever"),
+    ):
+        assert response.status == 401
+        assert response.content_type == "application/problem+json"
+
+
+async def test_service_token_without_the_scope_is_forbidden(system, signing_pem):
+    token = service_token(system, signing_pem, scope=("something:else",))
+    response = await system.referral.get("/internal/v1/codes/whatever", headers=auth_header(token))
+    assert response.status == 403
+    assert (await response.json())["code"] == "insufficient_scope"
+
+
+async def test_service_tokens_are_refused_on_user_endpoints(system, signing_pem):
+    headers = auth_header(service_token(system, signing_pem))
+    assert (await system.referral.get("/api/v1/referral/codes/me", headers=headers)).status == 401
+    # Even with the user audience, a subject that is not a user id is no user.
+    user_audience = service_token(system, signing_pem, audience=system.referral_settings.token_audience)
+    response = await system.referral.get("/api/v1/referral/codes/me", headers=auth_header(user_audience))
+    assert response.status == 401
