@@ -68,12 +68,18 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-@web.middleware
-async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Adopt or generate the request id, expose it to logging, echo it on the response."""
+def adopt_request_id(request: web.Request) -> str:
+    """The client's (or gateway's) request id when it is sane, else a new one; kept on the request."""
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else new_request_id()
     request[REQUEST_ID] = request_id
+    return request_id
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Adopt or generate the request id, expose it to logging, echo it on the response."""
+    request_id = adopt_request_id(request)
     token = request_id_var.set(request_id)
     try:
         response = await handler(request)

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp.test_utils import TestClient
+
+PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
+
+
+@dataclass
+class User:
+    """A signed-up user as the tests hold one: id, email and an access token."""
+
+    id: str
+    email: str
+    access_token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.access_token}"}
 
 
 async def signup(client: TestClient[Any, Any], email: str, password: str = "correct horse") -> dict[str, Any]:
@@ -20,3 +37,27 @@ async def password_login(client: TestClient[Any, Any], email: str, password: str
         "/api/v1/auth/token",
         data={"grant_type": "password", "username": email, "password": password},
     )
+
+
+async def assert_problem(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
+    """The response is problem+json with the RFC 9457 keys and the given status (and code)."""
+    text = await response.text()
+    assert response.status == status, text
+    assert response.content_type == "application/problem+json", response.headers
+    body = await response.json(content_type=None)
+    assert set(body) >= PROBLEM_KEYS, body
+    assert body["status"] == status
+    assert isinstance(body["type"], str) and body["type"]
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str)
+    assert re.fullmatch(r"[a-z][a-z0-9_]*", body["code"]), body["code"]
+    if code is not None:
+        assert body["code"] == code, body
+    if body["code"] == "validation_failed":
+        assert isinstance(body.get("errors"), dict) and body["errors"], body
+        for field, messages in body["errors"].items():
+            assert isinstance(field, str)
+            assert isinstance(messages, list) and messages
+            assert all(isinstance(m, str) for m in messages)
+    assert response.headers.get("X-Request-ID")
+    return dict(body)

@@ -14,7 +14,6 @@ import argparse
 import io
 import itertools
 import logging
-import re
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +29,8 @@ from shared.logs import (
     REQUEST_ID,
     REQUEST_ID_HEADER,
     JsonAccessLogger,
+    adopt_request_id,
     configure_logging,
-    new_request_id,
     request_id_var,
 )
 
@@ -44,7 +43,6 @@ DEFAULT_MAX_BODY = 1024 * 1024
 INTERNAL_PREFIX = "/internal"
 HEALTH_PATH = "/healthz"
 # The same rule as the services' request-id middleware (shared/logs.py).
-_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Hop-by-hop headers (RFC 9110 section 7.6.1) are the connection's, not the message's; Host is the
 # upstream's (aiohttp sets it); Content-Length is recomputed for the buffered request body; Expect is
 # answered by this server (the body is read before the upstream is asked).
@@ -172,9 +170,7 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
 
 @web.middleware
 async def _request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else new_request_id()
-    request[REQUEST_ID] = request_id
+    request_id = adopt_request_id(request)
     token = request_id_var.set(request_id)
     try:
         response = await handler(request)

@@ -9,35 +9,10 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import password_login, signup
+from tests.helpers import assert_problem, password_login, signup
 
 SIGNUP = "/api/v1/auth/signup"
-PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
-
-
-async def assert_problem(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
-    """The response is problem+json with the RFC 9457 keys and the given status (and code)."""
-    text = await response.text()
-    assert response.status == status, text
-    assert response.content_type == "application/problem+json", response.headers
-    body = await response.json(content_type=None)
-    assert set(body) >= PROBLEM_KEYS, body
-    assert body["status"] == status
-    assert isinstance(body["type"], str) and body["type"]
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str)
-    assert re.fullmatch(r"[a-z][a-z0-9_]*", body["code"]), body["code"]
-    if code is not None:
-        assert body["code"] == code, body
-    if status == 422:
-        assert isinstance(body.get("errors"), dict) and body["errors"], body
-        for field, messages in body["errors"].items():
-            assert isinstance(field, str)
-            assert isinstance(messages, list) and messages
-            assert all(isinstance(m, str) for m in messages)
-    assert response.headers.get("X-Request-ID")
-    return dict(body)
 
 
 def user_count(db: Any) -> int:

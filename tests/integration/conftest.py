@@ -28,6 +28,7 @@ from services.referral.settings import PREFIX as REFERRAL_PREFIX
 from services.referral.settings import ReferralSettings
 from shared.config import load_settings
 from shared.migrations import apply_migrations
+from tests.helpers import User
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERRAL_MIGRATIONS = ROOT / "services" / "referral" / "migrations"
@@ -66,17 +67,6 @@ class Hop:
             step, self.after_code_ok = self.after_code_ok, None
             await step(request.match_info["tail"])
         return web.Response(status=status, body=payload, headers={"Content-Type": content_type})
-
-
-@dataclass
-class User:
-    id: str
-    email: str
-    access_token: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.access_token}"}
 
 
 @dataclass

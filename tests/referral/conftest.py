@@ -15,21 +15,10 @@ from services.referral.app import create_app as create_referral_app
 from services.referral.settings import PREFIX as REFERRAL_PREFIX
 from services.referral.settings import ReferralSettings
 from shared.config import load_settings
-from tests.helpers import signup
+from tests.helpers import User, signup
 
 CODES = "/api/v1/referral/codes"
 REFERRALS = "/api/v1/referral/referrals"
-
-
-@dataclass
-class User:
-    id: str
-    email: str
-    access_token: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.access_token}"}
 
 
 @dataclass

@@ -14,29 +14,13 @@ from joserfc import jwt
 
 from services.auth.signing import parse_key_ring
 from services.referral.domain.codes import ALPHABET, LENGTH, generate_code
+from tests.helpers import assert_problem
 
 CODES = "/api/v1/referral/codes"
 MY_CODE = "/api/v1/referral/codes/me"
 REFERRALS = "/api/v1/referral/referrals"
-PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
 RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
 LOOK_ALIKES = set("0O1ILUV")
-
-
-async def assert_problem(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
-    """The response is problem+json with the RFC 9457 keys and the given status (and code)."""
-    text = await response.text()
-    assert response.status == status, text
-    assert response.content_type == "application/problem+json", response.headers
-    body = await response.json(content_type=None)
-    assert set(body) >= PROBLEM_KEYS, body
-    assert body["status"] == status
-    if code is not None:
-        assert body["code"] == code, body
-    if status == 422:
-        assert isinstance(body.get("errors"), dict) and body["errors"], body
-    assert response.headers.get("X-Request-ID")
-    return dict(body)
 
 
 def assert_rfc3339(value: Any) -> datetime:

@@ -12,24 +12,11 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import assert_problem
+
 CODES = "/api/v1/referral/codes"
 MY_CODE = "/api/v1/referral/codes/me"
-PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
 DOWN_REDIS = "redis://127.0.0.1:1/0"
-
-
-async def assert_problem(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
-    text = await response.text()
-    assert response.status == status, text
-    assert response.content_type == "application/problem+json", response.headers
-    body = await response.json(content_type=None)
-    assert set(body) >= PROBLEM_KEYS, body
-    assert body["status"] == status
-    if code is not None:
-        assert body["code"] == code, body
-    if status == 422:
-        assert isinstance(body.get("errors"), dict) and body["errors"], body
-    return dict(body)
 
 
 @pytest.fixture

@@ -7,15 +7,8 @@ import uuid
 
 import pytest
 
+from tests.helpers import assert_problem
 from tests.referral.conftest import REFERRALS
-
-
-async def assert_problem(response, status, code):
-    assert response.status == status, await response.text()
-    assert response.content_type == "application/problem+json"
-    body = await response.json()
-    assert body["code"] == code, body
-    return body
 
 
 async def code_of(system, user, code=None):
