@@ -6,13 +6,13 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
 
-from shared.config import SettingsError, load_settings
+from shared.config import SettingsError
 from shared.logs import JsonAccessLogger, configure_logging
 from shared.migrations import apply_migrations, rollback_migrations
 
@@ -22,8 +22,7 @@ S = TypeVar("S")
 def run_service_command(
     name: str,
     *,
-    settings_class: type[S],
-    prefix: str,
+    load: Callable[[Mapping[str, str]], S],
     create_app: Callable[[S], web.Application],
     schema: str,
     migrations: Path,
@@ -34,7 +33,7 @@ def run_service_command(
     parser.add_argument("command", choices=["serve", "migrate", "rollback"])
     args = parser.parse_args(argv)
     try:
-        settings: Any = load_settings(settings_class, prefix, os.environ)
+        settings: Any = load(os.environ)
     except SettingsError as error:
         print(f"{name}: configuration error: {error}", file=sys.stderr)
         return 2

@@ -25,13 +25,24 @@ class SettingsError(Exception):
 
 
 def setting(
-    default: Any = dataclasses.MISSING, *, env: str | None = None, secret: bool = False, doc: str = ""
+    default: Any = dataclasses.MISSING,
+    *,
+    env: str | None = None,
+    secret: bool = False,
+    sensitive: bool = False,
+    derived: bool = False,
+    doc: str = "",
 ) -> Any:
-    """Declare a settings field: its default, an exact variable name, and whether it is a secret."""
-    metadata = {"env": env, "secret": secret, "doc": doc}
+    """Declare a settings field: its default, an exact variable name, whether it is a secret.
+
+    `secret`: required outside dev mode. `secret` or `sensitive`: left out of the settings' repr,
+    so printing or logging the settings never shows a key, a password or a URL with credentials.
+    `derived`: not one variable; the service's own loader fills it (from several variables).
+    """
+    metadata = {"env": env, "secret": secret, "doc": doc, "derived": derived}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for sequence defaults")
-    return dataclasses.field(default=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata, repr=not (secret or sensitive))
 
 
 def variable_name(prefix: str, field: dataclasses.Field[Any]) -> str:
@@ -75,6 +86,8 @@ def load_settings(cls: type[T], prefix: str, environ: Mapping[str, str]) -> T:
     values: dict[str, Any] = {}
     problems: list[str] = []
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if field.metadata.get("derived"):
+            continue
         name = variable_name(prefix, field)
         raw = environ.get(name)
         if raw is None or (raw == "" and field.metadata.get("secret")):
@@ -96,6 +109,8 @@ def describe(cls: type[Any], prefix: str) -> list[tuple[str, str, str]]:
     """(variable, default, doc) for every field: used to check `.env.example` stays complete."""
     rows = []
     for field in dataclasses.fields(cls):
+        if field.metadata.get("derived"):
+            continue
         default = "" if field.default is dataclasses.MISSING else str(field.default)
         rows.append((variable_name(prefix, field), default, str(field.metadata.get("doc", ""))))
     return rows

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from shared.appkeys import DATABASE, HTTP_CLIENT, READINESS_CHECKS, REDIS, ReadinessCheck
 from shared.db import create_database
@@ -38,6 +40,9 @@ def redis_ctx(url: str, *, timeout: float) -> CleanupContext:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             health_check_interval=30,
+            # One immediate retry (a pooled connection Redis closed after a restart), no backoff:
+            # when Redis is down, callers fall back at once instead of waiting through retries.
+            retry=Retry(NoBackoff(), 1),
             retry_on_timeout=False,
         )
         app[REDIS] = client

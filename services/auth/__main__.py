@@ -7,7 +7,7 @@ from pathlib import Path
 
 from services.auth.app import create_app
 from services.auth.db.tables import SCHEMA
-from services.auth.settings import PREFIX, AuthSettings
+from services.auth.settings import load_auth_settings
 from shared.cli import run_service_command
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -16,8 +16,7 @@ if __name__ == "__main__":
     sys.exit(
         run_service_command(
             "auth",
-            settings_class=AuthSettings,
-            prefix=PREFIX,
+            load=load_auth_settings,
             create_app=create_app,
             schema=SCHEMA,
             migrations=MIGRATIONS,

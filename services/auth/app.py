@@ -13,14 +13,23 @@ from services.auth.api.handlers import add_routes
 from services.auth.api.schemas import OAuthErrorSchema
 from services.auth.appkeys import (
     AUTH_SERVICE,
+    EMAIL_VERIFIER,
+    ENRICHMENT_SCHEDULER,
     KEY_RING,
+    OAUTH_SERVICE,
     REFERRAL_RELAY,
     SETTINGS,
     TRUSTED_PROXIES,
 )
+from services.auth.db.identities import IdentityRepository
 from services.auth.db.repositories import ReferralOutboxRepository, RefreshTokenRepository, UserRepository
+from services.auth.domain.oauth import OAuthService
 from services.auth.domain.passwords import PasswordHasher
 from services.auth.domain.services import AuthService
+from services.auth.email_verification import CachedEmailVerifier, HunterEmailVerifier
+from services.auth.enrichment import ClearbitPersonEnricher, EnrichmentScheduler
+from services.auth.oauth.providers import create_provider
+from services.auth.oauth.state import OAuthStateStore
 from services.auth.outbox import Backoff, ReferralOutboxRelay
 from services.auth.referrals import ReferralClient, ServiceToken
 from services.auth.settings import API_PREFIX, AuthSettings
@@ -61,6 +70,57 @@ async def _referral_relay_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await relay.stop()
+
+
+def _email_verifier_ctx(settings: AuthSettings) -> CleanupContext:
+    """Hunter's verifier behind the Redis cache, when a key is configured; no check otherwise."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        if settings.hunter_api_key:
+            hunter = HunterEmailVerifier(
+                app[HTTP_CLIENT],
+                api_key=settings.hunter_api_key,
+                base_url=settings.hunter_base_url,
+                timeout=settings.hunter_timeout,
+                max_polls=settings.hunter_max_polls,
+                poll_interval=settings.hunter_poll_interval,
+            )
+            app[EMAIL_VERIFIER] = CachedEmailVerifier(
+                hunter, app[REDIS], prefix=settings.redis_prefix, ttl=settings.email_check_cache_ttl
+            )
+        yield
+
+    return ctx
+
+
+def _enrichment_ctx(settings: AuthSettings) -> CleanupContext:
+    """The enrichment scheduler, when a key is configured; at shutdown it drains, then cancels."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        if not settings.enrichment_api_key:
+            yield
+            return
+        enricher = ClearbitPersonEnricher(
+            app[HTTP_CLIENT],
+            api_key=settings.enrichment_api_key,
+            base_url=settings.enrichment_base_url,
+            timeout=settings.enrichment_timeout,
+            max_attempts=settings.enrichment_max_attempts,
+            retry_delay=settings.enrichment_retry_delay,
+        )
+        scheduler = EnrichmentScheduler(
+            enricher,
+            UserRepository(app[DATABASE]),
+            concurrency=settings.enrichment_concurrency,
+            shutdown_grace=settings.enrichment_shutdown_grace,
+        )
+        app[ENRICHMENT_SCHEDULER] = scheduler
+        try:
+            yield
+        finally:
+            await scheduler.close()
+
+    return ctx
 
 
 def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
@@ -114,11 +174,33 @@ def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
             referrals=referrals,
             referral_outbox=outbox,
             referral_relay=relay,
+            identities=IdentityRepository(database),
+            email_verifier=app.get(EMAIL_VERIFIER),
+            enrichment=app.get(ENRICHMENT_SCHEDULER),
         )
         try:
             yield
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
+
+    return ctx
+
+
+def _oauth_ctx(settings: AuthSettings) -> CleanupContext:
+    """Sign-in through the configured providers (none configured: every provider name is 404)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        auth = app[AUTH_SERVICE]
+        app[OAUTH_SERVICE] = OAuthService(
+            auth=auth,
+            providers={p.name: create_provider(p, app[HTTP_CLIENT]) for p in settings.oauth},
+            states=OAuthStateStore(app[REDIS], prefix=settings.redis_prefix, ttl=settings.oauth_state_ttl),
+            identities=auth.identities,
+            redirect_uri=lambda name: (
+                f"{settings.public_base_url.rstrip('/')}{API_PREFIX}/oauth/{name}/callback"
+            ),
+        )
+        yield
 
     return ctx
 
@@ -143,10 +225,13 @@ def create_app(settings: AuthSettings) -> web.Application:
         )
     )
     app.cleanup_ctx.append(redis_ctx(settings.redis_url, timeout=settings.redis_timeout))
-    app.cleanup_ctx.append(
-        http_client_ctx(timeout=settings.referral_timeout, user_agent="referral-system-auth")
-    )
+    # Each client bounds its own calls (referral service, Hunter, enrichment, providers); this is the net.
+    app.cleanup_ctx.append(http_client_ctx(timeout=30.0, user_agent="referral-system-auth"))
+    # Before the service that uses them; closed after it, and before the HTTP session and the pool.
+    app.cleanup_ctx.append(_email_verifier_ctx(settings))
+    app.cleanup_ctx.append(_enrichment_ctx(settings))
     app.cleanup_ctx.append(_auth_service_ctx(settings))
+    app.cleanup_ctx.append(_oauth_ctx(settings))
     app.cleanup_ctx.append(_referral_relay_ctx)
     add_routes(app)
     setup_openapi(

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from services.auth.domain.oauth import OAuthService
 from services.auth.domain.services import AuthService
+from services.auth.email_verification import EmailVerifier
+from services.auth.enrichment import EnrichmentScheduler
 from services.auth.outbox import ReferralOutboxRelay
 from services.auth.settings import AuthSettings
 from services.auth.signing import KeyRing
@@ -13,5 +16,9 @@ from shared.net import Network
 SETTINGS = web.AppKey("auth_settings", AuthSettings)
 KEY_RING = web.AppKey("auth_key_ring", KeyRing)
 AUTH_SERVICE = web.AppKey("auth_service", AuthService)
+OAUTH_SERVICE = web.AppKey("auth_oauth_service", OAuthService)
 TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple[Network, ...])
 REFERRAL_RELAY = web.AppKey("auth_referral_relay", ReferralOutboxRelay)
+# Present only when their vendor's API key is configured.
+EMAIL_VERIFIER = web.AppKey("auth_email_verifier", EmailVerifier)
+ENRICHMENT_SCHEDULER = web.AppKey("auth_enrichment_scheduler", EnrichmentScheduler)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
-from shared.config import DEV, SettingsError, setting
+from services.auth.oauth.config import OAuthProviderSettings, load_oauth_providers
+from shared.config import DEV, SettingsError, load_settings, setting
 
 PREFIX = "AUTH_"
 API_PREFIX = "/api/v1/auth"
@@ -18,11 +20,13 @@ class AuthSettings:
     env: str = setting("production", doc="dev or production; dev allows a generated signing key")
     host: str = setting("127.0.0.1", doc="address to listen on")
     port: int = setting(8081, doc="port to listen on")
-    database_url: str = setting(env="DATABASE_URL", doc="PostgreSQL URL (schema auth)")
-    redis_url: str = setting(env="REDIS_URL", doc="Redis URL")
+    database_url: str = setting(sensitive=True, env="DATABASE_URL", doc="PostgreSQL URL (schema auth)")
+    redis_url: str = setting(sensitive=True, env="REDIS_URL", doc="Redis URL")
     redis_prefix: str = setting("auth:", doc="prefix of every Redis key this service writes")
     public_base_url: str = setting("http://127.0.0.1:8080", doc="the gateway's public URL, for iss")
-    jwt_private_keys: str | None = setting(None, doc="PEM text: the signing key first, then older keys")
+    jwt_private_keys: str | None = setting(
+        None, sensitive=True, doc="PEM text: the signing key first, then older keys"
+    )
     jwt_private_keys_file: str | None = setting(None, doc="path of a PEM file, same content")
     token_audience: str = setting("referral-system", doc="aud of user access tokens")
     access_token_ttl: int = setting(900, doc="access token lifetime, seconds")
@@ -45,6 +49,27 @@ class AuthSettings:
     referral_timeout: float = setting(2.0, doc="seconds any call to the referral service may take")
     outbox_max_backoff: float = setting(60.0, doc="longest wait between two deliveries of one link, seconds")
     outbox_poll_interval: float = setting(1.0, doc="seconds between two looks at the referral outbox")
+    hunter_api_key: str | None = setting(
+        None, sensitive=True, doc="Hunter Email Verifier key; unset: no email check"
+    )
+    hunter_base_url: str = setting("https://api.hunter.io", doc="Hunter API base URL")
+    hunter_timeout: float = setting(3.0, doc="seconds one call to Hunter may take")
+    hunter_max_polls: int = setting(3, doc="most calls to Hunter per check while it answers 202")
+    hunter_poll_interval: float = setting(1.0, doc="seconds between two calls while Hunter answers 202")
+    email_check_cache_ttl: int = setting(7 * 24 * 3600, doc="seconds a verdict is cached per email; 0: none")
+    enrichment_api_key: str | None = setting(
+        None, sensitive=True, doc="Clearbit-compatible Person API key; unset: none"
+    )
+    enrichment_base_url: str = setting("https://person.clearbit.com", doc="Person API base URL")
+    enrichment_timeout: float = setting(5.0, doc="seconds one call to the Person API may take")
+    enrichment_max_attempts: int = setting(3, doc="most calls per user while the Person API answers 202")
+    enrichment_retry_delay: float = setting(2.0, doc="seconds between two calls while it answers 202")
+    enrichment_concurrency: int = setting(4, doc="enrichments running at once per process")
+    enrichment_shutdown_grace: float = setting(5.0, doc="seconds shutdown waits for enrichments in flight")
+    oauth_state_ttl: int = setting(600, doc="seconds a provider sign-in may take from authorize to callback")
+    oauth: tuple[OAuthProviderSettings, ...] = setting(
+        (), derived=True, doc="AUTH_OAUTH_PROVIDERS and AUTH_OAUTH_<NAME>_*"
+    )
     log_level: str = setting("INFO", doc="logging level")
 
     def __post_init__(self) -> None:
@@ -63,6 +88,30 @@ class AuthSettings:
                 f"{PREFIX}OUTBOX_POLL_INTERVAL must be 0..3600 seconds"
                 f" and {PREFIX}OUTBOX_MAX_BACKOFF 0.5..86400 seconds"
             )
+        if not 30 <= self.oauth_state_ttl <= 3600:
+            raise SettingsError(f"{PREFIX}OAUTH_STATE_TTL must be 30..3600 seconds")
+        self._check_vendors()
+
+    def _check_vendors(self) -> None:
+        for name, url in (("HUNTER", self.hunter_base_url), ("ENRICHMENT", self.enrichment_base_url)):
+            if not url.startswith(("http://", "https://")):
+                raise SettingsError(f"{PREFIX}{name}_BASE_URL must be an http(s) URL")
+        if not (0 < self.hunter_timeout <= 60 and 0 < self.enrichment_timeout <= 60):
+            raise SettingsError(
+                f"{PREFIX}HUNTER_TIMEOUT and {PREFIX}ENRICHMENT_TIMEOUT must be 0..60 seconds"
+            )
+        if not (1 <= self.hunter_max_polls <= 20 and 1 <= self.enrichment_max_attempts <= 20):
+            raise SettingsError(f"{PREFIX}HUNTER_MAX_POLLS and {PREFIX}ENRICHMENT_MAX_ATTEMPTS must be 1..20")
+        if not (0 <= self.hunter_poll_interval <= 60 and 0 <= self.enrichment_retry_delay <= 60):
+            raise SettingsError(
+                f"{PREFIX}HUNTER_POLL_INTERVAL and {PREFIX}ENRICHMENT_RETRY_DELAY must be 0..60 seconds"
+            )
+        if self.email_check_cache_ttl < 0:
+            raise SettingsError(f"{PREFIX}EMAIL_CHECK_CACHE_TTL must not be negative")
+        if not (1 <= self.enrichment_concurrency <= 256 and 0 <= self.enrichment_shutdown_grace <= 300):
+            raise SettingsError(
+                f"{PREFIX}ENRICHMENT_CONCURRENCY must be 1..256 and {PREFIX}ENRICHMENT_SHUTDOWN_GRACE 0..300"
+            )
 
     @property
     def issuer(self) -> str:
@@ -72,3 +121,8 @@ class AuthSettings:
     @property
     def is_dev(self) -> bool:
         return self.env == DEV
+
+
+def load_auth_settings(environ: Mapping[str, str]) -> AuthSettings:
+    """The auth service's settings: the `AUTH_*` variables and the sign-in providers they list."""
+    return replace(load_settings(AuthSettings, PREFIX, environ), oauth=load_oauth_providers(environ))

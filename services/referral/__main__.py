@@ -9,6 +9,7 @@ from services.referral.app import create_app
 from services.referral.db.tables import SCHEMA
 from services.referral.settings import PREFIX, ReferralSettings
 from shared.cli import run_service_command
+from shared.config import load_settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -16,8 +17,7 @@ if __name__ == "__main__":
     sys.exit(
         run_service_command(
             "referral",
-            settings_class=ReferralSettings,
-            prefix=PREFIX,
+            load=lambda environ: load_settings(ReferralSettings, PREFIX, environ),
             create_app=create_app,
             schema=SCHEMA,
             migrations=MIGRATIONS,

@@ -18,8 +18,8 @@ class ReferralSettings:
     env: str = setting("production", doc="dev or production")
     host: str = setting("127.0.0.1", doc="address to listen on")
     port: int = setting(8082, doc="port to listen on")
-    database_url: str = setting(env="DATABASE_URL", doc="PostgreSQL URL (schema referral)")
-    redis_url: str = setting(env="REDIS_URL", doc="Redis URL")
+    database_url: str = setting(sensitive=True, env="DATABASE_URL", doc="PostgreSQL URL (schema referral)")
+    redis_url: str = setting(sensitive=True, env="REDIS_URL", doc="Redis URL")
     redis_prefix: str = setting("referral:", doc="prefix of every Redis key this service writes")
     auth_jwks_url: str = setting(
         "http://127.0.0.1:8081/api/v1/auth/.well-known/jwks.json", doc="the auth service's JWKS"

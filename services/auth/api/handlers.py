@@ -5,22 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from aiohttp_apigami import docs, request_schema, response_schema
+from aiohttp_apigami import docs, match_info_schema, querystring_schema, request_schema, response_schema
 from multidict import MultiDictProxy
 
 from services.auth.api.schemas import (
+    AuthorizeQuerySchema,
+    CallbackQuerySchema,
     DiscoverySchema,
     JwksSchema,
     MeSchema,
     OAuthErrorSchema,
+    ProviderPathSchema,
     SignupRequestSchema,
     SignupResponseSchema,
     TokenResponseSchema,
     UserSchema,
 )
-from services.auth.appkeys import AUTH_SERVICE, KEY_RING, SETTINGS, TRUSTED_PROXIES
+from services.auth.appkeys import AUTH_SERVICE, KEY_RING, OAUTH_SERVICE, SETTINGS, TRUSTED_PROXIES
 from services.auth.domain.errors import invalid_request, unsupported_grant_type
-from services.auth.domain.models import TokenPair
+from services.auth.domain.models import Session, TokenPair
 from services.auth.settings import API_PREFIX
 from shared.appkeys import TOKEN_VERIFIER
 from shared.errors import NO_STORE
@@ -30,6 +33,7 @@ from shared.tokens import CLAIMS, bearer
 
 FORM = "application/x-www-form-urlencoded"
 TAG = ["auth"]
+OAUTH_TAG = "sign in with a provider"
 
 _user_schema = UserSchema()
 _me_schema = MeSchema()
@@ -97,7 +101,11 @@ def _token_response(tokens: TokenPair) -> web.Response:
         "unknown code answers 404 `code_not_found`, an expired or deleted one 410 `code_expired`, and "
         "when the referral service cannot be asked, 503 `referral_service_unavailable` with "
         "Retry-After; no user is created in those cases. A valid code makes its owner the new "
-        "user's `referrer_id`, and the referral is recorded with the referral service."
+        "user's `referrer_id`, and the referral is recorded with the referral service. When an email "
+        "verifier is configured, an address it judges invalid or disposable answers 422 "
+        "`email_undeliverable` and creates nothing; if the verifier cannot answer, the signup goes on "
+        "and its verdict (or `unchecked`) shows as `email_check` on `/me`. Profile enrichment, when "
+        "configured, runs after the answer and fills `profile` on `/me` later."
     ),
     responses=problem_responses(400, 404, 409, 410, 413, 415, 422, 503),
 )
@@ -106,6 +114,11 @@ def _token_response(tokens: TokenPair) -> web.Response:
 async def signup(request: web.Request) -> web.Response:
     data = request["data"]
     session = await request.app[AUTH_SERVICE].signup(data["email"], data["password"], data["referral_code"])
+    return _session_response(session, status=201)
+
+
+def _session_response(session: Session, *, status: int) -> web.Response:
+    """The body of signup and of a provider callback: the user and their tokens."""
     body = {
         "user": _user_schema.dump(session.user),
         "access_token": session.tokens.access_token,
@@ -113,7 +126,7 @@ async def signup(request: web.Request) -> web.Response:
         "token_type": session.tokens.token_type,
         "expires_in": session.tokens.expires_in,
     }
-    return web.json_response(body, status=201, headers=NO_STORE)
+    return web.json_response(body, status=status, headers=NO_STORE)
 
 
 @docs(
@@ -193,8 +206,56 @@ async def discovery(request: web.Request) -> web.Response:
         "grant_types_supported": ["password", "refresh_token"],
         "token_endpoint_auth_methods_supported": ["none"],
         "revocation_endpoint_auth_methods_supported": ["none"],
+        "sign_in_providers": [
+            {"name": p.name, "kind": p.kind, "authorization_endpoint": f"{issuer}/oauth/{p.name}/authorize"}
+            for p in request.app[SETTINGS].oauth
+        ],
     }
     return web.json_response(body, headers={"Cache-Control": "public, max-age=300"})
+
+
+@docs(
+    tags=[OAUTH_TAG],
+    summary="Sign up or in with an external provider: go to the provider",
+    description=(
+        "Redirects (302) to the provider's consent page with a random `state`, PKCE (S256) and, for "
+        "OpenID Connect, a `nonce`. A `referral_code` is carried through `state` and applied exactly "
+        "as in password signup if the sign-in creates the account. The flow must be completed within "
+        "`AUTH_OAUTH_STATE_TTL` seconds, once."
+    ),
+    responses={302: {"description": "To the provider"}, **problem_responses(404, 422, 503)},
+)
+@match_info_schema(ProviderPathSchema, put_into="path")
+@querystring_schema(AuthorizeQuerySchema)
+async def oauth_authorize(request: web.Request) -> web.Response:
+    url = await request.app[OAUTH_SERVICE].begin(
+        request["path"]["provider"], request["querystring"]["referral_code"]
+    )
+    return web.Response(status=302, headers={"Location": url, **NO_STORE})
+
+
+@docs(
+    tags=[OAUTH_TAG],
+    summary="Where the provider sends the user back: finish the sign-in",
+    description=(
+        "201 with the signup body for a new user, 200 for a returning one (or one whose existing "
+        "account was linked: only when the provider says the email is verified; otherwise 409 "
+        "`email_taken`). 400 `invalid_state` for a missing, unknown, expired or reused state; 400 "
+        "`oauth_failed` when the provider refused or failed (denied consent, code exchange error, "
+        "provider down, bad ID token). A referral code carried in the state answers like signup: 404 "
+        "`code_not_found`, 410 `code_expired`, 503. Nothing is created on any failure."
+    ),
+    responses=problem_responses(400, 404, 409, 410, 422, 503),
+)
+@match_info_schema(ProviderPathSchema, put_into="path")
+@querystring_schema(CallbackQuerySchema)
+@response_schema(SignupResponseSchema, 201, description="A new user, signed in")
+async def oauth_callback(request: web.Request) -> web.Response:
+    query = request["querystring"]
+    result = await request.app[OAUTH_SERVICE].finish(
+        request["path"]["provider"], code=query["code"], state=query["state"], error=query["error"]
+    )
+    return _session_response(result.session, status=201 if result.created else 200)
 
 
 def add_routes(app: web.Application) -> None:
@@ -205,3 +266,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{API_PREFIX}/me", me)
     app.router.add_get(f"{API_PREFIX}/.well-known/jwks.json", jwks)
     app.router.add_get(f"{API_PREFIX}/.well-known/openid-configuration", discovery)
+    app.router.add_get(f"{API_PREFIX}/oauth/{{provider}}/authorize", oauth_authorize)
+    app.router.add_get(f"{API_PREFIX}/oauth/{{provider}}/callback", oauth_callback)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import Schema, fields, validate
+from marshmallow import EXCLUDE, Schema, fields, validate
 
 from shared.schemas import TrimmedEmail
 
@@ -82,6 +82,36 @@ class JwksSchema(Schema):
     keys = fields.List(fields.Nested(JwkSchema), required=True)
 
 
+class ProviderPathSchema(Schema):
+    provider = fields.String(required=True, validate=validate.Length(min=1, max=32))
+
+
+class AuthorizeQuerySchema(Schema):
+    referral_code = fields.String(
+        load_default=None,
+        validate=validate.Length(min=1, max=64),
+        metadata={"description": "a referrer's code, applied if this sign-in creates the account"},
+    )
+
+
+class CallbackQuerySchema(Schema):
+    """What the provider appends to the redirect; other parameters (iss, scope, ...) are ignored."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    code = fields.String(load_default=None, validate=validate.Length(max=2048))
+    state = fields.String(load_default=None, validate=validate.Length(max=512))
+    error = fields.String(load_default=None, validate=validate.Length(max=256))
+    error_description = fields.String(load_default=None, validate=validate.Length(max=2048))
+
+
+class ProviderLinkSchema(Schema):
+    name = fields.String(required=True)
+    kind = fields.String(required=True, metadata={"description": "oidc or github"})
+    authorization_endpoint = fields.String(required=True)
+
+
 class DiscoverySchema(Schema):
     issuer = fields.String(required=True)
     jwks_uri = fields.String(required=True)
@@ -90,3 +120,8 @@ class DiscoverySchema(Schema):
     grant_types_supported = fields.List(fields.String(), required=True)
     token_endpoint_auth_methods_supported = fields.List(fields.String(), required=True)
     revocation_endpoint_auth_methods_supported = fields.List(fields.String(), required=True)
+    sign_in_providers = fields.List(
+        fields.Nested(ProviderLinkSchema),
+        required=True,
+        metadata={"description": "the external providers one can sign up or in with"},
+    )

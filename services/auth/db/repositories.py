@@ -33,6 +33,7 @@ _INSERT_USER = prepare(
         email=bindparam("email"),
         password_hash=bindparam("password_hash"),
         referrer_id=bindparam("referrer_id"),
+        email_check=bindparam("email_check"),
     )
     .returning(*_USER_COLUMNS)
 )
@@ -43,6 +44,9 @@ _CREDENTIALS_BY_EMAIL = prepare(
 _EMAIL_EXISTS = prepare(select(users.c.id).where(func.lower(users.c.email) == bindparam("email")))
 _SET_PASSWORD_HASH = prepare(
     update(users).where(users.c.id == bindparam("id")).values(password_hash=bindparam("password_hash"))
+)
+_SET_PROFILE = prepare(
+    update(users).where(users.c.id == bindparam("id")).values(profile=bindparam("profile"))
 )
 
 _INSERT_REFRESH = prepare(
@@ -181,9 +185,16 @@ class UserRepository:
         email: str,
         password_hash: str | None,
         referrer_id: uuid.UUID | None = None,
+        *,
+        email_check: Mapping[str, Any] | None = None,
     ) -> User:
         """Insert a user in the caller's transaction; EmailAlreadyUsed when the email is taken."""
-        params = {"email": email, "password_hash": password_hash, "referrer_id": referrer_id}
+        params = {
+            "email": email,
+            "password_hash": password_hash,
+            "referrer_id": referrer_id,
+            "email_check": dict(email_check) if email_check is not None else None,
+        }
         try:
             row = await conn.fetch_one(_INSERT_USER, params)
         except UniqueViolation as violation:
@@ -203,6 +214,10 @@ class UserRepository:
 
     async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> None:
         await self._db.execute(_SET_PASSWORD_HASH, {"id": user_id, "password_hash": password_hash})
+
+    async def set_profile(self, user_id: uuid.UUID, profile: Mapping[str, Any]) -> bool:
+        """Store the enriched profile; False when the user no longer exists."""
+        return await self._db.execute(_SET_PROFILE, {"id": user_id, "profile": dict(profile)}) > 0
 
 
 class RefreshTokenRepository:

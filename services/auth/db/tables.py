@@ -83,3 +83,16 @@ Index(
     referral_outbox_table.c.next_attempt_at,
     postgresql_where=text("delivered_at IS NULL AND failed_at IS NULL"),
 )
+
+identities_table = Table(
+    "identities",
+    metadata,
+    Column("provider", Text, primary_key=True),
+    Column("subject", Text, primary_key=True),
+    Column("user_id", Uuid, ForeignKey("auth.users.id", ondelete="CASCADE"), nullable=False),
+    Column("email", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("char_length(subject) BETWEEN 1 AND 255", name="identities_subject_length"),
+    CheckConstraint("char_length(email) BETWEEN 3 AND 254", name="identities_email_length"),
+)
+Index("identities_user_idx", identities_table.c.user_id)

@@ -11,6 +11,16 @@ class EmailTaken(Problem):
     title = "An account with this email already exists"
 
 
+class EmailUndeliverable(Problem):
+    status = 422
+    code = "email_undeliverable"
+    title = "The email address cannot receive mail"
+
+    def __init__(self, detail: str | None = None) -> None:
+        detail = detail or "The email verifier says this address is invalid or disposable."
+        super().__init__(detail, errors={"email": [detail]})
+
+
 class ReferralCodeNotFound(Problem):
     status = 404
     code = "code_not_found"
@@ -30,6 +40,33 @@ class ReferralServiceUnavailable(Problem):
 
     def __init__(self, detail: str | None = None, *, retry_after: int = 5) -> None:
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
+class UnknownProvider(Problem):
+    status = 404
+    code = "unknown_provider"
+    title = "No such sign-in provider"
+
+
+class InvalidState(Problem):
+    status = 400
+    code = "invalid_state"
+    title = "The sign-in flow is unknown, expired or already used; start again"
+
+
+class OAuthFailed(Problem):
+    status = 400
+    code = "oauth_failed"
+    title = "The sign-in with the provider failed; nothing was created"
+
+
+class SignInUnavailable(Problem):
+    status = 503
+    code = "sign_in_unavailable"
+    title = "Provider sign-in is unavailable right now; retry shortly"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"Retry-After": "5"})
 
 
 class UserGone(Problem):

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+# The email verifier's statuses that refuse a signup; every other status is accepted.
+UNDELIVERABLE_STATUSES = frozenset({"invalid", "disposable"})
+UNCHECKED = "unchecked"
+
 
 @dataclass(frozen=True, slots=True)
 class User:
@@ -69,3 +73,52 @@ class PendingLink:
 
     link: ReferralLink
     attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class EmailCheck:
+    """An email verifier's verdict on an address, stored on the user as `email_check`.
+
+    `status` is the verifier's (valid, invalid, accept_all, webmail, disposable, unknown) or
+    `unchecked` when it could not say, with a short `reason` (timeout, rate_limited, ...).
+    """
+
+    status: str
+    source: str
+    checked_at: datetime
+    score: int | None = None
+    reason: str | None = None
+
+    @property
+    def undeliverable(self) -> bool:
+        return self.status in UNDELIVERABLE_STATUSES
+
+    @property
+    def checked(self) -> bool:
+        return self.status != UNCHECKED
+
+    def as_record(self) -> dict[str, Any]:
+        """The JSON stored on the user and in the cache: no key for what does not apply."""
+        record: dict[str, Any] = {"status": self.status}
+        if self.checked:
+            record["score"] = self.score
+        else:
+            record["reason"] = self.reason
+        record["source"] = self.source
+        record["checked_at"] = self.checked_at.isoformat()
+        return record
+
+    @classmethod
+    def from_record(cls, record: Any) -> EmailCheck:
+        """Read back what `as_record` wrote; ValueError when it is not such a record."""
+        try:
+            score = record.get("score")
+            return cls(
+                status=str(record["status"]),
+                source=str(record["source"]),
+                checked_at=datetime.fromisoformat(str(record["checked_at"])),
+                score=score if isinstance(score, int) and not isinstance(score, bool) else None,
+                reason=record.get("reason"),
+            )
+        except (AttributeError, KeyError, TypeError) as error:
+            raise ValueError(f"not an email check record: {type(error).__name__}") from None

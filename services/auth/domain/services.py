@@ -8,7 +8,9 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
+from services.auth.db.identities import IdentityRepository
 from services.auth.db.repositories import (
     EmailAlreadyUsed,
     ReferralOutboxRepository,
@@ -19,6 +21,7 @@ from services.auth.db.repositories import (
 )
 from services.auth.domain.errors import (
     EmailTaken,
+    EmailUndeliverable,
     ReferralCodeExpired,
     ReferralCodeNotFound,
     ReferralServiceUnavailable,
@@ -28,6 +31,8 @@ from services.auth.domain.errors import (
 )
 from services.auth.domain.models import PendingLink, ReferralCode, ReferralLink, Session, TokenPair, User
 from services.auth.domain.passwords import PasswordHasher
+from services.auth.email_verification import EmailVerifier
+from services.auth.enrichment import EnrichmentScheduler
 from services.auth.outbox import ReferralOutboxRelay
 from services.auth.referrals import InactiveCode, ReferralClient, ReferralServiceError, UnknownCode
 from services.auth.signing import AccessTokenIssuer
@@ -59,6 +64,10 @@ class AuthService:
     referrals: ReferralClient
     referral_outbox: ReferralOutboxRepository
     referral_relay: ReferralOutboxRelay
+    identities: IdentityRepository
+    # Optional vendors: None when their API key is not configured.
+    email_verifier: EmailVerifier | None = None
+    enrichment: EnrichmentScheduler | None = None
 
     async def _new_refresh_token(
         self, conn: Connection, user_id: uuid.UUID, family_id: uuid.UUID, parent_id: uuid.UUID | None
@@ -78,7 +87,8 @@ class AuthService:
         access = self.issuer.issue(user_id, email=email)
         return TokenPair(access.token, refresh_token, access.expires_in)
 
-    async def _check_referral_code(self, code: str) -> ReferralCode:
+    async def check_referral_code(self, code: str) -> ReferralCode:
+        """The code as the referral service vouches for it: 404, 410, or 503 when it cannot say."""
         try:
             return await self.referrals.check_code(code)
         except UnknownCode:
@@ -91,21 +101,62 @@ class AuthService:
                 "The referral service did not answer; nothing was created, retry shortly."
             ) from None
 
+    async def check_email(self, email: str) -> dict[str, Any] | None:
+        """The verifier's verdict to store as the user's `email_check`; None when no verifier is set.
+
+        Raises EmailUndeliverable (422) for an invalid or disposable address. Anything else,
+        including a verifier that could not answer (`unchecked`), lets the signup proceed.
+        """
+        if self.email_verifier is None:
+            return None
+        check = await self.email_verifier.verify(email)
+        if check.undeliverable:
+            log.info("signup refused: undeliverable email", extra={"email_status": check.status})
+            raise EmailUndeliverable()
+        return check.as_record()
+
+    def enrich_later(self, user: User) -> None:
+        """Start the user's profile enrichment in the background (after the commit); never waits."""
+        if self.enrichment is not None:
+            self.enrichment.schedule(user.id, user.email)
+
     async def signup(self, email: str, password: str, referral_code: str | None) -> Session:
         """Create a user with a password and sign them in; with a code, link them to its owner.
 
         The code is checked before anything is written (404, 410, or 503 when it cannot be checked).
-        The user, their refresh token and the link to deliver are one transaction; the link is then
-        delivered at once, and by the outbox relay if that fails: the signup does not depend on it.
+        The email verifier (when configured) is asked after the cheap checks and before the costly
+        hash; an undeliverable address is 422 and creates nothing.
         """
         if await self.users.email_exists(email):
             raise EmailTaken()
-        code = await self._check_referral_code(referral_code) if referral_code is not None else None
+        code = await self.check_referral_code(referral_code) if referral_code is not None else None
+        email_check = await self.check_email(email)
         password_hash = await self.hasher.hash(password)
+        return await self.register(email, password_hash=password_hash, code=code, email_check=email_check)
+
+    async def register(
+        self,
+        email: str,
+        *,
+        password_hash: str | None,
+        code: ReferralCode | None,
+        email_check: dict[str, Any] | None,
+        identity: tuple[str, str] | None = None,
+    ) -> Session:
+        """Write a new user and sign them in: password and provider signups end here.
+
+        The user, their provider identity (if any), their first refresh token and the referral link
+        to deliver are one transaction; the link is then delivered at once, and by the outbox relay
+        if that fails: the signup does not depend on it. Enrichment starts after the commit.
+        """
         pending: PendingLink | None = None
         try:
             async with self.database.transaction() as conn:
-                user = await self.users.add(conn, email, password_hash, code.owner_id if code else None)
+                user = await self.users.add(
+                    conn, email, password_hash, code.owner_id if code else None, email_check=email_check
+                )
+                if identity is not None:
+                    await self.identities.add(conn, identity[0], identity[1], user.id, user.email)
                 refresh = await self._new_refresh_token(conn, user.id, uuid.uuid4(), None)
                 if code is not None:
                     link = ReferralLink(user.id, code.owner_id, user.email, code.code)
@@ -114,10 +165,26 @@ class AuthService:
             raise EmailTaken() from None
         log.info(
             "user signed up",
-            extra={"user_id": str(user.id), "referrer_id": str(code.owner_id) if code else None},
+            extra={
+                "user_id": str(user.id),
+                "referrer_id": str(code.owner_id) if code else None,
+                "provider": identity[0] if identity else None,
+            },
         )
+        self.enrich_later(user)
         if pending is not None:
             await self.referral_relay.deliver_now(pending)
+        return Session(user, self._pair(user.id, user.email, refresh))
+
+    async def sign_in(self, user: User, *, link_identity: tuple[str, str] | None = None) -> Session:
+        """A new login (a refresh-token family of its own) for an existing user.
+
+        With `link_identity`, the provider identity is attached to the user in the same transaction.
+        """
+        async with self.database.transaction() as conn:
+            if link_identity is not None:
+                await self.identities.add(conn, link_identity[0], link_identity[1], user.id, user.email)
+            refresh = await self._new_refresh_token(conn, user.id, uuid.uuid4(), None)
         return Session(user, self._pair(user.id, user.email, refresh))
 
     async def password_grant(self, username: str, password: str, client_address: str) -> TokenPair:
@@ -137,9 +204,7 @@ class AuthService:
         user = credentials.user
         if self.hasher.needs_rehash(credentials.password_hash):
             await self.users.set_password_hash(user.id, await self.hasher.hash(password))
-        async with self.database.transaction() as conn:
-            refresh = await self._new_refresh_token(conn, user.id, uuid.uuid4(), None)
-        return self._pair(user.id, user.email, refresh)
+        return (await self.sign_in(user)).tokens
 
     async def refresh_grant(self, refresh_token: str) -> TokenPair:
         """RFC 6749 section 6 with rotation; a rotated token presented again revokes its family."""
