@@ -168,6 +168,7 @@ def setup_openapi(
     title: str,
     version: str,
     description: str,
+    token_url: str,
     components: Mapping[str, Any] | None = None,
     schemas: Mapping[str, type[ma.Schema]] | None = None,
 ) -> None:
@@ -195,11 +196,18 @@ def setup_openapi(
     app[APISPEC_PARSER] = ProblemParser()
     app.middlewares.append(validation_middleware)
 
+    # Bearer tokens, which Swagger UI's Authorize button can fetch with the OAuth2 password flow.
+    security = {
+        "securitySchemes": {
+            "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            "oauth2": {"type": "oauth2", "flows": {"password": {"tokenUrl": token_url, "scopes": {}}}},
+        }
+    }
+
     async def finish_spec(app_: web.Application) -> None:
         spec = _clean(app_[SWAGGER_DICT])
-        if components:
-            for section, entries in components.items():
-                spec.setdefault("components", {}).setdefault(section, {}).update(entries)
+        for section, entries in [*security.items(), *(components or {}).items()]:
+            spec.setdefault("components", {}).setdefault(section, {}).update(entries)
 
     app.on_startup.append(finish_spec)
 

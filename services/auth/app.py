@@ -50,18 +50,6 @@ Errors are `application/problem+json` (RFC 9457) with a stable `code`, except on
 (email as username) to call the secured endpoints from this page."""
 
 
-def _security_schemes(settings: AuthSettings) -> dict[str, dict[str, object]]:
-    return {
-        "securitySchemes": {
-            "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
-            "oauth2": {
-                "type": "oauth2",
-                "flows": {"password": {"tokenUrl": f"{API_PREFIX}/token", "scopes": {}}},
-            },
-        }
-    }
-
-
 async def _referral_relay_ctx(app: web.Application) -> AsyncIterator[None]:
     """Run the outbox relay while the app runs; at shutdown let a delivery in flight finish."""
     relay = app[REFERRAL_RELAY]
@@ -240,7 +228,7 @@ def create_app(settings: AuthSettings) -> web.Application:
         title="Auth service",
         version="1.0.0",
         description=DESCRIPTION,
-        components=_security_schemes(settings),
+        token_url=f"{API_PREFIX}/token",
         schemas={"OAuthError": OAuthErrorSchema},
     )
     return app

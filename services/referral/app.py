@@ -98,14 +98,6 @@ def create_app(settings: ReferralSettings) -> web.Application:
         title="Referral service",
         version="1.0.0",
         description=DESCRIPTION,
-        components={
-            "securitySchemes": {
-                "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
-                "oauth2": {
-                    "type": "oauth2",
-                    "flows": {"password": {"tokenUrl": AUTH_TOKEN_URL, "scopes": {}}},
-                },
-            }
-        },
+        token_url=AUTH_TOKEN_URL,
     )
     return app
