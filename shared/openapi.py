@@ -9,10 +9,12 @@ turns webargs' errors into problem+json: 415 for a body that is not JSON, 400 fo
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from collections.abc import Mapping
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, NoReturn
 
 import marshmallow as ma
@@ -53,6 +55,15 @@ def problem_responses(*statuses: int) -> dict[int, dict[str, Any]]:
 
 
 _SWAGGER2_OPERATION_KEYS = ("produces", "consumes")
+_REDOC_CDN_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
+
+
+@functools.cache
+def _redoc_bundle() -> str:
+    """ReDoc's standalone script from the installed package, read once per process."""
+    return (Path(openapi_ui_bundles.redoc.static_path) / "redoc.standalone.js").read_text(encoding="utf-8")
+
+
 _MAX_JSON_DEPTH = 32
 
 
@@ -142,9 +153,14 @@ class ProblemParser(AIOHTTPParser):
         raise ValidationProblem("One or more fields are not valid.", errors=_flatten(error.messages))
 
 
-def _clean(spec: dict[str, Any]) -> dict[str, Any]:
-    """Strip Swagger-2 leftovers; every body this system takes is required."""
-    for path_item in spec.get("paths", {}).values():
+def _clean(spec: dict[str, Any], hidden_prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """Strip Swagger-2 leftovers, the HEAD twins aiohttp adds to every GET, and service-to-service
+    paths the gateway does not serve; every body this system takes is required."""
+    paths = spec.get("paths", {})
+    for path in [p for p in paths if p.startswith(hidden_prefixes)]:
+        del paths[path]
+    for path_item in paths.values():
+        path_item.pop("head", None)
         for operation in path_item.values():
             if isinstance(operation, dict):
                 for key in _SWAGGER2_OPERATION_KEYS:
@@ -156,6 +172,7 @@ def _clean(spec: dict[str, Any]) -> dict[str, Any]:
 
 _REDOC_PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{title}</title>
+<link rel="icon" href="data:,">
 <meta name="viewport" content="width=device-width, initial-scale=1"></head>
 <body><redoc spec-url="{spec_url}"></redoc><script src="{script}"></script></body></html>
 """
@@ -169,6 +186,7 @@ def setup_openapi(
     version: str,
     description: str,
     token_url: str,
+    hidden_prefixes: tuple[str, ...] = ("/internal/",),
     components: Mapping[str, Any] | None = None,
     schemas: Mapping[str, type[ma.Schema]] | None = None,
 ) -> None:
@@ -205,7 +223,7 @@ def setup_openapi(
     }
 
     async def finish_spec(app_: web.Application) -> None:
-        spec = _clean(app_[SWAGGER_DICT])
+        spec = _clean(app_[SWAGGER_DICT], hidden_prefixes)
         for section, entries in [*security.items(), *(components or {}).items()]:
             spec.setdefault("components", {}).setdefault(section, {}).update(entries)
 
@@ -218,5 +236,16 @@ def setup_openapi(
     async def redoc(_: web.Request) -> web.Response:
         return web.Response(text=redoc_page, content_type="text/html")
 
+    # The bundle draws its logo from Redocly's CDN; the same logo ships beside it, so point there.
+    redoc_script = _redoc_bundle().replace(_REDOC_CDN_LOGO, f"{prefix}/static/redoc/logo-mini.svg")
+
+    async def redoc_bundle(_: web.Request) -> web.Response:
+        return web.Response(
+            text=redoc_script,
+            content_type="application/javascript",
+            headers={"Cache-Control": "public, max-age=86400"},
+        )
+
     app.router.add_get(f"{prefix}/redoc", redoc)
+    app.router.add_get(f"{prefix}/static/redoc/redoc.standalone.js", redoc_bundle)
     app.router.add_static(f"{prefix}/static/redoc", openapi_ui_bundles.redoc.static_path)

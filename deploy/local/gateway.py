@@ -260,10 +260,10 @@ def upstream_headers(request: web.Request) -> CIMultiDict[str]:
     """The headers sent upstream: the client's end-to-end ones plus request id and X-Forwarded-*."""
     headers = _end_to_end(request.headers, _NOT_FORWARDED)
     headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
-    forwarded_for = ", ".join(headers.getall(hdrs.X_FORWARDED_FOR, []))
-    hops = [hop for hop in (forwarded_for, request.remote) if hop]
-    if hops:
-        headers[hdrs.X_FORWARDED_FOR] = ", ".join(hops)
+    # The gateway is the edge: the peer only, never a chain the client made up (as nginx does).
+    headers.popall(hdrs.X_FORWARDED_FOR, None)
+    if request.remote:
+        headers[hdrs.X_FORWARDED_FOR] = request.remote
     headers[hdrs.X_FORWARDED_PROTO] = "http"
     return headers
 

@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,14 +19,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 from urllib.parse import urlsplit
 
 from deploy.local.embedded import EmbeddedServerError, start_postgres, start_redis
+from deploy.nginx.render import GatewayConfig, NginxConfigError, check_config, nginx_command, write_runtime
 from services.auth.signing import generate_pem
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO_ROOT / ".data"
 SIGNING_KEY_FILE = DATA_DIR / "dev" / "jwt-signing-key.pem"
+GATEWAY_DIR = DATA_DIR / "gateway"  # nginx's rendered configuration, pid and temporary files
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8080  # the gateway's; PORT overrides it
 AUTH_PORT = 8081
@@ -35,7 +39,12 @@ REFERRAL_API = "/api/v1/referral"
 HEALTH_TIMEOUT = 30.0
 STOP_GRACE = 10.0
 POLL_INTERVAL = 0.2
+# Both gateways set X-Forwarded-For to their peer, so the services believe the gateway (on loopback).
+TRUSTED_PROXIES = HOST
 _PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+GatewayKind = Literal["nginx", "python"]
+NGINX_INSTALL_HINT = "install it (Debian/Ubuntu: apt-get install nginx-light; macOS: brew install nginx)"
 
 
 def say(message: str) -> None:
@@ -109,6 +118,9 @@ class Supervisor:
                 say(f"{service.name} did not stop within {self.grace:.0f} s; killing it.")
                 _signal_group(process, signal.SIGKILL)
                 process.wait()
+            # Whatever the child left in its group (an nginx worker whose master died, say) goes too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
         self._running.clear()
 
 
@@ -182,6 +194,7 @@ def auth_env(
             "REDIS_URL": redis_url,
             "AUTH_JWT_PRIVATE_KEYS_FILE": str(signing_key),
             "AUTH_REFERRAL_SERVICE_URL": base_url(REFERRAL_PORT),
+            "AUTH_TRUSTED_PROXIES": TRUSTED_PROXIES,
         }
     )
     env.setdefault("AUTH_PUBLIC_BASE_URL", base_url(gateway_port))
@@ -203,6 +216,7 @@ def referral_env(
             "REFERRAL_AUTH_JWKS_URL": f"{base_url(AUTH_PORT)}{AUTH_API}/.well-known/jwks.json",
             # The same value as the auth service's `iss` (AuthSettings.issuer).
             "REFERRAL_AUTH_ISSUER": auth_public_base_url.rstrip("/") + AUTH_API,
+            "REFERRAL_TRUSTED_PROXIES": TRUSTED_PROXIES,
         }
     )
     return env
@@ -216,21 +230,62 @@ def migrations(auth: Mapping[str, str], referral: Mapping[str, str]) -> list[Ser
     ]
 
 
-def gateway(environ: Mapping[str, str], port: int) -> Service:
-    """The gateway on `port`: /api/v1/auth to the auth service, /api/v1/referral to the referral service."""
-    # Where nginx goes: when nginx is installed, render its configuration (the same routes, /internal/
-    # refused) and return a Service running it in the foreground instead of the Python gateway.
+def gateway_kind(environ: Mapping[str, str]) -> GatewayKind:
+    """`GATEWAY` (`nginx` or `python`) when set, else nginx when it is installed, else the Python one."""
+    wanted = environ.get("GATEWAY", "").strip().lower()
+    if wanted not in ("", "nginx", "python"):
+        raise SystemExit(f"GATEWAY must be nginx or python, got {wanted!r}")
+    found = shutil.which("nginx", path=environ.get("PATH", os.defpath)) is not None
+    if wanted == "nginx" and not found:
+        raise SystemExit(
+            f"GATEWAY=nginx, but nginx is not on PATH: {NGINX_INSTALL_HINT}, or set GATEWAY=python"
+        )
+    if wanted == "python" or not found:
+        return "python"
+    return "nginx"
+
+
+def gateway_config(port: int) -> GatewayConfig:
+    """The nginx gateway of `make run`: on 127.0.0.1:port, in front of the two local services."""
+    return GatewayConfig(
+        auth_upstreams=(f"{HOST}:{AUTH_PORT}",),
+        referral_upstreams=(f"{HOST}:{REFERRAL_PORT}",),
+        listen=f"{HOST}:{port}",
+    )
+
+
+def prepare_nginx(port: int, runtime_dir: Path = GATEWAY_DIR) -> Path:
+    """Render nginx.conf into `runtime_dir`, have nginx check it (NginxConfigError if refused); its path."""
+    conf = write_runtime(gateway_config(port), runtime_dir)
+    check_config(conf)
+    return conf
+
+
+def gateway(
+    environ: Mapping[str, str], port: int, kind: GatewayKind = "python", runtime_dir: Path = GATEWAY_DIR
+) -> Service:
+    """The gateway on `port`: /api/v1/auth to the auth service, /api/v1/referral to the referral service.
+
+    nginx runs in the foreground on the configuration `prepare_nginx` wrote into `runtime_dir`; the
+    Python gateway (deploy/local/gateway.py) serves the same layout where nginx is not installed.
+    """
+    health_url = f"{base_url(port)}/healthz"
+    if kind == "nginx":
+        conf = runtime_dir.resolve() / "nginx.conf"
+        return Service("gateway", tuple(nginx_command(conf)), dict(environ), health_url)
     routes = ((AUTH_API, AUTH_PORT), (REFERRAL_API, REFERRAL_PORT))
     arguments = ["--host", HOST, "--port", str(port)]
     for prefix, upstream_port in routes:
         arguments += ["--route", f"{prefix}={base_url(upstream_port)}"]
-    return Service.python(
-        "gateway", "deploy.local.gateway", *arguments, env=environ, health_url=f"{base_url(port)}/healthz"
-    )
+    return Service.python("gateway", "deploy.local.gateway", *arguments, env=environ, health_url=health_url)
 
 
 def services(
-    environ: Mapping[str, str], auth: Mapping[str, str], referral: Mapping[str, str], port: int
+    environ: Mapping[str, str],
+    auth: Mapping[str, str],
+    referral: Mapping[str, str],
+    port: int,
+    kind: GatewayKind = "python",
 ) -> list[Service]:
     """Everything `make run` starts, in start order: the two services, then the gateway on `port`."""
     auth_health = f"{base_url(AUTH_PORT)}/healthz"
@@ -238,7 +293,7 @@ def services(
     return [
         Service.python("auth", "services.auth", "serve", env=auth, health_url=auth_health),
         Service.python("referral", "services.referral", "serve", env=referral, health_url=referral_health),
-        gateway(environ, port),
+        gateway(environ, port, kind),
     ]
 
 
@@ -334,9 +389,15 @@ def migrate(steps: Sequence[Service], stop: StopRequest) -> int | None:
     return None
 
 
-def banner(port: int) -> str:
+GATEWAY_NAMES: dict[GatewayKind, str] = {
+    "nginx": "nginx",
+    "python": "the Python dev gateway (nginx not found or GATEWAY=python)",
+}
+
+
+def banner(port: int, kind: GatewayKind = "python") -> str:
     """What the developer reads once everything is up: each API and its docs, through the gateway."""
-    lines = [f"Serving on {base_url(port)}:"]
+    lines = [f"Serving on {base_url(port)} through {GATEWAY_NAMES[kind]}:"]
     for name, prefix in (("auth", AUTH_API), ("referral", REFERRAL_API)):
         api = f"{base_url(port)}{prefix}/"
         lines.append(f"  {name + ' API':<13} {api} (docs: {api}docs)")
@@ -344,14 +405,16 @@ def banner(port: int) -> str:
     return "\n".join(lines)
 
 
-def supervise(supervisor: Supervisor, planned: list[Service], port: int, stop: StopRequest) -> int:
+def supervise(
+    supervisor: Supervisor, planned: list[Service], port: int, stop: StopRequest, kind: GatewayKind = "python"
+) -> int:
     """Start the services, wait until they are healthy, then until a stop request or a child exits."""
     for service in planned:
         supervisor.start(service)
     outcome = wait_until_healthy(supervisor, planned, stop)
     if outcome is not None:
         return outcome
-    say(banner(port))
+    say(banner(port, kind))
     while not stop.wait(POLL_INTERVAL):
         if (gone := supervisor.exited()) is not None:
             service, code = gone
@@ -372,6 +435,16 @@ def run(stop: StopRequest) -> int:
         noun = "Port" if len(busy) == 1 else "Ports"
         say(f"{noun} {listed} on {HOST} already in use; stop whatever uses them{hint}.")
         return 1
+    kind = gateway_kind(environ)
+    if kind == "nginx":
+        try:
+            conf = prepare_nginx(port)
+        except NginxConfigError as error:
+            say(f"nginx refused the gateway's configuration (GATEWAY=python runs the Python one):\n{error}")
+            return 1
+        say(f"Gateway: nginx, configuration {conf}")
+    else:
+        say("Gateway: the Python dev gateway (deploy/local/gateway.py)")
     with contextlib.ExitStack() as stack:  # unwinds in reverse: services first, then embedded servers
         try:
             database_url, redis_url = backing_stores(stack, environ)
@@ -402,7 +475,7 @@ def run(stop: StopRequest) -> int:
             return failed
         supervisor = Supervisor()
         stack.callback(supervisor.stop)
-        return supervise(supervisor, services(environ, auth, referral, port), port, stop)
+        return supervise(supervisor, services(environ, auth, referral, port, kind), port, stop, kind)
 
 
 def main() -> int:

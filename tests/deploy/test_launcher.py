@@ -9,6 +9,7 @@ import pytest
 
 from deploy.local import run
 from deploy.local.gateway import parse_args
+from deploy.nginx.render import nginx_command
 
 KEY = Path("/keys/dev.pem")
 DB = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -46,6 +47,7 @@ def test_auth_env() -> None:
     assert auth["AUTH_JWT_PRIVATE_KEYS_FILE"] == str(KEY)
     assert auth["AUTH_REFERRAL_SERVICE_URL"] == "http://127.0.0.1:8082"
     assert auth["AUTH_PUBLIC_BASE_URL"] == "http://127.0.0.1:8080"
+    assert auth["AUTH_TRUSTED_PROXIES"] == "127.0.0.1"  # the gateway, which sets X-Forwarded-For
     assert not any(name.startswith("REFERRAL_") for name in auth)
 
 
@@ -59,6 +61,7 @@ def test_referral_env() -> None:
     assert referral["REDIS_URL"] == REDIS
     assert referral["REFERRAL_AUTH_JWKS_URL"] == "http://127.0.0.1:8081/api/v1/auth/.well-known/jwks.json"
     assert referral["REFERRAL_AUTH_ISSUER"] == "http://127.0.0.1:8080/api/v1/auth"
+    assert referral["REFERRAL_TRUSTED_PROXIES"] == "127.0.0.1"
     assert not any(name.startswith("AUTH_") for name in referral)
 
 
@@ -95,10 +98,22 @@ def test_migrations_run_auth_then_referral() -> None:
     assert steps[1].env == referral
 
 
+def test_the_services_trust_the_gateway() -> None:
+    from services.auth.settings import PREFIX as AUTH_PREFIX
+    from services.auth.settings import AuthSettings
+    from services.referral.settings import PREFIX as REFERRAL_PREFIX
+    from services.referral.settings import ReferralSettings
+    from shared.config import load_settings
+
+    auth, referral = envs({})
+    assert load_settings(AuthSettings, AUTH_PREFIX, auth).trusted_proxies == ("127.0.0.1",)
+    assert load_settings(ReferralSettings, REFERRAL_PREFIX, referral).trusted_proxies == ("127.0.0.1",)
+
+
 def test_services() -> None:
     launcher = {"HOME": "/home/dev"}
     auth, referral = envs(launcher, port=9000)
-    planned = run.services(launcher, auth, referral, 9000)
+    planned = run.services(launcher, auth, referral, 9000, "python")
     by_name = {service.name: service for service in planned}
     assert list(by_name) == ["auth", "referral", "gateway"]
 
@@ -120,6 +135,72 @@ def test_services() -> None:
         "/api/v1/auth": ["http://127.0.0.1:8081"],
         "/api/v1/referral": ["http://127.0.0.1:8082"],
     }
+
+
+def test_services_with_nginx(tmp_path: Path) -> None:
+    launcher = {"HOME": "/home/dev"}
+    auth, referral = envs(launcher, port=9000)
+    planned = run.services(launcher, auth, referral, 9000, "nginx")
+    assert [service.name for service in planned] == ["auth", "referral", "gateway"]
+    gateway = planned[2]
+    assert gateway.command == tuple(nginx_command(run.GATEWAY_DIR / "nginx.conf"))
+    assert gateway.command[:3] == ("nginx", "-e", "stderr")
+    assert gateway.health_url == "http://127.0.0.1:9000/healthz"
+    assert gateway.env == launcher
+
+    elsewhere = run.gateway(launcher, 9000, "nginx", tmp_path)
+    assert elsewhere.command == tuple(nginx_command(tmp_path / "nginx.conf"))
+
+
+def test_gateway_config() -> None:
+    config = run.gateway_config(9000)
+    assert config.listen == "127.0.0.1:9000"
+    assert config.auth_upstreams == ("127.0.0.1:8081",)
+    assert config.referral_upstreams == ("127.0.0.1:8082",)
+
+
+def test_prepare_nginx_renders_and_checks(tmp_path: Path) -> None:
+    conf = run.prepare_nginx(9000, tmp_path / "gateway")  # runs `nginx -t`: nginx must be installed
+    assert conf == (tmp_path / "gateway" / "nginx.conf").resolve()
+    text = conf.read_text()
+    assert "listen 127.0.0.1:9000;" in text
+    assert "server 127.0.0.1:8081;" in text
+    assert "server 127.0.0.1:8082;" in text
+
+
+@pytest.fixture
+def bin_dirs(tmp_path: Path) -> tuple[str, str]:
+    """A PATH with an executable `nginx` in it, and one without."""
+    with_nginx, without = tmp_path / "with", tmp_path / "without"
+    with_nginx.mkdir()
+    without.mkdir()
+    fake = with_nginx / "nginx"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    return str(with_nginx), str(without)
+
+
+def test_gateway_kind(bin_dirs: tuple[str, str]) -> None:
+    found, missing = bin_dirs
+    assert run.gateway_kind({"PATH": found}) == "nginx"
+    assert run.gateway_kind({"PATH": missing}) == "python"
+    assert run.gateway_kind({"PATH": found, "GATEWAY": "python"}) == "python"
+    assert run.gateway_kind({"PATH": found, "GATEWAY": " NGINX "}) == "nginx"
+    assert run.gateway_kind({"PATH": missing, "GATEWAY": "python"}) == "python"
+    assert run.gateway_kind({"PATH": found, "GATEWAY": ""}) == "nginx"
+
+
+def test_gateway_kind_refuses(bin_dirs: tuple[str, str]) -> None:
+    found, missing = bin_dirs
+    with pytest.raises(SystemExit, match="GATEWAY=nginx, but nginx is not on PATH"):
+        run.gateway_kind({"PATH": missing, "GATEWAY": "nginx"})
+    with pytest.raises(SystemExit, match="GATEWAY must be nginx or python"):
+        run.gateway_kind({"PATH": found, "GATEWAY": "apache"})
+
+
+def test_banner_says_which_gateway_runs() -> None:
+    assert "through nginx:" in run.banner(8080, "nginx")
+    assert "Python dev gateway" in run.banner(8080, "python")
 
 
 def test_banner_lists_both_apis_and_their_docs() -> None:

@@ -1,0 +1,1 @@
+"""The nginx gateway: its configuration, rendered from a template (`deploy.nginx.render`)."""

@@ -1,0 +1,784 @@
+"""The nginx gateway (deploy/nginx): real nginx, rendered by deploy.nginx.render, in front of real
+upstream aiohttp servers that record what they receive. nginx must be installed: these tests fail
+(they do not skip) without it."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from yarl import URL
+
+from deploy.nginx.render import (
+    COMPOSE,
+    COMPOSE_CONF,
+    GatewayConfig,
+    NginxConfigError,
+    check_config,
+    nginx_command,
+    render,
+    write_runtime,
+)
+
+AUTH = "/api/v1/auth"
+REFERRAL = "/api/v1/referral"
+INSTALL_HINT = (
+    "nginx is not installed (or not on PATH): these tests run the real gateway. "
+    "Install it: `apt-get install nginx-light` (Debian/Ubuntu), `brew install nginx` (macOS); "
+    "the CI workflow installs it when missing."
+)
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+NAME = web.AppKey("name", str)
+CALLS = web.AppKey("calls", list)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def nginx_installed() -> None:
+    if shutil.which("nginx") is None:
+        pytest.fail(INSTALL_HINT, pytrace=False)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def dead_upstream() -> str:
+    """host:port where nothing listens."""
+    return f"127.0.0.1:{free_port()}"
+
+
+async def echo(request: web.Request) -> web.Response:
+    """What the upstream received, as JSON (it does not echo X-Request-ID: the gateway must add it)."""
+    body = await request.read()
+    request.app[CALLS].append(request.raw_path)
+    return web.json_response(
+        {
+            "upstream": request.app[NAME],
+            "method": request.method,
+            "raw_path": request.raw_path,
+            "headers": [[name, value] for name, value in request.headers.items()],
+            "body": body.decode("latin-1"),
+        }
+    )
+
+
+class Upstream:
+    """A running upstream test server: its `host:port` and the raw paths it was asked for."""
+
+    def __init__(self, server: TestServer, app: web.Application) -> None:
+        self.address = f"127.0.0.1:{server.port}"
+        self.calls: list[str] = app[CALLS]
+
+
+Upstreams = Callable[..., Awaitable[Upstream]]
+
+
+@pytest.fixture
+def upstream(aiohttp_server: ServerFactory) -> Upstreams:
+    """Start an upstream named `name` (handlers by path, echo elsewhere)."""
+
+    async def start(name: str, routes: Mapping[str, Handler] | None = None) -> Upstream:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app[NAME] = name
+        app[CALLS] = []
+        for path, handler in (routes or {}).items():
+            app.router.add_route("*", path, handler)
+        app.router.add_route("*", "/{tail:.*}", echo)
+        server = await aiohttp_server(app)
+        return Upstream(server, app)
+
+    return start
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes (not zombies) in process group `pgid`."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+Gateway = Callable[..., Awaitable[URL]]
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
+    """Start real nginx on a free port for `GatewayConfig(**options)`; return its base URL.
+
+    Each nginx runs in its own process group; at the end it gets SIGTERM, and no process of that
+    group (master or worker) may be left.
+    """
+    started: list[subprocess.Popen[bytes]] = []
+
+    async def start(auth: list[str], referral: list[str] | None = None, **options: Any) -> URL:
+        port = free_port()
+        config = GatewayConfig(
+            auth_upstreams=tuple(auth),
+            referral_upstreams=tuple(referral or [dead_upstream()]),
+            listen=f"127.0.0.1:{port}",
+            **options,
+        )
+        runtime = tmp_path / f"nginx-{len(started)}"
+        conf = write_runtime(config, runtime)
+        check_config(conf)
+        with (runtime / "nginx.log").open("wb") as log:
+            process = subprocess.Popen(
+                nginx_command(conf), stdin=subprocess.DEVNULL, stdout=log, stderr=log, process_group=0
+            )
+        started.append(process)
+        base = URL(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 10
+        async with aiohttp.ClientSession() as probe:
+            while True:
+                assert process.poll() is None, (runtime / "nginx.log").read_text()
+                try:
+                    async with probe.get(base / "healthz") as response:
+                        if response.status == 200:
+                            return base
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "nginx did not answer /healthz within 10 s"
+                await asyncio.sleep(0.05)
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(10) == 0
+        deadline = time.monotonic() + 5
+        while (left := _group_members(process.pid)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not left, f"nginx processes left behind: {left}"
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client: no decompression, no added headers we could mistake for forwarded ones."""
+    async with aiohttp.ClientSession(
+        auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding")
+    ) as client:
+        yield client
+
+
+Session = aiohttp.ClientSession
+
+
+def at(base: URL, target: str) -> URL:
+    """`target` (path and query) on `base`, exactly as written."""
+    return URL(str(base).rstrip("/") + target, encoded=True)
+
+
+def header_values(seen: dict[str, Any], name: str) -> list[str]:
+    return [value for key, value in seen["headers"] if key.lower() == name.lower()]
+
+
+async def assert_problem(response: aiohttp.ClientResponse, status: int, code: str) -> dict[str, Any]:
+    """The gateway's own problem+json answer, with its headers."""
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/problem+json"
+    body: dict[str, Any] = json.loads(await response.read())
+    assert body == {
+        "type": f"urn:referral-system:problem:{code}",
+        "title": body["title"],
+        "status": status,
+        "detail": body["detail"],
+        "code": code,
+    }
+    assert body["title"]
+    assert body["detail"]
+    assert_gateway_headers(response)
+    return body
+
+
+def assert_gateway_headers(response: aiohttp.ClientResponse) -> None:
+    assert response.headers.getall("X-Request-ID")
+    assert response.headers.getall("X-Content-Type-Options") == ["nosniff"]
+    assert response.headers.getall("Referrer-Policy") == ["no-referrer"]
+    assert "/" not in response.headers.get("Server", "")  # no version
+
+
+# The configuration files.
+
+
+def test_the_compose_configuration_is_the_rendered_one() -> None:
+    expected = GatewayConfig(
+        auth_upstreams=("auth:8081",), referral_upstreams=("referral:8082",), listen="0.0.0.0:8080"
+    )
+    assert expected == COMPOSE
+    text = COMPOSE_CONF.read_text(encoding="utf-8")
+    assert text == render(COMPOSE), "run `python -m deploy.nginx.render` after changing the template"
+    for line in (
+        "listen 0.0.0.0:8080;",
+        "server auth:8081;",
+        "server referral:8082;",
+        "pid /tmp/nginx.pid;",
+        "error_log /dev/stderr warn;",
+        "access_log /dev/stdout gateway;",
+        "client_body_temp_path /tmp/client_body;",
+    ):
+        assert line in text
+    assert "user " not in text.split("events")[0]
+
+
+def test_nginx_accepts_the_local_and_the_compose_configurations(tmp_path: Path) -> None:
+    local = GatewayConfig(auth_upstreams=("127.0.0.1:8081",), referral_upstreams=("127.0.0.1:8082",))
+    check_config(write_runtime(local, tmp_path / "local"))
+    # The compose names resolve only inside compose's network (nginx resolves them at start): the same
+    # file with them pointed at loopback.
+    compose = COMPOSE_CONF.read_text(encoding="utf-8")
+    assert compose.count("server auth:8081;") == 1
+    assert compose.count("server referral:8082;") == 1
+    compose = compose.replace("server auth:8081;", "server 127.0.0.1:8081;")
+    compose = compose.replace("server referral:8082;", "server 127.0.0.1:8082;")
+    path = tmp_path / "compose" / "nginx.conf"
+    path.parent.mkdir()
+    path.write_text(compose, encoding="utf-8")
+    check_config(path)
+
+
+def test_check_config_raises_with_nginx_s_message(tmp_path: Path) -> None:
+    conf = write_runtime(GatewayConfig(auth_upstreams=("a:1",), referral_upstreams=("b:2",)), tmp_path)
+    conf.write_text(conf.read_text().replace("server_tokens off;", "server_tokens maybe;"))
+    with pytest.raises(NginxConfigError, match='invalid value "maybe"'):
+        check_config(conf)
+
+
+def test_write_runtime_and_the_command(tmp_path: Path) -> None:
+    config = GatewayConfig(auth_upstreams=("127.0.0.1:1",), referral_upstreams=("127.0.0.1:2", "[::1]:3"))
+    conf = write_runtime(config, tmp_path / "gw")
+    assert conf == (tmp_path / "gw" / "nginx.conf").resolve()
+    assert conf.read_text() == render(config, runtime_dir=str(conf.parent))
+    assert {path.name for path in (conf.parent / "temp").iterdir()} == {
+        "client_body",
+        "proxy",
+        "fastcgi",
+        "uwsgi",
+        "scgi",
+    }
+    assert nginx_command(conf) == [
+        "nginx",
+        "-e",
+        "stderr",
+        "-p",
+        str(conf.parent),
+        "-c",
+        str(conf),
+        "-g",
+        "daemon off;",
+    ]
+    text = conf.read_text()
+    assert f"pid {conf.parent}/nginx.pid;" in text
+    assert f"proxy_temp_path {conf.parent}/temp/proxy;" in text
+    assert "server [::1]:3;" in text
+
+
+def test_retry_after_follows_the_rates() -> None:
+    config = GatewayConfig(
+        auth_upstreams=("a:1",),
+        referral_upstreams=("b:2",),
+        token_rate="1r/m",
+        signup_rate="30r/m",
+        lookup_rate="3r/s",
+    )
+    text = render(config)
+    assert "/api/v1/auth/token 60;" in text
+    assert "/api/v1/auth/signup 2;" in text
+    assert "/api/v1/referral/codes 1;" in text
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"auth_upstreams": ()},
+        {"auth_upstreams": "127.0.0.1:1"},
+        {"auth_upstreams": ("127.0.0.1",)},
+        {"referral_upstreams": ("b:2; include /etc/passwd",)},
+        {"listen": "8080; evil"},
+        {"max_body": "lots"},
+        {"token_rate": "10r/h"},
+        {"signup_burst": -1},
+        {"proxy_timeout": 0},
+        {"access_log": "/tmp/a log"},
+        {"error_log": "relative.log"},
+    ],
+)
+def test_bad_configurations_are_refused(change: dict[str, Any]) -> None:
+    fields: dict[str, Any] = {"auth_upstreams": ("a:1",), "referral_upstreams": ("b:2",), **change}
+    with pytest.raises(ValueError, match=r"\w"):
+        GatewayConfig(**fields)
+
+
+# Real nginx in front of real upstreams.
+
+
+async def test_routes_by_prefix_with_path_and_query_unchanged(
+    upstream: Upstreams, gateway: Gateway, session: Session
+) -> None:
+    auth, referral = await upstream("auth"), await upstream("referral")
+    base = await gateway([auth.address], [referral.address])
+    cases = [
+        (AUTH, "auth"),
+        (f"{AUTH}/", "auth"),
+        (f"{AUTH}/me", "auth"),
+        (f"{AUTH}/.well-known/jwks.json", "auth"),
+        (f"{AUTH}/oauth/x/callback?code=a%2Fb&state=%C3%A9+c&empty=&flag", "auth"),
+        (f"{AUTH}//double//slashes", "auth"),
+        (f"{AUTH}/a..b/...x/.hidden", "auth"),  # dots, but no dot segment
+        (REFERRAL, "referral"),
+        (f"{REFERRAL}/codes/me", "referral"),
+        (f"{REFERRAL}/referrers/x/referrals?limit=5&cursor=a%2Bb%3D", "referral"),
+        (f"{REFERRAL}/pct%20encoded%2Fslash", "referral"),
+    ]
+    for target, name in cases:
+        async with session.get(at(base, target)) as response:
+            assert response.status == 200, target
+            seen = await response.json()
+        assert (seen["upstream"], seen["method"], seen["raw_path"]) == (name, "GET", target)
+
+    async with session.post(
+        at(base, f"{REFERRAL}/referrals?x=1"), data=b'{"code": "ABC"}', headers={"Content-Type": "x/y"}
+    ) as response:
+        seen = await response.json()
+    assert (seen["upstream"], seen["method"], seen["body"]) == ("referral", "POST", '{"code": "ABC"}')
+    assert header_values(seen, "Content-Type") == ["x/y"]
+
+
+async def test_round_robin_and_failover(upstream: Upstreams, gateway: Gateway, session: Session) -> None:
+    first, second = await upstream("first"), await upstream("second")
+    base = await gateway([first.address, second.address])
+    names = set()
+    for _ in range(6):
+        async with session.get(at(base, f"{AUTH}/x")) as response:
+            names.add((await response.json())["upstream"])
+    assert names == {"first", "second"}
+
+    # The first instance is down: every request is answered by the second one.
+    base = await gateway([dead_upstream(), second.address])
+    for _ in range(6):
+        async with session.get(at(base, f"{AUTH}/x"), headers={"X-Request-ID": "failover"}) as response:
+            assert response.status == 200
+            assert (await response.json())["upstream"] == "second"
+            assert response.headers["X-Request-ID"] == "failover"
+    # Nothing was sent to the stopped one, so even a POST may go on to the next.
+    async with session.post(at(base, f"{AUTH}/x"), data=b"{}") as response:
+        assert response.status == 200
+        assert (await response.json())["upstream"] == "second"
+
+
+async def test_a_post_is_not_retried_once_sent(
+    upstream: Upstreams, gateway: Gateway, session: Session
+) -> None:
+    hits: list[str] = []
+
+    async def hang_up(request: web.Request) -> web.Response:
+        hits.append(request.method)
+        assert request.transport is not None
+        request.transport.close()  # the request arrived; the answer never comes
+        return web.Response()
+
+    first = await upstream("first", {f"{AUTH}/once": hang_up})
+    second = await upstream("second", {f"{AUTH}/once": hang_up})
+    base = await gateway([first.address, second.address])
+    async with session.post(at(base, f"{AUTH}/once"), data=b"{}") as response:
+        await assert_problem(response, 502, "bad_gateway")
+    assert hits == ["POST"]
+    # A GET is tried on the other instance too (a fresh gateway: the first one now counts both down).
+    hits.clear()
+    base = await gateway([first.address, second.address])
+    async with session.get(at(base, f"{AUTH}/once")) as response:
+        await assert_problem(response, 502, "bad_gateway")
+    assert hits == ["GET", "GET"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/internal",
+        "/internal/",
+        "/internal/v1/codes/ABC",
+        "/internal/v1/referrals?x=1",
+        "/%69nternal/v1/codes/ABC",
+        "/internal%2Fv1/codes/ABC",
+        f"{AUTH}/../../internal/x",
+        f"{AUTH}/../../../internal/v1/codes/ABC",
+        f"{REFERRAL}/../../../internal/v1/codes/ABC",
+        f"{REFERRAL}/%2e%2e/%2e%2e/%2e%2e/internal/v1/codes/ABC",
+        f"{REFERRAL}/%2E%2e/%2e./.%2E/internal/v1/codes/ABC",
+        f"{REFERRAL}/..%2f..%2f..%2finternal/v1/codes/ABC",
+        f"{REFERRAL}%2f..%2f..%2f..%2finternal/v1/codes/ABC",
+        f"{AUTH}/./token",
+        f"{AUTH}/%2e/token",
+        f"{AUTH}/x/..",
+        f"{AUTH}/x/..?q=1",
+    ],
+)
+async def test_internal_paths_are_never_exposed(
+    upstream: Upstreams, gateway: Gateway, session: Session, target: str
+) -> None:
+    everything = await upstream("everything")
+    base = await gateway([everything.address], [everything.address])
+    for method in ("GET", "POST"):
+        async with session.request(method, at(base, target), json={}) as response:
+            await assert_problem(response, 404, "not_found")
+    assert everything.calls == []
+
+
+async def test_unknown_paths_are_404_problems(
+    upstream: Upstreams, gateway: Gateway, session: Session
+) -> None:
+    everything = await upstream("everything")
+    base = await gateway([everything.address], [everything.address])
+    for target in (
+        "/",
+        "/nothing/here",
+        "/favicon.ico",
+        "/api",
+        "/api/v1",
+        "/api/v1/authx",
+        "/api/v2/auth/x",
+        "/_gateway/problems/bad_request",
+        "/healthz/x",
+        "/x/../healthz",
+    ):
+        async with session.get(at(base, target), headers={"X-Request-ID": "err-42"}) as response:
+            await assert_problem(response, 404, "not_found")
+            assert response.headers["X-Request-ID"] == "err-42"
+    async with session.post(at(base, "/healthz")) as response:
+        await assert_problem(response, 404, "not_found")
+    assert everything.calls == []
+
+
+async def test_healthz_is_the_gateways_own(upstream: Upstreams, gateway: Gateway, session: Session) -> None:
+    everything = await upstream("everything")
+    base = await gateway([everything.address], [everything.address])
+    async with session.get(at(base, "/healthz")) as response:
+        assert response.status == 200
+        assert response.content_type == "application/json"
+        assert json.loads(await response.read()) == {"status": "ok"}
+        assert len(response.headers["X-Request-ID"]) == 32
+        assert_gateway_headers(response)
+    async with session.head(at(base, "/healthz"), headers={"X-Request-ID": "probe-1"}) as response:
+        assert response.status == 200
+        assert response.headers["X-Request-ID"] == "probe-1"
+    assert everything.calls == []
+
+
+async def test_request_id_is_kept_or_generated(
+    upstream: Upstreams, gateway: Gateway, session: Session
+) -> None:
+    async def echoes(request: web.Request) -> web.Response:
+        return web.Response(text="ok", headers={"X-Request-ID": request.headers["X-Request-ID"] + "-seen"})
+
+    auth = await upstream("auth", {f"{AUTH}/echoes": echoes})
+    base = await gateway([auth.address])
+
+    async with session.get(at(base, f"{AUTH}/x"), headers={"X-Request-ID": "abc.DEF_1:2-3"}) as response:
+        seen = await response.json()
+        assert response.headers.getall("X-Request-ID") == ["abc.DEF_1:2-3"]
+        assert header_values(seen, "X-Request-ID") == ["abc.DEF_1:2-3"]
+
+    generated = set()
+    for bad in (None, "", "has space", "x" * 129, "semi;colon", "ünï"):
+        headers = {} if bad is None else {"X-Request-ID": bad}
+        async with session.get(at(base, f"{AUTH}/x"), headers=headers) as response:
+            seen = await response.json()
+            new = response.headers["X-Request-ID"]
+            assert len(new) == 32
+            assert int(new, 16) >= 0
+            assert header_values(seen, "X-Request-ID") == [new]
+            generated.add(new)
+    assert len(generated) == 6
+
+    # The upstream's own id wins on the way back (the services adopt the gateway's, so they agree).
+    async with session.get(at(base, f"{AUTH}/echoes"), headers={"X-Request-ID": "mine"}) as response:
+        assert response.headers.getall("X-Request-ID") == ["mine-seen"]
+
+
+async def test_forwarded_headers(upstream: Upstreams, gateway: Gateway, session: Session) -> None:
+    auth = await upstream("auth")
+    base = await gateway([auth.address])
+    async with session.get(at(base, f"{AUTH}/x")) as response:
+        seen = await response.json()
+    assert header_values(seen, "X-Forwarded-For") == ["127.0.0.1"]
+    assert header_values(seen, "X-Forwarded-Proto") == ["http"]
+    assert header_values(seen, "Host") == [f"{base.host}:{base.port}"]
+
+    headers = [
+        ("X-Forwarded-For", "203.0.113.7, 198.51.100.1"),
+        ("X-Forwarded-For", "192.0.2.9"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Real-IP", "203.0.113.8"),
+        ("Forwarded", "for=203.0.113.9"),
+        ("Host", "referrals.example.com:8443"),
+    ]
+    async with session.get(at(base, f"{AUTH}/x"), headers=headers) as response:
+        seen = await response.json()
+    assert header_values(seen, "X-Forwarded-For") == ["127.0.0.1"]  # the peer only
+    assert header_values(seen, "X-Forwarded-Proto") == ["http"]
+    assert header_values(seen, "X-Real-IP") == []
+    assert header_values(seen, "Forwarded") == []
+    assert header_values(seen, "Host") == ["referrals.example.com:8443"]
+    assert header_values(seen, "Connection") == []  # keepalive to the upstream
+
+
+async def test_body_over_the_limit_is_413(upstream: Upstreams, gateway: Gateway, session: Session) -> None:
+    auth = await upstream("auth")
+    base = await gateway([auth.address], max_body="1k")
+    async with session.post(at(base, f"{AUTH}/x"), data=b"a" * 1024) as response:
+        assert response.status == 200
+        assert len((await response.json())["body"]) == 1024
+    async with session.post(
+        at(base, f"{AUTH}/x"), data=b"a" * 1025, headers={"X-Request-ID": "big"}
+    ) as response:
+        await assert_problem(response, 413, "payload_too_large")
+        assert response.headers["X-Request-ID"] == "big"
+
+    async def chunks() -> AsyncIterator[bytes]:  # chunked: no Content-Length to judge by
+        for _ in range(5):
+            yield b"b" * 300
+
+    async with session.post(at(base, f"{AUTH}/x"), data=chunks()) as response:
+        await assert_problem(response, 413, "payload_too_large")
+    assert auth.calls == [f"{AUTH}/x"]
+
+
+async def test_the_default_body_limit_is_64k(upstream: Upstreams, gateway: Gateway, session: Session) -> None:
+    auth = await upstream("auth")
+    base = await gateway([auth.address])
+    async with session.put(at(base, f"{AUTH}/x"), data=b"a" * 65536) as response:
+        assert response.status == 200
+    async with session.put(at(base, f"{AUTH}/x"), data=b"a" * 65537) as response:
+        await assert_problem(response, 413, "payload_too_large")
+
+
+async def test_rate_limits(upstream: Upstreams, gateway: Gateway, session: Session) -> None:
+    auth, referral = await upstream("auth"), await upstream("referral")
+    tiny: dict[str, Any] = {
+        "token_rate": "1r/m",
+        "token_burst": 1,
+        "signup_rate": "1r/m",
+        "signup_burst": 1,
+        "lookup_rate": "2r/m",
+        "lookup_burst": 2,
+    }
+    base = await gateway([auth.address], [referral.address], **tiny)
+
+    async def limited(method: str, target: str, allowed: int, retry_after: str) -> None:
+        for _ in range(allowed):
+            async with session.request(method, at(base, target), data=b"x=1") as response:
+                assert response.status == 200, target
+        async with session.request(
+            method, at(base, target), headers={"X-Request-ID": "slow-down"}
+        ) as response:
+            await assert_problem(response, 429, "too_many_requests")
+            assert response.headers.getall("Retry-After") == [retry_after]
+            assert response.headers["X-Request-ID"] == "slow-down"
+
+    await limited("POST", f"{AUTH}/token", 2, "60")
+    await limited("POST", f"{AUTH}/signup", 2, "60")
+    await limited("GET", f"{REFERRAL}/codes?email=a%40example.com", 3, "30")
+    # The same zone whatever the query or its encoding.
+    async with session.get(at(base, f"{REFERRAL}/code%73?email=b%40example.com")) as response:
+        await assert_problem(response, 429, "too_many_requests")
+    # Creating a code, and every other path, is not limited.
+    for _ in range(6):
+        async with session.post(at(base, f"{REFERRAL}/codes"), json={}) as response:
+            assert response.status == 200
+        async with session.get(at(base, f"{REFERRAL}/codes/me")) as response:
+            assert response.status == 200
+        async with session.post(at(base, f"{AUTH}/revoke")) as response:
+            assert response.status == 200
+    assert auth.calls.count(f"{AUTH}/token") == 2
+    assert auth.calls.count(f"{AUTH}/signup") == 2
+
+
+async def test_all_upstreams_down_is_502(gateway: Gateway, session: Session) -> None:
+    base = await gateway([dead_upstream(), dead_upstream()])
+    for method in ("GET", "POST"):
+        async with session.request(
+            method, at(base, f"{AUTH}/token"), headers={"X-Request-ID": "down-1"}
+        ) as response:
+            await assert_problem(response, 502, "bad_gateway")
+            assert response.headers["X-Request-ID"] == "down-1"
+    async with session.get(at(base, f"{REFERRAL}/codes/me")) as response:
+        await assert_problem(response, 502, "bad_gateway")
+
+
+async def test_slow_upstream_is_504(upstream: Upstreams, gateway: Gateway, session: Session) -> None:
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="too late")
+
+    auth = await upstream("auth", {f"{AUTH}/slow": slow})
+    base = await gateway([auth.address], proxy_timeout=1)
+    try:
+        started = time.monotonic()
+        async with session.get(at(base, f"{AUTH}/slow")) as response:
+            body = await assert_problem(response, 504, "gateway_timeout")
+        assert time.monotonic() - started < 3
+        assert "1 s" in body["detail"]
+        async with session.get(at(base, f"{AUTH}/fast")) as response:  # the gateway is still fine
+            assert response.status == 200
+    finally:
+        release.set()
+
+
+async def test_the_upstreams_own_errors_pass_through_untouched(
+    upstream: Upstreams, gateway: Gateway, session: Session
+) -> None:
+    answers = {
+        404: b'{"type": "urn:referral-system:problem:code_not_found", "title": "No such code", '
+        b'"status": 404, "detail": "No active code.", "code": "code_not_found"}',
+        409: b'{"type": "urn:referral-system:problem:email_taken", "title": "Taken", '
+        b'"status": 409, "detail": "That email has an account.", "code": "email_taken"}',
+        502: b'{"type": "urn:referral-system:problem:x", "status": 502, "code": "x"}',
+        503: b'{"type": "urn:referral-system:problem:database_unavailable", "status": 503}',
+    }
+
+    async def problem(request: web.Request) -> web.Response:
+        status = int(request.match_info["status"])
+        return web.Response(
+            status=status,
+            body=answers[status],
+            content_type="application/problem+json",
+            headers={"Retry-After": "7", "X-Content-Type-Options": "nosniff"},
+        )
+
+    auth = await upstream("auth", {f"{AUTH}/problem/{{status}}": problem})
+    base = await gateway([auth.address])
+    for status, body in answers.items():
+        async with session.get(at(base, f"{AUTH}/problem/{status}")) as response:
+            assert response.status == status
+            assert response.content_type == "application/problem+json"
+            assert await response.read() == body
+            assert response.headers["Retry-After"] == "7"
+            assert_gateway_headers(response)
+
+
+async def test_no_server_version(upstream: Upstreams, gateway: Gateway, session: Session) -> None:
+    async def branded(request: web.Request) -> web.Response:
+        return web.Response(text="ok", headers={"Server": "referral-system"})
+
+    auth = await upstream("auth", {f"{AUTH}/branded": branded})
+    base = await gateway([auth.address])
+    for target in (f"{AUTH}/branded", f"{AUTH}/x", "/healthz", "/nowhere"):
+        async with session.get(at(base, target)) as response:
+            assert_gateway_headers(response)
+            assert "nginx/" not in response.headers.get("Server", "")
+
+
+async def test_large_answers_are_gzipped_when_asked(
+    upstream: Upstreams, gateway: Gateway, session: Session
+) -> None:
+    script = b"window.SwaggerUIBundle = function () { return 42; };\n" * 4000
+
+    async def bundle(request: web.Request) -> web.Response:
+        return web.Response(body=script, content_type="application/javascript")
+
+    auth = await upstream("auth", {f"{AUTH}/docs/bundle.js": bundle})
+    base = await gateway([auth.address])
+    async with session.get(
+        at(base, f"{AUTH}/docs/bundle.js"), headers={"Accept-Encoding": "gzip"}
+    ) as response:
+        assert response.status == 200
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert "Accept-Encoding" in response.headers.get("Vary", "")
+        compressed = await response.read()
+    assert gzip.decompress(compressed) == script
+    assert len(compressed) < len(script) / 10
+    async with session.get(at(base, f"{AUTH}/docs/bundle.js")) as response:
+        assert "Content-Encoding" not in response.headers
+        assert await response.read() == script
+
+
+async def test_an_overlong_uri_is_a_problem_too(
+    upstream: Upstreams, gateway: Gateway, session: Session
+) -> None:
+    auth = await upstream("auth")
+    base = await gateway([auth.address])
+    async with session.get(at(base, f"{AUTH}/x?q={'a' * 10000}")) as response:
+        await assert_problem(response, 414, "uri_too_long")
+    assert auth.calls == []
+
+
+async def test_a_malformed_request_is_a_problem_too(gateway: Gateway) -> None:
+    base = await gateway([dead_upstream()])
+    assert base.host is not None
+    assert base.port is not None
+    reader, writer = await asyncio.open_connection(base.host, base.port)
+    try:
+        writer.write(b"GET /api/v1/auth/x HTTP/1.1\r\nHost: a b\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"Content-Type: application/problem+json" in head
+    assert json.loads(body)["code"] == "bad_request"
+
+
+def test_the_launcher_runs_nginx_and_stops_it_whole(tmp_path: Path) -> None:
+    from deploy.local import run
+
+    port = free_port()
+    runtime = tmp_path / "gateway"
+    run.prepare_nginx(port, runtime)
+    service = run.gateway(dict(os.environ), port, "nginx", runtime)
+    supervisor = run.Supervisor(grace=10)
+    supervisor.start(service)
+    try:
+        deadline = time.monotonic() + 10
+        assert service.health_url is not None
+        while not run.healthy(service.health_url):
+            assert supervisor.exited() is None, (runtime / "nginx.conf").read_text()
+            assert time.monotonic() < deadline, "nginx did not become healthy"
+            time.sleep(0.05)
+        pid = int((runtime / "nginx.pid").read_text())
+        assert len(_group_members(pid)) >= 2  # the master and its workers, in one group
+    finally:
+        supervisor.stop()
+    assert _group_members(pid) == []
+    assert not run.healthy(service.health_url)
+
+
+def test_the_fixture_leaves_no_nginx_behind() -> None:
+    """No nginx started by these tests (whose prefix is under pytest's temp dirs) is still running."""
+    ours = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if command.startswith("nginx") and "pytest-of-" in command:
+                ours.append(command)
+    assert ours == []

@@ -1,0 +1,471 @@
+"""The end-to-end harness: the whole system as real processes on loopback ports, reached over HTTP.
+
+One stack for the e2e package, started before its first test and stopped after its last (all on
+127.0.0.1, each on a free port picked at start):
+
+- ``auth-0``, ``auth-1``: ``python -m services.auth serve`` in production mode, both with the same
+  freshly generated signing key, cheap argon2 and small database pools;
+- ``referral-0``, ``referral-1``: ``python -m services.referral serve``; ``referral-N`` reads the JWKS
+  of ``auth-N`` directly (so a token signed by one auth instance and checked by the referral instance
+  reading the *other* one's keys proves the key set is shared, not just the process);
+- ``gateway``: nginx rendered by ``deploy.nginx.render`` with generous rate limits, ``/api/v1/auth`` to
+  both auth instances and ``/api/v1/referral`` to both referral instances;
+- ``gateway-tight``: a second nginx over the same upstreams with tiny rate limits, used only by the
+  rate-limit tests, so they can flood it in any order without throttling the other tests.
+
+Both auth instances call the internal API of ``referral-0`` (``AUTH_REFERRAL_SERVICE_URL``); the
+failover test stops and restarts ``referral-1``, so signups with a code keep working while it is down
+and what is tested is the gateway's failover alone. Tokens carry ``iss`` = the main gateway's URL +
+``/api/v1/auth`` (``AUTH_PUBLIC_BASE_URL``), which both referral instances expect.
+
+The database is a fresh one for the run, migrated with the services' own CLI (``python -m
+services.<name> migrate``) and dropped afterwards; Redis keys live under a prefix of the run's own and
+are deleted afterwards. Every process writes its output to ``.artifacts/e2e/<name>.log``. At the end
+every process gets SIGTERM, and the harness asserts each exited with 0, left no child behind, and
+none had died on its own before.
+
+``E2E_GATEWAY=python`` runs the Python dev gateway (``deploy.local.gateway``) instead of nginx; it has
+no rate limits, so the rate-limit tests fail under it (they test the nginx gateway). With the default
+(``nginx``), a missing nginx fails the run: it is never skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import aiohttp
+import psycopg2
+import pytest
+import redis
+
+from services.auth.signing import generate_pem
+from tests.conftest import _with_database
+from tests.e2e.api import Account, client, new_account
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / ".artifacts" / "e2e"
+HOST = "127.0.0.1"
+AUTH_API = "/api/v1/auth"
+REFERRAL_API = "/api/v1/referral"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+POLL = 0.05
+GENEROUS = {"rate": "1000r/s", "burst": 1000}
+TIGHT = {"rate": "1r/s", "burst": 2}
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def base_url(port: int) -> str:
+    return f"http://{HOST}:{port}"
+
+
+def http_status(url: str) -> int | None:
+    """The status GET `url` answers right now, None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _children(pid: int) -> set[int]:
+    """Every descendant of `pid` (through /proc), so a stop can check none is left running."""
+    found: set[int] = set()
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    if int(child) not in found:
+                        found.add(int(child))
+                        pending.append(int(child))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a live (not zombie) process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@dataclass
+class Process:
+    """One process of the stack: started, health-checked, stopped by the harness (never by name)."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    health_url: str
+    popen: subprocess.Popen[bytes] | None = None
+    problems: list[str] = field(default_factory=list)
+    stopped: bool = False  # by the harness (or a test), not on its own
+
+    @property
+    def log_path(self) -> Path:
+        return ARTIFACTS / f"{self.name}.log"
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def start(self) -> None:
+        assert not self.running, f"{self.name} is already running"
+        self.stopped = False
+        with self.log_path.open("ab") as log:
+            log.write(f"--- {time.strftime('%H:%M:%S')} start: {' '.join(self.command)}\n".encode())
+            log.flush()
+            self.popen = subprocess.Popen(
+                self.command, env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_healthy(self, deadline: float) -> None:
+        """Until `health_url` answers 200; fail with the log's tail if the process dies or time runs out."""
+        assert self.popen is not None
+        while http_status(self.health_url) != 200:
+            code = self.popen.poll()
+            if code is not None:
+                pytest.fail(f"{self.name} exited with {code} before it was healthy:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{self.name} not healthy at {self.health_url} in time:\n{self.log_tail()}")
+            time.sleep(POLL)
+
+    def stop(self) -> int:
+        """SIGTERM, wait, and check nothing it started is left; its exit code (SIGKILL after the timeout)."""
+        assert self.popen is not None, f"{self.name} was never started"
+        if self.popen.poll() is not None:
+            self.problems.append(f"{self.name} had exited on its own with {self.popen.returncode}")
+            return self.popen.returncode
+        descendants = _children(self.popen.pid)
+        self.stopped = True
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            code = self.popen.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.problems.append(f"{self.name} ignored SIGTERM for {STOP_TIMEOUT:.0f} s; killed")
+            self.popen.kill()
+            code = self.popen.wait()
+        with self.log_path.open("ab") as log:
+            log.write(f"--- {time.strftime('%H:%M:%S')} exited with {code} after SIGTERM\n".encode())
+        if code != 0:
+            self.problems.append(f"{self.name} exited with {code} after SIGTERM:\n{self.log_tail(10)}")
+        deadline = time.monotonic() + 5.0
+        while (left := {pid for pid in descendants if _alive(pid)}) and time.monotonic() < deadline:
+            time.sleep(POLL)
+        if left:
+            self.problems.append(f"{self.name} left processes running after it exited: {sorted(left)}")
+            for pid in left:  # only the ones this process started
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        return code
+
+
+@dataclass
+class Stack:
+    """The running system; tests reach it over HTTP, and may stop/start one referral instance."""
+
+    gateway_url: str
+    tight_gateway_url: str
+    gateway_kind: str
+    auth: list[Process]
+    referral: list[Process]
+    gateways: list[Process]
+    signing_pem: str
+    database_url: str
+
+    @property
+    def issuer(self) -> str:
+        return self.gateway_url + AUTH_API
+
+    @property
+    def auth_urls(self) -> list[str]:
+        return [_origin(process.health_url) for process in self.auth]
+
+    @property
+    def referral_urls(self) -> list[str]:
+        return [_origin(process.health_url) for process in self.referral]
+
+    def stop_referral(self, index: int) -> None:
+        """Stop one referral instance (SIGTERM, wait) and check its port no longer answers."""
+        process = self.referral[index]
+        code = process.stop()
+        assert code == 0, process.log_tail()
+        assert http_status(process.health_url) is None, f"{process.name} still answers after it stopped"
+
+    def start_referral(self, index: int) -> None:
+        """Start a stopped referral instance again on the same port and wait until it is healthy."""
+        process = self.referral[index]
+        process.start()
+        process.wait_healthy(time.monotonic() + START_TIMEOUT)
+
+
+def _origin(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def _nginx_render() -> ModuleType:
+    """deploy.nginx.render, or a loud failure naming what is missing (never a skip)."""
+    if not shutil.which("nginx"):  # deploy.nginx.render runs `nginx` from PATH
+        pytest.fail(
+            "nginx is not installed (or not on PATH); the e2e suite runs the real gateway: "
+            "apt-get install -y nginx"
+        )
+    try:
+        return importlib.import_module("deploy.nginx.render")
+    except ImportError as error:
+        pytest.fail(f"the nginx gateway (deploy/nginx/render.py) cannot be imported: {error}")
+
+
+def _nginx_gateway(
+    name: str, port: int, auth: list[int], referral: list[int], limits: Mapping[str, Any], runtime: Path
+) -> Process:
+    render = _nginx_render()
+    config = render.GatewayConfig(
+        auth_upstreams=tuple(f"{HOST}:{p}" for p in auth),
+        referral_upstreams=tuple(f"{HOST}:{p}" for p in referral),
+        listen=f"{HOST}:{port}",
+        max_body="64k",
+        **{f"{zone}_{key}": value for zone in ("token", "signup", "lookup") for key, value in limits.items()},
+    )
+    runtime.mkdir(parents=True, exist_ok=True)
+    conf = render.write_runtime(config, runtime)
+    shutil.copy(conf, ARTIFACTS / f"{name}.conf")
+    render.check_config(conf)
+    command = [str(part) for part in render.nginx_command(conf)]
+    return Process(name, command, dict(os.environ), f"{base_url(port)}/healthz")
+
+
+def _python_gateway(name: str, port: int, auth: list[int], referral: list[int]) -> Process:
+    command = [sys.executable, "-m", "deploy.local.gateway", "--host", HOST, "--port", str(port)]
+    command += ["--max-body", str(64 * 1024)]
+    command += ["--route", f"{AUTH_API}=" + ",".join(base_url(p) for p in auth)]
+    command += ["--route", f"{REFERRAL_API}=" + ",".join(base_url(p) for p in referral)]
+    return Process(name, command, dict(os.environ), f"{base_url(port)}/healthz")
+
+
+@pytest.fixture(scope="package")
+def e2e_database_url(server_database_url: str) -> Iterator[str]:
+    """A fresh, empty database for the e2e run (the services' CLI migrates it), dropped afterwards."""
+    name = f"e2e_{os.getpid()}_{secrets.token_hex(4)}"
+    try:
+        admin = psycopg2.connect(server_database_url, connect_timeout=5)
+    except psycopg2.OperationalError as error:
+        pytest.exit(f"PostgreSQL is not reachable at DATABASE_URL: {error}", returncode=3)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_database(server_database_url, name)
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="package")
+def e2e_redis_prefix(redis_url: str) -> Iterator[str]:
+    """The run's own Redis key prefix; its keys are deleted afterwards."""
+    prefix = f"e2e:{secrets.token_hex(6)}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="package")
+def stack(
+    e2e_database_url: str, redis_url: str, e2e_redis_prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """Migrate, start every process, wait for every /healthz; at the end stop all and check they exited."""
+    kind = os.environ.get("E2E_GATEWAY", "nginx")
+    if kind not in ("nginx", "python"):
+        pytest.fail(f"E2E_GATEWAY must be nginx or python, got {kind!r}")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.log"):
+        old.unlink()
+    pem = generate_pem()
+    gateway_port, tight_port = free_port(), free_port()
+    auth_ports = [free_port(), free_port()]
+    referral_ports = [free_port(), free_port()]
+    gateway_url = base_url(gateway_port)
+    common = {
+        **os.environ,
+        "DATABASE_URL": e2e_database_url,
+        "REDIS_URL": redis_url,
+        "PYTHONUNBUFFERED": "1",
+    }
+    auth_env = {
+        **common,
+        "AUTH_ENV": "production",
+        "AUTH_HOST": HOST,
+        "AUTH_REDIS_PREFIX": f"{e2e_redis_prefix}auth:",
+        "AUTH_JWT_PRIVATE_KEYS": pem,
+        "AUTH_PUBLIC_BASE_URL": gateway_url,
+        "AUTH_REFERRAL_SERVICE_URL": base_url(referral_ports[0]),
+        "AUTH_TRUSTED_PROXIES": HOST,
+        "AUTH_ARGON2_TIME_COST": "1",
+        "AUTH_ARGON2_MEMORY_KIB": "8192",
+        "AUTH_ARGON2_PARALLELISM": "1",
+        "AUTH_DB_POOL_MIN": "1",
+        "AUTH_DB_POOL_MAX": "8",
+    }
+    referral_env = {
+        **common,
+        "REFERRAL_ENV": "production",
+        "REFERRAL_HOST": HOST,
+        "REFERRAL_REDIS_PREFIX": f"{e2e_redis_prefix}referral:",
+        "REFERRAL_AUTH_ISSUER": gateway_url + AUTH_API,
+        "REFERRAL_TRUSTED_PROXIES": HOST,
+        "REFERRAL_DB_POOL_MIN": "1",
+        "REFERRAL_DB_POOL_MAX": "8",
+    }
+    for service, env in (("auth", auth_env), ("referral", referral_env)):
+        with (ARTIFACTS / f"migrate-{service}.log").open("wb") as log:
+            migrated = subprocess.run(
+                [sys.executable, "-m", f"services.{service}", "migrate"],
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                timeout=60,
+                check=False,
+            )
+        if migrated.returncode != 0:
+            pytest.fail(f"{service} migrations failed ({migrated.returncode}); see {log.name}")
+
+    auth = [
+        Process(
+            f"auth-{i}",
+            [sys.executable, "-m", "services.auth", "serve"],
+            {**auth_env, "AUTH_PORT": str(port)},
+            f"{base_url(port)}/healthz",
+        )
+        for i, port in enumerate(auth_ports)
+    ]
+    referral = [
+        Process(
+            f"referral-{i}",
+            [sys.executable, "-m", "services.referral", "serve"],
+            {
+                **referral_env,
+                "REFERRAL_PORT": str(port),
+                "REFERRAL_AUTH_JWKS_URL": f"{base_url(auth_ports[i])}{AUTH_API}/.well-known/jwks.json",
+            },
+            f"{base_url(port)}/healthz",
+        )
+        for i, port in enumerate(referral_ports)
+    ]
+    if kind == "nginx":
+        runtime = tmp_path_factory.mktemp("nginx")
+        gateways = [
+            _nginx_gateway("gateway", gateway_port, auth_ports, referral_ports, GENEROUS, runtime / "main"),
+            _nginx_gateway("gateway-tight", tight_port, auth_ports, referral_ports, TIGHT, runtime / "tight"),
+        ]
+    else:
+        gateways = [
+            _python_gateway("gateway", gateway_port, auth_ports, referral_ports),
+            _python_gateway("gateway-tight", tight_port, auth_ports, referral_ports),
+        ]
+    started: list[Process] = []
+    system = Stack(
+        gateway_url=gateway_url,
+        tight_gateway_url=base_url(tight_port),
+        gateway_kind=kind,
+        auth=auth,
+        referral=referral,
+        gateways=gateways,
+        signing_pem=pem,
+        database_url=e2e_database_url,
+    )
+    try:
+        for process in [*auth, *referral, *gateways]:
+            process.start()
+            started.append(process)
+        deadline = time.monotonic() + START_TIMEOUT
+        for process in started:
+            process.wait_healthy(deadline)
+        for process in [*auth, *referral]:
+            ready = _origin(process.health_url) + "/readyz"
+            assert http_status(ready) == 200, f"{process.name} is not ready:\n{process.log_tail()}"
+    except BaseException:
+        _stop_all(started)  # the start-up failure is the one to report
+        raise
+    yield system
+    problems = _stop_all(started)
+    if problems:
+        pytest.fail("the stack did not shut down cleanly:\n" + "\n".join(problems))
+
+
+def _stop_all(started: list[Process]) -> list[str]:
+    """Stop every process (gateways first, then the services); what went wrong, from start to end."""
+    problems: list[str] = []
+    for process in reversed(started):
+        if process.stopped:
+            problems.append(f"{process.name} was stopped by a test and not started again")
+        else:
+            process.stop()
+        problems += process.problems
+    return problems
+
+
+@pytest.fixture
+async def gateway(stack: Stack) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client of the main gateway: paths are relative to its URL."""
+    async with client(stack.gateway_url) as session:
+        yield session
+
+
+@pytest.fixture
+async def tight_gateway(stack: Stack) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client of the gateway with tiny rate limits."""
+    async with client(stack.tight_gateway_url) as session:
+        yield session
+
+
+@pytest.fixture
+def make_account(gateway: aiohttp.ClientSession) -> Any:
+    """`await make_account("alice", referral_code=None)`: a new user signed up through the gateway."""
+
+    async def make(tag: str = "user", *, referral_code: str | None = None) -> Account:
+        return await new_account(gateway, tag, referral_code=referral_code)
+
+    return make
