@@ -144,6 +144,9 @@ class Connection:
         cursor = await self._run(statement, params)
         try:
             row = await cursor.fetchone()
+        except psycopg2.Error as error:
+            # The connection can die between the statement and the read (the cursor is then closed).
+            raise _translate(error) from error
         finally:
             cursor.close()
         return row  # type: ignore[no-any-return]
@@ -153,6 +156,8 @@ class Connection:
         cursor = await self._run(statement, params)
         try:
             rows = await cursor.fetchall()
+        except psycopg2.Error as error:
+            raise _translate(error) from error
         finally:
             cursor.close()
         return rows  # type: ignore[no-any-return]
@@ -162,6 +167,8 @@ class Connection:
         cursor = await self._run(statement, params)
         try:
             return int(cursor.rowcount)
+        except psycopg2.Error as error:
+            raise _translate(error) from error
         finally:
             cursor.close()
 
@@ -177,11 +184,27 @@ class Database:
     def size(self) -> int:
         return int(self._pool.size)
 
+    async def _pick(self) -> Any:
+        """A pooled connection that is still open.
+
+        A connection the server dropped (restart, pg_terminate_backend, network) is closed by aiopg
+        when it notices; if that happens while the pool is refilling, aiopg hands it out anyway, and
+        trips its own assertion on it. Such a connection has left the pool: ask again.
+        """
+        while True:
+            try:
+                raw = await self._pool.acquire()
+            except AssertionError:
+                continue
+            if not raw.closed:
+                return raw
+            self._pool.release(raw)
+
     @contextlib.asynccontextmanager
     async def _acquire(self) -> AsyncIterator[Any]:
         try:
             async with asyncio.timeout(self._timeout):
-                raw = await self._pool.acquire()
+                raw = await self._pick()
         except TimeoutError:
             raise DatabaseUnavailable("no connection available in time") from None
         except psycopg2.Error as error:

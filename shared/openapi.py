@@ -115,6 +115,32 @@ def _depth_ok(raw: str) -> bool:
     return True
 
 
+def _check_strings(document: Any) -> None:
+    """Refuse text no layer below can carry: lone UTF-16 surrogates (`"\\ud800"` is well-formed JSON
+    but no Unicode text: 400) and U+0000 (PostgreSQL text cannot hold it: 422 naming the field)."""
+    bad_fields: dict[str, list[str]] = {}
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise MalformedJson("The body holds an escaped lone surrogate, which is not text.") from None
+            if "\x00" in value:
+                bad_fields.setdefault(path or "_body", []).append("Must not contain U+0000.")
+        elif isinstance(value, dict):
+            for key, inner in value.items():
+                walk(key, path)
+                walk(inner, f"{path}.{key}" if path else str(key))
+        elif isinstance(value, list):
+            for index, inner in enumerate(value):
+                walk(inner, f"{path}.{index}" if path else str(index))
+
+    walk(document, "")
+    if bad_fields:
+        raise ValidationProblem("One or more fields are not valid.", errors=bad_fields)
+
+
 def _refuse_constant(name: str) -> NoReturn:
     raise MalformedJson(f"{name} is not JSON (RFC 8259).")
 
@@ -137,9 +163,11 @@ class ProblemParser(AIOHTTPParser):
         if not _depth_ok(text):
             raise MalformedJson("The JSON body is nested too deeply.")
         try:
-            return json.loads(text, parse_constant=_refuse_constant)
+            document = json.loads(text, parse_constant=_refuse_constant)
         except ValueError as error:
             raise MalformedJson(f"The body is not well-formed JSON: {error.args[0]}") from None
+        _check_strings(document)
+        return document
 
     def handle_error(
         self,
@@ -153,9 +181,33 @@ class ProblemParser(AIOHTTPParser):
         raise ValidationProblem("One or more fields are not valid.", errors=_flatten(error.messages))
 
 
+_PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+
+
+def _document_routing_answers(operation: dict[str, Any]) -> None:
+    """Answers that come before any handler, for what an operation's URL carries: a path parameter
+    the router cannot route (empty, `.` or `..`) is 404, and a URL longer than the gateway takes
+    (parameters can make it so) is 414."""
+    locations = {parameter.get("in") for parameter in operation.get("parameters", [])}
+    statuses = []
+    if "path" in locations:
+        statuses.append(404)
+    if locations & {"path", "query"}:
+        statuses.append(414)
+    responses = operation.setdefault("responses", {})
+    documented = {str(status) for status in responses}
+    for status in statuses:
+        if str(status) not in documented:
+            responses[str(status)] = {
+                "description": HTTPStatus(status).phrase,
+                "content": {"application/problem+json": {"schema": dict(_PROBLEM_REF)}},
+            }
+
+
 def _clean(spec: dict[str, Any], hidden_prefixes: tuple[str, ...]) -> dict[str, Any]:
     """Strip Swagger-2 leftovers, the HEAD twins aiohttp adds to every GET, and service-to-service
-    paths the gateway does not serve; every body this system takes is required."""
+    paths the gateway does not serve; every body this system takes is required; document the
+    answers routing gives before any handler runs."""
     paths = spec.get("paths", {})
     for path in [p for p in paths if p.startswith(hidden_prefixes)]:
         del paths[path]
@@ -167,6 +219,7 @@ def _clean(spec: dict[str, Any], hidden_prefixes: tuple[str, ...]) -> dict[str, 
                     operation.pop(key, None)
                 if "requestBody" in operation:
                     operation["requestBody"]["required"] = True
+                _document_routing_answers(operation)
     return spec
 
 

@@ -143,13 +143,19 @@ def _b64json(segment: str) -> Any:
     return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
 
 
+MAX_TOKEN_LENGTH = 8192
+MAX_HEADER_LENGTH = 1024
+
+
 def _header(token: str) -> Mapping[str, Any]:
     parts = token.split(".")
-    if len(parts) != 3:
+    # Our headers are about 120 characters: anything long is not ours, and is not parsed (no deep
+    # nesting reaches the JSON parser).
+    if len(parts) != 3 or len(token) > MAX_TOKEN_LENGTH or len(parts[0]) > MAX_HEADER_LENGTH:
         raise InvalidToken("malformed token")
     try:
         header = _b64json(parts[0])
-    except (ValueError, binascii.Error, UnicodeEncodeError):
+    except (ValueError, RecursionError, binascii.Error, UnicodeEncodeError):
         raise InvalidToken("malformed token") from None
     if not isinstance(header, dict):
         raise InvalidToken("malformed token")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from shared.cors import cors_middlewares
 from shared.errors import error_middleware
 from shared.health import setup_health
 from shared.logs import request_id_middleware
@@ -19,10 +22,17 @@ async def _harden(_: web.Request, response: web.StreamResponse) -> None:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
 
 
-def setup_common(app: web.Application, registry: CollectorRegistry) -> None:
-    """Request ids (outermost), metrics, errors, bearer tokens; /healthz, /readyz, /metrics."""
+def setup_common(
+    app: web.Application, registry: CollectorRegistry, *, cors_origins: Iterable[str] = ()
+) -> None:
+    """Request ids (outermost), metrics, CORS, errors, bearer tokens; /healthz, /readyz, /metrics.
+
+    CORS (shared/cors.py) is off unless `cors_origins` lists origins; it sits outside the error
+    middleware, so problem+json answers get the grant too, and preflights never reach a handler.
+    """
     app.middlewares.append(request_id_middleware)
     setup_health(app, registry)  # adds the metrics middleware, so it sees the final status
+    app.middlewares.extend(cors_middlewares(app, cors_origins))
     app.middlewares.append(error_middleware)
     app.middlewares.append(bearer_middleware)  # before body validation (setup_openapi adds it)
     app.on_response_prepare.append(_harden)

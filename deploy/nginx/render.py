@@ -8,6 +8,8 @@ rewrites the committed `nginx.compose.conf` (the containers' configuration) from
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import os
@@ -17,6 +19,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from aiohttp_apigami.swagger_ui import SWAGGER_UI_STATIC_FILES  # the Swagger UI page the services serve
 
 TEMPLATE = Path(__file__).with_name("nginx.conf.template")
 COMPOSE_CONF = Path(__file__).with_name("nginx.compose.conf")
@@ -163,7 +167,66 @@ _COMMON_HEADERS = (
     "add_header X-Request-ID $gateway_response_request_id always;",
     "add_header X-Content-Type-Options nosniff always;",
     "add_header Referrer-Policy no-referrer always;",
+    "add_header Content-Security-Policy $gateway_csp always;",
 )
+
+# Content-Security-Policy. Every answer but the docs pages' is data (JSON, problem+json, the docs'
+# own scripts and styles, loaded as subresources): nothing in it may load or run, nor be framed.
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
+# The docs pages (Swagger UI at {prefix}/docs, ReDoc at {prefix}/redoc) and their static assets:
+# scripts from the gateway only, plus Swagger UI's one inline script by its hash (apigami's
+# index.html; it differs per service only by the spec URL). Styles may be inline: both UIs set
+# style attributes and ReDoc injects <style> elements (styled-components). Images from the gateway
+# and data: URIs (Swagger UI's icons). ReDoc runs its search in a worker made from a blob: URL.
+# Requests (the spec, "Try it out", the password flow) go to the gateway only.
+DOCS_PREFIXES = ("/api/v1/auth", "/api/v1/referral")
+SWAGGER_INDEX = "index.html"  # aiohttp_apigami's Swagger UI page template
+SWAGGER_LAYOUT = "StandaloneLayout"  # apigami's default, which shared/openapi.py keeps
+_INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
+
+
+def swagger_inline_scripts(prefix: str) -> list[str]:
+    """The inline scripts of the Swagger UI page a service under `prefix` serves, as apigami renders
+    it (shared/openapi.py: spec at {prefix}/openapi.json, assets under {prefix}/static/swagger)."""
+    template = (SWAGGER_UI_STATIC_FILES / SWAGGER_INDEX).read_text(encoding="utf-8")
+    page = string.Template(template).substitute(
+        path=f"{prefix}/openapi.json", static=f"{prefix}/static/swagger", layout=SWAGGER_LAYOUT
+    )
+    return _INLINE_SCRIPT.findall(page)
+
+
+def csp_hash(script: str) -> str:
+    """A CSP source matching an inline script with exactly this text."""
+    digest = hashlib.sha256(script.encode("utf-8")).digest()
+    return f"'sha256-{base64.b64encode(digest).decode('ascii')}'"
+
+
+def docs_csp(prefix: str) -> str:
+    """The policy of one service's docs pages and their assets."""
+    hashes = " ".join(csp_hash(script) for script in swagger_inline_scripts(prefix))
+    return (
+        "default-src 'self'; "
+        f"script-src 'self' {hashes}; "
+        "style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; "
+        "worker-src 'self' blob:; "
+        "connect-src 'self'; "
+        "object-src 'none'; "
+        "frame-ancestors 'none'; "
+        "base-uri 'self'; "
+        "form-action 'self'"
+    )
+
+
+def _csp_map() -> list[str]:
+    """`map $uri $gateway_csp`: the docs policy on the docs pages and their assets, else API_CSP."""
+    lines = ["map $uri $gateway_csp {"]
+    for prefix in DOCS_PREFIXES:
+        quoted = re.escape(prefix)
+        lines.append(f'    "~^{quoted}/(docs|redoc)$" "{docs_csp(prefix)}";')
+        lines.append(f'    "~^{quoted}/static/" "{docs_csp(prefix)}";')
+    lines += [f'    default "{API_CSP}";', "}"]
+    return lines
 
 
 def _indent(lines: list[str] | tuple[str, ...], depth: int) -> str:
@@ -206,6 +269,11 @@ def _error_page(problem: _Problem) -> str:
     return f"error_page {problem.status} {answer}{target};"
 
 
+def _limit(zone: str, burst: int) -> str:
+    """limit_req's arguments; nginx refuses `burst=0`, which is what no burst means."""
+    return f"zone={zone} burst={burst} nodelay" if burst else f"zone={zone} nodelay"
+
+
 def _retry_after(rate: str) -> int:
     match = _RATE.fullmatch(rate)
     assert match is not None
@@ -241,9 +309,9 @@ def render(config: GatewayConfig, *, runtime_dir: str | None = None) -> str:
         "token_rate": config.token_rate,
         "signup_rate": config.signup_rate,
         "lookup_rate": config.lookup_rate,
-        "token_burst": str(config.token_burst),
-        "signup_burst": str(config.signup_burst),
-        "lookup_burst": str(config.lookup_burst),
+        "token_limit": _limit("token", config.token_burst),
+        "signup_limit": _limit("signup", config.signup_burst),
+        "lookup_limit": _limit("lookup", config.lookup_burst),
         "token_retry_after": str(_retry_after(config.token_rate)),
         "signup_retry_after": str(_retry_after(config.signup_rate)),
         "lookup_retry_after": str(_retry_after(config.lookup_rate)),
@@ -253,6 +321,7 @@ def render(config: GatewayConfig, *, runtime_dir: str | None = None) -> str:
         "proxy_timeout": str(config.proxy_timeout),
         "listen": config.listen,
         "common_headers": _indent(_COMMON_HEADERS, 8),
+        "csp_map": _indent(_csp_map(), 4),
         "error_pages": _indent(error_pages, 8),
         "problem_locations": _indent([line for p in problems for line in _problem_location(p)][:-1], 8),
     }

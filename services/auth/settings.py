@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from services.auth.oauth.config import OAuthProviderSettings, load_oauth_providers
 from shared.config import DEV, SettingsError, load_settings, setting
+from shared.cors import check_origins
 
 PREFIX = "AUTH_"
 API_PREFIX = "/api/v1/auth"
@@ -44,6 +45,7 @@ class AuthSettings:
     login_max_failures_per_address: int = setting(50, doc="failed logins per client address before 429")
     login_lockout_seconds: int = setting(300, doc="how long failures are counted and a lockout lasts")
     trusted_proxies: tuple[str, ...] = setting((), doc="addresses whose X-Forwarded-For is believed")
+    cors_origins: tuple[str, ...] = setting((), doc="exact browser origins allowed by CORS; empty: CORS off")
     referral_service_url: str = setting("http://127.0.0.1:8082", doc="the referral service's own base URL")
     referral_audience: str = setting("referral-service", doc="aud of the tokens this service calls it with")
     referral_timeout: float = setting(2.0, doc="seconds any call to the referral service may take")
@@ -90,6 +92,7 @@ class AuthSettings:
             )
         if not 30 <= self.oauth_state_ttl <= 3600:
             raise SettingsError(f"{PREFIX}OAUTH_STATE_TTL must be 30..3600 seconds")
+        check_origins(self.cors_origins, f"{PREFIX}CORS_ORIGINS")
         self._check_vendors()
 
     def _check_vendors(self) -> None:

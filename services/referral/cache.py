@@ -9,9 +9,12 @@ The database stays the source of truth; the cache only ever answers what the dat
 - codes never change owner or come back once deleted, so a tombstone is always right.
 When Redis fails, the failure is logged (at most every few seconds), counted in /metrics, and reads
 bypass the cache for a short while (a breaker), so requests go straight to the database instead of
-each waiting for Redis to time out. Changes are still written through; if such a write itself fails
-while Redis is reachable for reads, the stale entry lives until its TTL (`REFERRAL_CACHE_TTL`), and
-the write paths that matter (activation) re-check the database in the same statement anyway.
+each waiting for Redis to time out. Changes are still written through; a change Redis did not take
+(an outage) is kept in process memory and written before this process reads or fills the cache
+again, so an entry from before the outage (the code a user deleted meanwhile) is never served once
+Redis is back. (Until then another replica may read it; the write paths that matter, activation,
+re-check the database in the same statement anyway.) Past `MAX_UNWRITTEN` such changes, every entry
+of the namespace is dropped instead.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 
 BREAKER_SECONDS = 5.0
 LOG_EVERY_SECONDS = 10.0
+MAX_UNWRITTEN = 10_000
 _CACHE_ERRORS = (RedisError, OSError, asyncio.TimeoutError, ValueError, TypeError)
 
 
@@ -92,6 +96,11 @@ class CodeCache:
         self._settings = settings
         self._open_until = 0.0
         self._last_logged = 0.0
+        # Changes Redis missed: key -> (value, monotonic deadline), replayed before the cache is read
+        # again; `_lost` when there were too many to keep (the namespace is then dropped instead).
+        self._unwritten: dict[str, tuple[Any, float]] = {}
+        self._lost = False
+        self._changing = asyncio.Lock()
         self._lookups = Counter(
             "referral_cache_lookups", "Code cache lookups by result", ["result"], registry=registry
         )
@@ -115,7 +124,7 @@ class CodeCache:
             )
 
     async def _get(self, key: str) -> Any:
-        if not self._available():
+        if not self._available() or not await self._replay():
             self._lookups.labels("bypassed").inc()
             return None
         try:
@@ -128,19 +137,58 @@ class CodeCache:
         return value
 
     async def _write(self, key: str, value: Any, ttl: int, *, overwrite: bool) -> None:
-        # Fills skip a Redis known to be failing; changes are always attempted, so that a Redis that
-        # comes back never serves an entry a change should have replaced.
-        if not overwrite and not self._available():
-            return
-        try:
-            if overwrite:
-                await self._cache.set(key, value, ttl=ttl)
-            else:
+        # Fills skip a Redis known to be failing; changes are always attempted, and one that fails is
+        # kept for `_replay`, so that a Redis that comes back never serves an entry it should replace.
+        if not overwrite:
+            if not self._available() or not await self._replay():
+                return
+            try:
                 await self._cache.add(key, value, ttl=ttl)
-        except ValueError:
-            pass  # add(): somebody wrote first, and writers win
-        except _CACHE_ERRORS as error:
-            self._failed(error)
+            except ValueError:
+                pass  # somebody wrote first, and writers win
+            except _CACHE_ERRORS as error:
+                self._failed(error)
+            return
+        async with self._changing:
+            try:
+                await self._cache.set(key, value, ttl=ttl)
+            except _CACHE_ERRORS as error:
+                self._failed(error)
+                self._keep(key, value, ttl)
+            else:
+                self._unwritten.pop(key, None)
+
+    def _keep(self, key: str, value: Any, ttl: int) -> None:
+        self._unwritten.pop(key, None)  # the newest change of a key goes last
+        self._unwritten[key] = (value, time.monotonic() + ttl)
+        if len(self._unwritten) > MAX_UNWRITTEN:
+            self._unwritten.clear()
+            self._lost = True
+
+    async def _replay(self) -> bool:
+        """Write the changes Redis missed; False (and the breaker opens again) while it still fails."""
+        if not (self._unwritten or self._lost):
+            return True
+        async with self._changing:
+            if not (self._unwritten or self._lost):
+                return True  # replayed meanwhile
+            try:
+                if self._lost:
+                    client = self._cache.client
+                    async for found in client.scan_iter(match=f"{self._cache.namespace}*", count=1000):
+                        await client.delete(found)
+                    self._lost = False
+                while self._unwritten:
+                    key, (value, deadline) = next(iter(self._unwritten.items()))
+                    ttl = int(deadline - time.monotonic())
+                    if ttl >= 1:
+                        await self._cache.set(key, value, ttl=ttl)
+                    del self._unwritten[key]
+            except _CACHE_ERRORS as error:
+                self._failed(error)
+                return False
+        log.info("code cache: changes made during the Redis outage written")
+        return True
 
     def _code_ttl(self, code: ReferralCode) -> int:
         left = (code.expires_at - datetime.now(UTC)).total_seconds()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.config import DEV, SettingsError, setting
+from shared.cors import check_origins
 
 PREFIX = "REFERRAL_"
 API_PREFIX = "/api/v1/referral"
@@ -38,6 +39,7 @@ class ReferralSettings:
     redis_timeout: float = setting(0.5, doc="seconds to wait for Redis before reading the database")
     max_body_bytes: int = setting(16 * 1024, doc="largest request body accepted")
     trusted_proxies: tuple[str, ...] = setting((), doc="addresses whose X-Forwarded-For is believed")
+    cors_origins: tuple[str, ...] = setting((), doc="exact browser origins allowed by CORS; empty: CORS off")
     log_level: str = setting("INFO", doc="logging level")
 
     def __post_init__(self) -> None:
@@ -49,3 +51,4 @@ class ReferralSettings:
             raise SettingsError(
                 f"{PREFIX}CODE_MIN_LIFETIME and {PREFIX}CODE_MAX_LIFETIME_DAYS must be positive"
             )
+        check_origins(self.cors_origins, f"{PREFIX}CORS_ORIGINS")

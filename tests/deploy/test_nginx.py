@@ -8,6 +8,7 @@ import asyncio
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,11 +25,15 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from deploy.nginx.render import (
+    API_CSP,
     COMPOSE,
     COMPOSE_CONF,
+    DOCS_PREFIXES,
     GatewayConfig,
     NginxConfigError,
     check_config,
+    csp_hash,
+    docs_csp,
     nginx_command,
     render,
     write_runtime,
@@ -221,6 +226,7 @@ def assert_gateway_headers(response: aiohttp.ClientResponse) -> None:
     assert response.headers.getall("X-Request-ID")
     assert response.headers.getall("X-Content-Type-Options") == ["nosniff"]
     assert response.headers.getall("Referrer-Policy") == ["no-referrer"]
+    assert len(response.headers.getall("Content-Security-Policy")) == 1
     assert "/" not in response.headers.get("Server", "")  # no version
 
 
@@ -261,6 +267,18 @@ def test_nginx_accepts_the_local_and_the_compose_configurations(tmp_path: Path) 
     path.parent.mkdir()
     path.write_text(compose, encoding="utf-8")
     check_config(path)
+
+
+def test_a_burst_of_zero_is_no_burst(tmp_path: Path) -> None:
+    config = GatewayConfig(
+        auth_upstreams=("127.0.0.1:1",), referral_upstreams=("127.0.0.1:2",), token_burst=0, lookup_burst=0
+    )
+    conf = write_runtime(config, tmp_path)
+    check_config(conf)  # nginx itself refuses `burst=0`
+    text = conf.read_text()
+    assert "limit_req zone=token nodelay;" in text
+    assert "limit_req zone=signup burst=10 nodelay;" in text
+    assert "limit_req zone=lookup nodelay;" in text
 
 
 def test_check_config_raises_with_nginx_s_message(tmp_path: Path) -> None:
@@ -684,6 +702,160 @@ async def test_the_upstreams_own_errors_pass_through_untouched(
             assert_gateway_headers(response)
 
 
+def directives(policy: str) -> dict[str, list[str]]:
+    """A Content-Security-Policy as {directive: sources}."""
+    parsed: dict[str, list[str]] = {}
+    for part in policy.split(";"):
+        name, *sources = part.split()
+        assert name not in parsed, f"{name} twice in {policy}"
+        parsed[name] = sources
+    return parsed
+
+
+def test_the_docs_policy_is_strict() -> None:
+    for prefix in DOCS_PREFIXES:
+        policy = directives(docs_csp(prefix))
+        assert policy["default-src"] == ["'self'"]
+        scripts = policy["script-src"]
+        assert scripts[0] == "'self'"
+        assert scripts[1:], "Swagger UI's inline script needs its hash"
+        assert all(re.fullmatch(r"'sha256-[A-Za-z0-9+/]{43}='", source) for source in scripts[1:])
+        assert policy["style-src"] == ["'self'", "'unsafe-inline'"]
+        assert policy["img-src"] == ["'self'", "data:"]
+        assert policy["worker-src"] == ["'self'", "blob:"]  # ReDoc's search worker
+        assert policy["connect-src"] == ["'self'"]
+        assert policy["object-src"] == ["'none'"]
+        assert policy["frame-ancestors"] == ["'none'"]
+        assert policy["base-uri"] == ["'self'"]
+        assert policy["form-action"] == ["'self'"]
+        assert "'unsafe-eval'" not in docs_csp(prefix)
+        assert "http" not in docs_csp(prefix)  # no other host, no scheme-wide source
+    assert directives(API_CSP) == {"default-src": ["'none'"], "frame-ancestors": ["'none'"]}
+    # Each service's page allows its own inline script only.
+    auth, referral = (set(directives(docs_csp(p))["script-src"][1:]) for p in DOCS_PREFIXES)
+    assert not auth & referral
+
+
+def _inline_scripts(page: str) -> list[str]:
+    return re.findall(r"<script>(.*?)</script>", page, flags=re.DOTALL)
+
+
+async def test_the_docs_policy_admits_the_pages_the_services_really_serve(
+    auth_client: Any, aiohttp_client: Any, database_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    """The hashes are computed from apigami's template: they must match the real apps' pages."""
+    from services.referral.app import create_app as create_referral_app
+    from services.referral.settings import PREFIX, ReferralSettings
+    from shared.config import load_settings
+
+    referral_settings = load_settings(
+        ReferralSettings,
+        PREFIX,
+        {"DATABASE_URL": database_url, "REDIS_URL": redis_url, f"{PREFIX}REDIS_PREFIX": redis_prefix},
+    )
+    referral_client = await aiohttp_client(create_referral_app(referral_settings))
+    for client, prefix in ((auth_client, AUTH), (referral_client, REFERRAL)):
+        allowed = directives(docs_csp(prefix))["script-src"][1:]
+        response = await client.get(f"{prefix}/docs")
+        assert response.status == 200
+        scripts = _inline_scripts(await response.text())
+        assert scripts, "Swagger UI's page has its inline script"
+        assert sorted(csp_hash(script) for script in scripts) == sorted(allowed)
+        response = await client.get(f"{prefix}/redoc")
+        assert response.status == 200
+        page = await response.text()
+        assert _inline_scripts(page) == []
+        assert " style=" not in page  # ReDoc's own page needs no inline style either
+
+
+async def _page(request: web.Request) -> web.Response:
+    return web.Response(
+        text="<!DOCTYPE html><title>docs</title>",
+        content_type="text/html",
+        headers={"Content-Security-Policy": "script-src *", "Server": "Python/3.11 aiohttp/3"},
+    )
+
+
+async def test_the_docs_pages_and_their_assets_get_the_docs_policy(
+    upstream: Upstreams, gateway: Gateway, session: Session
+) -> None:
+    auth = await upstream("auth", {f"{AUTH}/{{tail:.*}}": _page})
+    referral = await upstream("referral", {f"{REFERRAL}/{{tail:.*}}": _page})
+    base = await gateway([auth.address], [referral.address])
+    for prefix in (AUTH, REFERRAL):
+        for target in (
+            "/docs",
+            "/redoc",
+            "/static/swagger/swagger-ui-bundle.js",
+            "/static/redoc/redoc.standalone.js",
+            "/static/redoc/logo-mini.svg",
+            "/%64ocs",  # the upstream decodes it: the docs page, so the docs policy
+        ):
+            async with session.get(at(base, prefix + target)) as response:
+                assert response.status == 200, target
+                # The gateway's policy replaces the upstream's.
+                assert response.headers.getall("Content-Security-Policy") == [docs_csp(prefix)], target
+                assert_gateway_headers(response)
+                assert response.headers.get("Server") == "nginx"
+        for target in ("/docs/", "/docsx", "/redoc.json", "/openapi.json", "/me", "/static"):
+            async with session.get(at(base, prefix + target)) as response:
+                assert response.headers.getall("Content-Security-Policy") == [API_CSP], target
+
+
+async def test_api_answers_and_the_gateways_own_get_the_data_policy(
+    upstream: Upstreams, gateway: Gateway, session: Session
+) -> None:
+    async def json_answer(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"ok": True}, headers={"Content-Security-Policy": "default-src *", "Server": "aiohttp/3"}
+        )
+
+    auth = await upstream("auth", {f"{AUTH}/json": json_answer})
+    base = await gateway([auth.address], max_body="1k", token_rate="1r/m", token_burst=0)
+
+    async def check(response: aiohttp.ClientResponse) -> None:
+        assert response.headers.getall("Content-Security-Policy") == [API_CSP]
+        assert_gateway_headers(response)
+        assert response.headers.get("Server") == "nginx"
+
+    async with session.get(at(base, f"{AUTH}/json")) as response:
+        assert response.status == 200
+        await check(response)
+    async with session.get(at(base, "/healthz")) as response:
+        await check(response)
+    async with session.get(at(base, "/nowhere")) as response:
+        await assert_problem(response, 404, "not_found")
+        await check(response)
+    async with session.post(at(base, f"{AUTH}/x"), data=b"a" * 2048) as response:
+        await assert_problem(response, 413, "payload_too_large")
+        await check(response)
+    async with session.get(at(base, f"{REFERRAL}/x")) as response:  # nothing listens there
+        await assert_problem(response, 502, "bad_gateway")
+        await check(response)
+    async with session.post(at(base, f"{AUTH}/token")) as response:
+        assert response.status == 200
+    async with session.post(at(base, f"{AUTH}/token")) as response:
+        await assert_problem(response, 429, "too_many_requests")  # its location sets its own headers
+        await check(response)
+
+
+async def test_cors_preflights_do_not_count_against_the_rate_limits(
+    upstream: Upstreams, gateway: Gateway, session: Session
+) -> None:
+    auth = await upstream("auth")
+    base = await gateway([auth.address], token_rate="1r/m", token_burst=1, signup_rate="1r/m", signup_burst=1)
+    preflight = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"}
+    for target in (f"{AUTH}/token", f"{AUTH}/signup"):
+        for _ in range(5):
+            async with session.options(at(base, target), headers=preflight) as response:
+                assert response.status == 200  # the upstream's answer: nginx passed it on
+        for _ in range(2):
+            async with session.post(at(base, target)) as response:
+                assert response.status == 200
+        async with session.post(at(base, target)) as response:
+            await assert_problem(response, 429, "too_many_requests")
+
+
 async def test_no_server_version(upstream: Upstreams, gateway: Gateway, session: Session) -> None:
     async def branded(request: web.Request) -> web.Response:
         return web.Response(text="ok", headers={"Server": "referral-system"})
@@ -770,8 +942,10 @@ def test_the_launcher_runs_nginx_and_stops_it_whole(tmp_path: Path) -> None:
     assert not run.healthy(service.health_url)
 
 
-def test_the_fixture_leaves_no_nginx_behind() -> None:
-    """No nginx started by these tests (whose prefix is under pytest's temp dirs) is still running."""
+def test_the_fixture_leaves_no_nginx_behind(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No nginx started by these tests (whose prefix is under this run's temp dir) is still running;
+    other pytest runs on the machine (under their own temp dirs) are not ours to judge."""
+    run_dir = str(tmp_path_factory.getbasetemp())
     ours = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -779,6 +953,6 @@ def test_the_fixture_leaves_no_nginx_behind() -> None:
                 command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if command.startswith("nginx") and "pytest-of-" in command:
+            if command.startswith("nginx") and f"{run_dir}/" in command:
                 ours.append(command)
     assert ours == []

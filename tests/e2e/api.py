@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from tests.e2e import secrets as run_secrets
+
 AUTH = "/api/v1/auth"
 REFERRAL = "/api/v1/referral"
 SIGNUP = f"{AUTH}/signup"
@@ -95,9 +97,24 @@ async def signup(
     body: dict[str, str] = {"email": email, "password": password}
     if referral_code is not None:
         body["referral_code"] = referral_code
+    run_secrets.record("password", password)
     response = await session.post(SIGNUP, json=body)
     await response.read()
+    await record_issued_tokens(response)
     return response
+
+
+async def record_issued_tokens(response: aiohttp.ClientResponse) -> None:
+    """Remember the tokens a signup, callback or token answer issued (for the log scan)."""
+    if response.status not in (200, 201) or response.content_type != "application/json":
+        return
+    try:
+        body = json.loads(await response.read())
+    except ValueError:
+        return
+    if isinstance(body, dict):
+        run_secrets.record("access_token", body.get("access_token"))
+        run_secrets.record("refresh_token", body.get("refresh_token"))
 
 
 async def new_account(
@@ -123,8 +140,11 @@ async def new_account(
 
 async def token(session: aiohttp.ClientSession, **form: str) -> aiohttp.ClientResponse:
     """POST the token endpoint with a form (RFC 6749)."""
+    run_secrets.record("password", form.get("password"))
+    run_secrets.record("refresh_token", form.get("refresh_token"))
     response = await session.post(TOKEN, data=form)
     await response.read()
+    await record_issued_tokens(response)
     return response
 
 

@@ -22,8 +22,9 @@ from services.auth.api.schemas import (
     UserSchema,
 )
 from services.auth.appkeys import AUTH_SERVICE, KEY_RING, OAUTH_SERVICE, SETTINGS, TRUSTED_PROXIES
-from services.auth.domain.errors import invalid_request, unsupported_grant_type
+from services.auth.domain.errors import invalid_grant, invalid_request, unsupported_grant_type
 from services.auth.domain.models import Session, TokenPair
+from services.auth.domain.services import BAD_CREDENTIALS
 from services.auth.settings import API_PREFIX
 from shared.appkeys import TOKEN_VERIFIER
 from shared.errors import NO_STORE
@@ -47,6 +48,20 @@ def _oauth_errors(*statuses: int) -> dict[int, dict[str, Any]]:
             "content": {"application/json": {"schema": OAuthErrorSchema}},
         }
         for status in statuses
+    }
+
+
+def _throttled() -> dict[int, dict[str, Any]]:
+    """429 on /token: the service's own login throttle answers in the RFC 6749 format, the gateway's
+    rate limit as problem+json; both with Retry-After."""
+    return {
+        429: {
+            "description": "Too many requests (Retry-After)",
+            "content": {
+                "application/json": {"schema": OAuthErrorSchema},
+                **problem_responses(429)[429]["content"],
+            },
+        }
     }
 
 
@@ -105,9 +120,10 @@ def _token_response(tokens: TokenPair) -> web.Response:
         "verifier is configured, an address it judges invalid or disposable answers 422 "
         "`email_undeliverable` and creates nothing; if the verifier cannot answer, the signup goes on "
         "and its verdict (or `unchecked`) shows as `email_check` on `/me`. Profile enrichment, when "
-        "configured, runs after the answer and fills `profile` on `/me` later."
+        "configured, runs after the answer and fills `profile` on `/me` later. The gateway limits "
+        "how often one client may sign up (429 with Retry-After)."
     ),
-    responses=problem_responses(400, 404, 409, 410, 413, 415, 422, 503),
+    responses=problem_responses(400, 404, 409, 410, 413, 415, 422, 429, 503),
 )
 @request_schema(SignupRequestSchema)
 @response_schema(SignupResponseSchema, 201, description="The new user, signed in")
@@ -139,14 +155,19 @@ def _session_response(session: Session, *, status: int) -> web.Response:
     requestBody=_form_body(
         {
             "grant_type": {"type": "string", "enum": ["password", "refresh_token"]},
-            "username": {"type": "string", "description": "the email (password grant)"},
-            "password": {"type": "string", "format": "password", "description": "(password grant)"},
-            "refresh_token": {"type": "string", "description": "(refresh_token grant)"},
+            "username": {"type": "string", "minLength": 1, "description": "the email (password grant)"},
+            "password": {
+                "type": "string",
+                "minLength": 1,
+                "format": "password",
+                "description": "(password grant)",
+            },
+            "refresh_token": {"type": "string", "minLength": 1, "description": "(refresh_token grant)"},
             "scope": {"type": "string", "description": "ignored"},
         },
         ["grant_type"],
     ),
-    responses={**_oauth_errors(400, 429), **problem_responses(413)},
+    responses={**_oauth_errors(400), **_throttled(), **problem_responses(413)},
 )
 @response_schema(TokenResponseSchema, 200, description="Tokens (Cache-Control: no-store)")
 async def token(request: web.Request) -> web.Response:
@@ -155,6 +176,8 @@ async def token(request: web.Request) -> web.Response:
     grant_type = _required(params, "grant_type")
     if grant_type == "password":
         username, password = _required(params, "username"), _required(params, "password")
+        if "\x00" in username:  # no account's email holds U+0000 (and PostgreSQL text cannot)
+            raise invalid_grant(BAD_CREDENTIALS)
         address = client_address(request, request.app[TRUSTED_PROXIES])
         return _token_response(await service.password_grant(username, password, address))
     if grant_type == "refresh_token":
@@ -166,7 +189,9 @@ async def token(request: web.Request) -> web.Response:
     tags=TAG,
     summary="Revoke a refresh token (RFC 7009)",
     description="Revokes the token and every token of the same login. Unknown tokens also answer 200.",
-    requestBody=_form_body({"token": {"type": "string"}, "token_type_hint": {"type": "string"}}, ["token"]),
+    requestBody=_form_body(
+        {"token": {"type": "string", "minLength": 1}, "token_type_hint": {"type": "string"}}, ["token"]
+    ),
     responses={200: {"description": "Revoked (or unknown)"}, **_oauth_errors(400), **problem_responses(413)},
 )
 async def revoke(request: web.Request) -> web.Response:
@@ -223,7 +248,18 @@ async def discovery(request: web.Request) -> web.Response:
         "as in password signup if the sign-in creates the account. The flow must be completed within "
         "`AUTH_OAUTH_STATE_TTL` seconds, once."
     ),
-    responses={302: {"description": "To the provider"}, **problem_responses(404, 422, 503)},
+    responses={
+        302: {
+            "description": "To the provider (Cache-Control: no-store)",
+            "headers": {
+                "Location": {
+                    "description": "the provider's authorization endpoint, with this sign-in's parameters",
+                    "schema": {"type": "string", "format": "uri"},
+                }
+            },
+        },
+        **problem_responses(404, 422, 503),
+    },
 )
 @match_info_schema(ProviderPathSchema, put_into="path")
 @querystring_schema(AuthorizeQuerySchema)
@@ -250,6 +286,7 @@ async def oauth_authorize(request: web.Request) -> web.Response:
 @match_info_schema(ProviderPathSchema, put_into="path")
 @querystring_schema(CallbackQuerySchema)
 @response_schema(SignupResponseSchema, 201, description="A new user, signed in")
+@response_schema(SignupResponseSchema, 200, description="A returning user, signed in")
 async def oauth_callback(request: web.Request) -> web.Response:
     query = request["querystring"]
     result = await request.app[OAUTH_SERVICE].finish(

@@ -117,8 +117,11 @@ async def delete_my_code(request: web.Request) -> web.Response:
 @docs(
     tags=TAG,
     summary="A referrer's active code, by the referrer's email",
-    description="Public. The same 404 for an unknown email and for a user without an active code.",
-    responses=problem_responses(404, 422),
+    description=(
+        "Public. The same 404 for an unknown email and for a user without an active code. The "
+        "gateway limits how often one client may look codes up (429 with Retry-After)."
+    ),
+    responses=problem_responses(404, 422, 429),
 )
 @querystring_schema(CodeByEmailQuerySchema)
 @response_schema(PublicCodeSchema, 200, description="The active code")
@@ -210,6 +213,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete(f"{API_PREFIX}/codes/me", delete_my_code)
     app.router.add_get(f"{API_PREFIX}/codes", code_by_email)
     app.router.add_post(f"{API_PREFIX}/referrals", activate)
-    app.router.add_get(f"{API_PREFIX}/referrers/{{referrer_id}}/referrals", list_referrals)
-    app.router.add_get(f"{INTERNAL_PREFIX}/codes/{{code}}", internal_code)
+    # `[^/]+`: aiohttp's default segment pattern leaves out `{` and `}`, so such an id or code would
+    # answer a bare 404 instead of reaching the schema that says what is wrong with it (422).
+    app.router.add_get(f"{API_PREFIX}/referrers/{{referrer_id:[^/]+}}/referrals", list_referrals)
+    app.router.add_get(f"{INTERNAL_PREFIX}/codes/{{code:[^/]+}}", internal_code)
     app.router.add_post(f"{INTERNAL_PREFIX}/referrals", internal_link)

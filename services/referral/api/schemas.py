@@ -46,8 +46,14 @@ class CodeByEmailQuerySchema(Schema):
     email = TrimmedEmail(required=True, metadata={"description": "the referrer's email"})
 
 
+def _no_nul(value: str) -> None:
+    # PostgreSQL text cannot hold U+0000; no code contains it.
+    if "\x00" in value:
+        raise ValidationError("must not contain U+0000")
+
+
 class ActivateRequestSchema(Schema):
-    code = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    code = fields.String(required=True, validate=[validate.Length(min=1, max=64), _no_nul])
 
 
 class ReferralSchema(Schema):
@@ -89,7 +95,11 @@ class InternalCodeSchema(Schema):
 
 
 class InternalCodePathSchema(Schema):
-    code = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    # Outside the code alphabet no code can exist: 422, which the auth service reads as "no such code".
+    code = fields.String(
+        required=True,
+        validate=[validate.Regexp(CODE_PATTERN, error="4 to 32 of A-Z a-z 0-9 _ -"), _whole_code],
+    )
 
 
 class InternalLinkRequestSchema(Schema):
