@@ -8,13 +8,11 @@ are started under `.data/test/`. A server that is configured but unreachable fai
 from __future__ import annotations
 
 import os
-import secrets
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
@@ -27,16 +25,12 @@ from services.auth.settings import AuthSettings
 from services.auth.signing import generate_pem
 from shared.config import load_settings
 from shared.migrations import apply_migrations
+from tests.helpers import fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH_MIGRATIONS = ROOT / "services" / "auth" / "migrations"
 REFERRAL_MIGRATIONS = ROOT / "services" / "referral" / "migrations"
 DATA_DIR = ROOT / ".data" / "test"
-
-
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
 @pytest.fixture(scope="session")
@@ -74,23 +68,14 @@ def server_redis_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def database_url(server_database_url: str) -> Iterator[str]:
     """A fresh database for this run, migrated, dropped afterwards."""
-    name = f"test_{os.getpid()}_{secrets.token_hex(4)}"
     try:
-        admin = psycopg2.connect(server_database_url, connect_timeout=5)
+        psycopg2.connect(server_database_url, connect_timeout=5).close()
     except psycopg2.OperationalError as error:
         pytest.exit(f"PostgreSQL is not reachable at DATABASE_URL: {error}", returncode=3)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(server_database_url, name)
-    try:
+    with fresh_database(server_database_url, f"test_{os.getpid()}") as url:
         apply_migrations(url, "auth", AUTH_MIGRATIONS)
         apply_migrations(url, "referral", REFERRAL_MIGRATIONS)
         yield url
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import psycopg2
 from aiohttp.test_utils import TestClient
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
@@ -61,3 +66,26 @@ async def assert_problem(response: Any, status: int, code: str | None = None) ->
             assert all(isinstance(m, str) for m in messages)
     assert response.headers.get("X-Request-ID")
     return dict(body)
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL, naming another database."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+@contextlib.contextmanager
+def fresh_database(server_url: str, prefix: str) -> Iterator[str]:
+    """An empty database of its own on the server (`<prefix>_<random>`), dropped afterwards even if
+    connections to it are left (FORCE)."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    admin = psycopg2.connect(server_url, connect_timeout=5)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        yield with_database(server_url, name)
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -191,18 +191,21 @@ async def raw_request(
     url: str, request_line_target: str, method: str = "GET", body: bytes = b""
 ) -> RawAnswer:
     """Send one HTTP/1.1 request with the target exactly as given (no client-side normalisation)."""
+    head = f"{method} {request_line_target} HTTP/1.1\r\nContent-Length: {len(body)}\r\n"
+    return await exchange_raw(url, head.encode("latin-1"), body)
+
+
+async def exchange_raw(url: str, head: bytes, body: bytes = b"", timeout: float = 10) -> RawAnswer:
+    """Send the request line and headers in `head` (plus Host and Connection: close) and `body`
+    byte for byte over a fresh connection; read and parse the whole answer."""
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port
     assert host and port
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        head = (
-            f"{method} {request_line_target} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        )
-        writer.write(head.encode("latin-1") + body)
+        writer.write(head + f"Host: {parts.netloc}\r\nConnection: close\r\n\r\n".encode("latin-1") + body)
         await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 10)
+        data = await asyncio.wait_for(reader.read(), timeout)
     finally:
         writer.close()
         await writer.wait_closed()

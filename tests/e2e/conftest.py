@@ -55,8 +55,8 @@ import pytest
 import redis
 
 from services.auth.signing import generate_pem
-from tests.conftest import _with_database
 from tests.e2e.api import Account, client, new_account
+from tests.helpers import fresh_database
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / ".artifacts" / "e2e"
@@ -280,20 +280,12 @@ def _python_gateway(name: str, port: int, auth: list[int], referral: list[int]) 
 @pytest.fixture(scope="package")
 def e2e_database_url(server_database_url: str) -> Iterator[str]:
     """A fresh, empty database for the e2e run (the services' CLI migrates it), dropped afterwards."""
-    name = f"e2e_{os.getpid()}_{secrets.token_hex(4)}"
     try:
-        admin = psycopg2.connect(server_database_url, connect_timeout=5)
+        psycopg2.connect(server_database_url, connect_timeout=5).close()
     except psycopg2.OperationalError as error:
         pytest.exit(f"PostgreSQL is not reachable at DATABASE_URL: {error}", returncode=3)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_database(server_database_url, name)
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with fresh_database(server_database_url, f"e2e_{os.getpid()}") as url:
+        yield url
 
 
 @pytest.fixture(scope="package")

@@ -40,7 +40,7 @@ import redis
 
 from services.auth.signing import generate_pem
 from shared.migrations import apply_migrations
-from tests.conftest import AUTH_MIGRATIONS, REFERRAL_MIGRATIONS, _with_database
+from tests.conftest import AUTH_MIGRATIONS, REFERRAL_MIGRATIONS
 from tests.e2e.api import (
     CODES,
     ME,
@@ -78,6 +78,7 @@ from tests.e2e.faults import (
     eventually,
     wait_until,
 )
+from tests.helpers import with_database
 
 # Per run: the e2e package may be running in another process at the same time.
 FAULT_ARTIFACTS = ARTIFACTS / "faults" / str(os.getpid())
@@ -195,7 +196,7 @@ def faults(
     admin.autocommit = True
     with admin.cursor() as cursor:
         cursor.execute(f'CREATE DATABASE "{name}"')
-    database_url = _with_database(server_database_url, name)
+    database_url = with_database(server_database_url, name)
     runner = LoopThread()
     prefix = f"e2e-faults:{secrets.token_hex(6)}:"
     started: list[FaultProcess] = []

@@ -13,7 +13,6 @@ wrong issuer, a service token on `/me` and `/codes/me`, and `not-a-jwt`.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -23,7 +22,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -36,7 +34,9 @@ from tests.e2e.api import (
     ME,
     MY_CODE,
     REFERRALS,
+    RawAnswer,
     create_code,
+    exchange_raw,
     jwt_parts,
     referrals_of,
 )
@@ -257,56 +257,20 @@ def _signed_raw(f: Forgery, payload: bytes) -> str:
     return f"{signing_input.decode()}.{b64url(rs_signer(f.key)(signing_input))}"
 
 
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
+Answer = RawAnswer
 
 
 async def send(
     base_url: str, method: str, path: str, authorization: bytes | None, body: Any = None
 ) -> Answer:
     """One request with the Authorization header exactly as given (bytes, no client-side checks)."""
-    parts = urlsplit(base_url)
-    assert parts.hostname and parts.port
     payload = _json(body) if body is not None else b""
-    head = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}", f"Content-Length: {len(payload)}"]
+    head = f"{method} {path} HTTP/1.1\r\nContent-Length: {len(payload)}\r\n".encode()
     if body is not None:
-        head.append("Content-Type: application/json")
-    head.append("Connection: close")
-    raw = "\r\n".join(head).encode() + b"\r\n"
+        head += b"Content-Type: application/json\r\n"
     if authorization is not None:
-        raw += b"Authorization: " + authorization + b"\r\n"
-    raw += b"\r\n" + payload
-    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-    try:
-        writer.write(raw)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 15)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    head_bytes, _, content = data.partition(b"\r\n\r\n")
-    status_line, *lines = head_bytes.decode("latin-1").split("\r\n")
-    headers: dict[str, str] = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        content = _unchunk(content)
-    return Answer(int(status_line.split()[1]), headers, content)
-
-
-def _unchunk(data: bytes) -> bytes:
-    out = b""
-    while data:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out, data = out + data[:size], data[size + 2 :]
-    return out
+        head += b"Authorization: " + authorization + b"\r\n"
+    return await exchange_raw(base_url, head, payload, timeout=15)
 
 
 def refusal_problems(answer: Answer, status: int = 401, error: str = "invalid_token") -> list[str]:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import re
-import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
@@ -22,6 +20,7 @@ from sqlalchemy.schema import CreateIndex
 import services.auth.db.tables
 import services.referral.db.tables
 from shared.migrations import apply_migrations, rollback_migrations
+from tests.helpers import fresh_database
 
 ROOT = Path(__file__).resolve().parents[2]
 TYPE_FAMILIES = (
@@ -117,30 +116,9 @@ TABLE_CASES = [
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-
-@contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """An empty database of its own on the test server, dropped afterwards."""
-    name = f"test_stairway_{secrets.token_hex(4)}"
-    admin = psycopg2.connect(server_url, connect_timeout=5)
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-        yield _with_database(server_url, name)
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
 @pytest.fixture
 def fresh_database_url(server_database_url: str) -> Iterator[str]:
-    with fresh_database(server_database_url) as url:
+    with fresh_database(server_database_url, "test_stairway") as url:
         yield url
 
 
@@ -152,7 +130,7 @@ def migrated(server_database_url: str) -> Iterator[Callable[[Service], str]]:
 
         def migrated_url_of(service: Service) -> str:
             if service.name not in urls:
-                url = stack.enter_context(fresh_database(server_database_url))
+                url = stack.enter_context(fresh_database(server_database_url, "test_stairway"))
                 assert apply_migrations(url, service.schema, service.migrations) == service.count
                 assert rollback_migrations(url, service.schema, service.migrations) == service.count
                 assert apply_migrations(url, service.schema, service.migrations) == service.count
