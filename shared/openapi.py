@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import string
 import warnings
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -22,6 +23,7 @@ import openapi_ui_bundles.redoc
 from aiohttp import web
 from aiohttp_apigami import setup_aiohttp_apispec, validation_middleware
 from aiohttp_apigami.constants import APISPEC_PARSER, SWAGGER_DICT
+from aiohttp_apigami.swagger_ui import SWAGGER_UI_STATIC_FILES
 from webargs import core
 from webargs.aiohttpparser import AIOHTTPParser
 
@@ -56,6 +58,20 @@ def problem_responses(*statuses: int) -> dict[int, dict[str, Any]]:
 
 _SWAGGER2_OPERATION_KEYS = ("produces", "consumes")
 _REDOC_CDN_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
+
+
+def swagger_page(prefix: str) -> str:
+    """Swagger UI's page for the service under `prefix`: apigami's bundled page (spec at
+    `{prefix}/openapi.json`, assets under `{prefix}/static/swagger`), with the online validator off:
+    Swagger UI would otherwise send the spec's URL to validator.swagger.io from any real host name.
+    The gateway's CSP allows this page's one inline script by its hash (deploy/nginx/render.py)."""
+    template = (SWAGGER_UI_STATIC_FILES / "index.html").read_text(encoding="utf-8")
+    page = string.Template(template).substitute(
+        path=f"{prefix}/openapi.json", static=f"{prefix}/static/swagger", layout="StandaloneLayout"
+    )
+    marker = 'layout: "StandaloneLayout",'
+    assert marker in page, "apigami's Swagger UI page changed: review swagger_page"
+    return page.replace(marker, f"{marker}\n        validatorUrl: null,")
 
 
 @functools.cache
@@ -257,8 +273,7 @@ def setup_openapi(
         title=title,
         version=version,
         url=spec_url,
-        swagger_path=f"{prefix}/docs",
-        static_path=f"{prefix}/static/swagger",
+        swagger_path=None,  # the page is ours (below): apigami's asks a third party to validate the spec
         openapi_version="3.0.3",
         info={"description": description},
     )
@@ -299,6 +314,13 @@ def setup_openapi(
             headers={"Cache-Control": "public, max-age=86400"},
         )
 
+    page = swagger_page(prefix)
+
+    async def swagger(_: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    app.router.add_get(f"{prefix}/docs", swagger)
+    app.router.add_static(f"{prefix}/static/swagger", SWAGGER_UI_STATIC_FILES)
     app.router.add_get(f"{prefix}/redoc", redoc)
     app.router.add_get(f"{prefix}/static/redoc/redoc.standalone.js", redoc_bundle)
     app.router.add_static(f"{prefix}/static/redoc", openapi_ui_bundles.redoc.static_path)

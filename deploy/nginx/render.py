@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp_apigami.swagger_ui import SWAGGER_UI_STATIC_FILES  # the Swagger UI page the services serve
+from shared.openapi import swagger_page  # the Swagger UI page the services serve
 
 TEMPLATE = Path(__file__).with_name("nginx.conf.template")
 COMPOSE_CONF = Path(__file__).with_name("nginx.compose.conf")
@@ -180,19 +180,12 @@ API_CSP = "default-src 'none'; frame-ancestors 'none'"
 # and data: URIs (Swagger UI's icons). ReDoc runs its search in a worker made from a blob: URL.
 # Requests (the spec, "Try it out", the password flow) go to the gateway only.
 DOCS_PREFIXES = ("/api/v1/auth", "/api/v1/referral")
-SWAGGER_INDEX = "index.html"  # aiohttp_apigami's Swagger UI page template
-SWAGGER_LAYOUT = "StandaloneLayout"  # apigami's default, which shared/openapi.py keeps
 _INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 
 
 def swagger_inline_scripts(prefix: str) -> list[str]:
-    """The inline scripts of the Swagger UI page a service under `prefix` serves, as apigami renders
-    it (shared/openapi.py: spec at {prefix}/openapi.json, assets under {prefix}/static/swagger)."""
-    template = (SWAGGER_UI_STATIC_FILES / SWAGGER_INDEX).read_text(encoding="utf-8")
-    page = string.Template(template).substitute(
-        path=f"{prefix}/openapi.json", static=f"{prefix}/static/swagger", layout=SWAGGER_LAYOUT
-    )
-    return _INLINE_SCRIPT.findall(page)
+    """The inline scripts of the Swagger UI page a service under `prefix` serves (shared/openapi.py)."""
+    return _INLINE_SCRIPT.findall(swagger_page(prefix))
 
 
 def csp_hash(script: str) -> str:

@@ -298,3 +298,10 @@ async def test_metrics_count_requests_by_route_template(auth_client):
     assert "http_request_duration_seconds_bucket" in text
     # Labels stay bounded: a raw unmatched path never becomes a label value.
     assert "no-such-thing" not in text
+
+
+async def test_swagger_ui_never_sends_the_spec_to_an_online_validator(auth_client):
+    """Swagger UI asks validator.swagger.io about the spec from any host but localhost unless told not to."""
+    page = await (await auth_client.get("/api/v1/auth/docs")).text()
+    assert "validatorUrl: null" in page
+    assert "/api/v1/auth/openapi.json" in page
