@@ -195,10 +195,12 @@ class Database:
             try:
                 raw = await self._pool.acquire()
             except AssertionError:
+                await asyncio.sleep(0)  # let the caller's timeout fire, whatever aiopg does
                 continue
             if not raw.closed:
                 return raw
             self._pool.release(raw)
+            await asyncio.sleep(0)
 
     @contextlib.asynccontextmanager
     async def _acquire(self) -> AsyncIterator[Any]:
