@@ -25,7 +25,7 @@ from services.auth.settings import AuthSettings
 from services.auth.signing import generate_pem
 from shared.config import load_settings
 from shared.migrations import apply_migrations
-from tests.helpers import fresh_database
+from tests.helpers import drop_redis_keys, fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH_MIGRATIONS = ROOT / "services" / "auth" / "migrations"
@@ -113,13 +113,7 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of this test's own; its keys are deleted afterwards."""
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
     yield prefix
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    drop_redis_keys(redis_url, prefix)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
+import redis
 from aiohttp.test_utils import TestClient
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
@@ -89,3 +90,14 @@ def fresh_database(server_url: str, prefix: str) -> Iterator[str]:
         with admin.cursor() as cursor:
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+def drop_redis_keys(redis_url: str, prefix: str) -> None:
+    """Delete every key under `prefix` (a test's or a run's own namespace)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

@@ -52,11 +52,10 @@ from typing import Any
 import aiohttp
 import psycopg2
 import pytest
-import redis
 
 from services.auth.signing import generate_pem
 from tests.e2e.api import Account, client, new_account
-from tests.helpers import fresh_database
+from tests.helpers import drop_redis_keys, fresh_database
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / ".artifacts" / "e2e"
@@ -293,13 +292,7 @@ def e2e_redis_prefix(redis_url: str) -> Iterator[str]:
     """The run's own Redis key prefix; its keys are deleted afterwards."""
     prefix = f"e2e:{secrets.token_hex(6)}:"
     yield prefix
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    drop_redis_keys(redis_url, prefix)
 
 
 @pytest.fixture(scope="package")

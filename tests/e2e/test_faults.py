@@ -78,7 +78,7 @@ from tests.e2e.faults import (
     eventually,
     wait_until,
 )
-from tests.helpers import with_database
+from tests.helpers import drop_redis_keys, with_database
 
 # Per run: the e2e package may be running in another process at the same time.
 FAULT_ARTIFACTS = ARTIFACTS / "faults" / str(os.getpid())
@@ -332,13 +332,7 @@ def faults(
         with admin.cursor() as cursor:
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
-        client = redis.Redis.from_url(redis_url)
-        try:
-            keys = list(client.scan_iter(match=f"{prefix}*"))
-            if keys:
-                client.delete(*keys)
-        finally:
-            client.close()
+        drop_redis_keys(redis_url, prefix)
 
 
 # --- helpers ---------------------------------------------------------------------------------------
