@@ -6,6 +6,12 @@
 its own key set (`StaticKeySource`); the referral service with `RemoteJWKS`, which fetches the
 auth service's JWKS, caches it, and refetches (at most once per `min_refresh_interval`) when a
 token names a `kid` it does not know, so a key rotation needs no restart.
+
+A client sends the same token with every request for its whole lifetime, and a full check (RSA
+signature included) costs about 65 µs of CPU. So a token that passed is remembered (exactly that
+token, for one verifier): later requests with it are checked only for what can change since, its
+expiry and whether its key is still the one published under its `kid` (a key withdrawn from the
+JWKS, or replaced, refuses its tokens at once).
 """
 
 from __future__ import annotations
@@ -162,8 +168,14 @@ def _header(token: str) -> Mapping[str, Any]:
     return header
 
 
+VERIFIED_CACHE_SIZE = 10_000
+
+
 class TokenVerifier:
-    """Verify access tokens for one audience; pinned algorithms, required claims, clock leeway."""
+    """Verify access tokens for one audience; pinned algorithms, required claims, clock leeway.
+
+    Tokens that passed are remembered (up to `cache_size`, oldest dropped first; 0 disables it).
+    """
 
     def __init__(
         self,
@@ -174,8 +186,11 @@ class TokenVerifier:
         algorithms: Collection[str] = DEFAULT_ALGORITHMS,
         leeway: int = 30,
         required_scope: str | None = None,
+        cache_size: int = VERIFIED_CACHE_SIZE,
     ) -> None:
         self._keys = keys
+        self._verified: dict[str, tuple[AccessClaims, str, RSAKey]] = {}
+        self._cache_size = cache_size
         self._issuer = issuer
         self._audience = audience
         self._algorithms = list(algorithms)
@@ -184,6 +199,21 @@ class TokenVerifier:
 
     async def verify(self, token: str) -> AccessClaims:
         """The token's claims, or InvalidToken saying (briefly, without secrets) what was wrong."""
+        known = self._verified.get(token)
+        if known is not None:
+            claims, kid, key = known
+            # Only time and the key set change a verdict: a withdrawn or replaced key, or expiry.
+            if claims.expires_at + self._leeway > time.time() and await self._keys.key_for(kid) is key:
+                return claims
+            del self._verified[token]
+        claims, kid, key = await self._verify(token)
+        if self._cache_size > 0:
+            if len(self._verified) >= self._cache_size:
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = (claims, kid, key)
+        return claims
+
+    async def _verify(self, token: str) -> tuple[AccessClaims, str, RSAKey]:
         header = _header(token)
         if header.get("alg") not in self._algorithms:
             raise InvalidToken("unsupported algorithm")
@@ -220,7 +250,7 @@ class TokenVerifier:
         if self._required_scope is not None and self._required_scope not in scopes:
             raise InsufficientScope(f"requires scope {self._required_scope}")
         email = claims.get("email")
-        return AccessClaims(
+        verified = AccessClaims(
             subject=subject,
             email=email if isinstance(email, str) else None,
             scope=scopes,
@@ -228,6 +258,7 @@ class TokenVerifier:
             token_id=str(claims["jti"]) if "jti" in claims else None,
             raw=claims,
         )
+        return verified, kid, key
 
 
 def _claim_problem(error: JoseError) -> str:

@@ -51,25 +51,32 @@ def _verifiers_ctx(settings: ReferralSettings) -> CleanupContext:
 def _referral_service_ctx(settings: ReferralSettings) -> CleanupContext:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         database = app[DATABASE]
+        cache = CodeCache(
+            app[REDIS],
+            prefix=settings.redis_prefix,
+            settings=CodeCacheSettings(
+                ttl=settings.cache_ttl,
+                negative_ttl=settings.negative_cache_ttl,
+                timeout=settings.redis_timeout,
+                near_size=settings.near_cache_size,
+                near_ttl=settings.near_cache_ttl,
+            ),
+            registry=app[METRICS_REGISTRY],
+        )
         app[REFERRAL_SERVICE] = ReferralService(
             codes=CodeRepository(database),
             referrals=ReferralRepository(database),
-            cache=CodeCache(
-                app[REDIS],
-                prefix=settings.redis_prefix,
-                settings=CodeCacheSettings(
-                    ttl=settings.cache_ttl,
-                    negative_ttl=settings.negative_cache_ttl,
-                    timeout=settings.redis_timeout,
-                ),
-                registry=app[METRICS_REGISTRY],
-            ),
+            cache=cache,
             rules=CodeRules(
                 min_lifetime=timedelta(seconds=settings.code_min_lifetime),
                 max_lifetime=timedelta(days=settings.code_max_lifetime_days),
             ),
         )
-        yield
+        cache.near.start()
+        try:
+            yield
+        finally:
+            await cache.near.stop()
 
     return ctx
 

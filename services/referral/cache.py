@@ -15,11 +15,18 @@ again, so an entry from before the outage (the code a user deleted meanwhile) is
 Redis is back. (Until then another replica may read it; the write paths that matter, activation,
 re-check the database in the same statement anyway.) Past `MAX_UNWRITTEN` such changes, every entry
 of the namespace is dropped instead.
+
+Reads go to the Redis client directly rather than through aiocache, whose per-call `wait_for` and
+hooks cost more CPU than the GET itself (the client's socket timeout bounds the wait the same way);
+writes keep aiocache. The lookup by email is also answered from a near cache in process memory
+(shared/near_cache.py), which Redis keeps coherent by telling every process of each change to an
+email entry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -34,6 +41,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.referral.domain.models import ReferralCode
+from shared.near_cache import NearCache
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,8 @@ class CodeCacheSettings:
     ttl: int
     negative_ttl: int
     timeout: float
+    near_size: int = 0  # entries of the in-process cache of lookups by email; 0: none
+    near_ttl: float = 30.0
 
 
 def _dump(code: ReferralCode) -> dict[str, Any]:
@@ -93,7 +103,11 @@ class CodeCache:
             serializer=JsonSerializer(), namespace=prefix.rstrip(":"), timeout=settings.timeout
         )
         self._cache.client = redis
+        self._redis = redis
         self._settings = settings
+        self.near = NearCache(
+            redis, self._full_key(self._email_key("")), size=settings.near_size, ttl=settings.near_ttl
+        )
         self._open_until = 0.0
         self._last_logged = 0.0
         # Changes Redis missed: key -> (value, monotonic deadline), replayed before the cache is read
@@ -105,6 +119,9 @@ class CodeCache:
             "referral_cache_lookups", "Code cache lookups by result", ["result"], registry=registry
         )
         self._errors = Counter("referral_cache_errors", "Redis failures of the code cache", registry=registry)
+        self._counted = {
+            result: self._lookups.labels(result) for result in ("near", "hit", "miss", "error", "bypassed")
+        }
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -123,22 +140,27 @@ class CodeCache:
                 type(error).__name__,
             )
 
+    def _full_key(self, key: str) -> str:
+        return str(self._cache.build_key(key))
+
     async def _get(self, key: str) -> Any:
         if not self._available() or not await self._replay():
-            self._lookups.labels("bypassed").inc()
+            self._counted["bypassed"].inc()
             return None
         try:
-            value = await self._cache.get(key)
+            raw = await self._redis.get(self._full_key(key))
+            value = None if raw is None else json.loads(raw)
         except _CACHE_ERRORS as error:
             self._failed(error)
-            self._lookups.labels("error").inc()
+            self._counted["error"].inc()
             return None
-        self._lookups.labels("miss" if value is None else "hit").inc()
+        self._counted["miss" if value is None else "hit"].inc()
         return value
 
     async def _write(self, key: str, value: Any, ttl: int, *, overwrite: bool) -> None:
         # Fills skip a Redis known to be failing; changes are always attempted, and one that fails is
         # kept for `_replay`, so that a Redis that comes back never serves an entry it should replace.
+        # A change also drops the key from this process's near cache, before and after Redis has it.
         if not overwrite:
             if not self._available() or not await self._replay():
                 return
@@ -149,6 +171,7 @@ class CodeCache:
             except _CACHE_ERRORS as error:
                 self._failed(error)
             return
+        self.near.evict((self._full_key(key),))
         async with self._changing:
             try:
                 await self._cache.set(key, value, ttl=ttl)
@@ -157,6 +180,8 @@ class CodeCache:
                 self._keep(key, value, ttl)
             else:
                 self._unwritten.pop(key, None)
+            finally:
+                self.near.evict((self._full_key(key),))
 
     def _keep(self, key: str, value: Any, ttl: int) -> None:
         self._unwritten.pop(key, None)  # the newest change of a key goes last
@@ -177,6 +202,7 @@ class CodeCache:
                     client = self._cache.client
                     async for found in client.scan_iter(match=f"{self._cache.namespace}*", count=1000):
                         await client.delete(found)
+                    self.near.clear()
                     self._lost = False
                 while self._unwritten:
                     key, (value, deadline) = next(iter(self._unwritten.items()))
@@ -215,13 +241,21 @@ class CodeCache:
 
     async def active_by_email(self, email: str) -> ReferralCode | Absent | None:
         """The cached active code of this email's owner (ABSENT: none), None when not cached."""
-        value = await self._get(self._email_key(email))
-        if value is None:
-            return None
-        if value.get("absent"):
+        key = self._email_key(email)
+        full_key = self._full_key(key)
+        found: ReferralCode | Absent | None = self.near.get(full_key)
+        if found is not None:
+            self._counted["near"].inc()
+        else:
+            generation = self.near.generation
+            value = await self._get(key)
+            if value is None:
+                return None
+            found = ABSENT if value.get("absent") else _load(value)
+            self.near.put(full_key, found, generation)
+        if isinstance(found, ReferralCode) and not found.is_active(datetime.now(UTC)):
             return ABSENT
-        code = _load(value)
-        return code if code.is_active(datetime.now(UTC)) else ABSENT
+        return found
 
     # --- fills (readers: only where nothing is cached yet) -------------------------------------
 

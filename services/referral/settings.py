@@ -33,6 +33,10 @@ class ReferralSettings:
     code_max_lifetime_days: int = setting(365, doc="days a new code may at most live")
     cache_ttl: int = setting(300, doc="seconds a cached code lives at most (never past its expiry)")
     negative_cache_ttl: int = setting(30, doc="seconds an unknown email or code stays cached")
+    near_cache_size: int = setting(
+        50_000, doc="lookups by email kept in process memory, coherent through Redis tracking; 0: off"
+    )
+    near_cache_ttl: float = setting(30.0, doc="seconds a lookup stays in process memory at most")
     db_pool_min: int = setting(2, doc="connections opened at start")
     db_pool_max: int = setting(32, doc="most connections per process")
     db_timeout: float = setting(5.0, doc="seconds to wait for a connection or a statement")
@@ -51,4 +55,6 @@ class ReferralSettings:
             raise SettingsError(
                 f"{PREFIX}CODE_MIN_LIFETIME and {PREFIX}CODE_MAX_LIFETIME_DAYS must be positive"
             )
+        if self.near_cache_size < 0 or self.near_cache_ttl <= 0:
+            raise SettingsError(f"{PREFIX}NEAR_CACHE_SIZE must be >= 0 and {PREFIX}NEAR_CACHE_TTL > 0")
         check_origins(self.cors_origins, f"{PREFIX}CORS_ORIGINS")

@@ -102,7 +102,7 @@ AUTH = Service(
 REFERRAL = Service(
     "referral",
     services.referral.db.tables,
-    frozenset({"codes", "referrals"}),
+    frozenset({"codes", "referrals", "referrer_totals"}),
     insert_referral_rows,
 )
 SERVICES = [pytest.param(AUTH, id="auth"), pytest.param(REFERRAL, id="referral")]

@@ -23,6 +23,7 @@ from services.referral.api.schemas import (
 from services.referral.appkeys import INTERNAL_VERIFIER, REFERRAL_SERVICE
 from services.referral.domain.models import Referral, ReferralPage
 from services.referral.settings import API_PREFIX, INTERNAL_PREFIX
+from shared import health
 from shared.appkeys import TOKEN_VERIFIER
 from shared.errors import InvalidToken
 from shared.openapi import problem_responses
@@ -169,6 +170,16 @@ async def list_referrals(request: web.Request) -> web.Response:
     return web.json_response(_page_body(page, viewer_is_referrer=claims.user_id == referrer_id))
 
 
+@docs(
+    tags=TAG,
+    summary="Liveness, through the gateway",
+    description="200 while this service's process runs; the same as its own `/healthz`.",
+    responses={200: {"description": "Alive"}},
+)
+async def healthz(request: web.Request) -> web.Response:
+    return await health.healthz(request)
+
+
 # --- internal: the auth service only (its service token: internal audience and scope) -----------
 
 
@@ -208,6 +219,7 @@ async def internal_link(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     """Every public route under /api/v1/referral, and the internal ones under /internal/v1."""
+    app.router.add_get(f"{API_PREFIX}/healthz", healthz)
     app.router.add_post(f"{API_PREFIX}/codes", create_code)
     app.router.add_get(f"{API_PREFIX}/codes/me", get_my_code)
     app.router.add_delete(f"{API_PREFIX}/codes/me", delete_my_code)

@@ -8,7 +8,7 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, literal, select, tuple_, update
+from sqlalchemy import bindparam, func, insert, select, update
 
 from services.referral.db.tables import codes_table as codes
 from services.referral.db.tables import referrals_table as referrals
@@ -94,27 +94,28 @@ _INSERT_REFERRAL = prepare(
     )
     .returning(*_REFERRAL_COLUMNS)
 )
-_COUNT = prepare(
-    select(func.count(literal(1)))
-    .select_from(referrals)
-    .where(referrals.c.referrer_id == bindparam("referrer_id"))
-)
-_ORDER = (referrals.c.created_at.desc(), referrals.c.referral_id.desc())
-_FIRST_PAGE = prepare(
-    select(*_REFERRAL_COLUMNS)
-    .where(referrals.c.referrer_id == bindparam("referrer_id"))
-    .order_by(*_ORDER)
-    .limit(bindparam("limit"))
-)
-_NEXT_PAGE = prepare(
-    select(*_REFERRAL_COLUMNS)
-    .where(
-        referrals.c.referrer_id == bindparam("referrer_id"),
-        tuple_(referrals.c.created_at, referrals.c.referral_id)
-        < tuple_(bindparam("after_created_at"), bindparam("after_referral_id")),
-    )
-    .order_by(*_ORDER)
-    .limit(bindparam("limit"))
+# One page of a referrer's referrals, newest first, with their total (kept by a trigger in
+# referrer_totals), in one statement: one round trip, one snapshot. The total's one-row side always
+# answers, so an empty page still has a row (its referral columns NULL).
+_PAGE = """
+SELECT t.total, p.referrer_id, p.referral_id, p.referral_email, p.code, p.created_at
+FROM (
+    SELECT coalesce(
+        (SELECT total FROM referral.referrer_totals WHERE referrer_id = %(referrer_id)s), 0
+    ) AS total
+) AS t
+LEFT JOIN LATERAL (
+    SELECT referrer_id, referral_id, referral_email, code, created_at
+    FROM referral.referrals
+    WHERE referrer_id = %(referrer_id)s{after}
+    ORDER BY created_at DESC, referral_id DESC
+    LIMIT %(limit)s
+) AS p ON true
+ORDER BY p.created_at DESC, p.referral_id DESC
+"""
+_FIRST_PAGE = _PAGE.format(after="")
+_NEXT_PAGE = _PAGE.format(
+    after=" AND (created_at, referral_id) < (%(after_created_at)s, %(after_referral_id)s)"
 )
 
 # Walk up the referrer chain from a user to the root of their tree (each user has one referrer at most).
@@ -273,23 +274,15 @@ class ReferralRepository:
         assert row is not None
         return _referral(row)
 
-    async def count(self, referrer_id: uuid.UUID) -> int:
-        row = await self._db.fetch_one(_COUNT, {"referrer_id": referrer_id})
-        assert row is not None
-        return int(next(iter(row.values())))
-
-    async def page(self, referrer_id: uuid.UUID, limit: int, after: Cursor | None) -> list[Referral]:
-        """Up to `limit` referrals, newest first, strictly after the cursor."""
+    async def page(
+        self, referrer_id: uuid.UUID, limit: int, after: Cursor | None
+    ) -> tuple[int, list[Referral]]:
+        """The referrer's total, and up to `limit` referrals, newest first, strictly after the cursor."""
+        params: dict[str, Any] = {"referrer_id": referrer_id, "limit": limit}
         if after is None:
-            rows = await self._db.fetch_all(_FIRST_PAGE, {"referrer_id": referrer_id, "limit": limit})
+            rows = await self._db.fetch_all(_FIRST_PAGE, params)
         else:
-            rows = await self._db.fetch_all(
-                _NEXT_PAGE,
-                {
-                    "referrer_id": referrer_id,
-                    "limit": limit,
-                    "after_created_at": after.created_at,
-                    "after_referral_id": after.referral_id,
-                },
-            )
-        return [_referral(row) for row in rows]
+            params.update(after_created_at=after.created_at, after_referral_id=after.referral_id)
+            rows = await self._db.fetch_all(_NEXT_PAGE, params)
+        total = int(rows[0]["total"]) if rows else 0
+        return total, [_referral(row) for row in rows if row["referral_id"] is not None]

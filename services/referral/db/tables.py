@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from sqlalchemy import CheckConstraint, Column, DateTime, Index, MetaData, Table, Text, Uuid, func, text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Index,
+    MetaData,
+    Table,
+    Text,
+    Uuid,
+    func,
+    text,
+)
 
 SCHEMA = "referral"
 metadata = MetaData(schema=SCHEMA)
@@ -46,4 +58,13 @@ Index(
     referrals_table.c.referrer_id,
     referrals_table.c.created_at.desc(),
     referrals_table.c.referral_id.desc(),
+)
+
+# Kept by triggers on referrals (migration 0002): how many referrals each referrer has.
+referrer_totals_table = Table(
+    "referrer_totals",
+    metadata,
+    Column("referrer_id", Uuid, primary_key=True),
+    Column("total", BigInteger, nullable=False),
+    CheckConstraint("total >= 0", name="referrer_totals_not_negative"),
 )

@@ -193,8 +193,7 @@ class ReferralService:
 
     async def referrals_of(self, referrer_id: uuid.UUID, limit: int, after: Cursor | None) -> ReferralPage:
         """A page of the referrer's referrals, newest first, with the total."""
-        items = await self.referrals.page(referrer_id, limit + 1, after)
-        total = await self.referrals.count(referrer_id)
+        total, items = await self.referrals.page(referrer_id, limit + 1, after)
         more = len(items) > limit
         items = items[:limit]
         next_cursor = Cursor(items[-1].created_at, items[-1].referral_id) if more else None
