@@ -121,8 +121,12 @@ class NearCache:
 
     async def _track(self) -> None:
         pool = self._redis.connection_pool
-        kwargs = {**pool.connection_kwargs, "protocol": 3, "socket_timeout": None}
+        # Named after what it tracks (CLIENT LIST shows it; names cannot hold spaces).
+        name = "near-cache:" + "".join(c if c.isalnum() or c in ":._-@" else "_" for c in self._prefix)
+        kwargs = {**pool.connection_kwargs, "protocol": 3, "socket_timeout": None, "client_name": name}
         connection = pool.connection_class(**kwargs)
+        # redis-py hands invalidation pushes to this handler (left unset, it drops them).
+        connection._parser.set_invalidation_push_handler(self._pushed)
         self._connection = connection
         await connection.connect()  # type: ignore[no-untyped-call]
         await connection.send_command("CLIENT", "TRACKING", "on", "BCAST", "PREFIX", self._prefix, "NOLOOP")
@@ -141,8 +145,11 @@ class NearCache:
                 await connection.send_command("PING")
                 pinged = True
                 continue
-            pinged = False
-            self._invalidated(message)
+            pinged = False  # an invalidation (handled in `_pushed`) or the PONG
+
+    async def _pushed(self, message: Any) -> bool:
+        self._invalidated(message)
+        return True
 
     def _invalidated(self, message: Any) -> None:
         if not isinstance(message, list) or len(message) != 2 or message[0] not in INVALIDATE:

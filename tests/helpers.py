@@ -101,3 +101,14 @@ def drop_redis_keys(redis_url: str, prefix: str) -> None:
             client.delete(*keys)
     finally:
         client.close()
+
+
+def kill_tracking_connections(client: Any, prefix: str) -> int:
+    """Close the Redis connections of near caches tracking keys under `prefix`; how many."""
+    killed = 0
+    for entry in client.execute_command("CLIENT", "LIST").splitlines():
+        line = entry.decode() if isinstance(entry, bytes) else entry
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        if fields.get("name", "").startswith(f"near-cache:{prefix}"):
+            killed += int(client.execute_command("CLIENT", "KILL", "ID", fields["id"]))
+    return killed

@@ -12,7 +12,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import assert_problem
+from tests.helpers import assert_problem, kill_tracking_connections
 
 CODES = "/api/v1/referral/codes"
 MY_CODE = "/api/v1/referral/codes/me"
@@ -307,3 +307,47 @@ async def test_readyz_is_200_when_everything_answers(system):
     assert body["checks"] == {"postgres": "ok", "redis": "ok"}, body
     metrics = await system.referral.get("/metrics")
     assert metric_value(await metrics.text(), "referral_cache_errors_total") == 0
+
+
+# --- the near cache (process memory, kept coherent by Redis) ---------------------------------------
+
+
+async def lookups_by_result(system: Any) -> dict[str, float]:
+    text = await (await system.referral.get("/metrics")).text()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("referral_cache_lookups_total{"):
+            labels, _, value = line.partition("} ")
+            found[labels.split('result="')[1].rstrip('"')] = float(value)
+    return found
+
+
+async def test_a_second_instance_sees_a_deletion_made_through_the_first(make_system):
+    first = await make_system()
+    second = await make_system()  # the same database and Redis prefix: two replicas
+    alice = await first.user("alice@example.com")
+    await code_of(first, alice)
+    for _ in range(3):  # database, then Redis (kept in process memory), then process memory
+        assert (await lookup(second, alice.email)).status == 200
+    assert (await lookups_by_result(second)).get("near", 0) >= 1
+    assert (await first.referral.delete(MY_CODE, headers=alice.headers)).status == 204
+    # Redis pushes the change to the second replica; it answers 404 from then on.
+    for _ in range(100):
+        response = await lookup(second, alice.email)
+        if response.status == 404:
+            break
+        await asyncio.sleep(0.01)
+    await assert_problem(response, 404, "code_not_found")
+
+
+async def test_a_replica_that_misses_redis_pushes_serves_nothing_from_memory(make_system, cache):
+    system = await make_system()
+    alice = await system.user("alice@example.com")
+    await code_of(system, alice)
+    for _ in range(3):
+        assert (await lookup(system, alice.email)).status == 200
+    near_before = (await lookups_by_result(system)).get("near", 0)
+    assert kill_tracking_connections(cache, system.referral_settings.redis_prefix) == 1
+    await asyncio.sleep(0.1)
+    assert (await lookup(system, alice.email)).status == 200
+    assert (await lookups_by_result(system)).get("near", 0) == near_before
