@@ -126,7 +126,8 @@ class NearCache:
         kwargs = {**pool.connection_kwargs, "protocol": 3, "socket_timeout": None, "client_name": name}
         connection = pool.connection_class(**kwargs)
         # redis-py hands invalidation pushes to this handler (left unset, it drops them).
-        connection._parser.set_invalidation_push_handler(self._pushed)
+        parser: Any = connection._parser
+        parser.set_invalidation_push_handler(self._pushed)
         self._connection = connection
         await connection.connect()  # type: ignore[no-untyped-call]
         await connection.send_command("CLIENT", "TRACKING", "on", "BCAST", "PREFIX", self._prefix, "NOLOOP")
