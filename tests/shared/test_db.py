@@ -347,3 +347,57 @@ async def test_a_silent_server_is_database_unavailable_at_pool_creation():
 async def test_ping(database):
     await database.ping()
     assert database.size >= 1
+
+
+# --- the pool ------------------------------------------------------------------------------------
+
+
+async def test_a_full_pool_makes_callers_wait_and_serves_them_in_order(database):
+    # `database` holds at most 3 connections.
+    held = [database.connection() for _ in range(3)]
+    conns = [await cm.__aenter__() for cm in held]
+    served: list[int] = []
+
+    async def wait_then_query(index: int) -> None:
+        async with database.connection() as conn:
+            served.append(index)
+            await conn.fetch_one("SELECT 1")
+
+    waiting = [asyncio.create_task(wait_then_query(i)) for i in range(4)]
+    await asyncio.sleep(0.05)
+    assert served == [] and database.size == 3
+    for cm in held:
+        await cm.__aexit__(None, None, None)
+    await asyncio.gather(*waiting)
+    assert served == [0, 1, 2, 3]
+    assert database.size == 3
+    del conns
+
+
+async def test_a_caller_that_gives_up_waiting_leaks_no_connection(database):
+    held = [database.connection() for _ in range(3)]
+    for cm in held:
+        await cm.__aenter__()
+    with pytest.raises(DatabaseUnavailable):
+        await database.fetch_one("SELECT 1")  # waits the pool timeout (0.5 s), then gives up
+    for cm in held:
+        await cm.__aexit__(None, None, None)
+    results = await asyncio.gather(*(database.fetch_one("SELECT 1 AS one") for _ in range(6)))
+    assert [row["one"] for row in results] == [1] * 6
+    assert database.size <= 3
+
+
+async def test_a_connection_the_server_closed_is_replaced(database, database_url):
+    row = await database.fetch_one("SELECT pg_backend_pid() AS pid")
+    assert row is not None
+    with psycopg2.connect(database_url) as admin, admin.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s", (row["pid"],))
+    admin.close()
+    outcomes = []
+    for _ in range(3):  # the dead connection fails one statement at most, then is dropped
+        try:
+            outcomes.append((await database.fetch_one("SELECT 1 AS one")) is not None)
+        except DatabaseUnavailable:
+            outcomes.append(False)
+    assert outcomes[-1] is True
+    assert database.size <= 3
