@@ -37,7 +37,6 @@ TAG = ["auth"]
 OAUTH_TAG = "sign in with a provider"
 
 _user_schema = UserSchema()
-_me_schema = MeSchema()
 _token_schema = TokenResponseSchema()
 
 
@@ -210,7 +209,17 @@ async def revoke(request: web.Request) -> web.Response:
 @bearer(TOKEN_VERIFIER)
 async def me(request: web.Request) -> web.Response:
     user = await request.app[AUTH_SERVICE].current_user(request[CLAIMS].user_id)
-    return web.json_response(_me_schema.dump(user))
+    # MeSchema's shape, built directly: a marshmallow dump costs more than the rest of the handler.
+    return web.json_response(
+        {
+            "id": str(user.id),
+            "email": user.email,
+            "created_at": user.created_at.isoformat(),
+            "referrer_id": str(user.referrer_id) if user.referrer_id else None,
+            "email_check": user.email_check,
+            "profile": user.profile,
+        }
+    )
 
 
 @docs(tags=TAG, summary="Public keys that verify access tokens (RFC 7517)")
