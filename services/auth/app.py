@@ -24,7 +24,7 @@ from services.auth.appkeys import (
 from services.auth.db.identities import IdentityRepository
 from services.auth.db.repositories import ReferralOutboxRepository, RefreshTokenRepository, UserRepository
 from services.auth.domain.oauth import OAuthService
-from services.auth.domain.passwords import PasswordHasher
+from services.auth.domain.passwords import PasswordHasher, lower_thread_priority
 from services.auth.domain.services import AuthService
 from services.auth.email_verification import CachedEmailVerifier, HunterEmailVerifier
 from services.auth.enrichment import ClearbitPersonEnricher, EnrichmentScheduler
@@ -113,7 +113,12 @@ def _enrichment_ctx(settings: AuthSettings) -> CleanupContext:
 
 def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        executor = ThreadPoolExecutor(max_workers=settings.hash_workers, thread_name_prefix="argon2")
+        executor = ThreadPoolExecutor(
+            max_workers=settings.hash_workers,
+            thread_name_prefix="argon2",
+            initializer=lower_thread_priority,
+            initargs=(settings.hash_nice,),
+        )
         hasher = PasswordHasher(
             executor,
             time_cost=settings.argon2_time_cost,

@@ -41,6 +41,9 @@ class AuthSettings:
     argon2_memory_kib: int = setting(65536, doc="argon2id memory, KiB")
     argon2_parallelism: int = setting(4, doc="argon2id lanes")
     hash_workers: int = setting(os.cpu_count() or 2, doc="threads hashing passwords")
+    hash_nice: int = setting(
+        10, doc="nice value of the hashing threads (0-19): the event loop's thread is scheduled first"
+    )
     login_max_failures_per_account: int = setting(5, doc="failed logins per account before 429")
     login_max_failures_per_address: int = setting(50, doc="failed logins per client address before 429")
     login_lockout_seconds: int = setting(300, doc="how long failures are counted and a lockout lasts")
@@ -79,6 +82,8 @@ class AuthSettings:
             raise SettingsError(
                 f"{PREFIX}JWT_PRIVATE_KEYS or {PREFIX}JWT_PRIVATE_KEYS_FILE is required outside dev mode"
             )
+        if not 0 <= self.hash_nice <= 19:
+            raise SettingsError(f"{PREFIX}HASH_NICE must be 0..19")
         if not 8 <= self.db_pool_max <= 500 or self.db_pool_min > self.db_pool_max:
             raise SettingsError(f"{PREFIX}DB_POOL_MAX must be 8..500 and at least {PREFIX}DB_POOL_MIN")
         if not self.referral_service_url.startswith(("http://", "https://")):

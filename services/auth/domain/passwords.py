@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from argon2 import PasswordHasher as Argon2Hasher
 from argon2 import Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Make the calling thread (and the threads libargon2 starts from it) yield the CPU to others.
+
+    Linux schedules threads, each with its own nice value, so a hashing thread at nice 10 leaves
+    the event loop's thread (nice 0) all the CPU it needs: a burst of logins on a small machine
+    no longer delays every other request by a hash's duration.
+    """
+    if nice > 0:
+        with contextlib.suppress(OSError):  # not permitted here: normal priority, still correct
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 class PasswordHasher:
