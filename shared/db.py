@@ -33,6 +33,7 @@ psycopg2.extras.register_uuid()
 psycopg2.extensions.register_adapter(dict, psycopg2.extras.Json)
 
 Row = Mapping[str, Any]
+_DICT_CURSOR = psycopg2.extras.RealDictCursor
 
 # How much longer than the server-side statement_timeout the client waits on a silent server.
 CLIENT_GRACE = 1.0
@@ -113,7 +114,9 @@ class Connection:
         self._raw = raw
         self._timeout = timeout
 
-    async def _run(self, statement: Statement, params: Mapping[str, Any] | None) -> Any:
+    async def _run(
+        self, statement: Statement, params: Mapping[str, Any] | None, cursor_factory: Any = _DICT_CURSOR
+    ) -> Any:
         if isinstance(statement, str):
             sql, bound = statement, dict(params or {})
         elif isinstance(statement, Prepared):
@@ -124,7 +127,7 @@ class Connection:
                 bound.update(params)
         cursor = None
         try:
-            cursor = await self._raw.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
+            cursor = await self._raw.cursor(cursor_factory=cursor_factory)
             async with asyncio.timeout(self._timeout + CLIENT_GRACE):
                 await cursor.execute(sql, bound)
         except psycopg2.Error as error:
@@ -158,6 +161,19 @@ class Connection:
     async def fetch_all(self, statement: Statement, params: Mapping[str, Any] | None = None) -> Sequence[Row]:
         """Run a statement and return every row."""
         cursor = await self._run(statement, params)
+        try:
+            rows = await cursor.fetchall()
+        except psycopg2.Error as error:
+            raise _translate(error) from error
+        finally:
+            cursor.close()
+        return rows  # type: ignore[no-any-return]
+
+    async def fetch_tuples(
+        self, statement: Statement, params: Mapping[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Run a statement and return every row as a tuple (no dict per row: for long hot results)."""
+        cursor = await self._run(statement, params, cursor_factory=None)
         try:
             rows = await cursor.fetchall()
         except psycopg2.Error as error:
@@ -344,6 +360,13 @@ class Database:
         """One statement on its own connection, every row."""
         async with self.connection() as conn:
             return await conn.fetch_all(statement, params)
+
+    async def fetch_tuples(
+        self, statement: Statement, params: Mapping[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        """One statement on its own connection, every row as a tuple."""
+        async with self.connection() as conn:
+            return await conn.fetch_tuples(statement, params)
 
     async def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> int:
         """One statement on its own connection, rows touched."""

@@ -58,9 +58,9 @@ def _page_body(page: ReferralPage, viewer_is_referrer: bool) -> dict[str, object
         "total": page.total,
         "items": [
             {
-                "referral_id": str(item.referral_id),
-                "email": item.referral_email if viewer_is_referrer else mask_email(item.referral_email),
-                "joined_at": item.created_at.isoformat(),
+                "referral_id": item.referral_id,
+                "email": item.email if viewer_is_referrer else mask_email(item.email),
+                "joined_at": item.joined_at.isoformat(),
             }
             for item in page.items
         ],

@@ -40,8 +40,17 @@ class Cursor:
 
 
 @dataclass(frozen=True, slots=True)
+class ListedReferral:
+    """One entry of a referrer's list: what the page shows (the id as text, as it is shown)."""
+
+    referral_id: str
+    email: str
+    joined_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class ReferralPage:
     referrer_id: uuid.UUID
     total: int
-    items: list[Referral]
+    items: list[ListedReferral]
     next_cursor: Cursor | None

@@ -196,5 +196,5 @@ class ReferralService:
         total, items = await self.referrals.page(referrer_id, limit + 1, after)
         more = len(items) > limit
         items = items[:limit]
-        next_cursor = Cursor(items[-1].created_at, items[-1].referral_id) if more else None
+        next_cursor = Cursor(items[-1].joined_at, uuid.UUID(items[-1].referral_id)) if more else None
         return ReferralPage(referrer_id, total, items, next_cursor)
