@@ -7,7 +7,6 @@ logged with the request id and answered as a bare 500 that reveals nothing of th
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -17,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from shared.db import CheckViolation, DatabaseUnavailable
+from shared.responses import json_body, json_response
 
 log = logging.getLogger(__name__)
 
@@ -146,17 +146,14 @@ def problem_response(
     if errors is not None:
         body["errors"] = errors
     return web.Response(
-        status=status,
-        text=json.dumps(body, ensure_ascii=False),
-        content_type=PROBLEM_JSON,
-        headers=headers,
+        status=status, body=json_body(body), content_type=PROBLEM_JSON, charset="utf-8", headers=headers
     )
 
 
 def oauth_error_response(error: OAuthError) -> web.Response:
     """The RFC 6749 section 5.2 body."""
     body = {"error": error.error, "error_description": error.description}
-    return web.json_response(body, status=error.status, headers={**NO_STORE, **error.headers})
+    return json_response(body, status=error.status, headers={**NO_STORE, **error.headers})
 
 
 def _http_exception_code(status: int) -> str:

@@ -12,13 +12,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from shared.appkeys import METRICS_REGISTRY, READINESS_CHECKS
 from shared.looplag import loop_lag_ctx
+from shared.responses import json_response
 
 READINESS_TIMEOUT = 2.0
 
 
 async def healthz(_: web.Request) -> web.Response:
     """Liveness: the process runs and its event loop answers."""
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -35,7 +36,7 @@ async def readyz(request: web.Request) -> web.Response:
 
     results = dict(await asyncio.gather(*(run(c.name, c.probe) for c in checks)))
     ready = all(v == "ok" for v in results.values())
-    return web.json_response(
+    return json_response(
         {"status": "ready" if ready else "unavailable", "checks": results}, status=200 if ready else 503
     )
 

@@ -30,6 +30,7 @@ from shared.appkeys import TOKEN_VERIFIER
 from shared.errors import NO_STORE
 from shared.net import client_address
 from shared.openapi import problem_responses
+from shared.responses import json_response
 from shared.tokens import CLAIMS, bearer
 
 FORM = "application/x-www-form-urlencoded"
@@ -104,7 +105,7 @@ def _token_response(tokens: TokenPair) -> web.Response:
         "expires_in": tokens.expires_in,
         "refresh_token": tokens.refresh_token,
     }
-    return web.json_response(_token_schema.dump(body), headers=NO_STORE)
+    return json_response(_token_schema.dump(body), headers=NO_STORE)
 
 
 @docs(
@@ -141,7 +142,7 @@ def _session_response(session: Session, *, status: int) -> web.Response:
         "token_type": session.tokens.token_type,
         "expires_in": session.tokens.expires_in,
     }
-    return web.json_response(body, status=status, headers=NO_STORE)
+    return json_response(body, status=status, headers=NO_STORE)
 
 
 @docs(
@@ -210,7 +211,7 @@ async def revoke(request: web.Request) -> web.Response:
 async def me(request: web.Request) -> web.Response:
     user = await request.app[AUTH_SERVICE].current_user(request[CLAIMS].user_id)
     # MeSchema's shape, built directly: a marshmallow dump costs more than the rest of the handler.
-    return web.json_response(
+    return json_response(
         {
             "id": str(user.id),
             "email": user.email,
@@ -225,7 +226,7 @@ async def me(request: web.Request) -> web.Response:
 @docs(tags=TAG, summary="Public keys that verify access tokens (RFC 7517)")
 @response_schema(JwksSchema, 200, description="JWKS")
 async def jwks(request: web.Request) -> web.Response:
-    return web.json_response(request.app[KEY_RING].jwks(), headers={"Cache-Control": "public, max-age=300"})
+    return json_response(request.app[KEY_RING].jwks(), headers={"Cache-Control": "public, max-age=300"})
 
 
 @docs(tags=TAG, summary="Authorization server metadata (discovery)")
@@ -245,7 +246,7 @@ async def discovery(request: web.Request) -> web.Response:
             for p in request.app[SETTINGS].oauth
         ],
     }
-    return web.json_response(body, headers={"Cache-Control": "public, max-age=300"})
+    return json_response(body, headers={"Cache-Control": "public, max-age=300"})
 
 
 @docs(

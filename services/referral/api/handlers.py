@@ -27,6 +27,7 @@ from shared import health
 from shared.appkeys import TOKEN_VERIFIER
 from shared.errors import InvalidToken
 from shared.openapi import problem_responses
+from shared.responses import json_response
 from shared.tokens import CLAIMS, AccessClaims, bearer
 
 TAG = ["referral"]
@@ -88,7 +89,7 @@ async def create_code(request: web.Request) -> web.Response:
     code = await request.app[REFERRAL_SERVICE].create_code(
         claims.user_id, _email_of(claims), data["expires_at"], data["code"]
     )
-    return web.json_response(_code_schema.dump(code), status=201)
+    return json_response(_code_schema.dump(code), status=201)
 
 
 @docs(tags=TAG, summary="My active referral code", security=BEARER, responses=problem_responses(401, 404))
@@ -97,7 +98,7 @@ async def create_code(request: web.Request) -> web.Response:
 async def get_my_code(request: web.Request) -> web.Response:
     claims = request[CLAIMS]
     code = await request.app[REFERRAL_SERVICE].my_code(claims.user_id)
-    return web.json_response(_code_schema.dump(code))
+    return json_response(_code_schema.dump(code))
 
 
 @docs(
@@ -128,7 +129,7 @@ async def delete_my_code(request: web.Request) -> web.Response:
 async def code_by_email(request: web.Request) -> web.Response:
     code = await request.app[REFERRAL_SERVICE].code_by_email(request["querystring"]["email"])
     # PublicCodeSchema's shape, built directly: the hottest answer skips a marshmallow dump.
-    return web.json_response({"code": code.code, "expires_at": code.expires_at.isoformat()})
+    return json_response({"code": code.code, "expires_at": code.expires_at.isoformat()})
 
 
 @docs(
@@ -145,7 +146,7 @@ async def activate(request: web.Request) -> web.Response:
     referral = await request.app[REFERRAL_SERVICE].activate(
         claims.user_id, _email_of(claims), request["data"]["code"]
     )
-    return web.json_response(_referral_body(referral), status=201)
+    return json_response(_referral_body(referral), status=201)
 
 
 @docs(
@@ -167,7 +168,7 @@ async def list_referrals(request: web.Request) -> web.Response:
     query = request["querystring"]
     after = decode_cursor(query["cursor"]) if query["cursor"] else None
     page = await request.app[REFERRAL_SERVICE].referrals_of(referrer_id, query["limit"], after)
-    return web.json_response(_page_body(page, viewer_is_referrer=claims.user_id == referrer_id))
+    return json_response(_page_body(page, viewer_is_referrer=claims.user_id == referrer_id))
 
 
 @docs(
@@ -194,7 +195,7 @@ async def healthz(request: web.Request) -> web.Response:
 @bearer(INTERNAL_VERIFIER)
 async def internal_code(request: web.Request) -> web.Response:
     code = await request.app[REFERRAL_SERVICE].usable_code(request["path"]["code"])
-    return web.json_response(_internal_code_schema.dump(code))
+    return json_response(_internal_code_schema.dump(code))
 
 
 @docs(
@@ -214,7 +215,7 @@ async def internal_link(request: web.Request) -> web.Response:
     linked = await request.app[REFERRAL_SERVICE].record_signup_link(
         data["referral_id"], data["referrer_id"], data["referral_email"], data["code"]
     )
-    return web.json_response(_referral_body(linked.referral), status=201 if linked.created else 200)
+    return json_response(_referral_body(linked.referral), status=201 if linked.created else 200)
 
 
 def add_routes(app: web.Application) -> None:
