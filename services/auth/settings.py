@@ -33,7 +33,7 @@ class AuthSettings:
     access_token_ttl: int = setting(900, doc="access token lifetime, seconds")
     refresh_token_ttl: int = setting(30 * 24 * 3600, doc="refresh token lifetime, seconds")
     db_pool_min: int = setting(2, doc="connections opened at start")
-    db_pool_max: int = setting(32, doc="most connections per process")
+    db_pool_max: int = setting(16, doc="most connections per process")
     db_timeout: float = setting(5.0, doc="seconds to wait for a connection or a statement")
     redis_timeout: float = setting(1.0, doc="seconds to wait for Redis")
     max_body_bytes: int = setting(64 * 1024, doc="largest request body accepted")

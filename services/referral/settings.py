@@ -38,7 +38,7 @@ class ReferralSettings:
     )
     near_cache_ttl: float = setting(30.0, doc="seconds a lookup stays in process memory at most")
     db_pool_min: int = setting(2, doc="connections opened at start")
-    db_pool_max: int = setting(32, doc="most connections per process")
+    db_pool_max: int = setting(16, doc="most connections per process")
     db_timeout: float = setting(5.0, doc="seconds to wait for a connection or a statement")
     redis_timeout: float = setting(0.5, doc="seconds to wait for Redis before reading the database")
     max_body_bytes: int = setting(16 * 1024, doc="largest request body accepted")
