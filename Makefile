@@ -4,11 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help run test lint fmt typecheck audit migrate rollback clean venv
+.PHONY: help run test bench bench-smoke lint fmt typecheck audit migrate rollback clean venv
 
 help:
 	@echo "make run        start the system at http://127.0.0.1:8080 (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL)"
 	@echo "make test       run every test"
+	@echo "make bench      benchmark nginx + services with wrk (~15 min; BENCH_ARGS='--scale 10 ...')"
+	@echo "make bench-smoke  the benchmark, small and short (what CI runs; about 2 min)"
 	@echo "make lint       ruff + mypy (strict)"
 	@echo "make fmt        format with ruff"
 	@echo "make audit      known vulnerabilities in requirements.lock (pip-audit, PyPI's vulnerability data)"
@@ -29,6 +31,15 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The benchmark (tests/perf/bench.py): a fresh database with the dataset, then nginx + the services
+# on 127.0.0.1 driven by wrk; the report under .artifacts/bench/latest/. Needs nginx and wrk, and
+# PostgreSQL/Redis at DATABASE_URL/REDIS_URL (default: the local servers). `python -m tests.perf -h`.
+bench: $(STAMP)
+	$(PY) -m tests.perf $(BENCH_ARGS)
+
+bench-smoke: $(STAMP)
+	$(PY) -m tests.perf --smoke $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -24,6 +24,9 @@ are deleted afterwards. Every process writes its output to ``.artifacts/e2e/<nam
 every process gets SIGTERM, and the harness asserts each exited with 0, left no child behind, and
 none had died on its own before.
 
+The processes are ``tests.processes.Process`` (start, health, SIGTERM and the checks), shared with the
+benchmark.
+
 ``E2E_GATEWAY=python`` runs the Python dev gateway (``deploy.local.gateway``) instead of nginx; it has
 no rate limits, so the rate-limit tests fail under it (they test the nginx gateway). With the default
 (``nginx``), a missing nginx fails the run: it is never skipped.
@@ -31,22 +34,14 @@ no rate limits, so the rate-limit tests fail under it (they test the nginx gatew
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import os
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -54,142 +49,31 @@ import psycopg2
 import pytest
 
 from services.auth.signing import generate_pem
+from tests import processes
 from tests.e2e.api import Account, client, new_account
 from tests.helpers import drop_redis_keys, fresh_database
+from tests.processes import (  # re-exported: the fault tests build their own stack from these
+    AUTH_API,
+    HOST,
+    base_url,
+    free_port,
+    http_status,
+)
+from tests.processes import origin as _origin
+from tests.processes import stop_all as _stop_all
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / ".artifacts" / "e2e"
-HOST = "127.0.0.1"
-AUTH_API = "/api/v1/auth"
-REFERRAL_API = "/api/v1/referral"
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 20.0
-POLL = 0.05
 GENEROUS = {"rate": "1000r/s", "burst": 1000}
 TIGHT = {"rate": "1r/s", "burst": 2}
 
 
-def free_port() -> int:
-    """A port nothing listens on right now (the kernel's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
-
-
-def base_url(port: int) -> str:
-    return f"http://{HOST}:{port}"
-
-
-def http_status(url: str) -> int | None:
-    """The status GET `url` answers right now, None when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def _children(pid: int) -> set[int]:
-    """Every descendant of `pid` (through /proc), so a stop can check none is left running."""
-    found: set[int] = set()
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                for child in (task / "children").read_text().split():
-                    if int(child) not in found:
-                        found.add(int(child))
-                        pending.append(int(child))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` is a live (not zombie) process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
 @dataclass
-class Process:
-    """One process of the stack: started, health-checked, stopped by the harness (never by name)."""
+class Process(processes.Process):
+    """A process of the e2e stack: its output in `.artifacts/e2e/<name>.log`."""
 
-    name: str
-    command: list[str]
-    env: dict[str, str]
-    health_url: str
-    popen: subprocess.Popen[bytes] | None = None
-    problems: list[str] = field(default_factory=list)
-    stopped: bool = False  # by the harness (or a test), not on its own
-
-    @property
-    def log_path(self) -> Path:
-        return ARTIFACTS / f"{self.name}.log"
-
-    @property
-    def running(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def start(self) -> None:
-        assert not self.running, f"{self.name} is already running"
-        self.stopped = False
-        with self.log_path.open("ab") as log:
-            log.write(f"--- {time.strftime('%H:%M:%S')} start: {' '.join(self.command)}\n".encode())
-            log.flush()
-            self.popen = subprocess.Popen(
-                self.command, env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-            )
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def wait_healthy(self, deadline: float) -> None:
-        """Until `health_url` answers 200; fail with the log's tail if the process dies or time runs out."""
-        assert self.popen is not None
-        while http_status(self.health_url) != 200:
-            code = self.popen.poll()
-            if code is not None:
-                pytest.fail(f"{self.name} exited with {code} before it was healthy:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"{self.name} not healthy at {self.health_url} in time:\n{self.log_tail()}")
-            time.sleep(POLL)
-
-    def stop(self) -> int:
-        """SIGTERM, wait, and check nothing it started is left; its exit code (SIGKILL after the timeout)."""
-        assert self.popen is not None, f"{self.name} was never started"
-        if self.popen.poll() is not None:
-            self.problems.append(f"{self.name} had exited on its own with {self.popen.returncode}")
-            return self.popen.returncode
-        descendants = _children(self.popen.pid)
-        self.stopped = True
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            code = self.popen.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.problems.append(f"{self.name} ignored SIGTERM for {STOP_TIMEOUT:.0f} s; killed")
-            self.popen.kill()
-            code = self.popen.wait()
-        with self.log_path.open("ab") as log:
-            log.write(f"--- {time.strftime('%H:%M:%S')} exited with {code} after SIGTERM\n".encode())
-        if code != 0:
-            self.problems.append(f"{self.name} exited with {code} after SIGTERM:\n{self.log_tail(10)}")
-        deadline = time.monotonic() + 5.0
-        while (left := {pid for pid in descendants if _alive(pid)}) and time.monotonic() < deadline:
-            time.sleep(POLL)
-        if left:
-            self.problems.append(f"{self.name} left processes running after it exited: {sorted(left)}")
-            for pid in left:  # only the ones this process started
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        return code
+    log_dir: Path = ARTIFACTS
 
 
 @dataclass
@@ -231,49 +115,16 @@ class Stack:
         process.wait_healthy(time.monotonic() + START_TIMEOUT)
 
 
-def _origin(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.split('/', 1)[0]}"
-
-
-def _nginx_render() -> ModuleType:
-    """deploy.nginx.render, or a loud failure naming what is missing (never a skip)."""
-    if not shutil.which("nginx"):  # deploy.nginx.render runs `nginx` from PATH
-        pytest.fail(
-            "nginx is not installed (or not on PATH); the e2e suite runs the real gateway: "
-            "apt-get install -y nginx"
-        )
-    try:
-        return importlib.import_module("deploy.nginx.render")
-    except ImportError as error:
-        pytest.fail(f"the nginx gateway (deploy/nginx/render.py) cannot be imported: {error}")
-
-
 def _nginx_gateway(
     name: str, port: int, auth: list[int], referral: list[int], limits: Mapping[str, Any], runtime: Path
 ) -> Process:
-    render = _nginx_render()
-    config = render.GatewayConfig(
-        auth_upstreams=tuple(f"{HOST}:{p}" for p in auth),
-        referral_upstreams=tuple(f"{HOST}:{p}" for p in referral),
-        listen=f"{HOST}:{port}",
-        max_body="64k",
-        **{f"{zone}_{key}": value for zone in ("token", "signup", "lookup") for key, value in limits.items()},
-    )
-    runtime.mkdir(parents=True, exist_ok=True)
-    conf = render.write_runtime(config, runtime)
-    shutil.copy(conf, ARTIFACTS / f"{name}.conf")
-    render.check_config(conf)
-    command = [str(part) for part in render.nginx_command(conf)]
-    return Process(name, command, dict(os.environ), f"{base_url(port)}/healthz")
+    built = processes.nginx_gateway(name, port, auth, referral, limits, runtime, log_dir=ARTIFACTS)
+    return Process(built.name, built.command, built.env, built.health_url)
 
 
 def _python_gateway(name: str, port: int, auth: list[int], referral: list[int]) -> Process:
-    command = [sys.executable, "-m", "deploy.local.gateway", "--host", HOST, "--port", str(port)]
-    command += ["--max-body", str(64 * 1024)]
-    command += ["--route", f"{AUTH_API}=" + ",".join(base_url(p) for p in auth)]
-    command += ["--route", f"{REFERRAL_API}=" + ",".join(base_url(p) for p in referral)]
-    return Process(name, command, dict(os.environ), f"{base_url(port)}/healthz")
+    built = processes.python_gateway(name, port, auth, referral, log_dir=ARTIFACTS)
+    return Process(built.name, built.command, built.env, built.health_url)
 
 
 @pytest.fixture(scope="package")
@@ -418,18 +269,6 @@ def stack(
     problems = _stop_all(started)
     if problems:
         pytest.fail("the stack did not shut down cleanly:\n" + "\n".join(problems))
-
-
-def _stop_all(started: list[Process]) -> list[str]:
-    """Stop every process (gateways first, then the services); what went wrong, from start to end."""
-    problems: list[str] = []
-    for process in reversed(started):
-        if process.stopped:
-            problems.append(f"{process.name} was stopped by a test and not started again")
-        else:
-            process.stop()
-        problems += process.problems
-    return problems
 
 
 @pytest.fixture

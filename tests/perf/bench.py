@@ -1,0 +1,1267 @@
+"""The benchmark (`make bench`, `python -m tests.perf`): the production topology driven by wrk.
+
+1. A fresh database `bench_<pid>_<random>` on the PostgreSQL server of DATABASE_URL (default: the
+   local one), migrated with the services' own CLI and filled by `dataset.build` (load time
+   reported). Redis (REDIS_URL) keys live under a prefix of the run's own. Either server unreachable:
+   a loud failure (exit 2) before anything starts.
+2. One pass per `--instances` value (default 1, then 2): nginx + N auth + N referral
+   (`topology.py`), idle RSS of each service, then every scenario: one warmup run (not recorded),
+   then `--runs` recorded runs of `--duration` seconds (S8: at least S8_MIN_SECONDS) and
+   `--connections` connections, each once the services are idle again (what the previous run left,
+   such as queued password hashes, done: it would slow this run and count in its CPU). Around each
+   run the CPU time (utime + stime from /proc) of the services, nginx (master and workers), the
+   database's backends (and the server's background processes) and redis-server is sampled, and
+   divided by the run's requests: CPU µs per request. During S8 (password logins, argon2-bound)
+   /healthz is also sampled directly on each auth instance's port (~20/s) and the services'
+   `event_loop_lag_seconds` histograms are scraped before and after (p99 and max from the buckets'
+   deltas, as "≤ bucket bound"). RSS again after the pass.
+3. EXPLAIN ANALYZE of the S1-S4 queries (`plans.py`), the report printed and written as
+   `report.json`, `report.txt`, `report.md` and `report.png` under `--out/<timestamp>/` (with a
+   `latest` symlink), beside every process's log, the request files and `bench.log`.
+4. The database is dropped and the Redis keys deleted, whatever happened.
+
+Exit code 1 on any problem: a wrk error or an answer of another status than the scenario expects,
+a request file that ran out (`exhausted`), a process that died or did not stop cleanly; 0 otherwise.
+A missed speed target is printed (MET/MISSED) but is not a failure, nor is a query plan warning.
+
+The services run with their defaults, but for the database pools when the PostgreSQL server has too
+few free connection slots for them (two instances of each with the default 32 take up to 128, the
+server's default max_connections is 100): then every pool is capped to fit, and that is said loudly
+and noted in the report, since a connection the server refuses is a 503.
+
+Tokens: access tokens are signed here with the key the auth instances are given and the same
+signer (`AccessTokenIssuer`, `iss` = the gateway's URL + /api/v1/auth, the default audience), one
+hour long. S6's refresh tokens come from real password logins through the gateway: each wrk run
+uses each token once (refresh.lua chains the answers), so every run gets `--connections` fresh
+ones. S7's activators are each used once in the whole benchmark; when the dataset's are too few
+for the rate the run is expected to reach, fresh ones are added (random ids that exist only in
+their tokens: the referral service never looks a user up), and that is said loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import http.client
+import json
+import math
+import os
+import platform
+import secrets
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import psycopg2
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.auth.settings import AuthSettings
+from services.auth.signing import AccessTokenIssuer, generate_pem, parse_key_ring
+from services.referral.settings import ReferralSettings
+from tests.helpers import drop_redis_keys, fresh_database
+from tests.perf import dataset as datasets
+from tests.perf import plans as query_plans
+from tests.perf import report as reports
+from tests.perf import topology as topologies
+from tests.perf import wrk
+from tests.processes import AUTH_API, REFERRAL_API, ROOT, HarnessError
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+ACCESS_TOKEN_TTL = 3600
+HEALTHZ_INTERVAL = 0.05  # s between two /healthz samples on one auth port (~20/s)
+HEALTHZ_TIMEOUT = 5.0
+LAG_METRIC = "event_loop_lag_seconds"
+LOGIN_WORKERS = 8  # concurrent logins when fetching S6's refresh tokens
+LOGIN_TIMEOUT = 60.0
+SETTLE = 1.0  # s after start, before idle RSS
+# S7's activators per run: its fastest run so far (any pass) times S7_SLACK, else S0's rate in this
+# pass (the ceiling: no scenario goes faster), else S7_FIRST_GUESS; times the seconds, + connections.
+S7_SLACK = 3.0
+S7_FIRST_GUESS = 5000.0
+S8_MIN_SECONDS = 3  # a login takes ~1 s under load: shorter S8 runs may see no answer at all
+# Before each run, wait until the services are idle (abandoned work of the previous run, e.g. queued
+# argon2 hashes, done): at most QUIET_TICKS CPU ticks in a QUIET_WINDOW, for at most QUIET_TIMEOUT.
+QUIET_WINDOW = 0.25
+QUIET_TICKS = 3
+QUIET_TIMEOUT = 60.0
+S0_COPIES = 64  # lines of S0's request file (every wrk thread needs at least one)
+# Connection slots of the PostgreSQL server kept free for everything else (this process, others).
+POOL_MARGIN = 10
+MIN_POOL = 8  # the services refuse a smaller DB_POOL_MAX
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    service: str  # whose CPU is "the service's": auth or referral
+    expect_status: int
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.key: s
+    for s in (
+        Scenario("S0", "gateway -> referral /healthz (ceiling)", "referral", 200),
+        Scenario("S1", "code by email, known (cache hit)", "referral", 200),
+        Scenario("S2", "code by email, unknown (404)", "referral", 404),
+        Scenario("S3", "referrals of a big referrer, first page", "referral", 200),
+        Scenario("S4", "referrals of a big referrer, deep cursor", "referral", 200),
+        Scenario("S5", "GET /auth/me", "auth", 200),
+        Scenario("S6", "refresh grant", "auth", 200),
+        Scenario("S7", "activate a code (201 each)", "referral", 201),
+        Scenario("S8", "password login (argon2id, default cost)", "auth", 200),
+    )
+}
+OTHER_SERVICE = {"auth": "referral", "referral": "auth"}
+
+
+@dataclass(frozen=True)
+class Options:
+    scale: float
+    instances: tuple[int, ...]
+    duration: int
+    warmup: int
+    runs: int
+    connections: int
+    threads: int
+    timeout: int
+    scenarios: tuple[str, ...]
+    out: Path
+    smoke: bool
+    seed: int
+
+
+SMOKE: dict[str, Any] = {
+    "scale": 0.01,
+    "duration": 1,
+    "warmup": 1,
+    "runs": 3,
+    "connections": 8,
+    "instances": "1,2",
+}
+DEFAULTS: dict[str, Any] = {
+    "scale": 1.0,
+    "duration": 8,
+    "warmup": 2,
+    "runs": 3,
+    "connections": 32,
+    "instances": "1,2",
+}
+
+
+def _whole_seconds(value: str) -> int:
+    number = float(value)
+    if number < 0 or number != int(number):
+        raise argparse.ArgumentTypeError(f"whole seconds (wrk takes no fractions), got {value}")
+    return int(number)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.perf",
+        description="Benchmark the referral system's production topology (nginx + services) with wrk.",
+    )
+    parser.add_argument("--scale", type=float, help="dataset scale (1: 100k users, 1M referrals)")
+    parser.add_argument("--instances", help="instances of each service per pass, comma-separated (1,2)")
+    parser.add_argument("--duration", type=_whole_seconds, help="seconds of each recorded run (8)")
+    parser.add_argument("--warmup", type=_whole_seconds, help="seconds of the warmup run, 0: none (2)")
+    parser.add_argument("--runs", type=int, help="recorded runs per scenario (3)")
+    parser.add_argument("--connections", type=int, help="wrk connections (32)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
+    parser.add_argument("--timeout", type=_whole_seconds, default=10, help="wrk's request timeout, s (10)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="which, comma-separated (all)")
+    parser.add_argument("--out", type=Path, default=ROOT / ".artifacts" / "bench", help="output directory")
+    parser.add_argument("--seed", type=int, default=7, help="dataset seed")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI's quick run: scale 0.01, 1 s runs, 1 s warmup, 8 connections (flags given win)",
+    )
+    args = parser.parse_args(argv)
+    base = SMOKE if args.smoke else DEFAULTS
+    values = {key: getattr(args, key) if getattr(args, key) is not None else base[key] for key in base}
+    try:
+        instances = tuple(int(part) for part in str(values["instances"]).split(",") if part.strip())
+    except ValueError:
+        parser.error(f"--instances is a comma-separated list of counts, got {values['instances']!r}")
+    scenarios = tuple(part.strip().upper() for part in args.scenarios.split(",") if part.strip())
+    if unknown := [key for key in scenarios if key not in SCENARIOS]:
+        parser.error(f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}")
+    if not instances or any(n < 1 for n in instances):
+        parser.error("--instances: counts of at least 1")
+    if values["runs"] < 1 or values["duration"] < 1:
+        parser.error("--runs and --duration must be at least 1")
+    if args.threads < 1 or values["connections"] < args.threads or values["connections"] % args.threads:
+        parser.error("--connections must be a multiple of --threads (wrk opens connections/threads each)")
+    return Options(
+        scale=float(values["scale"]),
+        instances=instances,
+        duration=int(values["duration"]),
+        warmup=int(values["warmup"]),
+        runs=int(values["runs"]),
+        connections=int(values["connections"]),
+        threads=args.threads,
+        timeout=args.timeout,
+        scenarios=tuple(key for key in SCENARIOS if key in scenarios),
+        out=args.out,
+        smoke=args.smoke,
+        seed=args.seed,
+    )
+
+
+class Log:
+    """Print (flushed) and append to the run's bench.log."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+
+    def __call__(self, message: str) -> None:
+        stamped = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(stamped, flush=True)
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as file:
+                file.write(stamped + "\n")
+
+    def loud(self, message: str) -> None:
+        bar = "!" * 100
+        self(f"{bar}\n!!! {message}\n{bar}")
+
+
+# --- CPU and memory of the processes, through /proc ---------------------------------------------
+
+Snapshot = dict[str, dict[int, int]]  # component -> pid -> CPU ticks
+
+
+class ExternalProcesses:
+    """The PostgreSQL backends of the benchmark's database (and the server's background processes),
+    and redis-server, when they run on this machine; else not measured (said once)."""
+
+    def __init__(self, database_url: str, redis_url: str, log: Log) -> None:
+        self.notes: list[str] = []
+        self._log = log
+        self._conn: Any = None
+        self._redis_pid: int | None = None
+        try:
+            conn = psycopg2.connect(database_url, connect_timeout=5)
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                backend = int(cursor.fetchone()[0])
+            # A backend of a server on this machine is a `postgres` process, the postmaster's child.
+            if _comm(backend) == "postgres" and _comm(_parent(backend)) in ("postgres", "postmaster"):
+                self._conn = conn
+            else:
+                conn.close()
+                self.notes.append("postgres CPU not measured: the server does not run on this machine")
+        except psycopg2.Error as error:
+            self.notes.append(f"postgres CPU not measured: {error}".strip())
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=5)
+        try:
+            pid = int(client.info("server")["process_id"])
+            if _comm(pid) == "redis-server":
+                self._redis_pid = pid
+            else:
+                self.notes.append("redis CPU not measured: the server does not run on this machine")
+        except (redis.RedisError, KeyError, ValueError) as error:
+            self.notes.append(f"redis CPU not measured: {error}")
+        finally:
+            client.close()
+        for note in self.notes:
+            log(note)
+
+    def pids(self) -> dict[str, list[int]]:
+        found: dict[str, list[int]] = {}
+        if self._conn is not None:
+            try:
+                with self._conn.cursor() as cursor:
+                    cursor.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                        " AND (datname = current_database() OR backend_type <> 'client backend')"
+                    )
+                    found["postgres"] = [int(row[0]) for row in cursor.fetchall()]
+            except psycopg2.Error as error:  # measured no more, said once; the benchmark goes on
+                self.notes.append(f"postgres CPU no longer measured: {error}".strip())
+                self._log(self.notes[-1])
+                with contextlib.suppress(psycopg2.Error):
+                    self._conn.close()
+                self._conn = None
+        if self._redis_pid is not None:
+            found["redis"] = [self._redis_pid]
+        return found
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def snapshot(groups: Mapping[str, Sequence[int]]) -> Snapshot:
+    """CPU ticks of every pid, per component (pids that cannot be read are left out)."""
+    taken: Snapshot = {}
+    for name, pids in groups.items():
+        ticks = {pid: value for pid in pids if (value := topologies.cpu_ticks(pid)) is not None}
+        taken[name] = ticks
+    return taken
+
+
+def cpu_seconds(before: Snapshot, after: Snapshot) -> dict[str, float]:
+    """CPU seconds each component used between two snapshots (a pid new in `after` counts from 0)."""
+    used: dict[str, float] = {}
+    for name, ticks in after.items():
+        earlier = before.get(name, {})
+        total = sum(max(0, value - earlier.get(pid, 0)) for pid, value in ticks.items())
+        used[name] = total / topologies.CLOCK_TICKS
+    return used
+
+
+# --- event-loop lag and /healthz during S8 ------------------------------------------------------
+
+
+def lag_buckets(url: str) -> dict[float, float] | None:
+    """The cumulative counts of `event_loop_lag_seconds_bucket` by upper bound, None when absent."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5.0) as response:
+            text = response.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError):
+        return None
+    buckets: dict[float, float] = {}
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError:
+        return None
+    for family in families:
+        for sample in family.samples:
+            if sample.name != f"{LAG_METRIC}_bucket" or "le" not in sample.labels:
+                continue
+            bound = float(sample.labels["le"])  # "+Inf" parses as inf
+            buckets[bound] = buckets.get(bound, 0.0) + float(sample.value)
+    return buckets or None
+
+
+def lag_summary(before: Mapping[float, float], after: Mapping[float, float]) -> dict[str, float]:
+    """p99 and max of the ticks observed between two scrapes, as the bucket's upper bound in ms
+    (math.inf: beyond the last finite bound); empty when no tick was observed."""
+    bounds = sorted(after)
+    deltas = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = deltas[-1] if bounds and bounds[-1] == math.inf else max(deltas, default=0.0)
+    if total <= 0:
+        return {}
+    p99 = next(b for b, d in zip(bounds, deltas, strict=True) if d >= 0.99 * total)
+    top = next(b for b, d in zip(bounds, deltas, strict=True) if d >= total)
+    return {"p99_ms": p99 * 1000, "max_ms": top * 1000}
+
+
+class HealthzSampler:
+    """GET /healthz on each given origin every HEALTHZ_INTERVAL from a thread each; latencies in ms."""
+
+    def __init__(self, origins: Sequence[str]) -> None:
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._sample, args=(origin,), name=f"healthz-{origin}", daemon=True)
+            for origin in origins
+        ]
+
+    def __enter__(self) -> HealthzSampler:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(HEALTHZ_TIMEOUT + 1)
+
+    def _sample(self, origin: str) -> None:
+        parts = urlsplit(origin)
+        connection: http.client.HTTPConnection | None = None
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            try:
+                if connection is None:
+                    connection = http.client.HTTPConnection(
+                        parts.hostname or "127.0.0.1", parts.port, timeout=HEALTHZ_TIMEOUT
+                    )
+                connection.request("GET", "/healthz")
+                response = connection.getresponse()
+                response.read()
+                elapsed = (time.perf_counter() - started) * 1000
+                with self._lock:
+                    if response.status == 200:
+                        self.latencies.append(elapsed)
+                    else:
+                        self.failures.append(f"{origin}/healthz answered {response.status}")
+            except (OSError, http.client.HTTPException) as error:
+                with self._lock:
+                    self.failures.append(f"{origin}/healthz: {type(error).__name__}: {error}")
+                if connection is not None:
+                    connection.close()
+                connection = None
+            self._stop.wait(max(0.0, HEALTHZ_INTERVAL - (time.perf_counter() - started)))
+        if connection is not None:
+            connection.close()
+
+    def summary(self) -> dict[str, float]:
+        values = sorted(self.latencies)
+        if not values:
+            return {}
+        return {
+            "p50": _percentile(values, 50),
+            "p99": _percentile(values, 99),
+            "max": values[-1],
+        }
+
+
+def _percentile(ordered: Sequence[float], percent: float) -> float:
+    """Nearest-rank percentile of sorted values."""
+    rank = max(1, math.ceil(percent / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _email_query(email: str) -> str:
+    return f"{REFERRAL_API}/codes?email={quote(email, safe='')}"
+
+
+def _referrals_path(referrer: uuid.UUID, cursor: str | None = None) -> str:
+    path = f"{REFERRAL_API}/referrers/{referrer}/referrals?limit=20"
+    return path + (f"&cursor={quote(cursor, safe='')}" if cursor else "")
+
+
+def login(gateway_url: str, email: str, password: str) -> str:
+    """A real password login through the gateway; the refresh token (HarnessError on any failure)."""
+    body = urllib.parse.urlencode({"grant_type": "password", "username": email, "password": password})
+    request = urllib.request.Request(
+        gateway_url + f"{AUTH_API}/token",
+        data=body.encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=LOGIN_TIMEOUT) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        raise HarnessError(f"login of {email} answered {error.code}: {error.read()[:300]!r}") from error
+    except (urllib.error.URLError, OSError) as error:
+        raise HarnessError(f"login of {email} failed: {error}") from error
+    token = answer.get("refresh_token")
+    if not isinstance(token, str) or not token:
+        raise HarnessError(f"login of {email} answered no refresh_token: {sorted(answer)}")
+    return token
+
+
+class Activators:
+    """S7's activators, each handed out once in the whole benchmark: the dataset's, then fresh ones."""
+
+    def __init__(self, pool: Sequence[tuple[uuid.UUID, str]], codes: Sequence[str]) -> None:
+        if not codes:
+            raise HarnessError("the dataset has no activation codes for S7")
+        self._pool = list(pool)
+        self._codes = list(codes)
+        self._next = 0
+        self.fresh = 0  # how many were made up
+
+    def take(self, count: int) -> tuple[list[tuple[uuid.UUID, str, str]], int]:
+        """`count` (user id, email, code) triples; and how many of them are fresh (not the dataset's)."""
+        taken: list[tuple[uuid.UUID, str, str]] = []
+        fresh = 0
+        for _ in range(count):
+            index = self._next
+            self._next += 1
+            if index < len(self._pool):
+                user, email = self._pool[index]
+            else:
+                user, email = uuid.uuid4(), f"bench.fresh{index}.{secrets.token_hex(3)}@example.org"
+                fresh += 1
+            taken.append((user, email, self._codes[index % len(self._codes)]))
+        self.fresh += fresh
+        return taken, fresh
+
+    @property
+    def left(self) -> int:
+        return max(0, len(self._pool) - self._next)
+
+
+@dataclass
+class RunPlan:
+    """What one wrk run sends: the script, its arguments, and a note to log before it."""
+
+    script: Path
+    args: list[str]
+    note: str = ""
+
+
+# --- the benchmark -------------------------------------------------------------------------------
+
+
+@dataclass
+class PassOutcome:
+    pass_: Any  # reports.Pass
+    problems: list[str] = field(default_factory=list)
+
+
+class Bench:
+    """Runs the passes over one migrated, loaded database."""
+
+    def __init__(
+        self,
+        options: Options,
+        *,
+        database_url: str,
+        redis_url: str,
+        redis_prefix: str,
+        dataset: datasets.Dataset,
+        out_dir: Path,
+        log: Log,
+        external: ExternalProcesses,
+    ) -> None:
+        self.options = options
+        self.database_url = database_url
+        self.redis_url = redis_url
+        self.redis_prefix = redis_prefix
+        self.dataset = dataset
+        self.out_dir = out_dir
+        self.log = log
+        self.external = external
+        self.pem = generate_pem()
+        self.ring = parse_key_ring(self.pem)
+        self.activators = Activators(dataset.activators, dataset.activation_codes)
+        self.s7_rates: list[float] = []  # every S7 run's req/s, every pass
+        self.notes: list[str] = []
+
+    def pool_settings(self, instances: int) -> dict[str, str]:
+        """The services' default pools when the server has the connection slots they can fill; else the
+        largest equal cap that fits (said loudly: a connection the server refuses is a 503).
+
+        A process holds at most about as many connections as it has requests in flight: at most
+        wrk's connections (+2: a background task, a probe), or its pool's maximum."""
+        busiest = self.options.connections + 2
+        default = min(AuthSettings.db_pool_max, busiest) + min(ReferralSettings.db_pool_max, busiest)
+        with (
+            contextlib.closing(psycopg2.connect(self.database_url, connect_timeout=5)) as conn,
+            conn.cursor() as cursor,
+        ):
+            cursor.execute(
+                "SELECT current_setting('max_connections')::int"
+                " - current_setting('superuser_reserved_connections')::int,"
+                " (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')"
+            )
+            slots, in_use = (int(value) for value in cursor.fetchone())
+        free = slots - in_use - POOL_MARGIN
+        if instances * default <= free:
+            return {}
+        cap = max(MIN_POOL, free // (2 * instances))
+        message = (
+            f"{instances} instance(s): PostgreSQL has {slots} connection slots, {in_use} in use, but the"
+            f" services' default pools may take {instances * default}; every pool is capped at {cap}"
+            f" (default: auth {AuthSettings.db_pool_max}, referral {ReferralSettings.db_pool_max})"
+        )
+        if 2 * instances * cap > free:
+            message += f"; even so they may need more than the {max(free, 0)} free: expect 503s"
+        self.log.loud(message)
+        self.notes.append(message)
+        return {"AUTH_DB_POOL_MAX": str(cap), "REFERRAL_DB_POOL_MAX": str(cap)}
+
+    # Each pass: start, measure every scenario, stop.
+
+    def run_pass(self, index: int, instances: int) -> PassOutcome:
+        name = f"pass{index + 1}-x{instances}"
+        pass_dir = self.out_dir / name
+        requests_dir = pass_dir / "requests"
+        requests_dir.mkdir(parents=True, exist_ok=True)
+        prefix = f"{self.redis_prefix}{name}:"
+        self.log(f"{name}: starting nginx + {instances} auth + {instances} referral (logs in {pass_dir})")
+        topology = topologies.build(
+            instances=instances,
+            database_url=self.database_url,
+            redis_url=self.redis_url,
+            redis_prefix=prefix,
+            signing_pem=self.pem,
+            log_dir=pass_dir,
+            settings=self.pool_settings(instances),
+        )
+        problems: list[str] = []
+        results: list[Any] = []
+        idle_rss: dict[str, float] = {}
+        final_rss: dict[str, float] = {}
+        loop_lag: dict[str, dict[str, float]] = {}
+        healthz: dict[str, float] = {}
+        started = time.monotonic()
+        try:
+            topology.start()
+            self.log(f"{name}: up in {time.monotonic() - started:.1f}s at {topology.gateway_url}")
+            time.sleep(SETTLE)
+            idle_rss = self._rss(topology)
+            self.log(f"{name}: idle RSS " + ", ".join(f"{k} {v:.0f} MiB" for k, v in idle_rss.items()))
+            issuer = AccessTokenIssuer(
+                self.ring, issuer=topology.issuer, audience=AuthSettings.token_audience, ttl=ACCESS_TOKEN_TTL
+            )
+            context = PassContext(self, topology, issuer, requests_dir)
+            for key in self.options.scenarios:
+                result, lag, health = self._scenario(context, SCENARIOS[key])
+                results.append(result)
+                if lag is not None:
+                    loop_lag = lag
+                if health is not None:
+                    healthz = health
+                if topology.dead():  # in the scenario's problems already; the stop notes it again
+                    self.log.loud(f"{name}: a process died during {key}; the pass stops here")
+                    break
+            final_rss = self._rss(topology)
+            self.log(f"{name}: RSS after " + ", ".join(f"{k} {v:.0f} MiB" for k, v in final_rss.items()))
+        except (HarnessError, wrk.WrkError, OSError, psycopg2.Error, redis.RedisError) as error:
+            problems.append(f"{name}: {type(error).__name__}: {error}")
+            self.log.loud(f"{name} failed: {error}")
+        finally:
+            stop_problems = topology.stop()
+            problems += [p for p in stop_problems if p not in problems]
+            with contextlib.suppress(redis.RedisError):
+                drop_redis_keys(self.redis_url, prefix)
+        for problem in problems:
+            self.log.loud(f"{name}: {problem}")
+        if results and problems:  # the report's problems are its scenarios': the pass's go on the last one
+            results[-1].problems.extend(f"pass: {problem}" for problem in problems)
+        self.log(f"{name}: done in {time.monotonic() - started:.0f}s")
+        pass_ = reports.Pass(
+            instances=instances,
+            scenarios=results,
+            idle_rss_mb=idle_rss,
+            final_rss_mb=final_rss,
+            loop_lag=loop_lag,
+            healthz_ms=healthz,
+        )
+        return PassOutcome(pass_, problems)
+
+    def _rss(self, topology: topologies.Topology) -> dict[str, float]:
+        sizes: dict[str, float] = {}
+        for process in topology.services:
+            value = topologies.rss_mb(process.pid)
+            if value is not None:
+                sizes[process.name] = round(value, 1)
+        nginx = [topologies.rss_mb(pid) for pid in topology.pids().get("nginx", [])]
+        if nginx and all(v is not None for v in nginx):
+            sizes["nginx"] = round(sum(v for v in nginx if v is not None), 1)
+        return sizes
+
+    def _quiesce(self, topology: topologies.Topology, label: str) -> None:
+        """Wait until the services use (almost) no CPU: the previous run's leftovers are done."""
+        pids = {"services": [process.pid for process in topology.services]}
+        started = time.monotonic()
+        previous = snapshot(pids)
+        while time.monotonic() - started < QUIET_TIMEOUT:
+            time.sleep(QUIET_WINDOW)
+            current = snapshot(pids)
+            if cpu_seconds(previous, current)["services"] * topologies.CLOCK_TICKS <= QUIET_TICKS:
+                waited = time.monotonic() - started
+                if waited > 2.0:
+                    self.log(f"{label}: waited {waited:.1f}s for the services to go idle")
+                return
+            previous = current
+        self.log.loud(f"{label}: the services were still busy after {QUIET_TIMEOUT:.0f}s; running anyway")
+
+    def _groups(self, topology: topologies.Topology) -> dict[str, list[int]]:
+        return {**topology.pids(), **self.external.pids()}
+
+    def _scenario(
+        self, context: PassContext, scenario: Scenario
+    ) -> tuple[Any, dict[str, dict[str, float]] | None, dict[str, float] | None]:
+        options = self.options
+        topology = context.topology
+        problems: list[str] = []
+        runs: list[wrk.WrkResult] = []
+        cpu: list[float] = []
+        other: dict[str, list[float]] = {}
+        lag: dict[str, dict[str, float]] | None = None
+        health: dict[str, float] | None = None
+        label = f"{topology.instances}x {scenario.key}"
+        floor = S8_MIN_SECONDS if scenario.key == "S8" else 1
+        schedule = ([("warmup", max(floor, options.warmup))] if options.warmup else []) + [
+            (f"run {n + 1}", max(floor, options.duration)) for n in range(options.runs)
+        ]
+        lag_before: dict[str, dict[float, float] | None] = {}
+        sampler: HealthzSampler | None = None
+        try:
+            for phase, seconds in schedule:
+                recorded = phase != "warmup"
+                if scenario.key == "S8" and recorded and sampler is None:
+                    lag_before = {p.name: lag_buckets(p.url) for p in topology.services}
+                    sampler = HealthzSampler([p.url for p in topology.auth])
+                    sampler.__enter__()
+                plan = context.plan(scenario, phase, seconds)
+                if plan.note:
+                    self.log(f"{label} {phase}: {plan.note}")
+                self._quiesce(topology, f"{label} {phase}")
+                before = snapshot(self._groups(topology))
+                result = wrk.run_wrk(
+                    topology.gateway_url,
+                    plan.script,
+                    duration=seconds,
+                    connections=options.connections,
+                    threads=options.threads,
+                    args=plan.args,
+                    timeout_s=options.timeout,
+                )
+                used = cpu_seconds(before, snapshot(self._groups(topology)))
+                context.record(scenario, phase, result)
+                per_request = {
+                    group: (seconds_used * 1e6 / result.requests if result.requests else math.nan)
+                    for group, seconds_used in used.items()
+                }
+                self.log(
+                    f"{label} {phase}: {result.rps:,.0f} req/s, p50 {result.p50_ms:.1f} ms,"
+                    f" p99 {result.p99_ms:.1f} ms, {result.requests:,} requests, failed {result.failed},"
+                    f" {scenario.service} CPU {per_request.get(scenario.service, math.nan):,.0f} µs/req"
+                )
+                if not recorded:
+                    problems += _run_problems(phase, result)
+                if dead := topology.dead():
+                    problems += [f"{phase}: {d}" for d in dead]
+                    break
+                if not recorded:
+                    continue
+                runs.append(result)
+                cpu.append(per_request.get(scenario.service, math.nan))
+                for group in (OTHER_SERVICE[scenario.service], "nginx", "postgres", "redis"):
+                    if group in per_request:
+                        other.setdefault(group, []).append(per_request[group])
+        except (wrk.WrkError, HarnessError, ValueError, OSError) as error:
+            problems.append(f"{type(error).__name__}: {error}")
+        finally:
+            if sampler is not None:
+                sampler.__exit__(None, None, None)
+                health = sampler.summary()
+                if sampler.failures:
+                    problems.append(
+                        f"/healthz on the auth ports failed {len(sampler.failures)} times during S8,"
+                        f" e.g. {sampler.failures[0]}"
+                    )
+                lag = self._lag(topology, lag_before)
+                if health:
+                    self.log(
+                        f"{label}: /healthz on the auth ports: p50 {health['p50']:.1f} ms,"
+                        f" p99 {health['p99']:.1f} ms, max {health['max']:.1f} ms"
+                        f" ({len(sampler.latencies)} samples)"
+                    )
+        result_ = reports.ScenarioResult(
+            key=scenario.key,
+            title=scenario.title,
+            service=scenario.service,
+            expect_status=scenario.expect_status,
+            runs=runs,
+            cpu_us_per_request=cpu,
+            other_cpu_us_per_request=other,
+            problems=problems,
+        )
+        for problem in [*problems, *result_.run_problems()]:
+            self.log.loud(f"{label}: {problem}")
+        return result_, lag, health
+
+    def _lag(
+        self, topology: topologies.Topology, before: Mapping[str, dict[float, float] | None]
+    ) -> dict[str, dict[str, float]]:
+        lag: dict[str, dict[str, float]] = {}
+        for process in topology.services:
+            earlier = before.get(process.name)
+            later = lag_buckets(process.url)
+            if earlier is None or later is None:
+                message = f"{process.name}: no {LAG_METRIC} histogram on {process.url}/metrics"
+                self.log.loud(f"event-loop lag not measured: {message}")
+                if message not in self.notes:
+                    self.notes.append(message)
+                continue
+            summary = lag_summary(earlier, later)
+            ticks = (later.get(math.inf, 0.0) - earlier.get(math.inf, 0.0)) if math.inf in later else 0.0
+            if not summary:
+                self.log.loud(f"{process.name}: its {LAG_METRIC} histogram counted no tick during S8")
+                continue
+            lag[process.name] = summary
+            self.log(
+                f"{process.name}: event-loop lag during S8: p99 <= {summary['p99_ms']:g} ms,"
+                f" max <= {summary['max_ms']:g} ms ({ticks:.0f} ticks)"
+            )
+        return lag
+
+
+def _run_problems(phase: str, result: wrk.WrkResult) -> list[str]:
+    problems: list[str] = []
+    if result.failed:
+        errors = {k: v for k, v in result.errors.items() if v}
+        problems.append(
+            f"{phase}: {result.failed} failed requests (wrk errors {errors}, unexpected statuses"
+            f" {result.unexpected})"
+        )
+    if result.exhausted:
+        problems.append(f"{phase}: the request file ran out: {result.exhausted} requests reused one")
+    if result.requests == 0:
+        problems.append(f"{phase}: no request completed")
+    return problems
+
+
+class PassContext:
+    """One pass's tokens and request files; the plan of each wrk run."""
+
+    def __init__(
+        self, bench: Bench, topology: topologies.Topology, issuer: AccessTokenIssuer, requests_dir: Path
+    ) -> None:
+        self.bench = bench
+        self.topology = topology
+        self.issuer = issuer
+        self.dir = requests_dir
+        self.files: dict[str, Path] = {}
+        self.rates: dict[str, list[float]] = {}
+        self._tokens: list[str] | None = None
+        self._refresh: list[list[str]] = []
+
+    def record(self, scenario: Scenario, phase: str, result: wrk.WrkResult) -> None:
+        self.rates.setdefault(scenario.key, []).append(result.rps)
+        if scenario.key == "S7":
+            self.bench.s7_rates.append(result.rps)
+
+    def _token_users(self) -> list[str]:
+        if self._tokens is None:
+            users = self.bench.dataset.token_users
+            if not users:
+                raise HarnessError("the dataset has no token users")
+            self._tokens = [self.issuer.issue(user, email=email).token for user, email in users]
+        return self._tokens
+
+    def _cycle_file(self, key: str, requests: Callable[[], Iterator[wrk.Request]]) -> Path:
+        if key not in self.files:
+            path = self.dir / f"{key}.txt"
+            count = wrk.write_requests(path, requests())
+            if count == 0:
+                raise HarnessError(f"{key}: no requests to send (the dataset has none)")
+            self.files[key] = path
+        return self.files[key]
+
+    def plan(self, scenario: Scenario, phase: str, seconds: int) -> RunPlan:
+        key = scenario.key
+        cycle = wrk.requests_script()
+        dataset = self.bench.dataset
+        expect = scenario.expect_status
+        if key == "S0":
+            path = self._cycle_file(
+                key, lambda: iter([wrk.Request("GET", f"{REFERRAL_API}/healthz")] * S0_COPIES)
+            )
+        elif key == "S1":
+            path = self._cycle_file(
+                key, lambda: (wrk.Request("GET", _email_query(e)) for e in dataset.code_emails)
+            )
+        elif key == "S2":
+            path = self._cycle_file(
+                key, lambda: (wrk.Request("GET", _email_query(e)) for e in dataset.unknown_emails)
+            )
+        elif key in ("S3", "S4"):
+            path = self._cycle_file(key, lambda: self._referral_pages(deep=key == "S4"))
+        elif key == "S5":
+            path = self._cycle_file(
+                key, lambda: (wrk.Request("GET", f"{AUTH_API}/me", _bearer(t)) for t in self._token_users())
+            )
+        elif key == "S6":
+            return self._refresh_plan(phase)
+        elif key == "S7":
+            return self._activation_plan(phase, seconds)
+        elif key == "S8":
+            path = self._cycle_file(key, self._logins)
+        else:
+            raise HarnessError(f"no plan for scenario {key}")
+        return RunPlan(cycle, wrk.requests_args(path, mode="cycle", expect=expect))
+
+    def _referral_pages(self, *, deep: bool) -> Iterator[wrk.Request]:
+        dataset = self.bench.dataset
+        referrers = [r for r in dataset.big_referrers if not deep or r in dataset.deep_cursors]
+        if not referrers:
+            raise HarnessError("the dataset has no big referrers" + (" with a deep cursor" if deep else ""))
+        tokens = self._token_users()
+        for n, token in enumerate(tokens):
+            referrer = referrers[n % len(referrers)]
+            cursor = dataset.deep_cursors[referrer] if deep else None
+            yield wrk.Request("GET", _referrals_path(referrer, cursor), _bearer(token))
+
+    def _logins(self) -> Iterator[wrk.Request]:
+        dataset = self.bench.dataset
+        for email in dataset.login_emails:
+            body = urllib.parse.urlencode(
+                {"grant_type": "password", "username": email, "password": dataset.password}
+            )
+            yield wrk.Request(
+                "POST", f"{AUTH_API}/token", {"Content-Type": "application/x-www-form-urlencoded"}, body
+            )
+
+    def prepare_refresh_tokens(self) -> None:
+        """`connections` refresh tokens for each run of S6, by real password logins through the gateway."""
+        options = self.bench.options
+        runs = options.runs + (1 if options.warmup else 0)
+        wanted = options.connections * runs
+        emails = self.bench.dataset.login_emails
+        if not emails:
+            raise HarnessError("the dataset has no login emails")
+        started = time.monotonic()
+        password = self.bench.dataset.password
+        gateway = self.topology.gateway_url
+        with concurrent.futures.ThreadPoolExecutor(LOGIN_WORKERS) as pool:
+            tokens = list(
+                pool.map(lambda n: login(gateway, emails[n % len(emails)], password), range(wanted))
+            )
+        self._refresh = [tokens[i::runs] for i in range(runs)]
+        elapsed = time.monotonic() - started
+        self.bench.log(
+            f"{self.topology.instances}x S6: {wanted} refresh tokens by password login in {elapsed:.1f}s"
+            f" ({wanted / elapsed:.1f} logins/s)"
+        )
+
+    def _refresh_plan(self, phase: str) -> RunPlan:
+        if not self._refresh:
+            self.prepare_refresh_tokens()
+        tokens = self._refresh.pop(0)
+        path = self.dir / f"S6-{phase.replace(' ', '')}.tokens"
+        wrk.write_tokens(path, tokens)
+        return RunPlan(wrk.refresh_script(), wrk.refresh_args(path, path=f"{AUTH_API}/token"))
+
+    def _expected_rate(self) -> tuple[float, str]:
+        """The rate S7 may reach in a run (see S7_SLACK), and where that figure comes from."""
+        if rates := self.bench.s7_rates:
+            return max(rates) * S7_SLACK, f"{S7_SLACK:g} x S7's fastest run so far"
+        if ceiling := self.rates.get("S0"):
+            return max(ceiling), "the S0 ceiling"
+        return S7_FIRST_GUESS, "a first guess"
+
+    def _activation_plan(self, phase: str, seconds: int) -> RunPlan:
+        bench = self.bench
+        options = bench.options
+        rate, source = self._expected_rate()
+        wanted = math.ceil(rate * seconds) + options.connections
+        left = bench.activators.left
+        taken, fresh = bench.activators.take(wanted)
+        note = f"{wanted:,} activators (up to {rate:,.0f} req/s: {source}; + connections)"
+        if fresh:
+            message = (
+                f"S7 {phase}: the dataset's activators are too few for the expected rate: {left:,} left,"
+                f" {wanted:,} needed at ~{rate:,.0f} req/s for {seconds}s; adding {fresh:,} fresh users"
+                " (random ids that exist only in their access tokens: the referral service never looks"
+                " a user up, so an activation costs the same)"
+            )
+            summary = "S7: the dataset's activators were too few; fresh users (token-only ids) were added"
+            if summary in bench.notes:
+                bench.log(message)
+            else:  # loudly once; in the report's notes
+                bench.log.loud(message)
+                bench.notes.append(summary)
+        path = self.dir / f"S7-{phase.replace(' ', '')}.txt"
+        body = (json.dumps({"code": code}) for _, _, code in taken)
+        requests = (
+            wrk.Request(
+                "POST",
+                f"{REFERRAL_API}/referrals",
+                {**_bearer(self.issuer.issue(user, email=email).token), "Content-Type": "application/json"},
+                text,
+            )
+            for (user, email, _), text in zip(taken, body, strict=True)
+        )
+        wrk.write_requests(path, requests)
+        return RunPlan(
+            wrk.requests_script(),
+            wrk.requests_args(path, mode="once", expect=SCENARIOS["S7"].expect_status),
+            note,
+        )
+
+
+# --- the report's context ------------------------------------------------------------------------
+
+
+def git_revision() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def _first_line(command: Sequence[str]) -> str:
+    try:
+        done = subprocess.run(list(command), capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (done.stdout.strip() or done.stderr.strip() or "unknown").splitlines()[0]
+
+
+def machine(database_url: str, redis_url: str) -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory_gib = 0.0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        memory_gib = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024
+    postgres = "unknown"
+    with (
+        contextlib.suppress(psycopg2.Error),
+        contextlib.closing(psycopg2.connect(database_url)) as conn,
+        conn.cursor() as cursor,
+    ):
+        cursor.execute("SHOW server_version")
+        postgres = str(cursor.fetchone()[0])
+    redis_version = "unknown"
+    client = redis.Redis.from_url(redis_url)
+    with contextlib.suppress(redis.RedisError):
+        redis_version = str(client.info("server").get("redis_version", "unknown"))
+    client.close()
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count() or 0,
+        "memory_gib": round(memory_gib, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "nginx": _first_line(["nginx", "-v"]),
+        "wrk": _first_line(["wrk", "-v"]),
+        "postgres": postgres,
+        "redis": redis_version,
+    }
+
+
+def settings(options: Options, notes: Sequence[str]) -> dict[str, Any]:
+    return {
+        "scale": options.scale,
+        "instances": list(options.instances),
+        "duration_s": options.duration,
+        "warmup_s": options.warmup,
+        "runs": options.runs,
+        "connections": options.connections,
+        "threads": options.threads,
+        "wrk_timeout_s": options.timeout,
+        "s8_min_seconds": S8_MIN_SECONDS,
+        "before_each_run": "wait until the services are idle (the previous run's leftovers done)",
+        "scenarios": list(options.scenarios),
+        "smoke": options.smoke,
+        "gateway": "nginx (deploy.nginx.render), access log on",
+        "gateway_rate_limits": (
+            f"{topologies.BENCH_LIMITS['rate']} burst {topologies.BENCH_LIMITS['burst']} on every zone:"
+            " effectively off, the benchmark measures the services, not the limiter"
+        ),
+        "services": "production mode, access log on (INFO), every other setting the service's default",
+        "argon2": {
+            "time_cost": AuthSettings.argon2_time_cost,
+            "memory_kib": AuthSettings.argon2_memory_kib,
+            "parallelism": AuthSettings.argon2_parallelism,
+            "hash_workers": os.cpu_count() or 2,
+        },
+        "db_pool_max": {"auth": AuthSettings.db_pool_max, "referral": ReferralSettings.db_pool_max},
+        "cpu_per_request": (
+            "utime+stime from /proc over each run / the run's requests; services: every instance of the"
+            " scenario's service; nginx: master and workers; postgres: the benchmark database's backends"
+            " and the server's background processes; redis: redis-server"
+        ),
+        "notes": list(notes),
+    }
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def _check_servers(database_url: str, redis_url: str) -> list[str]:
+    failures: list[str] = []
+    try:
+        psycopg2.connect(database_url, connect_timeout=5).close()
+    except psycopg2.Error as error:
+        failures.append(f"PostgreSQL is not reachable at DATABASE_URL ({_masked(database_url)}): {error}")
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        failures.append(f"Redis is not reachable at REDIS_URL ({_masked(redis_url)}): {error}")
+    finally:
+        client.close()
+    for tool, hint in (("nginx", "apt-get install -y nginx"), ("wrk", wrk.INSTALL_HINT)):
+        if shutil.which(tool) is None:
+            failures.append(f"{tool} is not installed (not on PATH): {hint}")
+    return [f.strip() for f in failures]
+
+
+def _masked(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
+
+
+def _link_latest(out_root: Path, run_dir: Path) -> None:
+    latest = out_root / "latest"
+    partial = out_root / f".latest.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        partial.unlink()
+    partial.symlink_to(run_dir.name)
+    partial.replace(latest)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _dataset_summary(dataset: datasets.Dataset) -> dict[str, Any]:
+    return {
+        "scale": dataset.scale,
+        "users": dataset.users,
+        "codes": dataset.codes,
+        "referrals": dataset.referrals,
+        "load_seconds": round(dataset.load_seconds, 2),
+        "big_referrers": len(dataset.big_referrers),
+        "code_emails": len(dataset.code_emails),
+        "unknown_emails": len(dataset.unknown_emails),
+        "token_users": len(dataset.token_users),
+        "activators": len(dataset.activators),
+        "activation_codes": len(dataset.activation_codes),
+        "login_emails": len(dataset.login_emails),
+    }
+
+
+def run(options: Options) -> int:
+    """The whole benchmark; the exit code."""
+    started_at = datetime.now(UTC)
+    wall = time.monotonic()
+    server_database_url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+    redis_url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+    out_root = options.out.resolve()
+    run_dir = out_root / started_at.strftime("%Y%m%d-%H%M%S")
+    if run_dir.exists():
+        run_dir = run_dir.with_name(f"{run_dir.name}-{os.getpid()}")
+    run_dir.mkdir(parents=True)
+    _link_latest(out_root, run_dir)
+    log = Log(run_dir / "bench.log")
+    log(f"bench: output in {run_dir}")
+    if failures := _check_servers(server_database_url, redis_url):
+        for failure in failures:
+            log.loud(failure)
+        return 2
+    redis_prefix = f"bench:{secrets.token_hex(6)}:"
+    problems: list[str] = []
+    passes: list[Any] = []
+    plans: dict[str, str] = {}
+    warnings: list[str] = []
+    notes: list[str] = []
+    context: dict[str, Any] = {}
+    try:
+        with fresh_database(server_database_url, f"bench_{os.getpid()}") as database_url:
+            log(f"bench: database {urlsplit(database_url).path.lstrip('/')}, Redis prefix {redis_prefix}")
+            topologies.migrate(database_url, redis_url, run_dir)
+            dataset = datasets.build(database_url, scale=options.scale, seed=options.seed, log=log)
+            context = {"machine": machine(database_url, redis_url)}
+            external = ExternalProcesses(database_url, redis_url, log)
+            bench = Bench(
+                options,
+                database_url=database_url,
+                redis_url=redis_url,
+                redis_prefix=redis_prefix,
+                dataset=dataset,
+                out_dir=run_dir,
+                log=log,
+                external=external,
+            )
+            try:
+                for index, instances in enumerate(options.instances):
+                    outcome = bench.run_pass(index, instances)
+                    passes.append(outcome.pass_)
+                    if not outcome.pass_.scenarios:  # else they are on its last scenario
+                        problems += outcome.problems
+                    for scenario in outcome.pass_.scenarios:
+                        found = [*scenario.problems, *scenario.run_problems()]
+                        problems += [f"{scenario.key} ({instances} inst.): {problem}" for problem in found]
+            finally:
+                external.close()
+                notes += [n for n in [*external.notes, *bench.notes] if n not in notes]
+            log("bench: EXPLAIN ANALYZE of the S1-S4 queries")
+            plans = query_plans.explain(database_url, dataset)
+            warnings = query_plans.plan_warnings(plans)
+    except KeyboardInterrupt:
+        log.loud("bench: interrupted; everything started was stopped, the database dropped")
+        return 130
+    except Exception as error:  # a failure before any figure: the traceback, loudly, and exit 1
+        log(traceback.format_exc().rstrip())
+        log.loud(f"bench: failed: {type(error).__name__}: {error}")
+        return 1
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            drop_redis_keys(redis_url, redis_prefix)
+    report = reports.BenchReport(
+        started_at=started_at.isoformat(timespec="seconds"),
+        git_revision=git_revision(),
+        machine=context.get("machine", {}),
+        settings=settings(options, notes),
+        dataset=_dataset_summary(dataset),
+        passes=passes,
+        plans=plans,
+        plan_warnings=warnings,
+    )
+    text = reports.render_text(report)
+    print(text, flush=True)
+    (run_dir / "report.txt").write_text(text + "\n", encoding="utf-8")
+    markdown = "\n\n".join(
+        f"### {p.instances} instance(s) of each service\n\n{reports.render_markdown_table(p)}" for p in passes
+    )
+    (run_dir / "report.md").write_text(markdown + "\n", encoding="utf-8")
+    reports.write_json(report, run_dir / "report.json")
+    try:
+        reports.draw_chart(report, run_dir / "report.png")
+    except Exception as error:  # the chart is a nicety: say so, keep the report
+        problems.append(f"the chart could not be drawn: {type(error).__name__}: {error}")
+    log(f"bench: report in {run_dir} (report.txt, report.md, report.json, report.png)")
+    log(f"bench: wall time {time.monotonic() - wall:.0f}s")
+    if warnings:
+        log(f"bench: {len(warnings)} query plan warning(s) in the report: shown, not a failure")
+    if problems:
+        log.loud(f"bench: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+        return 1
+    log("bench: no errors, no unexpected statuses, no reuse, every process stopped cleanly")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run(options)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,298 @@
+"""The production topology on 127.0.0.1 for the benchmark: nginx in front of N auth and N referral instances.
+
+- `gateway`: nginx rendered by `deploy.nginx.render` (as in production: its access log on, JSON lines
+  into its log file), `/api/v1/auth` to every auth instance, `/api/v1/referral` to every referral
+  instance. Its rate limits are set far above anything one machine can send (`BENCH_LIMITS`): every
+  request of the benchmark comes from one address, and what is measured is the services, not the
+  limiter.
+- `auth-i`: `python -m services.auth serve` in production mode, with the benchmark's signing key and
+  the service's defaults for everything else (argon2 cost, pool sizes, access log, log level) but
+  what the caller sets in `settings` (the benchmark caps the pools when the server has too few
+  connection slots for them).
+- `referral-i`: `python -m services.referral serve` in production mode, reading `auth-i`'s JWKS.
+
+Tokens carry `iss` = the gateway's URL + `/api/v1/auth`; the services believe the gateway's
+X-Forwarded-For (trusted proxy 127.0.0.1). Redis keys live under the prefix the caller gives (its
+own: the caller deletes them). `AUTH_*` / `REFERRAL_*` variables of the caller's environment are not
+passed on, so the defaults are really the services' own. Every process writes its output to
+`<log_dir>/<name>.log`. `Topology.pids()` gives the process ids per component, for CPU and RSS
+sampling through /proc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.auth.signing import generate_pem
+from tests.processes import (
+    AUTH_API,
+    HOST,
+    ROOT,
+    HarnessError,
+    Process,
+    alive,
+    base_url,
+    children,
+    free_port,
+    http_status,
+    nginx_gateway,
+    stop_all,
+)
+
+START_TIMEOUT = 60.0
+# Per client address; wrk sends everything from 127.0.0.1. nginx counts rates per millisecond, so
+# this is "no limit" for a benchmark on one machine.
+BENCH_LIMITS: Mapping[str, Any] = {"rate": "1000000r/s", "burst": 1000000}
+SERVICES = ("auth", "referral")
+
+
+@dataclass
+class Topology:
+    """The running processes; `start()` then `stop()` (or `running(...)` as a context manager)."""
+
+    instances: int
+    gateway: Process
+    auth: list[Process]
+    referral: list[Process]
+    runtime_dir: Path
+    started: list[Process] = field(default_factory=list)
+
+    @property
+    def gateway_url(self) -> str:
+        return self.gateway.url
+
+    @property
+    def issuer(self) -> str:
+        """`iss` of the tokens the auth instances sign (and the referral instances expect)."""
+        return self.gateway_url + AUTH_API
+
+    @property
+    def services(self) -> list[Process]:
+        return [*self.auth, *self.referral]
+
+    @property
+    def processes(self) -> list[Process]:
+        return [*self.auth, *self.referral, self.gateway]
+
+    def pids(self) -> dict[str, list[int]]:
+        """Process ids per component: `auth`, `referral` (one per instance), `nginx` (master and workers)."""
+        result: dict[str, list[int]] = {
+            "auth": [p.pid for p in self.auth if p.popen is not None],
+            "referral": [p.pid for p in self.referral if p.popen is not None],
+        }
+        if self.gateway.popen is not None:
+            master = self.gateway.pid
+            result["nginx"] = [master, *sorted(children(master))]
+        return result
+
+    def process_pids(self) -> dict[str, int]:
+        """The pid of each started process by name (auth-0, referral-0, gateway, ...)."""
+        return {p.name: p.pid for p in self.processes if p.popen is not None}
+
+    def dead(self) -> list[str]:
+        """What went wrong so far: each started process that is no longer running, with its log's tail."""
+        return [
+            f"{p.name} exited on its own with {p.popen.returncode}:\n{p.log_tail(10)}"
+            for p in self.started
+            if p.popen is not None and not p.stopped and p.popen.poll() is not None
+        ]
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the services, then the gateway; wait for every /healthz, then each service's /readyz."""
+        try:
+            for process in [*self.auth, *self.referral]:
+                process.start()
+                self.started.append(process)
+            deadline = time.monotonic() + timeout
+            for process in self.started:
+                process.wait_healthy(deadline)
+            self.gateway.start()
+            self.started.append(self.gateway)
+            self.gateway.wait_healthy(deadline)
+            for process in self.services:
+                while (status := http_status(process.url + "/readyz", timeout=3.0)) != 200:
+                    if not process.running or time.monotonic() > deadline:
+                        raise HarnessError(
+                            f"{process.name} is not ready (/readyz: {status}):\n{process.log_tail()}"
+                        )
+                    time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> list[str]:
+        """Stop everything (the gateway first); every problem: deaths, exit codes, processes left behind."""
+        problems = stop_all(self.started)
+        self.started.clear()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        return problems
+
+
+def _inherited(environ: Mapping[str, str]) -> dict[str, str]:
+    """The caller's environment without any service setting: the services' defaults apply."""
+    return {k: v for k, v in environ.items() if not k.startswith(("AUTH_", "REFERRAL_"))}
+
+
+def build(
+    *,
+    instances: int,
+    database_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    signing_pem: str,
+    log_dir: Path,
+    limits: Mapping[str, Any] = BENCH_LIMITS,
+    environ: Mapping[str, str] | None = None,
+    settings: Mapping[str, str] | None = None,
+) -> Topology:
+    """The processes of a topology of `instances` of each service on free ports (nothing started).
+
+    `settings`: AUTH_* / REFERRAL_* variables to set beyond the topology's own (default: none, the
+    services' defaults apply).
+    """
+    if instances < 1:
+        raise ValueError(f"instances must be at least 1, got {instances}")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    gateway_port = free_port()
+    auth_ports = [free_port() for _ in range(instances)]
+    referral_ports = [free_port() for _ in range(instances)]
+    gateway_url = base_url(gateway_port)
+    common = {
+        **_inherited(os.environ if environ is None else environ),
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "PYTHONUNBUFFERED": "1",
+    }
+    auth_env = {
+        **common,
+        "AUTH_ENV": "production",
+        "AUTH_HOST": HOST,
+        "AUTH_REDIS_PREFIX": f"{redis_prefix}auth:",
+        "AUTH_JWT_PRIVATE_KEYS": signing_pem,
+        "AUTH_PUBLIC_BASE_URL": gateway_url,
+        "AUTH_TRUSTED_PROXIES": HOST,
+        **{k: v for k, v in (settings or {}).items() if k.startswith("AUTH_")},
+    }
+    referral_env = {
+        **common,
+        "REFERRAL_ENV": "production",
+        "REFERRAL_HOST": HOST,
+        "REFERRAL_REDIS_PREFIX": f"{redis_prefix}referral:",
+        "REFERRAL_AUTH_ISSUER": gateway_url + AUTH_API,
+        "REFERRAL_TRUSTED_PROXIES": HOST,
+        **{k: v for k, v in (settings or {}).items() if k.startswith("REFERRAL_")},
+    }
+    auth = [
+        Process(
+            f"auth-{i}",
+            [sys.executable, "-m", "services.auth", "serve"],
+            {**auth_env, "AUTH_PORT": str(port), "AUTH_REFERRAL_SERVICE_URL": base_url(referral_ports[i])},
+            f"{base_url(port)}/healthz",
+            log_dir=log_dir,
+        )
+        for i, port in enumerate(auth_ports)
+    ]
+    referral = [
+        Process(
+            f"referral-{i}",
+            [sys.executable, "-m", "services.referral", "serve"],
+            {
+                **referral_env,
+                "REFERRAL_PORT": str(port),
+                "REFERRAL_AUTH_JWKS_URL": f"{base_url(auth_ports[i])}{AUTH_API}/.well-known/jwks.json",
+            },
+            f"{base_url(port)}/healthz",
+            log_dir=log_dir,
+        )
+        for i, port in enumerate(referral_ports)
+    ]
+    runtime = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
+    try:
+        gateway = nginx_gateway(
+            "gateway", gateway_port, auth_ports, referral_ports, limits, runtime, log_dir=log_dir
+        )
+    except BaseException:
+        shutil.rmtree(runtime, ignore_errors=True)
+        raise
+    return Topology(instances, gateway, auth, referral, runtime)
+
+
+@contextlib.contextmanager
+def running(**options: Any) -> Iterator[Topology]:
+    """`build(**options)`, started; stopped on the way out (HarnessError if it did not stop cleanly,
+    unless the body already raised)."""
+    topology = build(**options)
+    topology.start()
+    try:
+        yield topology
+    except BaseException:
+        topology.stop()
+        raise
+    problems = topology.stop()
+    if problems:
+        raise HarnessError("the topology did not shut down cleanly:\n" + "\n".join(problems))
+
+
+def migrate(database_url: str, redis_url: str, log_dir: Path, timeout: float = 120.0) -> None:
+    """Migrate a database with the services' own CLI (`python -m services.<name> migrate`), auth first;
+    HarnessError naming the log when one fails."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {
+        **_inherited(os.environ),
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "AUTH_ENV": "production",
+        "AUTH_JWT_PRIVATE_KEYS": generate_pem(),  # required to load the settings; not used to migrate
+        "REFERRAL_ENV": "production",
+    }
+    for service in SERVICES:
+        log_path = log_dir / f"migrate-{service}.log"
+        with log_path.open("wb") as log:
+            migrated = subprocess.run(
+                [sys.executable, "-m", f"services.{service}", "migrate"],
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                timeout=timeout,
+                check=False,
+            )
+        if migrated.returncode != 0:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+            raise HarnessError(f"{service} migrations failed ({migrated.returncode}); {log_path}:\n{tail}")
+
+
+def rss_mb(pid: int) -> float | None:
+    """The resident set size of `pid` in MiB (VmRSS), None when it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of `pid` (every thread, in clock ticks), None when it cannot be read."""
+    if not alive(pid):
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), after pid and comm
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

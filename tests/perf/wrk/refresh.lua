@@ -1,0 +1,191 @@
+-- Chains refresh-token grants: each refresh token is usable once, and each answer holds the next.
+--
+--   wrk ... -s refresh.lua URL -- TOKENS threads=N [path=/api/v1/auth/token]
+--
+-- TOKENS: one refresh token a line (tests/perf/wrk.py write_tokens). threads=N (run_wrk adds it)
+-- must be wrk's -t: thread i of N takes tokens i, i+N, i+2N, ... into its own queue.
+-- request() takes the queue's first token and sends
+--   POST <path>, Content-Type: application/x-www-form-urlencoded,
+--   grant_type=refresh_token&refresh_token=<token>
+-- response() puts the answer's "refresh_token" at the queue's end. wrk asks a connection for its
+-- next request only once the previous answer on it was handled, so with at least as many tokens
+-- per thread as connections per thread the queue never runs dry; should it, the request goes out
+-- with a token the server cannot know (so it fails) and is counted in `exhausted`.
+-- Every answer other than 200 is counted per status in `unexpected`, and a 200 without a
+-- refresh_token under "200-without-refresh-token" (the chain breaks there).
+-- done() prints one line: WRK_JSON {...}, which run_wrk parses.
+
+local threads = {} -- main state: every thread, in setup order
+
+function setup(thread)
+   threads[#threads + 1] = thread
+   thread:set("tid", #threads)
+end
+
+local function options(args, known)
+   local opts = {}
+   for i = 2, #args do
+      local key, value = args[i]:match("^([%w_]+)=(.*)$")
+      if not key or not known[key] then
+         error("refresh.lua: unknown option '" .. args[i] .. "'")
+      end
+      opts[key] = value
+   end
+   return opts
+end
+
+local function form_escape(value)
+   return (value:gsub("[^%w%-%._~]", function(c)
+      return string.format("%%%02X", c:byte())
+   end))
+end
+
+-- Thread state. Globals, so that done() can read them with thread:get().
+sent = 0 -- requests handed to wrk
+exhausted = 0 -- requests sent while the queue was empty
+lines = 0 -- tokens of this thread's slice
+unexpected_seen = "" -- the keys counted in unexpected_<key>, comma-separated
+
+local queue = {}
+local head, tail = 1, 0 -- queue[head..tail] are the tokens not used yet
+local prefix -- the request up to Content-Length's value
+-- wrk calls request() once on the first thread to check the request's syntax, and never sends that
+-- one: the first call of thread 1 therefore takes no token.
+local checking = false
+
+local function count_unexpected(key)
+   local name = "unexpected_" .. key
+   local count = _G[name]
+   if count == nil then
+      unexpected_seen = unexpected_seen .. key .. ","
+      count = 0
+   end
+   _G[name] = count + 1
+end
+
+function init(args)
+   local file = args[1] or error("refresh.lua: no token file given")
+   local opts = options(args, { threads = true, path = true })
+   local nthreads = tonumber(opts.threads) or error("refresh.lua: option threads=N missing")
+   local path = opts.path or "/api/v1/auth/token"
+   checking = tid == 1
+
+   local handle, problem = io.open(file, "rb")
+   if not handle then
+      error("refresh.lua: cannot open " .. problem)
+   end
+   local index = 0
+   for line in handle:lines() do
+      if line ~= "" and line:sub(1, 1) ~= "#" then
+         index = index + 1
+         if (index - 1) % nthreads == tid - 1 then
+            tail = tail + 1
+            queue[tail] = line
+         end
+      end
+   end
+   handle:close()
+   lines = tail
+   if lines == 0 then
+      error("refresh.lua: " .. file .. " has " .. index .. " tokens, none for thread " .. tid .. " of " .. nthreads)
+   end
+   prefix = "POST " .. path .. " HTTP/1.1\r\n"
+      .. "Host: " .. wrk.headers["Host"] .. "\r\n"
+      .. "Content-Type: application/x-www-form-urlencoded\r\n"
+      .. "Content-Length: "
+end
+
+local function grant(token)
+   local body = "grant_type=refresh_token&refresh_token=" .. form_escape(token)
+   return prefix .. #body .. "\r\n\r\n" .. body
+end
+
+function request()
+   if checking then
+      checking = false
+      return grant(queue[head] or "check")
+   end
+   sent = sent + 1
+   local token = queue[head]
+   if token == nil then
+      exhausted = exhausted + 1
+      return grant("wrk-refresh-queue-ran-dry")
+   end
+   queue[head] = nil
+   head = head + 1
+   return grant(token)
+end
+
+function response(status, headers, body)
+   if status ~= 200 then
+      count_unexpected(status)
+      return
+   end
+   local token = body:match('"refresh_token"%s*:%s*"([^"]+)"')
+   if token == nil then
+      count_unexpected("200-without-refresh-token")
+      return
+   end
+   tail = tail + 1
+   queue[tail] = (token:gsub("\\/", "/"))
+end
+
+local function encode(value)
+   local kind = type(value)
+   if kind == "table" then
+      local parts = {}
+      for key, item in pairs(value) do
+         parts[#parts + 1] = encode(tostring(key)) .. ":" .. encode(item)
+      end
+      return "{" .. table.concat(parts, ",") .. "}"
+   elseif kind == "number" then
+      if value ~= value or value == math.huge or value == -math.huge then
+         return "null"
+      end
+      return string.format("%.17g", value)
+   elseif kind == "string" then
+      return '"' .. value:gsub('[%c"\\]', function(c)
+         return string.format("\\u%04x", c:byte())
+      end) .. '"'
+   elseif kind == "boolean" then
+      return tostring(value)
+   end
+   return "null"
+end
+
+function done(summary, latency, requests)
+   local totals = { sent = 0, exhausted = 0, lines = 0 }
+   local unexpected = {}
+   for _, thread in ipairs(threads) do
+      for key in pairs(totals) do
+         totals[key] = totals[key] + thread:get(key)
+      end
+      for key in thread:get("unexpected_seen"):gmatch("[^,]+") do
+         unexpected[key] = (unexpected[key] or 0) + thread:get("unexpected_" .. key)
+      end
+   end
+   local result = {
+      script = "refresh",
+      mode = "chain",
+      expect = 200,
+      threads = #threads,
+      requests = summary.requests,
+      duration_us = summary.duration,
+      bytes = summary.bytes,
+      errors = summary.errors,
+      latency_us = {
+         mean = latency.mean,
+         stdev = latency.stdev,
+         max = latency.max,
+         p50 = latency:percentile(50),
+         p90 = latency:percentile(90),
+         p99 = latency:percentile(99),
+         p999 = latency:percentile(99.9),
+      },
+      sent = totals.sent,
+      lines = totals.lines,
+      exhausted = totals.exhausted,
+      unexpected = unexpected,
+   }
+   io.write("WRK_JSON " .. encode(result) .. "\n")
+end

@@ -1,0 +1,213 @@
+-- Sends the requests of a request file written by tests/perf/wrk.py (write_requests; the format is
+-- documented there: one request a line, tab-separated percent-encoded fields).
+--
+--   wrk ... -s requests.lua URL -- FILE threads=N [mode=cycle|once] [expect=STATUS]
+--
+-- threads=N (run_wrk adds it) must be wrk's -t: thread i of N sends only lines i, i+N, i+2N, ...
+-- mode=cycle (default): each thread sends its lines round robin, from a random start.
+-- mode=once: each thread sends each of its lines at most once; past the end it starts again, and
+--   every such request is counted in `exhausted` (a reuse the benchmark must report).
+-- expect=STATUS: every answer with another status is counted, per status. Only then is
+--   response() defined: without it wrk neither keeps headers nor bodies, which saves its CPU.
+-- done() prints one line: WRK_JSON {...}, which run_wrk parses.
+
+local threads = {} -- main state: every thread, in setup order
+
+function setup(thread)
+   threads[#threads + 1] = thread
+   thread:set("tid", #threads)
+end
+
+local function unescape(hex)
+   return string.char(tonumber(hex, 16))
+end
+
+local function decode(field)
+   if not field:find("%", 1, true) then
+      return field
+   end
+   return (field:gsub("%%(%x%x)", unescape))
+end
+
+local function split(line)
+   local fields, start = {}, 1
+   while true do
+      local tab = line:find("\t", start, true)
+      fields[#fields + 1] = decode(line:sub(start, (tab or 0) - 1))
+      if not tab then
+         return fields
+      end
+      start = tab + 1
+   end
+end
+
+local function options(args, known)
+   local opts = {}
+   for i = 2, #args do
+      local key, value = args[i]:match("^([%w_]+)=(.*)$")
+      if not key or not known[key] then
+         error("requests.lua: unknown option '" .. args[i] .. "'")
+      end
+      opts[key] = value
+   end
+   return opts
+end
+
+local function build(line, number)
+   local f = split(line)
+   if #f < 3 or #f % 2 == 0 then
+      error("requests.lua: line " .. number .. " has " .. #f .. " fields, wanted method, path, body, headers")
+   end
+   local method, path, body = f[1], f[2], f[3]
+   local headers = {}
+   for i = 4, #f, 2 do
+      headers[f[i]] = f[i + 1]
+   end
+   if body == "" and (method == "GET" or method == "HEAD") then
+      body = nil -- no Content-Length: 0 on a request without a body
+   end
+   return wrk.format(method, path, headers, body)
+end
+
+-- Thread state. Globals, so that done() can read them with thread:get().
+sent = 0 -- requests handed to wrk
+exhausted = 0 -- in once mode: requests sent after this thread's lines ran out
+lines = 0 -- lines of this thread's slice
+unexpected_seen = "" -- the statuses counted in unexpected_<status>, comma-separated
+mode = "cycle"
+expect = nil -- the expected status, if given
+
+local reqs = {}
+local nextreq = 1
+local once = false
+-- wrk calls request() once on the first thread to check the request's syntax, and never sends that
+-- one: the first call of thread 1 therefore takes no line.
+local checking = false
+
+function init(args)
+   local file = args[1] or error("requests.lua: no request file given")
+   local opts = options(args, { threads = true, mode = true, expect = true })
+   local nthreads = tonumber(opts.threads) or error("requests.lua: option threads=N missing")
+   mode = opts.mode or "cycle"
+   if mode ~= "cycle" and mode ~= "once" then
+      error("requests.lua: mode must be cycle or once, not " .. mode)
+   end
+   once = mode == "once"
+   checking = tid == 1
+
+   local handle, problem = io.open(file, "rb")
+   if not handle then
+      error("requests.lua: cannot open " .. problem)
+   end
+   local index = 0
+   for line in handle:lines() do
+      if line ~= "" and line:sub(1, 1) ~= "#" then
+         index = index + 1
+         if (index - 1) % nthreads == tid - 1 then
+            reqs[#reqs + 1] = build(line, index)
+         end
+      end
+   end
+   handle:close()
+   lines = #reqs
+   if lines == 0 then
+      error("requests.lua: " .. file .. " has " .. index .. " requests, none for thread " .. tid .. " of " .. nthreads)
+   end
+   if not once then
+      math.randomseed(os.time() * 1000 + tid)
+      nextreq = math.random(lines)
+   end
+
+   if opts.expect then
+      expect = tonumber(opts.expect) or error("requests.lua: expect must be a status, not " .. opts.expect)
+      local wanted = expect
+      response = function(status, headers, body)
+         if status ~= wanted then
+            local key = "unexpected_" .. status
+            local count = _G[key]
+            if count == nil then
+               unexpected_seen = unexpected_seen .. status .. ","
+               count = 0
+            end
+            _G[key] = count + 1
+         end
+      end
+   end
+end
+
+function request()
+   local req = reqs[nextreq]
+   if checking then
+      checking = false
+      return req
+   end
+   sent = sent + 1
+   if once and sent > lines then
+      exhausted = exhausted + 1
+   end
+   nextreq = nextreq + 1
+   if nextreq > lines then
+      nextreq = 1
+   end
+   return req
+end
+
+local function encode(value)
+   local kind = type(value)
+   if kind == "table" then
+      local parts = {}
+      for key, item in pairs(value) do
+         parts[#parts + 1] = encode(tostring(key)) .. ":" .. encode(item)
+      end
+      return "{" .. table.concat(parts, ",") .. "}"
+   elseif kind == "number" then
+      if value ~= value or value == math.huge or value == -math.huge then
+         return "null"
+      end
+      return string.format("%.17g", value)
+   elseif kind == "string" then
+      return '"' .. value:gsub('[%c"\\]', function(c)
+         return string.format("\\u%04x", c:byte())
+      end) .. '"'
+   elseif kind == "boolean" then
+      return tostring(value)
+   end
+   return "null"
+end
+
+function done(summary, latency, requests)
+   local totals = { sent = 0, exhausted = 0, lines = 0 }
+   local unexpected = {}
+   for _, thread in ipairs(threads) do
+      for key in pairs(totals) do
+         totals[key] = totals[key] + thread:get(key)
+      end
+      for status in thread:get("unexpected_seen"):gmatch("%d+") do
+         unexpected[status] = (unexpected[status] or 0) + thread:get("unexpected_" .. status)
+      end
+   end
+   local result = {
+      script = "requests",
+      mode = threads[1]:get("mode"),
+      expect = threads[1]:get("expect"),
+      threads = #threads,
+      requests = summary.requests,
+      duration_us = summary.duration,
+      bytes = summary.bytes,
+      errors = summary.errors,
+      latency_us = {
+         mean = latency.mean,
+         stdev = latency.stdev,
+         max = latency.max,
+         p50 = latency:percentile(50),
+         p90 = latency:percentile(90),
+         p99 = latency:percentile(99),
+         p999 = latency:percentile(99.9),
+      },
+      sent = totals.sent,
+      lines = totals.lines,
+      exhausted = totals.exhausted,
+      unexpected = unexpected,
+   }
+   io.write("WRK_JSON " .. encode(result) .. "\n")
+end
