@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -17,6 +18,16 @@ from shared.logs import JsonAccessLogger, configure_logging
 from shared.migrations import apply_migrations, rollback_migrations
 
 S = TypeVar("S")
+
+
+async def _freeze_startup_objects(_: web.Application) -> None:
+    """Move everything imported and built at startup out of the garbage collector's sight.
+
+    Those objects live as long as the process; without this, every full collection walks them all
+    (a few percent of a request's CPU under load).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def run_service_command(
@@ -52,6 +63,7 @@ def run_service_command(
     except SettingsError as error:
         print(f"{name}: configuration error: {error}", file=sys.stderr)
         return 2
+    app.on_startup.append(_freeze_startup_objects)
     log.info("listening", extra={"host": settings.host, "port": settings.port})
     web.run_app(
         app,
