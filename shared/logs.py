@@ -22,6 +22,7 @@ import time
 from contextvars import ContextVar
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
@@ -188,7 +189,7 @@ class JsonAccessLogger(AbstractAccessLogger):
             "request_id": response.headers.get(REQUEST_ID_HEADER),
             "remote": request.remote,
         }
-        _ACCESS_LINES.add(json.dumps(entry, ensure_ascii=False) + "\n", handler)
+        _ACCESS_LINES.add(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE).decode(), handler)
 
     def _log_record(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
         self.logger.info(

@@ -8,13 +8,15 @@ import json
 import uuid
 from datetime import datetime
 
+import orjson
+
 from services.referral.domain.models import Cursor
 from shared.errors import ValidationProblem
 
 
 def encode_cursor(cursor: Cursor) -> str:
-    raw = json.dumps([cursor.created_at.isoformat(), str(cursor.referral_id)], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    raw = orjson.dumps([cursor.created_at.isoformat(), str(cursor.referral_id)])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_cursor(value: str) -> Cursor:
