@@ -24,6 +24,7 @@ from shared.db import (
     UniqueViolation,
     create_database,
     prepare,
+    prepare_sql,
 )
 
 SCHEMA = f"test_db_{secrets.token_hex(4)}"
@@ -401,3 +402,38 @@ async def test_a_connection_the_server_closed_is_replaced(database, database_url
             outcomes.append(False)
     assert outcomes[-1] is True
     assert database.size <= 3
+
+
+# --- statements prepared on the server -------------------------------------------------------------
+
+
+def test_a_prepared_statement_numbers_its_parameters_and_keeps_literal_percents():
+    statement = prepare_sql("SELECT %(b)s::int + %(a)s::int + %(b)s::int AS n, 'x%%' AS t")
+    assert statement.server_sql.endswith("AS SELECT $1::int + $2::int + $1::int AS n, 'x%' AS t")
+    assert statement.execute_sql == f"EXECUTE {statement.name}(%(b)s, %(a)s)"
+
+
+async def test_a_prepared_statement_is_prepared_once_per_connection(database):
+    statement = prepare_sql("SELECT %(a)s::int * 2 AS n, 'x%%' AS t")
+    async with database.connection() as conn:
+        for value in (1, 2, 3):
+            row = await conn.fetch_one(statement, {"a": value})
+            assert row == {"n": value * 2, "t": "x%"}
+        rows = await conn.fetch_all(
+            "SELECT name FROM pg_prepared_statements WHERE name = %(name)s", {"name": statement.name}
+        )
+        assert len(rows) == 1
+
+
+async def test_a_prepared_statement_works_inside_a_transaction_that_rolls_back(database):
+    statement = prepare_sql("SELECT %(a)s::int AS n")
+
+    async def use_then_fail() -> None:
+        async with database.transaction() as conn:
+            assert (await conn.fetch_one(statement, {"a": 5})) == {"n": 5}
+            raise RuntimeError("roll back")
+
+    with pytest.raises(RuntimeError):
+        await use_then_fail()
+    for _ in range(3):  # the pool's connections, whichever: prepared or not, it answers
+        assert (await database.fetch_one(statement, {"a": 6})) == {"n": 6}

@@ -13,7 +13,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from services.referral.db.tables import codes_table as codes
 from services.referral.db.tables import referrals_table as referrals
 from services.referral.domain.models import Cursor, ListedReferral, Referral, ReferralCode
-from shared.db import Connection, Database, UniqueViolation, prepare
+from shared.db import Connection, Database, UniqueViolation, prepare, prepare_sql
 
 ONE_OPEN_PER_OWNER = "codes_one_open_per_owner"
 CODE_UNIQUE = "codes_code_lower_key"
@@ -115,13 +115,13 @@ LEFT JOIN LATERAL (
 ) AS p ON true
 ORDER BY p.created_at DESC, p.referral_id DESC
 """
-_FIRST_PAGE = _PAGE.format(after="")
-_NEXT_PAGE = _PAGE.format(
-    after=" AND (created_at, referral_id) < (%(after_created_at)s, %(after_referral_id)s)"
+_FIRST_PAGE = prepare_sql(_PAGE.format(after=""))
+_NEXT_PAGE = prepare_sql(
+    _PAGE.format(after=" AND (created_at, referral_id) < (%(after_created_at)s, %(after_referral_id)s)")
 )
 
 # Walk up the referrer chain from a user to the root of their tree (each user has one referrer at most).
-_ROOT_OF = """
+_ROOT_OF = prepare_sql("""
 WITH RECURSIVE chain(user_id, depth) AS (
     SELECT %(user_id)s::uuid, 0
     UNION ALL
@@ -130,8 +130,10 @@ WITH RECURSIVE chain(user_id, depth) AS (
     WHERE chain.depth < 100000
 )
 SELECT user_id FROM chain ORDER BY depth DESC LIMIT 1
-"""
-_LOCK_TREE = "SELECT pg_advisory_xact_lock(hashtextextended('referral-tree:' || %(user_id)s, 0))"
+""")
+_LOCK_TREE = prepare_sql(
+    "SELECT pg_advisory_xact_lock(hashtextextended('referral-tree:' || %(user_id)s::text, 0))"
+)
 
 
 def _code(row: Mapping[str, Any]) -> ReferralCode:
