@@ -11,8 +11,10 @@ The rules that keep it honest:
 - It serves only while the tracking connection is up. When that connection fails, everything is
   dropped and nothing is served or kept until a new connection tracks again; a connection that
   answers nothing for `HEARTBEAT` seconds (pinged once) counts as failed.
-- A value read from Redis is kept only if no invalidation arrived since the read began (a
-  generation counter), so a read that raced a write cannot keep the old value.
+- A value read from Redis, or from the database after a miss, is kept only if no invalidation
+  arrived since the lookup began (a generation counter), so a read that raced a write cannot keep
+  the old value. Redis also tells this process of its own writes; a write it announced
+  (`expect_echo`) is not taken for someone else's change.
 - Entries live `ttl` seconds at most, and at most `size` of them (the oldest go first).
 Another process's change reaches this one as fast as Redis pushes it, about 0.1 ms on a local
 network; a request that arrives in that window may still see the old value.
@@ -47,6 +49,9 @@ class NearCache:
         self._size = size
         self._ttl = ttl
         self._entries: dict[str, tuple[Any, float]] = {}
+        # Writes of this process whose invalidation has not come back yet (Redis tells every
+        # connection but the tracking one about them, so this process hears of its own writes).
+        self._echoes: dict[str, int] = {}
         self.generation = 0
         self._tracking = False
         self._task: asyncio.Task[None] | None = None
@@ -84,6 +89,19 @@ class NearCache:
     def clear(self) -> None:
         self.generation += 1
         self._entries.clear()
+        self._echoes.clear()
+
+    def expect_echo(self, key: str) -> None:
+        """This process is about to write `key` and will keep what it wrote: its echo is no change."""
+        self._echoes[key] = self._echoes.get(key, 0) + 1
+
+    def cancel_echo(self, key: str) -> None:
+        """The write announced with `expect_echo` did not happen."""
+        left = self._echoes.get(key, 0) - 1
+        if left > 0:
+            self._echoes[key] = left
+        else:
+            self._echoes.pop(key, None)
 
     # --- the tracking connection -----------------------------------------------------------------
 
@@ -158,5 +176,13 @@ class NearCache:
         keys = message[1]
         if keys is None:  # FLUSHDB / FLUSHALL
             self.clear()
-        else:
-            self.evict(key.decode() if isinstance(key, bytes) else str(key) for key in keys)
+            return
+        changed = []
+        for raw in keys:
+            key = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if key in self._echoes:
+                self.cancel_echo(key)  # this process's own write, already accounted for
+            else:
+                changed.append(key)
+        if changed:
+            self.evict(changed)

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 BREAKER_SECONDS = 5.0
 LOG_EVERY_SECONDS = 10.0
 MAX_UNWRITTEN = 10_000
+MAX_MISSES_REMEMBERED = 10_000
 _CACHE_ERRORS = (RedisError, OSError, asyncio.TimeoutError, ValueError, TypeError)
 
 
@@ -119,6 +120,8 @@ class CodeCache:
             "referral_cache_lookups", "Code cache lookups by result", ["result"], registry=registry
         )
         self._errors = Counter("referral_cache_errors", "Redis failures of the code cache", registry=registry)
+        # Lookups by email that missed, with the near cache's generation at that moment.
+        self._missed: dict[str, int] = {}
         self._counted = {
             result: self._lookups.labels(result) for result in ("near", "hit", "miss", "error", "bypassed")
         }
@@ -157,20 +160,21 @@ class CodeCache:
         self._counted["miss" if value is None else "hit"].inc()
         return value
 
-    async def _write(self, key: str, value: Any, ttl: int, *, overwrite: bool) -> None:
+    async def _write(self, key: str, value: Any, ttl: int, *, overwrite: bool) -> bool:
         # Fills skip a Redis known to be failing; changes are always attempted, and one that fails is
         # kept for `_replay`, so that a Redis that comes back never serves an entry it should replace.
         # A change also drops the key from this process's near cache, before and after Redis has it.
         if not overwrite:
             if not self._available() or not await self._replay():
-                return
+                return False
             try:
                 await self._cache.add(key, value, ttl=ttl)
             except ValueError:
-                pass  # somebody wrote first, and writers win
+                return False  # somebody wrote first, and writers win
             except _CACHE_ERRORS as error:
                 self._failed(error)
-            return
+                return False
+            return True
         self.near.evict((self._full_key(key),))
         async with self._changing:
             try:
@@ -182,6 +186,7 @@ class CodeCache:
                 self._unwritten.pop(key, None)
             finally:
                 self.near.evict((self._full_key(key),))
+        return True
 
     def _keep(self, key: str, value: Any, ttl: int) -> None:
         self._unwritten.pop(key, None)  # the newest change of a key goes last
@@ -250,6 +255,9 @@ class CodeCache:
             generation = self.near.generation
             value = await self._get(key)
             if value is None:
+                if len(self._missed) >= MAX_MISSES_REMEMBERED:
+                    self._missed.clear()
+                self._missed[full_key] = generation  # for `fill_email`, after the database read
                 return None
             found = ABSENT if value.get("absent") else _load(value)
             self.near.put(full_key, found, generation)
@@ -268,12 +276,23 @@ class CodeCache:
             await self._write(self._code_key(text), _dump(code), self._code_ttl(code), overwrite=False)
 
     async def fill_email(self, email: str, code: ReferralCode | None) -> None:
+        # The database's answer is kept in process memory too when this fill is what Redis holds,
+        # unless an invalidation arrived since the lookup missed (a change raced the database read).
+        key = self._email_key(email)
+        full_key = self._full_key(key)
+        generation = self._missed.pop(full_key, None)
+        keep = generation is not None and self.near.enabled
+        if keep:
+            self.near.expect_echo(full_key)
         if code is None:
-            await self._write(
-                self._email_key(email), {"absent": True}, self._settings.negative_ttl, overwrite=False
-            )
+            written = await self._write(key, {"absent": True}, self._settings.negative_ttl, overwrite=False)
         else:
-            await self._write(self._email_key(email), _dump(code), self._code_ttl(code), overwrite=False)
+            written = await self._write(key, _dump(code), self._code_ttl(code), overwrite=False)
+        if keep and generation is not None:
+            if written:
+                self.near.put(full_key, ABSENT if code is None else code, generation)
+            else:
+                self.near.cancel_echo(full_key)
 
     # --- writes (writers: always overwrite) ------------------------------------------------------
 

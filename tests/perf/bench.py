@@ -702,7 +702,7 @@ class Bench:
         A warmup of a few seconds reaches only part of 20,000 emails, so the recorded runs would
         still fill the caches (the first full run measured 532, 286, then 163 µs per request).
         """
-        dataset = self.bench.dataset
+        dataset = self.dataset
         emails = {"S1": dataset.code_emails, "S2": dataset.unknown_emails}.get(scenario.key)
         if not emails:
             return

@@ -351,3 +351,17 @@ async def test_a_replica_that_misses_redis_pushes_serves_nothing_from_memory(mak
     await asyncio.sleep(0.1)
     assert (await lookup(system, alice.email)).status == 200
     assert (await lookups_by_result(system)).get("near", 0) == near_before
+
+
+async def test_a_lookup_answered_by_the_database_is_kept_in_memory_at_once(system, cache):
+    alice = await system.user("alice@example.com")
+    await code_of(system, alice)
+    clear_cache(cache, system)
+    await asyncio.sleep(0.1)  # Redis pushes the deletions: the near cache drops its entries
+    before = await lookups_by_result(system)
+    assert (await lookup(system, alice.email)).status == 200  # the database
+    assert (await lookup(system, alice.email)).status == 200  # process memory
+    after = await lookups_by_result(system)
+    assert after.get("miss", 0) == before.get("miss", 0) + 1
+    assert after.get("near", 0) == before.get("near", 0) + 1
+    assert after.get("hit", 0) == before.get("hit", 0)

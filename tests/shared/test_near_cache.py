@@ -108,3 +108,16 @@ async def test_size_zero_means_no_near_cache(client, redis_prefix):
     cache.put("a", "a", cache.generation)
     assert cache.get("a") is None
     await cache.stop()
+
+
+async def test_an_announced_own_write_is_not_taken_for_a_change(near, client, redis_prefix):
+    key = f"{redis_prefix}email:jane@example.com"
+    before = near.generation
+    near.expect_echo(key)
+    await client.set(key, "mine")  # this process's write: Redis tells us anyway
+    near.put(key, "mine", before)
+    await client.set(f"{redis_prefix}email:other@example.com", "x")  # a marker that comes after the echo
+    await until(lambda: near.generation != before)
+    assert near.get(key) == "mine"
+    await client.set(key, "someone else's")  # not announced: a change
+    await until(lambda: near.get(key) is None)
