@@ -159,7 +159,8 @@ class Connection:
             bound = {**statement.defaults, **(params or {})}
             sql = statement.sql
             if statement.execute_sql:
-                await self._prepare(statement)
+                if statement.name not in self._raw.prepared_statements:
+                    await self._prepare(statement)
                 sql = statement.execute_sql
         else:
             sql, bound = _compile(statement)
