@@ -218,29 +218,26 @@ class Connection:
             cursor.close()
         return row  # type: ignore[no-any-return]
 
-    async def fetch_all(self, statement: Statement, params: Mapping[str, Any] | None = None) -> Sequence[Row]:
-        """Run a statement and return every row."""
-        cursor = await self._run(statement, params)
+    async def _fetch_every(self, statement: Statement, params: Mapping[str, Any] | None, factory: Any) -> Any:
+        cursor = await self._run(statement, params, cursor_factory=factory)
         try:
-            rows = await cursor.fetchall()
+            return await cursor.fetchall()
         except psycopg2.Error as error:
             raise _translate(error) from error
         finally:
             cursor.close()
-        return rows  # type: ignore[no-any-return]
+
+    async def fetch_all(self, statement: Statement, params: Mapping[str, Any] | None = None) -> Sequence[Row]:
+        """Run a statement and return every row."""
+        rows: Sequence[Row] = await self._fetch_every(statement, params, _DICT_CURSOR)
+        return rows
 
     async def fetch_tuples(
         self, statement: Statement, params: Mapping[str, Any] | None = None
     ) -> list[tuple[Any, ...]]:
         """Run a statement and return every row as a tuple (no dict per row: for long hot results)."""
-        cursor = await self._run(statement, params, cursor_factory=None)
-        try:
-            rows = await cursor.fetchall()
-        except psycopg2.Error as error:
-            raise _translate(error) from error
-        finally:
-            cursor.close()
-        return rows  # type: ignore[no-any-return]
+        rows: list[tuple[Any, ...]] = await self._fetch_every(statement, params, None)
+        return rows
 
     async def execute(self, statement: Statement, params: Mapping[str, Any] | None = None) -> int:
         """Run a statement; return the number of rows it touched."""

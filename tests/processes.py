@@ -192,6 +192,38 @@ class Process:
         return code
 
 
+def service_pair(
+    index: int,
+    auth_port: int,
+    referral_port: int,
+    auth_env: Mapping[str, str],
+    referral_env: Mapping[str, str],
+    process: type[Process] = Process,
+    **fields: Any,
+) -> tuple[Process, Process]:
+    """`auth-i` and `referral-i` (`python -m services.<name> serve`) on their ports, each healthy once
+    its /healthz answers; `referral-i` reads the JWKS of `auth-i`. `fields` go to `process`."""
+    auth = process(
+        f"auth-{index}",
+        [sys.executable, "-m", "services.auth", "serve"],
+        {**auth_env, "AUTH_PORT": str(auth_port)},
+        f"{base_url(auth_port)}/healthz",
+        **fields,
+    )
+    referral = process(
+        f"referral-{index}",
+        [sys.executable, "-m", "services.referral", "serve"],
+        {
+            **referral_env,
+            "REFERRAL_PORT": str(referral_port),
+            "REFERRAL_AUTH_JWKS_URL": f"{base_url(auth_port)}{AUTH_API}/.well-known/jwks.json",
+        },
+        f"{base_url(referral_port)}/healthz",
+        **fields,
+    )
+    return auth, referral
+
+
 def stop_all(started: Sequence[Process]) -> list[str]:
     """Stop every process (in reverse start order); what went wrong with each, from start to end."""
     problems: list[str] = []

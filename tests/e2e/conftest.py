@@ -208,28 +208,12 @@ def stack(
         if migrated.returncode != 0:
             pytest.fail(f"{service} migrations failed ({migrated.returncode}); see {log.name}")
 
-    auth = [
-        Process(
-            f"auth-{i}",
-            [sys.executable, "-m", "services.auth", "serve"],
-            {**auth_env, "AUTH_PORT": str(port)},
-            f"{base_url(port)}/healthz",
-        )
-        for i, port in enumerate(auth_ports)
+    pairs = [
+        processes.service_pair(i, auth_port, referral_port, auth_env, referral_env, Process)
+        for i, (auth_port, referral_port) in enumerate(zip(auth_ports, referral_ports, strict=True))
     ]
-    referral = [
-        Process(
-            f"referral-{i}",
-            [sys.executable, "-m", "services.referral", "serve"],
-            {
-                **referral_env,
-                "REFERRAL_PORT": str(port),
-                "REFERRAL_AUTH_JWKS_URL": f"{base_url(auth_ports[i])}{AUTH_API}/.well-known/jwks.json",
-            },
-            f"{base_url(port)}/healthz",
-        )
-        for i, port in enumerate(referral_ports)
-    ]
+    auth = [pair[0] for pair in pairs]
+    referral = [pair[1] for pair in pairs]
     if kind == "nginx":
         runtime = tmp_path_factory.mktemp("nginx")
         gateways = [

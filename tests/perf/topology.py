@@ -46,6 +46,7 @@ from tests.processes import (
     free_port,
     http_status,
     nginx_gateway,
+    service_pair,
     stop_all,
 )
 
@@ -192,30 +193,19 @@ def build(
         "REFERRAL_TRUSTED_PROXIES": HOST,
         **{k: v for k, v in (settings or {}).items() if k.startswith("REFERRAL_")},
     }
-    auth = [
-        Process(
-            f"auth-{i}",
-            [sys.executable, "-m", "services.auth", "serve"],
-            {**auth_env, "AUTH_PORT": str(port), "AUTH_REFERRAL_SERVICE_URL": base_url(referral_ports[i])},
-            f"{base_url(port)}/healthz",
+    pairs = [
+        service_pair(
+            i,
+            auth_port,
+            referral_port,
+            {**auth_env, "AUTH_REFERRAL_SERVICE_URL": base_url(referral_port)},
+            referral_env,
             log_dir=log_dir,
         )
-        for i, port in enumerate(auth_ports)
+        for i, (auth_port, referral_port) in enumerate(zip(auth_ports, referral_ports, strict=True))
     ]
-    referral = [
-        Process(
-            f"referral-{i}",
-            [sys.executable, "-m", "services.referral", "serve"],
-            {
-                **referral_env,
-                "REFERRAL_PORT": str(port),
-                "REFERRAL_AUTH_JWKS_URL": f"{base_url(auth_ports[i])}{AUTH_API}/.well-known/jwks.json",
-            },
-            f"{base_url(port)}/healthz",
-            log_dir=log_dir,
-        )
-        for i, port in enumerate(referral_ports)
-    ]
+    auth = [pair[0] for pair in pairs]
+    referral = [pair[1] for pair in pairs]
     runtime = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
     try:
         gateway = nginx_gateway(

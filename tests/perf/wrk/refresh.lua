@@ -15,6 +15,8 @@
 -- refresh_token under "200-without-refresh-token" (the chain breaks there).
 -- done() prints one line: WRK_JSON {...}, which run_wrk parses.
 
+local common = dofile((debug.getinfo(1, "S").source:match("^@(.*[/\\])") or "") .. "common.lua")
+
 local threads = {} -- main state: every thread, in setup order
 
 function setup(thread)
@@ -130,62 +132,6 @@ function response(status, headers, body)
    queue[tail] = (token:gsub("\\/", "/"))
 end
 
-local function encode(value)
-   local kind = type(value)
-   if kind == "table" then
-      local parts = {}
-      for key, item in pairs(value) do
-         parts[#parts + 1] = encode(tostring(key)) .. ":" .. encode(item)
-      end
-      return "{" .. table.concat(parts, ",") .. "}"
-   elseif kind == "number" then
-      if value ~= value or value == math.huge or value == -math.huge then
-         return "null"
-      end
-      return string.format("%.17g", value)
-   elseif kind == "string" then
-      return '"' .. value:gsub('[%c"\\]', function(c)
-         return string.format("\\u%04x", c:byte())
-      end) .. '"'
-   elseif kind == "boolean" then
-      return tostring(value)
-   end
-   return "null"
-end
-
 function done(summary, latency, requests)
-   local totals = { sent = 0, exhausted = 0, lines = 0 }
-   local unexpected = {}
-   for _, thread in ipairs(threads) do
-      for key in pairs(totals) do
-         totals[key] = totals[key] + thread:get(key)
-      end
-      for key in thread:get("unexpected_seen"):gmatch("[^,]+") do
-         unexpected[key] = (unexpected[key] or 0) + thread:get("unexpected_" .. key)
-      end
-   end
-   local result = {
-      script = "refresh",
-      mode = "chain",
-      expect = 200,
-      threads = #threads,
-      requests = summary.requests,
-      duration_us = summary.duration,
-      bytes = summary.bytes,
-      errors = summary.errors,
-      latency_us = {
-         mean = latency.mean,
-         stdev = latency.stdev,
-         max = latency.max,
-         p50 = latency:percentile(50),
-         p90 = latency:percentile(90),
-         p99 = latency:percentile(99),
-         p999 = latency:percentile(99.9),
-      },
-      sent = totals.sent,
-      lines = totals.lines,
-      exhausted = totals.exhausted,
-      unexpected = unexpected,
-   }
-   io.write("WRK_JSON " .. encode(result) .. "\n")
+   common.report(threads, summary, latency, { script = "refresh", mode = "chain", expect = 200 })
 end

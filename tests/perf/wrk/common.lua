@@ -1,0 +1,68 @@
+-- What requests.lua and refresh.lua share: the one WRK_JSON line done() prints (run_wrk parses it).
+-- Each script loads it with dofile from its own folder, in every Lua state wrk makes.
+
+local common = {}
+
+function common.encode(value)
+   local kind = type(value)
+   if kind == "table" then
+      local parts = {}
+      for key, item in pairs(value) do
+         parts[#parts + 1] = common.encode(tostring(key)) .. ":" .. common.encode(item)
+      end
+      return "{" .. table.concat(parts, ",") .. "}"
+   elseif kind == "number" then
+      if value ~= value or value == math.huge or value == -math.huge then
+         return "null"
+      end
+      return string.format("%.17g", value)
+   elseif kind == "string" then
+      return '"' .. value:gsub('[%c"\\]', function(c)
+         return string.format("\\u%04x", c:byte())
+      end) .. '"'
+   elseif kind == "boolean" then
+      return tostring(value)
+   end
+   return "null"
+end
+
+-- Sum the threads' counters (sent, lines, exhausted, unexpected_<key>) and print the run's figures
+-- with `fields` (the script's own: script, mode, expect).
+function common.report(threads, summary, latency, fields)
+   local totals = { sent = 0, exhausted = 0, lines = 0 }
+   local unexpected = {}
+   for _, thread in ipairs(threads) do
+      for key in pairs(totals) do
+         totals[key] = totals[key] + thread:get(key)
+      end
+      for key in thread:get("unexpected_seen"):gmatch("[^,]+") do
+         unexpected[key] = (unexpected[key] or 0) + thread:get("unexpected_" .. key)
+      end
+   end
+   local result = {
+      threads = #threads,
+      requests = summary.requests,
+      duration_us = summary.duration,
+      bytes = summary.bytes,
+      errors = summary.errors,
+      latency_us = {
+         mean = latency.mean,
+         stdev = latency.stdev,
+         max = latency.max,
+         p50 = latency:percentile(50),
+         p90 = latency:percentile(90),
+         p99 = latency:percentile(99),
+         p999 = latency:percentile(99.9),
+      },
+      sent = totals.sent,
+      lines = totals.lines,
+      exhausted = totals.exhausted,
+      unexpected = unexpected,
+   }
+   for key, value in pairs(fields) do
+      result[key] = value
+   end
+   io.write("WRK_JSON " .. common.encode(result) .. "\n")
+end
+
+return common
