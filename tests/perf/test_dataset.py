@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -23,6 +21,7 @@ from services.referral.db import repositories
 from shared.db import Prepared
 from shared.schemas import TrimmedEmail
 from tests.helpers import fresh_database
+from tests.perf import topology
 from tests.perf.dataset import DEEP_REFERRER_MIN, Dataset, build
 from tests.perf.plans import QUERIES, explain, plan_warnings
 
@@ -47,6 +46,9 @@ INDEXES = (
 )
 
 
+ARTIFACTS = ROOT / ".artifacts" / "perf-tests"
+
+
 def indexes(url: str) -> list[tuple[str, ...]]:
     with contextlib.closing(psycopg2.connect(url)) as conn, conn.cursor() as cursor:
         cursor.execute(INDEXES)
@@ -55,25 +57,7 @@ def indexes(url: str) -> list[tuple[str, ...]]:
 
 def migrate(url: str) -> None:
     """Both services' migrations, through their own CLI (as `make migrate` does)."""
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),  # not used by migrate
-        "AUTH_ENV": "dev",
-        "REFERRAL_ENV": "dev",
-    }
-    for service in ("auth", "referral"):
-        done = subprocess.run(
-            [sys.executable, "-m", f"services.{service}", "migrate"],
-            env=env,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, f"{service} migrate failed:\n{done.stdout}\n{done.stderr}"
+    topology.migrate(url, os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), ARTIFACTS)
 
 
 @pytest.fixture(scope="module")

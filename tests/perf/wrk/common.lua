@@ -3,6 +3,19 @@
 
 local common = {}
 
+-- The key=value options after the file (args[1]); an unknown one is an error naming the script.
+function common.options(script, args, known)
+   local opts = {}
+   for i = 2, #args do
+      local key, value = args[i]:match("^([%w_]+)=(.*)$")
+      if not key or not known[key] then
+         error(script .. ": unknown option '" .. args[i] .. "'")
+      end
+      opts[key] = value
+   end
+   return opts
+end
+
 function common.encode(value)
    local kind = type(value)
    if kind == "table" then

@@ -24,18 +24,6 @@ function setup(thread)
    thread:set("tid", #threads)
 end
 
-local function options(args, known)
-   local opts = {}
-   for i = 2, #args do
-      local key, value = args[i]:match("^([%w_]+)=(.*)$")
-      if not key or not known[key] then
-         error("refresh.lua: unknown option '" .. args[i] .. "'")
-      end
-      opts[key] = value
-   end
-   return opts
-end
-
 local function form_escape(value)
    return (value:gsub("[^%w%-%._~]", function(c)
       return string.format("%%%02X", c:byte())
@@ -67,7 +55,7 @@ end
 
 function init(args)
    local file = args[1] or error("refresh.lua: no token file given")
-   local opts = options(args, { threads = true, path = true })
+   local opts = common.options("refresh.lua", args, { threads = true, path = true })
    local nthreads = tonumber(opts.threads) or error("refresh.lua: option threads=N missing")
    local path = opts.path or "/api/v1/auth/token"
    checking = tid == 1

@@ -43,18 +43,6 @@ local function split(line)
    end
 end
 
-local function options(args, known)
-   local opts = {}
-   for i = 2, #args do
-      local key, value = args[i]:match("^([%w_]+)=(.*)$")
-      if not key or not known[key] then
-         error("requests.lua: unknown option '" .. args[i] .. "'")
-      end
-      opts[key] = value
-   end
-   return opts
-end
-
 local function build(line, number)
    local f = split(line)
    if #f < 3 or #f % 2 == 0 then
@@ -88,7 +76,7 @@ local checking = false
 
 function init(args)
    local file = args[1] or error("requests.lua: no request file given")
-   local opts = options(args, { threads = true, mode = true, expect = true })
+   local opts = common.options("requests.lua", args, { threads = true, mode = true, expect = true })
    local nthreads = tonumber(opts.threads) or error("requests.lua: option threads=N missing")
    mode = opts.mode or "cycle"
    if mode ~= "cycle" and mode ~= "once" then
