@@ -49,6 +49,9 @@ async def metrics(request: web.Request) -> web.Response:
     return response
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class _RequestMetrics:
     """The request counter and latency histogram, with each label set's child looked up once.
 
@@ -66,6 +69,8 @@ class _RequestMetrics:
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        if method not in _METHODS:
+            method = "OTHER"  # a client's made-up method must not add label sets without bound
         key = (method, route, status)
         children = self._children.get(key)
         if children is None:

@@ -300,6 +300,14 @@ async def test_metrics_count_requests_by_route_template(auth_client):
     assert "no-such-thing" not in text
 
 
+async def test_an_unusual_method_is_counted_as_other(auth_client):
+    response = await auth_client.request("PROPFIND", f"{PREFIX}/me")
+    assert response.status in (401, 405)
+    text = await (await auth_client.get("/metrics")).text()
+    assert "PROPFIND" not in text
+    assert 'method="OTHER"' in text
+
+
 async def test_swagger_ui_never_sends_the_spec_to_an_online_validator(auth_client):
     """Swagger UI asks validator.swagger.io about the spec from any host but localhost unless told not to."""
     page = await (await auth_client.get("/api/v1/auth/docs")).text()
