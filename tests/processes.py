@@ -30,6 +30,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from services.auth.signing import generate_pem
+
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 AUTH_API = "/api/v1/auth"
@@ -222,6 +224,67 @@ def service_pair(
         **fields,
     )
     return auth, referral
+
+
+def inherited(environ: Mapping[str, str]) -> dict[str, str]:
+    """The caller's environment without any service setting: the services' defaults apply."""
+    return {k: v for k, v in environ.items() if not k.startswith(("AUTH_", "REFERRAL_"))}
+
+
+def production_envs(
+    base: Mapping[str, str], *, redis_prefix: str, signing_pem: str, gateway_url: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The auth and referral environments of a stack behind the gateway at `gateway_url`: production
+    mode on loopback, the gateway trusted, Redis keys under `redis_prefix`, tokens issued (and
+    expected) with `iss` = the gateway's URL + /api/v1/auth. Ports and JWKS: `service_pair`."""
+    auth = {
+        **base,
+        "AUTH_ENV": "production",
+        "AUTH_HOST": HOST,
+        "AUTH_REDIS_PREFIX": f"{redis_prefix}auth:",
+        "AUTH_JWT_PRIVATE_KEYS": signing_pem,
+        "AUTH_PUBLIC_BASE_URL": gateway_url,
+        "AUTH_TRUSTED_PROXIES": HOST,
+    }
+    referral = {
+        **base,
+        "REFERRAL_ENV": "production",
+        "REFERRAL_HOST": HOST,
+        "REFERRAL_REDIS_PREFIX": f"{redis_prefix}referral:",
+        "REFERRAL_AUTH_ISSUER": gateway_url + AUTH_API,
+        "REFERRAL_TRUSTED_PROXIES": HOST,
+    }
+    return auth, referral
+
+
+def migrate(database_url: str, redis_url: str, log_dir: Path, timeout: float = 120.0) -> None:
+    """Migrate a database with the services' own CLI (`python -m services.<name> migrate`), auth first;
+    HarnessError naming the log when one fails."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {
+        **inherited(os.environ),
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "AUTH_ENV": "production",
+        "AUTH_JWT_PRIVATE_KEYS": generate_pem(),  # required to load the settings; not used to migrate
+        "REFERRAL_ENV": "production",
+    }
+    for service in ("auth", "referral"):
+        log_path = log_dir / f"migrate-{service}.log"
+        with log_path.open("wb") as log:
+            migrated = subprocess.run(
+                [sys.executable, "-m", f"services.{service}", "migrate"],
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                timeout=timeout,
+                check=False,
+            )
+        if migrated.returncode != 0:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+            raise HarnessError(f"{service} migrations failed ({migrated.returncode}); {log_path}:\n{tail}")
 
 
 def stop_all(started: Sequence[Process]) -> list[str]:

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -52,9 +50,8 @@ from services.auth.signing import generate_pem
 from tests import processes
 from tests.e2e.api import Account, client, new_account
 from tests.helpers import drop_redis_keys, fresh_database
-from tests.processes import (  # re-exported: the fault tests build their own stack from these
+from tests.processes import (
     AUTH_API,
-    HOST,
     base_url,
     free_port,
     http_status,
@@ -168,45 +165,21 @@ def stack(
         "REDIS_URL": redis_url,
         "PYTHONUNBUFFERED": "1",
     }
-    auth_env = {
-        **common,
-        "AUTH_ENV": "production",
-        "AUTH_HOST": HOST,
-        "AUTH_REDIS_PREFIX": f"{e2e_redis_prefix}auth:",
-        "AUTH_JWT_PRIVATE_KEYS": pem,
-        "AUTH_PUBLIC_BASE_URL": gateway_url,
-        "AUTH_REFERRAL_SERVICE_URL": base_url(referral_ports[0]),
-        "AUTH_TRUSTED_PROXIES": HOST,
-        "AUTH_ARGON2_TIME_COST": "1",
-        "AUTH_ARGON2_MEMORY_KIB": "8192",
-        "AUTH_ARGON2_PARALLELISM": "1",
-        "AUTH_DB_POOL_MIN": "1",
-        "AUTH_DB_POOL_MAX": "8",
-    }
-    referral_env = {
-        **common,
-        "REFERRAL_ENV": "production",
-        "REFERRAL_HOST": HOST,
-        "REFERRAL_REDIS_PREFIX": f"{e2e_redis_prefix}referral:",
-        "REFERRAL_AUTH_ISSUER": gateway_url + AUTH_API,
-        "REFERRAL_TRUSTED_PROXIES": HOST,
-        "REFERRAL_DB_POOL_MIN": "1",
-        "REFERRAL_DB_POOL_MAX": "8",
-    }
-    for service, env in (("auth", auth_env), ("referral", referral_env)):
-        with (ARTIFACTS / f"migrate-{service}.log").open("wb") as log:
-            migrated = subprocess.run(
-                [sys.executable, "-m", f"services.{service}", "migrate"],
-                env=env,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                timeout=60,
-                check=False,
-            )
-        if migrated.returncode != 0:
-            pytest.fail(f"{service} migrations failed ({migrated.returncode}); see {log.name}")
+    auth_env, referral_env = processes.production_envs(
+        common, redis_prefix=e2e_redis_prefix, signing_pem=pem, gateway_url=gateway_url
+    )
+    auth_env.update(
+        {
+            "AUTH_REFERRAL_SERVICE_URL": base_url(referral_ports[0]),
+            "AUTH_ARGON2_TIME_COST": "1",
+            "AUTH_ARGON2_MEMORY_KIB": "8192",
+            "AUTH_ARGON2_PARALLELISM": "1",
+            "AUTH_DB_POOL_MIN": "1",
+            "AUTH_DB_POOL_MAX": "8",
+        }
+    )
+    referral_env.update({"REFERRAL_DB_POOL_MIN": "1", "REFERRAL_DB_POOL_MAX": "8"})
+    processes.migrate(e2e_database_url, redis_url, ARTIFACTS, timeout=60)
 
     pairs = [
         processes.service_pair(i, auth_port, referral_port, auth_env, referral_env, Process)

@@ -56,18 +56,11 @@ from tests.e2e.api import (
 )
 from tests.e2e.conftest import (
     ARTIFACTS,
-    AUTH_API,
     GENEROUS,
-    HOST,
     START_TIMEOUT,
     Process,
     _nginx_gateway,
-    _origin,
     _python_gateway,
-    _stop_all,
-    base_url,
-    free_port,
-    http_status,
 )
 from tests.e2e.faults import (
     Blackhole,
@@ -79,6 +72,9 @@ from tests.e2e.faults import (
     wait_until,
 )
 from tests.helpers import drop_redis_keys, with_database
+from tests.processes import AUTH_API, HOST, base_url, free_port, http_status, production_envs
+from tests.processes import origin as _origin
+from tests.processes import stop_all as _stop_all
 
 # Per run: the e2e package may be running in another process at the same time.
 FAULT_ARTIFACTS = ARTIFACTS / "faults" / str(os.getpid())
@@ -225,15 +221,11 @@ def faults(
             "REDIS_URL": proxied_redis_url,
             "PYTHONUNBUFFERED": "1",
         }
-        auth_env = {
-            **common,
-            "AUTH_ENV": "production",
-            "AUTH_HOST": HOST,
-            "AUTH_REDIS_PREFIX": f"{prefix}auth:",
-            "AUTH_JWT_PRIVATE_KEYS": generate_pem(),
-            "AUTH_PUBLIC_BASE_URL": gateway_url,
+        auth_env, referral_env = production_envs(
+            common, redis_prefix=prefix, signing_pem=generate_pem(), gateway_url=gateway_url
+        )
+        auth_env |= {
             "AUTH_REFERRAL_SERVICE_URL": base_url(referral_port),
-            "AUTH_TRUSTED_PROXIES": HOST,
             "AUTH_ARGON2_TIME_COST": "1",
             "AUTH_ARGON2_MEMORY_KIB": "8192",
             "AUTH_ARGON2_PARALLELISM": "1",
@@ -261,16 +253,10 @@ def faults(
             "AUTH_OAUTH_SLOW_CLIENT_SECRET": "secret-slow",
             "AUTH_OAUTH_SLOW_TIMEOUT": str(OIDC_TIMEOUT),
         }
-        referral_env = {
-            **common,
-            "REFERRAL_ENV": "production",
-            "REFERRAL_HOST": HOST,
+        referral_env |= {
             "REFERRAL_PORT": str(referral_port),
-            "REFERRAL_REDIS_PREFIX": f"{prefix}referral:",
-            "REFERRAL_AUTH_ISSUER": gateway_url + AUTH_API,
             # Through the gateway: either auth instance may be down.
             "REFERRAL_AUTH_JWKS_URL": f"{gateway_url}{AUTH_API}/.well-known/jwks.json",
-            "REFERRAL_TRUSTED_PROXIES": HOST,
             "REFERRAL_DB_POOL_MIN": "1",
             "REFERRAL_DB_POOL_MAX": "8",
             "REFERRAL_DB_TIMEOUT": str(DB_TIMEOUT),

@@ -79,7 +79,7 @@ from tests.perf import plans as query_plans
 from tests.perf import report as reports
 from tests.perf import topology as topologies
 from tests.perf import wrk
-from tests.processes import AUTH_API, REFERRAL_API, ROOT, HarnessError, http_status
+from tests.processes import AUTH_API, REFERRAL_API, ROOT, HarnessError, http_status, migrate
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -1214,7 +1214,7 @@ def run(options: Options) -> int:
     try:
         with fresh_database(server_database_url, f"bench_{os.getpid()}") as database_url:
             log(f"bench: database {urlsplit(database_url).path.lstrip('/')}, Redis prefix {redis_prefix}")
-            topologies.migrate(database_url, redis_url, run_dir)
+            migrate(database_url, redis_url, run_dir)
             dataset = datasets.build(database_url, scale=options.scale, seed=options.seed, log=log)
             context = {"machine": machine(database_url, redis_url)}
             external = ExternalProcesses(database_url, redis_url, log)

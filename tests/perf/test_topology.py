@@ -10,7 +10,7 @@ import pytest
 from services.auth.signing import generate_pem
 from tests.helpers import drop_redis_keys, fresh_database
 from tests.perf import topology
-from tests.processes import alive, http_status
+from tests.processes import alive, http_status, migrate
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -20,7 +20,7 @@ def test_one_instance_topology_starts_answers_and_stops(
 ) -> None:
     prefix = f"bench-test:{os.getpid()}:"
     with fresh_database(server_database_url, f"bench_test_{os.getpid()}") as database_url:
-        topology.migrate(database_url, redis_url, tmp_path)
+        migrate(database_url, redis_url, tmp_path)
         system = topology.build(
             instances=1,
             database_url=database_url,

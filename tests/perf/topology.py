@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -33,11 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.auth.signing import generate_pem
 from tests.processes import (
     AUTH_API,
-    HOST,
-    ROOT,
     HarnessError,
     Process,
     alive,
@@ -45,7 +40,9 @@ from tests.processes import (
     children,
     free_port,
     http_status,
+    inherited,
     nginx_gateway,
+    production_envs,
     service_pair,
     stop_all,
 )
@@ -54,7 +51,6 @@ START_TIMEOUT = 60.0
 # Per client address; wrk sends everything from 127.0.0.1. nginx counts rates per millisecond, so
 # this is "no limit" for a benchmark on one machine.
 BENCH_LIMITS: Mapping[str, Any] = {"rate": "1000000r/s", "burst": 1000000}
-SERVICES = ("auth", "referral")
 
 
 @dataclass
@@ -139,11 +135,6 @@ class Topology:
         return problems
 
 
-def _inherited(environ: Mapping[str, str]) -> dict[str, str]:
-    """The caller's environment without any service setting: the services' defaults apply."""
-    return {k: v for k, v in environ.items() if not k.startswith(("AUTH_", "REFERRAL_"))}
-
-
 def build(
     *,
     instances: int,
@@ -169,30 +160,16 @@ def build(
     referral_ports = [free_port() for _ in range(instances)]
     gateway_url = base_url(gateway_port)
     common = {
-        **_inherited(os.environ if environ is None else environ),
+        **inherited(os.environ if environ is None else environ),
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "PYTHONUNBUFFERED": "1",
     }
-    auth_env = {
-        **common,
-        "AUTH_ENV": "production",
-        "AUTH_HOST": HOST,
-        "AUTH_REDIS_PREFIX": f"{redis_prefix}auth:",
-        "AUTH_JWT_PRIVATE_KEYS": signing_pem,
-        "AUTH_PUBLIC_BASE_URL": gateway_url,
-        "AUTH_TRUSTED_PROXIES": HOST,
-        **{k: v for k, v in (settings or {}).items() if k.startswith("AUTH_")},
-    }
-    referral_env = {
-        **common,
-        "REFERRAL_ENV": "production",
-        "REFERRAL_HOST": HOST,
-        "REFERRAL_REDIS_PREFIX": f"{redis_prefix}referral:",
-        "REFERRAL_AUTH_ISSUER": gateway_url + AUTH_API,
-        "REFERRAL_TRUSTED_PROXIES": HOST,
-        **{k: v for k, v in (settings or {}).items() if k.startswith("REFERRAL_")},
-    }
+    auth_env, referral_env = production_envs(
+        common, redis_prefix=redis_prefix, signing_pem=signing_pem, gateway_url=gateway_url
+    )
+    auth_env.update({k: v for k, v in (settings or {}).items() if k.startswith("AUTH_")})
+    referral_env.update({k: v for k, v in (settings or {}).items() if k.startswith("REFERRAL_")})
     pairs = [
         service_pair(
             i,
@@ -231,36 +208,6 @@ def running(**options: Any) -> Iterator[Topology]:
     problems = topology.stop()
     if problems:
         raise HarnessError("the topology did not shut down cleanly:\n" + "\n".join(problems))
-
-
-def migrate(database_url: str, redis_url: str, log_dir: Path, timeout: float = 120.0) -> None:
-    """Migrate a database with the services' own CLI (`python -m services.<name> migrate`), auth first;
-    HarnessError naming the log when one fails."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = {
-        **_inherited(os.environ),
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "AUTH_ENV": "production",
-        "AUTH_JWT_PRIVATE_KEYS": generate_pem(),  # required to load the settings; not used to migrate
-        "REFERRAL_ENV": "production",
-    }
-    for service in SERVICES:
-        log_path = log_dir / f"migrate-{service}.log"
-        with log_path.open("wb") as log:
-            migrated = subprocess.run(
-                [sys.executable, "-m", f"services.{service}", "migrate"],
-                env=env,
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                timeout=timeout,
-                check=False,
-            )
-        if migrated.returncode != 0:
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
-            raise HarnessError(f"{service} migrations failed ({migrated.returncode}); {log_path}:\n{tail}")
 
 
 def rss_mb(pid: int) -> float | None:

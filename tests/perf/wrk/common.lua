@@ -39,6 +39,27 @@ function common.encode(value)
    return "null"
 end
 
+-- Call `each(line, index)` for the lines of `file` that belong to thread `tid` of `nthreads`: data
+-- lines (not empty, not `#` comments) number 1, 2, ...; thread t takes t, t+N, t+2N, ... Returns
+-- how many data lines the file has.
+function common.each_line_of_thread(script, file, nthreads, tid, each)
+   local handle, problem = io.open(file, "rb")
+   if not handle then
+      error(script .. ": cannot open " .. problem)
+   end
+   local index = 0
+   for line in handle:lines() do
+      if line ~= "" and line:sub(1, 1) ~= "#" then
+         index = index + 1
+         if (index - 1) % nthreads == tid - 1 then
+            each(line, index)
+         end
+      end
+   end
+   handle:close()
+   return index
+end
+
 -- Sum the threads' counters (sent, lines, exhausted, unexpected_<key>) and print the run's figures
 -- with `fields` (the script's own: script, mode, expect).
 function common.report(threads, summary, latency, fields)

@@ -60,21 +60,10 @@ function init(args)
    local path = opts.path or "/api/v1/auth/token"
    checking = tid == 1
 
-   local handle, problem = io.open(file, "rb")
-   if not handle then
-      error("refresh.lua: cannot open " .. problem)
-   end
-   local index = 0
-   for line in handle:lines() do
-      if line ~= "" and line:sub(1, 1) ~= "#" then
-         index = index + 1
-         if (index - 1) % nthreads == tid - 1 then
-            tail = tail + 1
-            queue[tail] = line
-         end
-      end
-   end
-   handle:close()
+   local index = common.each_line_of_thread("refresh.lua", file, nthreads, tid, function(line)
+      tail = tail + 1
+      queue[tail] = line
+   end)
    lines = tail
    if lines == 0 then
       error("refresh.lua: " .. file .. " has " .. index .. " tokens, none for thread " .. tid .. " of " .. nthreads)

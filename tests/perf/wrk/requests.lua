@@ -85,20 +85,9 @@ function init(args)
    once = mode == "once"
    checking = tid == 1
 
-   local handle, problem = io.open(file, "rb")
-   if not handle then
-      error("requests.lua: cannot open " .. problem)
-   end
-   local index = 0
-   for line in handle:lines() do
-      if line ~= "" and line:sub(1, 1) ~= "#" then
-         index = index + 1
-         if (index - 1) % nthreads == tid - 1 then
-            reqs[#reqs + 1] = build(line, index)
-         end
-      end
-   end
-   handle:close()
+   local index = common.each_line_of_thread("requests.lua", file, nthreads, tid, function(line, index)
+      reqs[#reqs + 1] = build(line, index)
+   end)
    lines = #reqs
    if lines == 0 then
       error("requests.lua: " .. file .. " has " .. index .. " requests, none for thread " .. tid .. " of " .. nthreads)
