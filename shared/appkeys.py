@@ -21,9 +21,18 @@ class ReadinessCheck:
     probe: Callable[[], Awaitable[object]]
 
 
+@dataclass
+class Lifecycle:
+    """Whether the process is stopping: set once, at the signal (shared/serving.py); `/readyz` and
+    every answer read it."""
+
+    stopping: bool = False
+
+
 DATABASE = web.AppKey("database", Database)
 REDIS = web.AppKey("redis", Redis)
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 READINESS_CHECKS = web.AppKey("readiness_checks", list[ReadinessCheck])
 TOKEN_VERIFIER = web.AppKey("token_verifier", TokenVerifier)
 HTTP_CLIENT = web.AppKey("http_client", ClientSession)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)

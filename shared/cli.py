@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 import os
@@ -16,6 +17,7 @@ from aiohttp import web
 from shared.config import SettingsError
 from shared.logs import JsonAccessLogger, configure_logging
 from shared.migrations import apply_migrations, rollback_migrations
+from shared.serving import ListenError, serve_until_signalled
 
 S = TypeVar("S")
 
@@ -64,13 +66,9 @@ def run_service_command(
         print(f"{name}: configuration error: {error}", file=sys.stderr)
         return 2
     app.on_startup.append(_freeze_startup_objects)
-    log.info("listening", extra={"host": settings.host, "port": settings.port})
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        access_log_class=JsonAccessLogger,
-        print=None,
-        shutdown_timeout=15,
-    )
+    try:
+        asyncio.run(serve_until_signalled(app, settings, access_log_class=JsonAccessLogger))
+    except ListenError as error:  # the port is taken, the address is not this machine's, ...
+        print(f"{name}: {error}", file=sys.stderr)
+        return 1
     return 0

@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from shared.appkeys import METRICS_REGISTRY, READINESS_CHECKS
+from shared.appkeys import LIFECYCLE, METRICS_REGISTRY, READINESS_CHECKS
 from shared.looplag import loop_lag_ctx
 from shared.responses import json_response
 
@@ -23,7 +23,12 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: every dependency answers within the timeout, else 503 naming the failed ones."""
+    """Readiness: every dependency answers within the timeout, else 503 naming the failed ones.
+
+    503 `stopping` from the moment the process is told to stop (shared/serving.py).
+    """
+    if request.app[LIFECYCLE].stopping:
+        return json_response({"status": "stopping", "checks": {}}, status=503)
     checks = request.app[READINESS_CHECKS]
 
     async def run(probe_name: str, probe: object) -> tuple[str, str]:

@@ -11,6 +11,7 @@ from shared.cors import cors_middlewares
 from shared.errors import error_middleware
 from shared.health import setup_health
 from shared.logs import request_id_middleware
+from shared.serving import setup_lifecycle
 from shared.tokens import bearer_middleware
 
 SERVER_NAME = "referral-system"
@@ -25,11 +26,13 @@ async def _harden(_: web.Request, response: web.StreamResponse) -> None:
 def setup_common(
     app: web.Application, registry: CollectorRegistry, *, cors_origins: Iterable[str] = ()
 ) -> None:
-    """Request ids (outermost), metrics, CORS, errors, bearer tokens; /healthz, /readyz, /metrics.
+    """Request ids (outermost), metrics, CORS, errors, bearer tokens; /healthz, /readyz, /metrics; the
+    lifecycle a graceful stop reads and sets (shared/serving.py).
 
     CORS (shared/cors.py) is off unless `cors_origins` lists origins; it sits outside the error
     middleware, so problem+json answers get the grant too, and preflights never reach a handler.
     """
+    setup_lifecycle(app)
     app.middlewares.append(request_id_middleware)
     setup_health(app, registry)  # adds the metrics middleware, so it sees the final status
     app.middlewares.extend(cors_middlewares(app, cors_origins))

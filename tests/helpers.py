@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import secrets
@@ -112,3 +113,69 @@ def kill_tracking_connections(client: Any, prefix: str) -> int:
         if fields.get("name", "").startswith(f"near-cache:{prefix}"):
             killed += int(client.execute_command("CLIENT", "KILL", "ID", fields["id"]))
     return killed
+
+
+@dataclass
+class Answer:
+    """One HTTP answer read off a kept-alive connection."""
+
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+    @property
+    def closes(self) -> bool:
+        """The server said it closes the connection after this answer."""
+        return self.headers.get("connection", "").lower() == "close"
+
+
+class KeptAliveConnection:
+    """A raw HTTP/1.1 client connection that stays open between requests (the way a gateway holds its
+    upstream connections), so a test can see what a server does with an idle connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._host = host
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> KeptAliveConnection:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer, f"{host}:{port}")
+
+    async def send(self, method: str, path: str) -> None:
+        """Write one request without a body (its answer: `answer()`)."""
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self._host}\r\nContent-Length: 0\r\n\r\n"
+        self._writer.write(head.encode("latin-1"))
+        await self._writer.drain()
+
+    async def answer(self, timeout: float = 5.0) -> Answer:
+        """Read one answer (its body sized by Content-Length)."""
+        async with asyncio.timeout(timeout):
+            head = await self._reader.readuntil(b"\r\n\r\n")
+            status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+            headers = {}
+            for line in lines:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = await self._reader.readexactly(int(headers.get("content-length", "0")))
+        return Answer(int(status_line.split()[1]), headers, body)
+
+    async def request(self, method: str, path: str, timeout: float = 5.0) -> Answer:
+        await self.send(method, path)
+        return await self.answer(timeout)
+
+    async def closed_by_peer(self, timeout: float = 5.0) -> bool:
+        """Whether the server closes the connection (EOF or reset) within `timeout` with nothing more sent."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._reader.read(1) == b""
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()

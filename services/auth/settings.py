@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from services.auth.oauth.config import OAuthProviderSettings, load_oauth_providers
 from shared.config import DEV, SettingsError, load_settings, setting
 from shared.cors import check_origins
+from shared.serving import check_shutdown
 
 PREFIX = "AUTH_"
 API_PREFIX = "/api/v1/auth"
@@ -21,6 +22,10 @@ class AuthSettings:
     env: str = setting("production", doc="dev or production; dev allows a generated signing key")
     host: str = setting("127.0.0.1", doc="address to listen on")
     port: int = setting(8081, doc="port to listen on")
+    shutdown_drain: float = setting(
+        5.0, doc="seconds a stopping process keeps its open connections for their clients (shared/serving.py)"
+    )
+    shutdown_timeout: float = setting(15.0, doc="seconds a stopping process then gives requests in flight")
     database_url: str = setting(sensitive=True, env="DATABASE_URL", doc="PostgreSQL URL (schema auth)")
     redis_url: str = setting(sensitive=True, env="REDIS_URL", doc="Redis URL")
     redis_prefix: str = setting("auth:", doc="prefix of every Redis key this service writes")
@@ -84,6 +89,7 @@ class AuthSettings:
             )
         if not 0 <= self.hash_nice <= 19:
             raise SettingsError(f"{PREFIX}HASH_NICE must be 0..19")
+        check_shutdown(self.shutdown_drain, self.shutdown_timeout, PREFIX)
         if not 8 <= self.db_pool_max <= 500 or self.db_pool_min > self.db_pool_max:
             raise SettingsError(f"{PREFIX}DB_POOL_MAX must be 8..500 and at least {PREFIX}DB_POOL_MIN")
         if not self.referral_service_url.startswith(("http://", "https://")):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from shared.config import DEV, SettingsError, setting
 from shared.cors import check_origins
+from shared.serving import check_shutdown
 
 PREFIX = "REFERRAL_"
 API_PREFIX = "/api/v1/referral"
@@ -19,6 +20,10 @@ class ReferralSettings:
     env: str = setting("production", doc="dev or production")
     host: str = setting("127.0.0.1", doc="address to listen on")
     port: int = setting(8082, doc="port to listen on")
+    shutdown_drain: float = setting(
+        5.0, doc="seconds a stopping process keeps its open connections for their clients (shared/serving.py)"
+    )
+    shutdown_timeout: float = setting(15.0, doc="seconds a stopping process then gives requests in flight")
     database_url: str = setting(sensitive=True, env="DATABASE_URL", doc="PostgreSQL URL (schema referral)")
     redis_url: str = setting(sensitive=True, env="REDIS_URL", doc="Redis URL")
     redis_prefix: str = setting("referral:", doc="prefix of every Redis key this service writes")
@@ -49,6 +54,7 @@ class ReferralSettings:
     def __post_init__(self) -> None:
         if self.env not in (DEV, "production"):
             raise SettingsError(f"{PREFIX}ENV must be dev or production")
+        check_shutdown(self.shutdown_drain, self.shutdown_timeout, PREFIX)
         if not 8 <= self.db_pool_max <= 500 or self.db_pool_min > self.db_pool_max:
             raise SettingsError(f"{PREFIX}DB_POOL_MAX must be 8..500 and at least {PREFIX}DB_POOL_MIN")
         if self.code_min_lifetime < 1 or self.code_max_lifetime_days < 1:
