@@ -59,14 +59,24 @@ class GatewayConfig:
     lookup_rate: str = "20r/s"  # GET /api/v1/referral/codes?email=
     lookup_burst: int = 40
     proxy_timeout: int = 30  # seconds to send to / read from an upstream (connect: at most 5 s)
+    # Seconds an idle upstream connection is kept: below the services' SHUTDOWN_DRAIN (5 s by default).
+    upstream_keepalive_timeout: int = 3
+    # Seconds an instance that refused a connection or timed out stays out of the rotation.
+    upstream_fail_timeout: int = 3
+    # Service to service, for a deployment without a load balancer of its own in front of the referral
+    # instances (Kubernetes and compose have their Services): a second listener, never public, that
+    # passes only /internal/ to them, with the same failover. None: no such listener.
+    internal_listen: str | None = None
     access_log: str = "/dev/stdout"  # a path, or "off"
     error_log: str = "/dev/stderr"  # a path, or "stderr"
 
     def __post_init__(self) -> None:
         for name in ("auth", "referral"):
             _check_upstreams(name, getattr(self, f"{name}_upstreams"))
-        if not _LISTEN.fullmatch(self.listen):
-            raise ValueError(f"listen is [address:]port, got {self.listen!r}")
+        for name in ("listen", "internal_listen"):
+            value = getattr(self, name)
+            if (value is not None or name == "listen") and not _LISTEN.fullmatch(str(value)):
+                raise ValueError(f"{name} is [address:]port, got {value!r}")
         if not _SIZE.fullmatch(self.max_body):
             raise ValueError(f"max_body is a size such as 64k or 1m, got {self.max_body!r}")
         for name in ("token", "signup", "lookup"):
@@ -74,7 +84,8 @@ class GatewayConfig:
             if not _RATE.fullmatch(rate):
                 raise ValueError(f"{name}_rate is N r/s or N r/m, such as 10r/s, got {rate!r}")
             _check_integer(f"{name}_burst", getattr(self, f"{name}_burst"), minimum=0)
-        _check_integer("proxy_timeout", self.proxy_timeout, minimum=1)
+        for name in ("proxy_timeout", "upstream_keepalive_timeout", "upstream_fail_timeout"):
+            _check_integer(name, getattr(self, name), minimum=1)
         if self.access_log != "off" and not _LOG_PATH.fullmatch(self.access_log):
             raise ValueError(f"access_log is an absolute path or 'off', got {self.access_log!r}")
         if self.error_log != "stderr" and not _LOG_PATH.fullmatch(self.error_log):
@@ -274,6 +285,39 @@ def _retry_after(rate: str) -> int:
     return max(1, math.ceil(1 / per_second))
 
 
+def _servers(config: GatewayConfig, upstreams: tuple[str, ...]) -> list[str]:
+    return [
+        f"server {server} max_fails=1 fail_timeout={config.upstream_fail_timeout}s;" for server in upstreams
+    ]
+
+
+def _internal_server(config: GatewayConfig) -> str:
+    """The service-to-service listener (GatewayConfig.internal_listen): /internal/ to the referral
+    instances, everything else 404; "" without one."""
+    if config.internal_listen is None:
+        return ""
+    lines = [
+        "",
+        "    # Service to service only (never published): the auth service's calls to the referral",
+        "    # service's internal API, spread over its instances with the same failover.",
+        "    server {",
+        f"        listen {config.internal_listen};",
+        "        server_name _;",
+        "        merge_slashes off;",
+        "        location /internal/ {",
+        "            if ($gateway_dot_segment) {",
+        "                return 404;",
+        "            }",
+        "            proxy_pass http://referral_service;",
+        "        }",
+        "        location / {",
+        "            return 404;",
+        "        }",
+        "    }",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 class _Template(string.Template):
     # `{{name}}`: nginx itself uses `$name` and braces, but never two opening braces.
     delimiter = "{{"
@@ -308,8 +352,10 @@ def render(config: GatewayConfig, *, runtime_dir: str | None = None) -> str:
         "token_retry_after": str(_retry_after(config.token_rate)),
         "signup_retry_after": str(_retry_after(config.signup_rate)),
         "lookup_retry_after": str(_retry_after(config.lookup_rate)),
-        "auth_servers": _indent([f"server {server};" for server in config.auth_upstreams], 8),
-        "referral_servers": _indent([f"server {server};" for server in config.referral_upstreams], 8),
+        "auth_servers": _indent(_servers(config, config.auth_upstreams), 8),
+        "referral_servers": _indent(_servers(config, config.referral_upstreams), 8),
+        "upstream_keepalive_timeout": str(config.upstream_keepalive_timeout),
+        "internal_server": _internal_server(config),
         "connect_timeout": str(min(CONNECT_TIMEOUT, config.proxy_timeout)),
         "proxy_timeout": str(config.proxy_timeout),
         "listen": config.listen,

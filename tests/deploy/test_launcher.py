@@ -164,8 +164,8 @@ def test_prepare_nginx_renders_and_checks(tmp_path: Path) -> None:
     assert conf == (tmp_path / "gateway" / "nginx.conf").resolve()
     text = conf.read_text()
     assert "listen 127.0.0.1:9000;" in text
-    assert "server 127.0.0.1:8081;" in text
-    assert "server 127.0.0.1:8082;" in text
+    assert "server 127.0.0.1:8081 " in text
+    assert "server 127.0.0.1:8082 " in text
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ upstream aiohttp servers that record what they receive. nginx must be installed:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import json
 import os
@@ -38,6 +39,8 @@ from deploy.nginx.render import (
     render,
     write_runtime,
 )
+from services.auth.settings import AuthSettings
+from services.referral.settings import ReferralSettings
 
 AUTH = "/api/v1/auth"
 REFERRAL = "/api/v1/referral"
@@ -87,11 +90,17 @@ async def echo(request: web.Request) -> web.Response:
 
 
 class Upstream:
-    """A running upstream test server: its `host:port` and the raw paths it was asked for."""
+    """A running upstream test server: its `host:port`, the raw paths it was asked for, its connections."""
 
     def __init__(self, server: TestServer, app: web.Application) -> None:
         self.address = f"127.0.0.1:{server.port}"
         self.calls: list[str] = app[CALLS]
+        self._server = server
+
+    @property
+    def open_connections(self) -> int:
+        assert self._server.runner is not None and self._server.runner.server is not None
+        return len(self._server.runner.server.connections)
 
 
 Upstreams = Callable[..., Awaitable[Upstream]]
@@ -242,8 +251,9 @@ def test_the_compose_configuration_is_the_rendered_one() -> None:
     assert text == render(COMPOSE), "run `python -m deploy.nginx.render` after changing the template"
     for line in (
         "listen 0.0.0.0:8080;",
-        "server auth:8081;",
-        "server referral:8082;",
+        "server auth:8081 max_fails=1 fail_timeout=3s;",
+        "server referral:8082 max_fails=1 fail_timeout=3s;",
+        "keepalive_timeout 3s;",
         "pid /tmp/nginx.pid;",
         "error_log /dev/stderr warn;",
         "access_log /dev/stdout gateway;",
@@ -251,6 +261,7 @@ def test_the_compose_configuration_is_the_rendered_one() -> None:
     ):
         assert line in text
     assert "user " not in text.split("events")[0]
+    assert text.count("location /internal/") == 1, "no service-to-service listener unless asked for"
 
 
 def test_nginx_accepts_the_local_and_the_compose_configurations(tmp_path: Path) -> None:
@@ -259,10 +270,10 @@ def test_nginx_accepts_the_local_and_the_compose_configurations(tmp_path: Path) 
     # The compose names resolve only inside compose's network (nginx resolves them at start): the same
     # file with them pointed at loopback.
     compose = COMPOSE_CONF.read_text(encoding="utf-8")
-    assert compose.count("server auth:8081;") == 1
-    assert compose.count("server referral:8082;") == 1
-    compose = compose.replace("server auth:8081;", "server 127.0.0.1:8081;")
-    compose = compose.replace("server referral:8082;", "server 127.0.0.1:8082;")
+    assert compose.count("server auth:8081 ") == 1
+    assert compose.count("server referral:8082 ") == 1
+    compose = compose.replace("server auth:8081 ", "server 127.0.0.1:8081 ")
+    compose = compose.replace("server referral:8082 ", "server 127.0.0.1:8082 ")
     path = tmp_path / "compose" / "nginx.conf"
     path.parent.mkdir()
     path.write_text(compose, encoding="utf-8")
@@ -314,7 +325,7 @@ def test_write_runtime_and_the_command(tmp_path: Path) -> None:
     text = conf.read_text()
     assert f"pid {conf.parent}/nginx.pid;" in text
     assert f"proxy_temp_path {conf.parent}/temp/proxy;" in text
-    assert "server [::1]:3;" in text
+    assert "server [::1]:3 max_fails=1 fail_timeout=3s;" in text
 
 
 def test_retry_after_follows_the_rates() -> None:
@@ -343,6 +354,9 @@ def test_retry_after_follows_the_rates() -> None:
         {"token_rate": "10r/h"},
         {"signup_burst": -1},
         {"proxy_timeout": 0},
+        {"upstream_keepalive_timeout": 0},
+        {"upstream_fail_timeout": 1.5},
+        {"internal_listen": "9000; include /etc/passwd"},
         {"access_log": "/tmp/a log"},
         {"error_log": "relative.log"},
     ],
@@ -433,6 +447,70 @@ async def test_a_post_is_not_retried_once_sent(
     async with session.get(at(base, f"{AUTH}/once")) as response:
         await assert_problem(response, 502, "bad_gateway")
     assert hits == ["GET", "GET"]
+
+
+async def test_idle_upstream_connections_are_closed_by_nginx_after_its_keepalive_timeout(
+    upstream: Upstreams, gateway: Gateway, session: Session
+) -> None:
+    """What a stopping service counts on (shared/serving.py): nginx closes an idle upstream connection
+    itself, so the service never has to close one nginx may be sending a request on."""
+    first = await upstream("first")
+    base = await gateway([first.address], upstream_keepalive_timeout=1)
+    async with session.get(at(base, f"{AUTH}/x")) as response:
+        assert response.status == 200
+    assert first.open_connections == 1  # kept for the next request
+    idle_since = time.monotonic()
+    while first.open_connections and time.monotonic() - idle_since < 5:
+        await asyncio.sleep(0.05)
+    assert first.open_connections == 0
+    assert 0.8 < time.monotonic() - idle_since < 3
+
+
+def test_nginx_closes_idle_upstream_connections_before_a_stopping_service_would() -> None:
+    gateway = GatewayConfig(auth_upstreams=("a:1",), referral_upstreams=("b:2",))
+    for settings in (AuthSettings, ReferralSettings):
+        drain = next(f.default for f in dataclasses.fields(settings) if f.name == "shutdown_drain")
+        assert isinstance(drain, float)
+        # A second of margin: nginx's timer and the service's drain start at about the same moment.
+        assert gateway.upstream_keepalive_timeout + 1 <= drain, settings
+
+
+async def test_the_internal_listener_passes_only_internal_paths_to_the_referral_instances(
+    upstream: Upstreams, gateway: Gateway, session: Session
+) -> None:
+    first, second = await upstream("referral-a"), await upstream("referral-b")
+    port = free_port()
+    base = await gateway(
+        [dead_upstream()], [first.address, second.address], internal_listen=f"127.0.0.1:{port}"
+    )
+    internal = URL(f"http://127.0.0.1:{port}")
+    names = set()
+    for _ in range(4):
+        async with session.get(at(internal, "/internal/v1/codes/ABC?x=1")) as response:
+            seen = await response.json()
+        assert seen["raw_path"] == "/internal/v1/codes/ABC?x=1"
+        names.add(seen["upstream"])
+    assert names == {"referral-a", "referral-b"}
+    for target in ("/api/v1/referral/codes", f"{AUTH}/x", "/internal/../api/v1/referral/x", "/healthz", "/"):
+        async with session.get(at(internal, target)) as response:
+            assert response.status == 404, target
+    assert len(first.calls) + len(second.calls) == 4
+    # The public listener still refuses it.
+    async with session.get(at(base, "/internal/v1/codes/ABC")) as response:
+        await assert_problem(response, 404, "not_found")
+
+
+async def test_the_internal_listener_fails_over_like_the_public_one(
+    upstream: Upstreams, gateway: Gateway, session: Session
+) -> None:
+    second = await upstream("referral-b")
+    port = free_port()
+    await gateway([dead_upstream()], [dead_upstream(), second.address], internal_listen=f"127.0.0.1:{port}")
+    internal = URL(f"http://127.0.0.1:{port}")
+    for method in ("GET", "POST", "GET", "POST"):
+        async with session.request(method, at(internal, "/internal/v1/referrals"), data=b"{}") as response:
+            assert response.status == 200
+            assert (await response.json())["upstream"] == "referral-b"
 
 
 @pytest.mark.parametrize(
