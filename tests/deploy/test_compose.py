@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from deploy.local import run
+from services.auth.outbox import LEASE_MARGIN
 from services.auth.settings import PREFIX as AUTH_PREFIX
 from services.auth.settings import AuthSettings, load_auth_settings
 from services.auth.signing import generate_pem
@@ -359,6 +360,30 @@ def test_service_environments_are_valid_settings(
             # Docker's default address pools.
             assert any(ipaddress.ip_address("172.18.0.5") in network for network in networks)
             assert any(ipaddress.ip_address("192.168.16.2") in network for network in networks)
+
+
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"([0-9]+)s", duration)
+    assert match, f"a stop_grace_period in whole seconds, got {duration!r}"
+    return float(match.group(1))
+
+
+def test_a_stopping_container_gets_time_to_finish(compose: dict[str, Any], dotenv: dict[str, str]) -> None:
+    """compose's default 10 s would kill a service in its drain: the grace covers drain, requests in
+    flight and cleanup (the same sums as tests/deploy/test_k8s.py, without a preStop pause)."""
+    resolved = resolve(compose, dotenv)["services"]
+    auth = load_auth_settings({key: str(value) for key, value in resolved["auth"]["environment"].items()})
+    referral_env = {key: str(value) for key, value in resolved["referral"]["environment"].items()}
+    referral = load_settings(ReferralSettings, REFERRAL_PREFIX, referral_env)
+    auth_cleanup = auth.referral_timeout + LEASE_MARGIN / 2 + auth.enrichment_shutdown_grace
+    needed = {
+        "auth": auth.shutdown_drain + auth.shutdown_timeout + auth_cleanup,
+        "referral": referral.shutdown_drain + referral.shutdown_timeout,
+        GATEWAY: 30,  # nginx's proxy timeout: the image stops it with SIGQUIT, which waits for those
+    }
+    for name, seconds in needed.items():
+        grace = _seconds(service_of(name, compose).get("stop_grace_period", "10s"))
+        assert grace >= seconds + 3, (name, grace, seconds)
 
 
 def test_optional_integrations_pass_through(compose: dict[str, Any], dotenv: dict[str, str]) -> None:

@@ -21,6 +21,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from deploy.nginx.render import COMPOSE
+from services.auth.outbox import LEASE_MARGIN
 from services.auth.settings import PREFIX as AUTH_PREFIX
 from services.auth.settings import AuthSettings, load_auth_settings
 from services.auth.signing import generate_pem
@@ -200,6 +202,20 @@ def template_labels(obj: Object) -> dict[str, str]:
     return labels
 
 
+EXAMPLE_SECRET = {
+    "DATABASE_URL": "postgresql://referral:pw@db.example.internal:5432/referral",
+    "REDIS_URL": "redis://cache.example.internal:6379/0",
+    "AUTH_HUNTER_API_KEY": "hunter-key",
+}
+
+
+def pre_stop_pause(c: Object) -> int:
+    """Seconds the container's preStop hook waits (`sleep N`)."""
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    return int(command[1])
+
+
 def readme_secret_command() -> str:
     readme = (ROOT / "README.md").read_text()
     match = re.search(
@@ -239,6 +255,11 @@ def test_the_objects_are_all_there(rendered: list[Object]) -> None:
         ("Job", "auth-migrate"),
         ("Job", "referral-migrate"),
         ("Ingress", "gateway"),
+        ("PodDisruptionBudget", "auth"),
+        ("PodDisruptionBudget", "referral"),
+        ("PodDisruptionBudget", "gateway"),
+        ("NetworkPolicy", "auth"),
+        ("NetworkPolicy", "referral"),
     }
     assert expected <= kinds, f"missing: {sorted(expected - kinds)}"
     assert not [obj for obj in rendered if obj["kind"] == "Namespace"], "the namespace is the overlay's"
@@ -421,12 +442,7 @@ def test_config_maps_hold_no_secrets(rendered: list[Object], generated_names: se
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_settings_load_from_the_config_and_the_secret(rendered: list[Object], name: str) -> None:
     """Each workload's environment, with a Secret as README creates it, is valid settings that agree."""
-    secret = {
-        "DATABASE_URL": "postgresql://referral:pw@db.example.internal:5432/referral",
-        "REDIS_URL": "redis://cache.example.internal:6379/0",
-        "AUTH_JWT_PRIVATE_KEYS": generate_pem(),
-        "AUTH_HUNTER_API_KEY": "hunter-key",
-    }
+    secret = {**EXAMPLE_SECRET, "AUTH_JWT_PRIVATE_KEYS": generate_pem()}
     auth_env = environment(rendered, one(rendered, "Deployment", "auth"), secret)
     referral_env = environment(rendered, one(rendered, "Deployment", "referral"), secret)
     auth = load_auth_settings(auth_env)
@@ -482,3 +498,80 @@ def test_images_can_be_overridden(rendered: list[Object]) -> None:
     used = {c["image"].split(":")[0] for c in containers_of_all(rendered)}
     assert used == {"referral-system/auth", "referral-system/referral", "nginx"}
     assert used <= overridable, f"add `images:` entries for {sorted(used - overridable)}"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_a_stopping_pod_finishes_within_its_grace_period(rendered: list[Object], name: str) -> None:
+    """preStop (new connections stop arriving), then SIGTERM: drain, requests in flight, cleanup; all
+    before the kubelet's SIGKILL."""
+    deployment = one(rendered, "Deployment", name)
+    c = container(deployment)
+    pause = pre_stop_pause(c)
+    assert pause >= 5, "endpoints and kube-proxy need a few seconds to stop sending new connections"
+    env = environment(rendered, deployment, {**EXAMPLE_SECRET, "AUTH_JWT_PRIVATE_KEYS": generate_pem()})
+    if name == "auth":
+        auth = load_auth_settings(env)
+        drain, in_flight = auth.shutdown_drain, auth.shutdown_timeout
+        # The cleanup contexts: the outbox relay's last delivery, then the enrichments in flight.
+        cleanup = auth.referral_timeout + LEASE_MARGIN / 2 + auth.enrichment_shutdown_grace
+    else:
+        referral = load_settings(ReferralSettings, REFERRAL_PREFIX, env)
+        drain, in_flight, cleanup = referral.shutdown_drain, referral.shutdown_timeout, 0.0
+    # The gateway's idle upstream connections are closed by nginx before the drain ends.
+    assert COMPOSE.upstream_keepalive_timeout < drain
+    grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
+    assert grace >= pause + drain + in_flight + cleanup + 3, (name, grace)
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"  # 503 from the moment SIGTERM arrives
+
+
+def test_the_gateway_outlasts_what_it_proxies(rendered: list[Object]) -> None:
+    deployment = one(rendered, "Deployment", "gateway")
+    pause = pre_stop_pause(container(deployment))
+    assert pause >= 5
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] >= pause + COMPOSE.proxy_timeout + 3
+
+
+@pytest.mark.parametrize("name", [*sorted(SERVICES), "gateway"])
+def test_voluntary_disruptions_leave_a_pod_of_each_deployment(rendered: list[Object], name: str) -> None:
+    budget = one(rendered, "PodDisruptionBudget", name)
+    selector = budget["spec"]["selector"]["matchLabels"]
+    selected = [
+        d for d in objects_of(rendered, "Deployment").values() if matches(selector, template_labels(d))
+    ]
+    assert [d["metadata"]["name"] for d in selected] == [name]
+    assert not [j for j in objects_of(rendered, "Job").values() if matches(selector, template_labels(j))]
+    minimum = selected[0]["spec"]["replicas"]
+    autoscaler = objects_of(rendered, "HorizontalPodAutoscaler").get(name)
+    if autoscaler:
+        minimum = min(minimum, autoscaler["spec"]["minReplicas"])
+    # At least one pod stays, and a drain can still move one (a budget equal to the replicas blocks it).
+    assert 1 <= budget["spec"]["minAvailable"] < minimum
+
+
+@pytest.mark.parametrize(("name", "other"), [("auth", "referral"), ("referral", "auth")])
+def test_only_the_gateway_and_the_other_service_reach_a_service(
+    rendered: list[Object], name: str, other: str
+) -> None:
+    policy = one(rendered, "NetworkPolicy", name)
+    deployments = objects_of(rendered, "Deployment")
+    workloads = {**deployments, **objects_of(rendered, "Job")}
+    guarded = [
+        w
+        for w, obj in workloads.items()
+        if matches(policy["spec"]["podSelector"]["matchLabels"], template_labels(obj))
+    ]
+    assert guarded == [name]
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    sources: set[str] = set()
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits every source"
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, f"{peer}: only pods of this namespace, by label"
+            labels = peer["podSelector"].get("matchLabels")
+            assert labels, "an empty podSelector admits every pod"
+            sources |= {w for w, obj in workloads.items() if matches(labels, template_labels(obj))}
+        ports = rule.get("ports")
+        assert ports, "a rule without `ports` admits every port"
+        container_ports = {p["name"]: p["containerPort"] for p in container(deployments[name])["ports"]}
+        assert {container_ports.get(p["port"], p["port"]) for p in ports} == {SERVICES[name]}
+    assert sources == {"gateway", other}
