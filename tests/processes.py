@@ -108,6 +108,7 @@ class Process:
     popen: subprocess.Popen[bytes] | None = None
     problems: list[str] = field(default_factory=list)
     stopped: bool = False  # by the harness (or a test), not on its own
+    _descendants: set[int] = field(default_factory=set, repr=False)
 
     @property
     def log_path(self) -> Path:
@@ -165,14 +166,24 @@ class Process:
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM, wait, and check nothing it started is left; its exit code (SIGKILL after the timeout)."""
-        if self.popen is None:
-            raise HarnessError(f"{self.name} was never started")
-        if self.popen.poll() is not None:
+        if self.popen is not None and self.popen.poll() is not None:
             self.problems.append(f"{self.name} had exited on its own with {self.popen.returncode}")
             return self.popen.returncode
-        descendants = children(self.popen.pid)
+        self.terminate()
+        return self.wait_stopped(timeout)
+
+    def terminate(self) -> None:
+        """Send SIGTERM (a stop asked for, not a crash); `wait_stopped` collects the exit."""
+        if self.popen is None:
+            raise HarnessError(f"{self.name} was never started")
+        self._descendants = children(self.popen.pid)
         self.stopped = True
         self.popen.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self, timeout: float = STOP_TIMEOUT) -> int:
+        """After `terminate`: wait for the exit (SIGKILL after `timeout`), note a non-zero code and any
+        process it started that outlived it; the exit code."""
+        assert self.popen is not None
         try:
             code = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -184,7 +195,7 @@ class Process:
         if code != 0:
             self.problems.append(f"{self.name} exited with {code} after SIGTERM:\n{self.log_tail(10)}")
         deadline = time.monotonic() + 5.0
-        while (left := {pid for pid in descendants if alive(pid)}) and time.monotonic() < deadline:
+        while (left := {pid for pid in self._descendants if alive(pid)}) and time.monotonic() < deadline:
             time.sleep(POLL)
         if left:
             self.problems.append(f"{self.name} left processes running after it exited: {sorted(left)}")

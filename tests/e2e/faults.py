@@ -173,7 +173,8 @@ class Blackhole(_Listener):
 class FakeVendor:
     """Hunter's verifier and an OIDC provider's discovery on one aiohttp app; Hunter answers can be held.
 
-    `hold()` makes every Hunter call wait (counted in `waiting`) until `release()`; a held call the
+    `hold()` makes every Hunter call wait (counted in `waiting`, its email in `waiting_emails`) until
+    `release()`; a held call the
     client gave up on is answered into the void when released. The OIDC provider `/oidc` publishes a
     token endpoint at `token_endpoint` (a Blackhole: the exchange hangs).
     """
@@ -185,6 +186,7 @@ class FakeVendor:
         self._site_runner: web.AppRunner | None = None
         self.port = 0
         self.waiting = 0
+        self.waiting_emails: set[str] = set()  # whose check is being held right now
         self.hunter_calls = 0
 
     @property
@@ -198,11 +200,14 @@ class FakeVendor:
     async def _hunter(self, request: web.Request) -> web.Response:
         self.hunter_calls += 1
         assert self._gate is not None
+        email = request.query.get("email", "")
         self.waiting += 1
+        self.waiting_emails.add(email)
         try:
             await self._gate.wait()
         finally:
             self.waiting -= 1
+            self.waiting_emails.discard(email)
         return web.json_response(
             {"data": {"status": "valid", "score": 95, "email": request.query.get("email")}}
         )

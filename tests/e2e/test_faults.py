@@ -1,5 +1,5 @@
-"""Faults against real processes: PostgreSQL and Redis outages, a stopped referral service, hung third
-parties, and SIGTERM during traffic.
+"""Faults against real processes: PostgreSQL and Redis outages, a stopped referral service and hung third
+parties (SIGTERM and restarts under traffic: test_restarts.py).
 
 These tests run on a small stack of their own (`faults`, module-scoped), so that breaking things never
 disturbs the shared `stack`: two auth instances, one referral instance and a gateway (nginx, rendered
@@ -17,17 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import shutil
-import signal
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -51,7 +47,6 @@ from tests.e2e.api import (
     TOKEN,
     Account,
     bearer,
-    rfc3339,
     unique_email,
 )
 from tests.e2e.conftest import (
@@ -70,6 +65,20 @@ from tests.e2e.faults import (
     bounded_client,
     eventually,
     wait_until,
+)
+from tests.e2e.traffic import (
+    Outcome,
+    assert_answers,
+    assert_unavailable,
+    assert_writes_whole,
+    call,
+    code_body,
+    linked,
+    lookup_code,
+    new_code,
+    new_user,
+    signup_body,
+    user_ids,
 )
 from tests.helpers import drop_redis_keys, with_database
 from tests.processes import AUTH_API, HOST, base_url, free_port, http_status, production_envs
@@ -260,6 +269,9 @@ def faults(
             "REFERRAL_DB_POOL_MIN": "1",
             "REFERRAL_DB_POOL_MAX": "8",
             "REFERRAL_DB_TIMEOUT": str(DB_TIMEOUT),
+            # Stopped to be down (not to drain: test_restarts.py covers that), at once: its idle
+            # connections from the auth instances are closed without waiting for them.
+            "REFERRAL_SHUTDOWN_DRAIN": "0",
         }
         auth = [
             FaultProcess(
@@ -322,149 +334,6 @@ def faults(
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    """One request's answer (status None: no answer at all, `error` says why) and how long it took."""
-
-    op: str
-    status: int | None
-    elapsed: float
-    content_type: str = ""
-    retry_after: str | None = None
-    body: str = ""
-    error: str | None = None
-    location: str = ""
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def __str__(self) -> str:
-        return f"{self.op}: {self.status} in {self.elapsed:.2f} s {self.error or self.body[:300]}"
-
-
-async def call(
-    session: aiohttp.ClientSession,
-    op: str,
-    method: str,
-    url: str,
-    record: list[Outcome] | None = None,
-    **kwargs: Any,
-) -> Outcome:
-    """One request; its outcome (also appended to `record`). A timeout is an outcome, not an exception."""
-    started = time.monotonic()
-    try:
-        async with session.request(method, url, allow_redirects=False, **kwargs) as response:
-            body = await response.text()
-            outcome = Outcome(
-                op,
-                response.status,
-                time.monotonic() - started,
-                response.headers.get("Content-Type", "").split(";")[0].strip(),
-                response.headers.get("Retry-After"),
-                body,
-                location=response.headers.get("Location", ""),
-            )
-    except (TimeoutError, aiohttp.ClientError) as error:
-        outcome = Outcome(op, None, time.monotonic() - started, error=repr(error))
-    if record is not None:
-        record.append(outcome)
-    return outcome
-
-
-def assert_unavailable(outcome: Outcome) -> None:
-    """A 503 as the contract wants it: problem+json with Retry-After."""
-    assert outcome.status == 503, str(outcome)
-    assert outcome.content_type == "application/problem+json", str(outcome)
-    assert outcome.retry_after and int(outcome.retry_after) >= 1, str(outcome)
-    body = outcome.json()
-    assert body["status"] == 503 and body["code"], body
-
-
-def assert_answers(outcomes: list[Outcome], allowed: dict[str, set[int]]) -> None:
-    """Each outcome is an allowed status for its operation or a well-formed 503: no other 5xx, no silence."""
-    bad = []
-    for outcome in outcomes:
-        if outcome.status == 503:
-            try:
-                assert_unavailable(outcome)
-            except AssertionError:
-                bad.append(outcome)
-        elif outcome.status not in allowed[outcome.op]:
-            bad.append(outcome)
-    assert not bad, "unexpected answers:\n" + "\n".join(str(o) for o in bad[:20])
-
-
-def signup_body(email: str, code: str | None = None) -> dict[str, str]:
-    body = {"email": email, "password": PASSWORD}
-    if code is not None:
-        body["referral_code"] = code
-    return body
-
-
-async def new_user(session: aiohttp.ClientSession, tag: str, *, code: str | None = None) -> Account:
-    email = unique_email(tag)
-    outcome = await call(session, "signup", "POST", SIGNUP, json=signup_body(email, code))
-    assert outcome.status == 201, str(outcome)
-    body = outcome.json()
-    user = body["user"]
-    return Account(
-        user["id"], email, PASSWORD, body["access_token"], body["refresh_token"], user["referrer_id"]
-    )
-
-
-def code_body(days: float = 7) -> dict[str, str]:
-    return {"expires_at": rfc3339(datetime_now() + timedelta(days=days))}
-
-
-def datetime_now() -> datetime:
-    return datetime.now(UTC)
-
-
-async def new_code(session: aiohttp.ClientSession, account: Account) -> str:
-    outcome = await call(session, "code_create", "POST", CODES, json=code_body(), headers=account.headers)
-    assert outcome.status == 201, str(outcome)
-    return str(outcome.json()["code"])
-
-
-async def lookup_code(session: aiohttp.ClientSession, email: str) -> Outcome:
-    return await call(session, "lookup", "GET", CODES, params={"email": email})
-
-
-def assert_writes_whole(faults: FaultStack) -> None:
-    """No write half-done: every user has a refresh token, and every referred user an outbox row."""
-    orphans = faults.query(
-        "SELECT u.email FROM auth.users u WHERE NOT EXISTS"
-        " (SELECT 1 FROM auth.refresh_tokens t WHERE t.user_id = u.id)"
-    )
-    assert not orphans, f"users without a refresh token: {orphans}"
-    unlinked = faults.query(
-        "SELECT u.email FROM auth.users u WHERE u.referrer_id IS NOT NULL AND NOT EXISTS"
-        " (SELECT 1 FROM auth.referral_outbox o WHERE o.referral_id = u.id)"
-    )
-    assert not unlinked, f"referred users without their link in the outbox: {unlinked}"
-    doubled = faults.query(
-        "SELECT owner_id FROM referral.codes WHERE deleted_at IS NULL GROUP BY owner_id HAVING count(*) > 1"
-    )
-    assert not doubled, f"owners with two open codes: {doubled}"
-
-
-def user_ids(faults: FaultStack, emails: list[str]) -> dict[str, uuid.UUID]:
-    rows = faults.query(
-        "SELECT lower(email), id FROM auth.users WHERE lower(email) = ANY(%s)", ([e.lower() for e in emails],)
-    )
-    return dict(rows)
-
-
-def linked(faults: FaultStack, ids: list[str]) -> dict[str, tuple[str, int]]:
-    """referral.referrals rows of these referral ids: id -> (referrer id, how many rows)."""
-    rows = faults.query(
-        "SELECT referral_id::text, min(referrer_id::text), count(*) FROM referral.referrals"
-        " WHERE referral_id = ANY(%s::uuid[]) GROUP BY referral_id",
-        (ids,),
-    )
-    return {rid: (referrer, count) for rid, referrer, count in rows}
 
 
 async def all_ready(faults: FaultStack) -> bool:
@@ -883,113 +752,4 @@ async def test_hung_third_parties_cost_at_most_their_timeout(faults: FaultStack)
         f"\nthird parties: hung Hunter {hunter_elapsed:.2f} s,"
         f" enrichment stored after {enrich_elapsed:.2f} s,"
         f" hung discovery {hung.elapsed:.2f} s, hung token endpoint {finished.elapsed:.2f} s"
-    )
-
-
-# --- 5. SIGTERM during traffic ---------------------------------------------------------------------
-
-
-async def test_sigterm_finishes_requests_in_flight_and_loses_nothing(faults: FaultStack) -> None:
-    victim = faults.auth[0]
-    assert victim.popen is not None
-    n = 6
-    seconds = HUNTER_TIMEOUT + MARGIN + 2
-    async with (
-        bounded_client(faults.gateway_url, seconds=seconds) as gateway,
-        bounded_client(seconds=seconds) as direct,
-    ):
-        owner = await new_user(gateway, "term-owner")
-        code = await new_code(gateway, owner)
-        around: list[Outcome] = []
-        stop = asyncio.Event()
-
-        async def keep_signing_up() -> None:
-            while not stop.is_set():
-                body = signup_body(unique_email("term-gw"), code)
-                await call(gateway, "signup", "POST", SIGNUP, around, json=body)
-
-        # Signups in flight on the victim (held at the email verifier), more arriving through the gateway.
-        faults.vendor.hold()
-        try:
-            in_flight = [
-                asyncio.create_task(
-                    call(
-                        direct,
-                        "signup",
-                        "POST",
-                        faults.auth_urls[0] + SIGNUP,
-                        json=signup_body(unique_email(f"term-{i}"), code),
-                    )
-                )
-                for i in range(n)
-            ]
-            await eventually(
-                lambda: faults.vendor.waiting >= n, seconds=5, poll=0.02, what="signups in flight"
-            )
-            background = [asyncio.create_task(keep_signing_up()) for _ in range(3)]
-            await asyncio.sleep(0.2)
-            victim.stopped = True
-            victim.popen.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            # It stops accepting at once, while what is in flight is still running.
-            await eventually(
-                lambda: asyncio.to_thread(lambda: http_status(victim.health_url) is None),
-                seconds=2,
-                poll=0.02,
-                what="the victim refusing new connections",
-            )
-            assert victim.popen.poll() is None, "exited without finishing the requests in flight"
-            await asyncio.sleep(0.3)
-        finally:
-            faults.vendor.release()
-        finished = await asyncio.gather(*in_flight)
-        code_after = await asyncio.to_thread(victim.popen.wait, 15)
-        with victim.log_path.open("a") as log_file:
-            log_file.write(f"--- {time.strftime('%H:%M:%S')} exited with {code_after} after SIGTERM\n")
-        exited_in = time.monotonic() - signalled
-        await asyncio.sleep(0.3)
-        stop.set()
-        await asyncio.gather(*background)
-
-        for outcome in finished:
-            assert outcome.status == 201 and outcome.json()["user"]["referrer_id"] == owner.id, str(outcome)
-        assert code_after == 0, victim.log_tail()
-        # Through the gateway nothing fails: the other instance answers.
-        assert_answers(around, {"signup": {201}})
-        assert not [o for o in around if o.status != 201], [str(o) for o in around if o.status != 201]
-
-        accepted = [o.json()["user"]["id"] for o in [*finished, *around]]
-
-        def all_arrived() -> dict[str, tuple[str, int]] | None:
-            links = linked(faults, accepted)
-            return links if len(links) == len(accepted) else None
-
-        links = await asyncio.to_thread(wait_until, all_arrived, seconds=10, what="every link delivered")
-        assert all(referrer == owner.id and count == 1 for referrer, count in links.values()), links
-        assert len(user_ids(faults, [o.json()["user"]["email"] for o in [*finished, *around]])) == len(
-            accepted
-        )
-        assert_writes_whole(faults)
-
-        log = victim.log_path.read_text(errors="replace")
-        tail = log[log.rfind("--- ", 0, log.rfind("--- ")) :]  # from its start to its exit
-        assert "cancelled" not in tail.lower(), tail[-3000:]
-
-        # Started again: it serves, and owes nothing.
-        victim.start()
-        await asyncio.to_thread(victim.wait_healthy, time.monotonic() + START_TIMEOUT)
-        again = await call(
-            direct,
-            "signup",
-            "POST",
-            faults.auth_urls[0] + SIGNUP,
-            json=signup_body(unique_email("term-again"), code),
-        )
-        assert again.status == 201, str(again)
-    undelivered = faults.query(
-        "SELECT count(*) FROM auth.referral_outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
-    )
-    print(
-        f"\nsigterm: {n} requests in flight answered 201, exit 0 after {exited_in:.2f} s;"
-        f" {len(around)} gateway signups meanwhile, all 201; {undelivered[0][0]} links still pending"
     )
