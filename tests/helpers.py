@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import secrets
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -91,6 +94,26 @@ def fresh_database(server_url: str, prefix: str) -> Iterator[str]:
         with admin.cursor() as cursor:
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+def query(database_url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run one statement on its own autocommit connection; the rows it returns, if any."""
+    with contextlib.closing(psycopg2.connect(database_url, connect_timeout=5)) as conn:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(sql, params)
+            return list(cursor.fetchall()) if cursor.description else []
+
+
+def fresh_run_dir(parent: Path) -> Path:
+    """`parent/<this process's pid>`, created, for one run's logs; the logs of earlier runs whose process
+    is gone are deleted, but for the last three."""
+    runs = [d for d in parent.glob("*") if d.name.isdigit() and not Path(f"/proc/{d.name}").exists()]
+    for old in sorted(runs, key=lambda d: d.stat().st_mtime)[:-3]:
+        shutil.rmtree(old, ignore_errors=True)
+    current = parent / str(os.getpid())
+    current.mkdir(parents=True, exist_ok=True)
+    return current
 
 
 def drop_redis_keys(redis_url: str, prefix: str) -> None:

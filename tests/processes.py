@@ -212,10 +212,13 @@ def service_pair(
     auth_env: Mapping[str, str],
     referral_env: Mapping[str, str],
     process: type[Process] = Process,
+    *,
+    jwks_url: str | None = None,
     **fields: Any,
 ) -> tuple[Process, Process]:
     """`auth-i` and `referral-i` (`python -m services.<name> serve`) on their ports, each healthy once
-    its /healthz answers; `referral-i` reads the JWKS of `auth-i`. `fields` go to `process`."""
+    its /healthz answers; `referral-i` reads the JWKS at `jwks_url`, by default that of `auth-i`.
+    `fields` go to `process`."""
     auth = process(
         f"auth-{index}",
         [sys.executable, "-m", "services.auth", "serve"],
@@ -229,7 +232,7 @@ def service_pair(
         {
             **referral_env,
             "REFERRAL_PORT": str(referral_port),
-            "REFERRAL_AUTH_JWKS_URL": f"{base_url(auth_port)}{AUTH_API}/.well-known/jwks.json",
+            "REFERRAL_AUTH_JWKS_URL": jwks_url or f"{base_url(auth_port)}{AUTH_API}/.well-known/jwks.json",
         },
         f"{base_url(referral_port)}/healthz",
         **fields,
@@ -240,6 +243,30 @@ def service_pair(
 def inherited(environ: Mapping[str, str]) -> dict[str, str]:
     """The caller's environment without any service setting: the services' defaults apply."""
     return {k: v for k, v in environ.items() if not k.startswith(("AUTH_", "REFERRAL_"))}
+
+
+# What the stacks of the e2e tests set beyond production's defaults: hashing cheap, pools small.
+LIGHT_AUTH = {
+    "AUTH_ARGON2_TIME_COST": "1",
+    "AUTH_ARGON2_MEMORY_KIB": "8192",
+    "AUTH_ARGON2_PARALLELISM": "1",
+    "AUTH_DB_POOL_MIN": "1",
+    "AUTH_DB_POOL_MAX": "8",
+}
+LIGHT_REFERRAL = {"REFERRAL_DB_POOL_MIN": "1", "REFERRAL_DB_POOL_MAX": "8"}
+
+
+def servers_env(
+    database_url: str, redis_url: str, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment every service process of a stack starts from: the caller's without service
+    settings, the servers' URLs, unbuffered output."""
+    return {
+        **inherited(os.environ if environ is None else environ),
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def production_envs(

@@ -159,26 +159,12 @@ def stack(
     auth_ports = [free_port(), free_port()]
     referral_ports = [free_port(), free_port()]
     gateway_url = base_url(gateway_port)
-    common = {
-        **os.environ,
-        "DATABASE_URL": e2e_database_url,
-        "REDIS_URL": redis_url,
-        "PYTHONUNBUFFERED": "1",
-    }
+    common = processes.servers_env(e2e_database_url, redis_url)
     auth_env, referral_env = processes.production_envs(
         common, redis_prefix=e2e_redis_prefix, signing_pem=pem, gateway_url=gateway_url
     )
-    auth_env.update(
-        {
-            "AUTH_REFERRAL_SERVICE_URL": base_url(referral_ports[0]),
-            "AUTH_ARGON2_TIME_COST": "1",
-            "AUTH_ARGON2_MEMORY_KIB": "8192",
-            "AUTH_ARGON2_PARALLELISM": "1",
-            "AUTH_DB_POOL_MIN": "1",
-            "AUTH_DB_POOL_MAX": "8",
-        }
-    )
-    referral_env.update({"REFERRAL_DB_POOL_MIN": "1", "REFERRAL_DB_POOL_MAX": "8"})
+    auth_env |= processes.LIGHT_AUTH | {"AUTH_REFERRAL_SERVICE_URL": base_url(referral_ports[0])}
+    referral_env |= processes.LIGHT_REFERRAL
     processes.migrate(e2e_database_url, redis_url, ARTIFACTS, timeout=60)
 
     pairs = [

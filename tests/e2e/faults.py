@@ -174,9 +174,8 @@ class FakeVendor:
     """Hunter's verifier and an OIDC provider's discovery on one aiohttp app; Hunter answers can be held.
 
     `hold()` makes every Hunter call wait (counted in `waiting`, its email in `waiting_emails`) until
-    `release()`; a held call the
-    client gave up on is answered into the void when released. The OIDC provider `/oidc` publishes a
-    token endpoint at `token_endpoint` (a Blackhole: the exchange hangs).
+    `release()`; a held call the client gave up on is answered into the void when released. The OIDC
+    provider `/oidc` publishes a token endpoint at `token_endpoint` (a Blackhole: the exchange hangs).
     """
 
     def __init__(self, runner: LoopThread, token_endpoint: str) -> None:

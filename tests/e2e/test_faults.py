@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -80,8 +79,18 @@ from tests.e2e.traffic import (
     signup_body,
     user_ids,
 )
-from tests.helpers import drop_redis_keys, with_database
-from tests.processes import AUTH_API, HOST, base_url, free_port, http_status, production_envs
+from tests.helpers import drop_redis_keys, fresh_run_dir, query, with_database
+from tests.processes import (
+    AUTH_API,
+    HOST,
+    LIGHT_AUTH,
+    LIGHT_REFERRAL,
+    base_url,
+    free_port,
+    http_status,
+    production_envs,
+    servers_env,
+)
 from tests.processes import origin as _origin
 from tests.processes import stop_all as _stop_all
 
@@ -129,11 +138,7 @@ class FaultStack:
 
     def query(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         """Run one statement directly on the stack's database (not through the proxy)."""
-        with contextlib.closing(psycopg2.connect(self.database_url, connect_timeout=5)) as conn:
-            conn.autocommit = True
-            with conn.cursor() as cursor:
-                cursor.execute(sql, params)
-                return list(cursor.fetchall()) if cursor.description else []
+        return query(self.database_url, sql, params)
 
     def terminate_backends(self) -> int:
         """pg_terminate_backend on every other connection to the stack's database; how many."""
@@ -187,15 +192,7 @@ def faults(
     server_database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FaultStack]:
     """The fault stack: started before the module's first test, stopped (each exit checked) after its last."""
-    # Logs of earlier runs whose process is gone, but for the last few.
-    runs = [
-        d
-        for d in FAULT_ARTIFACTS.parent.glob("*")
-        if d.name.isdigit() and not Path(f"/proc/{d.name}").exists()
-    ]
-    for old in sorted(runs, key=lambda d: d.stat().st_mtime)[:-3]:
-        shutil.rmtree(old, ignore_errors=True)
-    FAULT_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    fresh_run_dir(FAULT_ARTIFACTS.parent)
     name = f"faults_{os.getpid()}_{secrets.token_hex(4)}"
     admin = psycopg2.connect(server_database_url, connect_timeout=5)
     admin.autocommit = True
@@ -224,22 +221,12 @@ def faults(
         auth_ports = [free_port(), free_port()]
         referral_port = free_port()
         gateway_url = base_url(gateway_port)
-        common = {
-            **os.environ,
-            "DATABASE_URL": proxied_database_url,
-            "REDIS_URL": proxied_redis_url,
-            "PYTHONUNBUFFERED": "1",
-        }
+        common = servers_env(proxied_database_url, proxied_redis_url)
         auth_env, referral_env = production_envs(
             common, redis_prefix=prefix, signing_pem=generate_pem(), gateway_url=gateway_url
         )
-        auth_env |= {
+        auth_env |= LIGHT_AUTH | {
             "AUTH_REFERRAL_SERVICE_URL": base_url(referral_port),
-            "AUTH_ARGON2_TIME_COST": "1",
-            "AUTH_ARGON2_MEMORY_KIB": "8192",
-            "AUTH_ARGON2_PARALLELISM": "1",
-            "AUTH_DB_POOL_MIN": "1",
-            "AUTH_DB_POOL_MAX": "8",
             "AUTH_DB_TIMEOUT": str(DB_TIMEOUT),
             "AUTH_OUTBOX_POLL_INTERVAL": "0.2",
             "AUTH_OUTBOX_MAX_BACKOFF": "1.0",
@@ -262,12 +249,10 @@ def faults(
             "AUTH_OAUTH_SLOW_CLIENT_SECRET": "secret-slow",
             "AUTH_OAUTH_SLOW_TIMEOUT": str(OIDC_TIMEOUT),
         }
-        referral_env |= {
+        referral_env |= LIGHT_REFERRAL | {
             "REFERRAL_PORT": str(referral_port),
             # Through the gateway: either auth instance may be down.
             "REFERRAL_AUTH_JWKS_URL": f"{gateway_url}{AUTH_API}/.well-known/jwks.json",
-            "REFERRAL_DB_POOL_MIN": "1",
-            "REFERRAL_DB_POOL_MAX": "8",
             "REFERRAL_DB_TIMEOUT": str(DB_TIMEOUT),
             # Stopped to be down (not to drain: test_restarts.py covers that), at once: its idle
             # connections from the auth instances are closed without waiting for them.

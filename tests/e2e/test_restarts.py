@@ -25,24 +25,20 @@ import contextlib
 import functools
 import os
 import secrets
-import shutil
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psycopg2
 import pytest
 
 from services.auth.signing import generate_pem
 from shared.migrations import apply_migrations
 from tests.conftest import AUTH_MIGRATIONS, REFERRAL_MIGRATIONS
 from tests.e2e.api import CODES, ME, REFERRALS, SIGNUP, TOKEN, Account, referrals_of, unique_email
-from tests.e2e.conftest import ARTIFACTS, GENEROUS, START_TIMEOUT, Process
+from tests.e2e.conftest import ARTIFACTS, GENEROUS, START_TIMEOUT
 from tests.e2e.faults import FakeVendor, LoopThread, bounded_client, eventually, wait_until
 from tests.e2e.traffic import (
     Outcome,
@@ -53,8 +49,20 @@ from tests.e2e.traffic import (
     new_user,
     signup_body,
 )
-from tests.helpers import KeptAliveConnection, drop_redis_keys, fresh_database
-from tests.processes import HOST, base_url, free_port, http_status, inherited, nginx_gateway, production_envs
+from tests.helpers import KeptAliveConnection, drop_redis_keys, fresh_database, fresh_run_dir, query
+from tests.processes import (
+    HOST,
+    LIGHT_AUTH,
+    LIGHT_REFERRAL,
+    Process,
+    base_url,
+    free_port,
+    http_status,
+    nginx_gateway,
+    production_envs,
+    servers_env,
+    service_pair,
+)
 from tests.processes import stop_all as _stop_all
 
 RESTART_ARTIFACTS = ARTIFACTS / "restarts" / str(os.getpid())
@@ -77,27 +85,16 @@ ALLOWED = {
 
 
 @dataclass
-class RestartProcess(Process):
-    """A process of the restart stack: its log under `.artifacts/e2e/restarts/<pid>/`."""
-
-    log_dir: Path = RESTART_ARTIFACTS
-
-
-@dataclass
 class RestartStack:
     gateway_url: str
-    auth: list[RestartProcess]
-    referral: list[RestartProcess]
-    gateway: RestartProcess
+    auth: list[Process]
+    referral: list[Process]
+    gateway: Process
     database_url: str
     vendor: FakeVendor
 
     def query(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-        with contextlib.closing(psycopg2.connect(self.database_url, connect_timeout=5)) as conn:
-            conn.autocommit = True
-            with conn.cursor() as cursor:
-                cursor.execute(sql, params)
-                return list(cursor.fetchall()) if cursor.description else []
+        return query(self.database_url, sql, params)
 
 
 @pytest.fixture(scope="module")
@@ -105,43 +102,27 @@ def restarts(
     server_database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RestartStack]:
     """The stack: started before the module's first test, stopped (each exit checked) after its last."""
-    runs = [
-        d
-        for d in RESTART_ARTIFACTS.parent.glob("*")
-        if d.name.isdigit() and not Path(f"/proc/{d.name}").exists()
-    ]
-    for old in sorted(runs, key=lambda d: d.stat().st_mtime)[:-3]:
-        shutil.rmtree(old, ignore_errors=True)
-    RESTART_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    fresh_run_dir(RESTART_ARTIFACTS.parent)
     prefix = f"e2e-restarts:{secrets.token_hex(6)}:"
     runner = LoopThread()
     vendor = FakeVendor(runner, token_endpoint="http://127.0.0.1:9/unused")
-    started: list[RestartProcess] = []
+    started: list[Process] = []
     try:
         with fresh_database(server_database_url, f"restarts_{os.getpid()}") as database_url:
             apply_migrations(database_url, "auth", AUTH_MIGRATIONS)
             apply_migrations(database_url, "referral", REFERRAL_MIGRATIONS)
             vendor.start()
             gateway_port, internal_port = free_port(), free_port()
-            auth_ports = [free_port(), free_port()]
-            referral_ports = [free_port(), free_port()]
+            ports = [(free_port(), free_port()) for _ in range(2)]
             gateway_url = base_url(gateway_port)
-            common = {
-                **inherited(os.environ),
-                "DATABASE_URL": database_url,
-                "REDIS_URL": redis_url,
-                "PYTHONUNBUFFERED": "1",
-            }
             auth_env, referral_env = production_envs(
-                common, redis_prefix=prefix, signing_pem=generate_pem(), gateway_url=gateway_url
+                servers_env(database_url, redis_url),
+                redis_prefix=prefix,
+                signing_pem=generate_pem(),
+                gateway_url=gateway_url,
             )
-            auth_env |= {
+            auth_env |= LIGHT_AUTH | {
                 "AUTH_REFERRAL_SERVICE_URL": base_url(internal_port),
-                "AUTH_ARGON2_TIME_COST": "1",
-                "AUTH_ARGON2_MEMORY_KIB": "8192",
-                "AUTH_ARGON2_PARALLELISM": "1",
-                "AUTH_DB_POOL_MIN": "1",
-                "AUTH_DB_POOL_MAX": "8",
                 "AUTH_OUTBOX_POLL_INTERVAL": "0.2",
                 "AUTH_OUTBOX_MAX_BACKOFF": "1.0",
                 "AUTH_HUNTER_API_KEY": "fake-hunter-key",
@@ -149,35 +130,18 @@ def restarts(
                 "AUTH_HUNTER_MAX_POLLS": "1",
                 "AUTH_SHUTDOWN_DRAIN": str(DRAIN),
             }
-            referral_env |= {
-                "REFERRAL_AUTH_JWKS_URL": f"{gateway_url}/api/v1/auth/.well-known/jwks.json",
-                "REFERRAL_DB_POOL_MIN": "1",
-                "REFERRAL_DB_POOL_MAX": "8",
-                "REFERRAL_SHUTDOWN_DRAIN": str(DRAIN),
-            }
-            auth = [
-                RestartProcess(
-                    f"auth-{i}",
-                    [sys.executable, "-m", "services.auth", "serve"],
-                    {**auth_env, "AUTH_PORT": str(port)},
-                    f"{base_url(port)}/healthz",
-                )
-                for i, port in enumerate(auth_ports)
+            referral_env |= LIGHT_REFERRAL | {"REFERRAL_SHUTDOWN_DRAIN": str(DRAIN)}
+            # Through the gateway, as a Kubernetes Service: whichever auth instance is up.
+            jwks_url = f"{gateway_url}/api/v1/auth/.well-known/jwks.json"
+            pairs = [
+                service_pair(i, a, r, auth_env, referral_env, jwks_url=jwks_url, log_dir=RESTART_ARTIFACTS)
+                for i, (a, r) in enumerate(ports)
             ]
-            referral = [
-                RestartProcess(
-                    f"referral-{i}",
-                    [sys.executable, "-m", "services.referral", "serve"],
-                    {**referral_env, "REFERRAL_PORT": str(port)},
-                    f"{base_url(port)}/healthz",
-                )
-                for i, port in enumerate(referral_ports)
-            ]
-            built = nginx_gateway(
+            gateway = nginx_gateway(
                 "gateway",
                 gateway_port,
-                auth_ports,
-                referral_ports,
+                [a for a, _ in ports],
+                [r for _, r in ports],
                 GENEROUS,
                 tmp_path_factory.mktemp("restarts-nginx"),
                 log_dir=RESTART_ARTIFACTS,
@@ -185,7 +149,8 @@ def restarts(
                 upstream_keepalive_timeout=GATEWAY_IDLE,
                 upstream_fail_timeout=GATEWAY_FAIL,
             )
-            gateway = RestartProcess(built.name, built.command, built.env, built.health_url)
+            auth = [pair[0] for pair in pairs]
+            referral = [pair[1] for pair in pairs]
             stack = RestartStack(gateway_url, auth, referral, gateway, database_url, vendor)
             for process in [*auth, *referral, gateway]:
                 process.start()
@@ -209,7 +174,7 @@ def restarts(
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def served(process: RestartProcess) -> int:
+def served(process: Process) -> int:
     """API requests the process has answered since it started, from its /metrics."""
     with urllib.request.urlopen(f"{process.url}/metrics", timeout=2) as response:
         text = response.read().decode()
@@ -227,7 +192,7 @@ async def refusing(url: str) -> bool:
     return await asyncio.to_thread(http_status, url) is None
 
 
-async def in_rotation(processes: Sequence[RestartProcess]) -> None:
+async def in_rotation(processes: Sequence[Process]) -> None:
     """Until each process has answered an API request since now: the gateway sends it traffic again."""
     before = {p.name: await asyncio.to_thread(served, p) for p in processes}
 
@@ -324,7 +289,7 @@ async def assert_nothing_lost(
     assert_writes_whole(stack)
 
 
-def assert_clean_logs(processes: Sequence[RestartProcess]) -> None:
+def assert_clean_logs(processes: Sequence[Process]) -> None:
     """No request was cancelled and nothing crashed in any instance, across all its restarts."""
     for process in processes:
         log = process.log_path.read_text(errors="replace")

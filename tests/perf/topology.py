@@ -40,9 +40,9 @@ from tests.processes import (
     children,
     free_port,
     http_status,
-    inherited,
     nginx_gateway,
     production_envs,
+    servers_env,
     service_pair,
     stop_all,
 )
@@ -159,12 +159,7 @@ def build(
     auth_ports = [free_port() for _ in range(instances)]
     referral_ports = [free_port() for _ in range(instances)]
     gateway_url = base_url(gateway_port)
-    common = {
-        **inherited(os.environ if environ is None else environ),
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "PYTHONUNBUFFERED": "1",
-    }
+    common = servers_env(database_url, redis_url, environ)
     auth_env, referral_env = production_envs(
         common, redis_prefix=redis_prefix, signing_pem=signing_pem, gateway_url=gateway_url
     )
