@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import pytest
 from joserfc import jwt
 
 from services.auth.signing import parse_key_ring
@@ -84,6 +85,26 @@ async def test_expires_at_with_another_offset_is_the_same_instant(system):
     assert response.status == 201, await response.text()
     body = await response.json()
     assert abs((assert_rfc3339(body["expires_at"]) - local).total_seconds()) < 1e-3
+
+
+@pytest.mark.parametrize("hours", [16, 20, -20, 23])
+async def test_expires_at_with_an_offset_postgresql_cannot_store_is_the_same_instant(system, hours):
+    """RFC 3339 allows offsets up to 23:59; PostgreSQL's timestamptz input only up to 15:59."""
+    alice = await system.user(f"alice{hours}@example.com")
+    offset = timezone(timedelta(hours=hours, minutes=59 if hours > 0 else -59))
+    local = (datetime.now(UTC) + timedelta(days=2)).astimezone(offset)
+    response = await post_code(system, alice, {"expires_at": local.isoformat()})
+    assert response.status == 201, await response.text()
+    body = await response.json()
+    assert abs((assert_rfc3339(body["expires_at"]) - local).total_seconds()) < 1e-3
+
+
+@pytest.mark.parametrize("expires_at", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+23:59"])
+async def test_expires_at_at_the_ends_of_the_calendar_is_a_validation_error(system, expires_at):
+    alice = await system.user("alice@example.com")
+    response = await post_code(system, alice, {"expires_at": expires_at})
+    body = await assert_problem(response, 422, "validation_failed")
+    assert "expires_at" in body["errors"]
 
 
 def test_generated_codes_use_the_alphabet_without_look_alikes_and_are_distinct():

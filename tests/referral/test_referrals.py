@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import uuid
 
 import pytest
@@ -159,6 +161,26 @@ async def test_listing_validation(system, path_id, query):
     response = await system.referrals_of(ann, referrer, **query)
     assert response.status == 422, await response.text()
     assert response.content_type == "application/problem+json"
+
+
+def _cursor(created_at: str) -> str:
+    raw = json.dumps([created_at, str(uuid.uuid4())]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("created_at", "status"),
+    [
+        ("2026-01-01T10:00:00+20:00", 200),  # a valid instant PostgreSQL's input would refuse
+        ("2026-01-01T10:00:00-23:59", 200),
+        ("9999-12-31T23:59:59-23:59", 422),  # past the end of the calendar in UTC
+        ("0001-01-01T00:00:00+23:59", 422),
+    ],
+)
+async def test_a_cursor_with_any_offset_is_a_page_or_a_validation_error(system, created_at, status):
+    ann = await system.user("ann@example.com")
+    response = await system.referrals_of(ann, ann.id, cursor=_cursor(created_at))
+    assert response.status == status, await response.text()
 
 
 async def test_listing_needs_a_token(system):

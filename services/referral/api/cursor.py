@@ -6,7 +6,7 @@ import base64
 import binascii
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 import orjson
 
@@ -24,9 +24,11 @@ def decode_cursor(value: str) -> Cursor:
     try:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
         created_at, referral_id = json.loads(raw)
-        cursor = Cursor(datetime.fromisoformat(created_at), uuid.UUID(referral_id))
-    except (ValueError, TypeError, AttributeError, binascii.Error, UnicodeDecodeError):
+        moment = datetime.fromisoformat(created_at)
+        # In UTC: PostgreSQL refuses offsets beyond 15:59, and year 10000 is an OverflowError here.
+        cursor = Cursor(moment.astimezone(UTC), uuid.UUID(referral_id)) if moment.tzinfo else None
+    except (ValueError, TypeError, AttributeError, binascii.Error, UnicodeDecodeError, OverflowError):
         cursor = None
-    if cursor is None or cursor.created_at.tzinfo is None:
+    if cursor is None:
         raise ValidationProblem(errors={"cursor": ["Not a cursor this service issued."]})
     return cursor

@@ -6,7 +6,7 @@ import re
 
 from marshmallow import Schema, ValidationError, fields, validate
 
-from shared.schemas import TrimmedEmail
+from shared.schemas import TrimmedEmail, UtcDateTime
 
 CODE_PATTERN = r"^[A-Za-z0-9_-]{4,32}$"
 _CODE_TEXT = re.compile(r"[A-Za-z0-9_-]{4,32}")
@@ -19,7 +19,7 @@ def _whole_code(value: str) -> None:
 
 
 class CreateCodeRequestSchema(Schema):
-    expires_at = fields.AwareDateTime(
+    expires_at = UtcDateTime(
         required=True,
         metadata={"description": "RFC 3339 with an offset; at least 1 minute and at most 365 days ahead"},
     )
