@@ -205,7 +205,8 @@ class TokenVerifier:
             # Only time and the key set change a verdict: a withdrawn or replaced key, or expiry.
             if claims.expires_at + self._leeway > time.time() and await self._keys.key_for(kid) is key:
                 return claims
-            del self._verified[token]
+            # Another request with this token may have dropped it while the key was looked up.
+            self._verified.pop(token, None)
         claims, kid, key = await self._verify(token)
         if self._cache_size > 0:
             if len(self._verified) >= self._cache_size:

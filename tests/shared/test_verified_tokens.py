@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -128,3 +129,23 @@ async def test_a_cache_size_of_zero_checks_every_time(ring, decodes):
     await check.verify(value)
     await check.verify(value)
     assert decodes == [value, value]
+
+
+class SlowKeys(Keys):
+    """Keys looked up over the network, as RemoteJWKS does: each lookup lets other requests run."""
+
+    async def key_for(self, kid: str) -> RSAKey | None:
+        await asyncio.sleep(0)
+        return self.keys.get(kid)
+
+
+async def test_requests_in_flight_when_a_key_is_withdrawn_are_all_refused(ring):
+    """Several requests with one remembered token find its key gone at the same moment: each is
+    refused (401), none trips over another forgetting the token first (a 500 before)."""
+    keys = SlowKeys(ring)
+    check = verifier(keys)
+    value = token(ring)
+    await check.verify(value)
+    keys.publish()  # the key is withdrawn
+    outcomes = await asyncio.gather(*(check.verify(value) for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(outcome, InvalidToken) for outcome in outcomes), outcomes
