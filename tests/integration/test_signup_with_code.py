@@ -154,9 +154,18 @@ async def test_signups_while_the_referral_service_restarts_all_arrive_once(clust
     accepted = sorted(user_id for _, status, user_id in results if status == 201)
     for email, status, _ in results:
         assert users_with(db, email) == (1 if status == 201 else 0)
+    # Each link is recorded exactly once: one row per accepted signup...
     await eventually(lambda: sorted(rid for rid, _ in referrals_in(db, owner.id)) == accepted)
-    firsts = [rid for rid, status in cluster.hop.link_answers if status == 201]
-    assert sorted(firsts) == accepted, "each link recorded exactly once"
+    # ...and the service never created one twice. Its first answer may be lost on the way (a delivery
+    # that timed out while the service stopped, after its commit): the retry then answers 200,
+    # "already recorded" (as in the lost-answer test below).
+    answers: dict[str, list[int]] = {rid: [] for rid in accepted}
+    for rid, status in cluster.hop.link_answers:
+        answers.setdefault(rid, []).append(status)
+    assert set(answers) == set(accepted), answers
+    for rid, statuses in answers.items():
+        assert statuses.count(201) <= 1, (rid, statuses)
+        assert {200, 201} & set(statuses), (rid, statuses)
     with db.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM auth.referral_outbox WHERE delivered_at IS NULL")
         assert cursor.fetchone() == (0,)
