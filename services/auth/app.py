@@ -157,9 +157,10 @@ def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
                 app[REDIS],
                 prefix=settings.redis_prefix,
                 limits=ThrottleLimits(
-                    per_account=settings.login_max_failures_per_account,
+                    per_account_address=settings.login_max_failures_per_account_address,
+                    account_address_window=settings.login_account_address_window,
                     per_address=settings.login_max_failures_per_address,
-                    window=settings.login_lockout_seconds,
+                    address_window=settings.login_address_window,
                 ),
                 registry=app[METRICS_REGISTRY],
             ),

@@ -49,10 +49,17 @@ class AuthSettings:
     hash_nice: int = setting(
         10, doc="nice value of the hashing threads (0-19): the event loop's thread is scheduled first"
     )
-    login_max_failures_per_account: int = setting(5, doc="failed logins per account before 429")
-    login_max_failures_per_address: int = setting(50, doc="failed logins per client address before 429")
-    login_lockout_seconds: int = setting(300, doc="how long failures are counted and a lockout lasts")
-    trusted_proxies: tuple[str, ...] = setting((), doc="addresses whose X-Forwarded-For is believed")
+    login_max_failures_per_account_address: int = setting(
+        5, doc="failed logins of one account from one client address before 429"
+    )
+    login_account_address_window: int = setting(
+        900, doc="seconds those failures count, from the first (and a lockout lasts at most)"
+    )
+    login_max_failures_per_address: int = setting(50, doc="failed logins from one client address before 429")
+    login_address_window: int = setting(300, doc="seconds those failures count, from the first")
+    trusted_proxies: tuple[str, ...] = setting(
+        ("127.0.0.1", "::1"), doc="proxies (addresses, networks) whose X-Forwarded-For is believed"
+    )
     cors_origins: tuple[str, ...] = setting((), doc="exact browser origins allowed by CORS; empty: CORS off")
     referral_service_url: str = setting("http://127.0.0.1:8082", doc="the referral service's own base URL")
     referral_audience: str = setting("referral-service", doc="aud of the tokens this service calls it with")
@@ -89,6 +96,12 @@ class AuthSettings:
             )
         if not 0 <= self.hash_nice <= 19:
             raise SettingsError(f"{PREFIX}HASH_NICE must be 0..19")
+        limits = (self.login_max_failures_per_account_address, self.login_max_failures_per_address)
+        windows = (self.login_account_address_window, self.login_address_window)
+        if min(limits) < 1 or not all(1 <= window <= 86400 for window in windows):
+            raise SettingsError(
+                f"{PREFIX}LOGIN_MAX_FAILURES_* must be at least 1 and the LOGIN_*_WINDOW 1..86400 seconds"
+            )
         check_shutdown(self.shutdown_drain, self.shutdown_timeout, PREFIX)
         if not 8 <= self.db_pool_max <= 500 or self.db_pool_min > self.db_pool_max:
             raise SettingsError(f"{PREFIX}DB_POOL_MAX must be 8..500 and at least {PREFIX}DB_POOL_MIN")

@@ -1,14 +1,21 @@
-"""Login throttling: failed logins counted per account and per client address, in Redis.
+"""Login throttling that nobody can turn against an account's owner: failures are counted per
+(account, client address) and per client address, never per account alone, in Redis.
 
-Each failure increments two counters that expire `window` seconds after the first failure. When
-either reaches its limit, `/token` answers 429 with `Retry-After` (the counter's remaining time)
-without checking the password. A successful login clears the account's counter (not the
-address's, so one good account cannot launder an address's guesses).
+Each attempt first reserves its place in both counters, atomically (one Lua script): when either is
+at its limit the attempt is refused with the seconds until that window ends, and nothing is counted.
+N guesses sent in parallel against a limit of L therefore let at most L through; a check followed by
+a separate increment would let all N through. A wrong password keeps its place (it is a failure); a
+right one gives back its place in the address's counter and clears the (account, address) counter;
+an attempt that ends in neither (the database failed) gives both back.
 
-When Redis cannot be reached, counting falls back to this process's memory with the same limits:
-each replica then throttles on its own, so an attacker gets at most (replicas x limit) guesses per
-window instead of the limit, and nobody is locked out by the outage. The fallback is logged and
-counted in `/metrics` (`auth_login_throttle_fallback_total`).
+Someone guessing from elsewhere fills only their own address's counters: the owner, from theirs,
+logs in as before. `clear(account)` forgets the account's counters at every address (a password
+reset): each account's counters are named with a generation that it increments.
+
+When Redis cannot be reached, counting falls back to this process's memory with the same rules:
+each replica then throttles on its own (at most replicas x limit guesses per window), and nobody is
+locked out by the outage. The fallback is logged and counted in `/metrics`
+(`auth_login_throttle_fallback_total`).
 """
 
 from __future__ import annotations
@@ -24,45 +31,89 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
+# KEYS: the (account, address) counter, the address counter. ARGV: their limits, then their windows.
+# Returns 0 when the attempt may go on (both counted), else the seconds until it may be tried again.
+_RESERVE = """
+local counts = {}
+for i = 1, 2 do
+    counts[i] = redis.call('INCR', KEYS[i])
+    if counts[i] == 1 then redis.call('EXPIRE', KEYS[i], ARGV[i + 2]) end
+end
+local wait = 0
+for i = 1, 2 do
+    if counts[i] > tonumber(ARGV[i]) then wait = math.max(wait, redis.call('TTL', KEYS[i]), 1) end
+end
+if wait > 0 then
+    for i = 1, 2 do redis.call('DECR', KEYS[i]) end
+end
+return wait
+"""
+# KEYS: counters to give one place back in (never below zero). ARGV[1] == "clear": delete the first.
+_GIVE_BACK = """
+for i, key in ipairs(KEYS) do
+    if i == 1 and ARGV[1] == 'clear' then
+        redis.call('DEL', key)
+    elseif tonumber(redis.call('GET', key) or '0') > 0 then
+        redis.call('DECR', key)
+    end
+end
+return 0
+"""
+
 
 @dataclass(frozen=True)
 class ThrottleLimits:
-    per_account: int
+    per_account_address: int
+    account_address_window: int
     per_address: int
-    window: int
+    address_window: int
 
 
 class _LocalCounters:
-    """In-memory fixed-window counters, used only while Redis is unreachable."""
+    """In-memory fixed-window counters, used only while Redis is unreachable (the same rules)."""
 
     def __init__(self) -> None:
         self._counts: dict[str, tuple[int, float]] = {}
 
-    def _prune(self, now: float) -> None:
+    def _live(self, key: str, now: float) -> tuple[int, float]:
+        count, expires = self._counts.get(key, (0, now))
+        return (0, now) if expires <= now else (count, expires)
+
+    def reserve(self, keys: tuple[str, str], limits: tuple[int, int], windows: tuple[int, int]) -> int:
+        now = time.monotonic()
         if len(self._counts) > 10_000:
             self._counts = {k: v for k, v in self._counts.items() if v[1] > now}
+        live = [self._live(key, now) for key in keys]
+        waits = [
+            max(1, int(expires - now + 0.999))
+            for (count, expires), limit in zip(live, limits, strict=True)
+            if count + 1 > limit
+        ]
+        if waits:
+            return max(waits)
+        for key, (count, expires), window in zip(keys, live, windows, strict=True):
+            self._counts[key] = (count + 1, expires if count else now + window)
+        return 0
 
-    def get(self, key: str) -> tuple[int, int]:
+    def give_back(self, keys: tuple[str, ...], *, clear_first: bool) -> None:
         now = time.monotonic()
-        count, expires = self._counts.get(key, (0, now))
-        if expires <= now:
-            return 0, 0
-        return count, max(1, int(expires - now + 0.999))
+        for i, key in enumerate(keys):
+            count, expires = self._live(key, now)
+            if i == 0 and clear_first:
+                self._counts.pop(key, None)
+            elif count > 0:
+                self._counts[key] = (count - 1, expires)
 
-    def incr(self, key: str, window: int) -> None:
-        now = time.monotonic()
-        self._prune(now)
-        count, expires = self._counts.get(key, (0, now))
-        if expires <= now:
-            count, expires = 0, now + window
-        self._counts[key] = (count + 1, expires)
+    def bump(self, key: str, window: int) -> None:
+        count, _ = self._live(key, time.monotonic())
+        self._counts[key] = (count + 1, time.monotonic() + window)
 
-    def delete(self, key: str) -> None:
-        self._counts.pop(key, None)
+    def get(self, key: str) -> int:
+        return self._live(key, time.monotonic())[0]
 
 
 class LoginThrottle:
-    """Checks and records failed logins; every method survives a Redis outage."""
+    """Reserves, keeps or gives back login attempts; every method survives a Redis outage."""
 
     def __init__(
         self, redis: Redis, *, prefix: str, limits: ThrottleLimits, registry: CollectorRegistry
@@ -71,63 +122,71 @@ class LoginThrottle:
         self._prefix = prefix
         self._limits = limits
         self._local = _LocalCounters()
+        self._reserve = redis.register_script(_RESERVE)
+        self._give_back = redis.register_script(_GIVE_BACK)
         self._fallbacks = Counter(
             "auth_login_throttle_fallback",
             "Throttle operations served from process memory because Redis failed",
             registry=registry,
         )
 
-    def _keys(self, account: str, address: str) -> tuple[str, str]:
-        digest = hashlib.sha256(account.strip().lower().encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        return f"{self._prefix}login-fail:account:{digest}", f"{self._prefix}login-fail:address:{address}"
+    def _account(self, account: str) -> str:
+        return hashlib.sha256(account.strip().lower().encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+    def _generation_key(self, account: str) -> str:
+        return f"{self._prefix}login-gen:{self._account(account)}"
+
+    async def _keys(self, account: str, address: str) -> tuple[str, str]:
+        """The (account, address) counter of the account's current generation, and the address counter."""
+        generation_key = self._generation_key(account)
+        try:
+            generation = int(await self._redis.get(generation_key) or 0)
+        except RedisError as error:
+            self._fallback(error)
+            generation = self._local.get(generation_key)
+        pair = f"{self._prefix}login-fail:pair:{self._account(account)}:{generation}:{address}"
+        return pair, f"{self._prefix}login-fail:address:{address}"
 
     def _fallback(self, error: RedisError) -> None:
         self._fallbacks.inc()
         log.warning("login throttle using process memory: redis failed (%s)", type(error).__name__)
 
-    async def retry_after(self, account: str, address: str) -> int | None:
-        """Seconds until another attempt is allowed, or None when the attempt may proceed."""
-        account_key, address_key = self._keys(account, address)
+    async def reserve(self, account: str, address: str) -> int | None:
+        """Count this attempt, or refuse it: None when it may go on, else seconds until it may."""
+        keys = await self._keys(account, address)
+        limits = (self._limits.per_account_address, self._limits.per_address)
+        windows = (self._limits.account_address_window, self._limits.address_window)
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.get(account_key)
-                pipe.ttl(account_key)
-                pipe.get(address_key)
-                pipe.ttl(address_key)
-                account_count, account_ttl, address_count, address_ttl = await pipe.execute()
-            counts = [
-                (int(account_count or 0), int(account_ttl)),
-                (int(address_count or 0), int(address_ttl)),
-            ]
+            wait = int(await self._reserve(keys=list(keys), args=[*limits, *windows]))
         except RedisError as error:
             self._fallback(error)
-            a_count, a_ttl = self._local.get(account_key)
-            b_count, b_ttl = self._local.get(address_key)
-            counts = [(a_count, a_ttl), (b_count, b_ttl)]
-        limits = (self._limits.per_account, self._limits.per_address)
-        waits = [max(ttl, 1) for (count, ttl), limit in zip(counts, limits, strict=True) if count >= limit]
-        return max(waits) if waits else None
+            wait = self._local.reserve(keys, limits, windows)
+        return wait or None
 
-    async def record_failure(self, account: str, address: str) -> None:
-        account_key, address_key = self._keys(account, address)
-        window = self._limits.window
+    async def succeeded(self, account: str, address: str) -> None:
+        """The right password: the (account, address) failures forgotten, the address's place given back."""
+        await self._return(account, address, clear_pair=True)
+
+    async def undecided(self, account: str, address: str) -> None:
+        """The attempt ended without a verdict on the password (an outage): both places given back."""
+        await self._return(account, address, clear_pair=False)
+
+    async def _return(self, account: str, address: str, *, clear_pair: bool) -> None:
+        keys = await self._keys(account, address)
+        try:
+            await self._give_back(keys=list(keys), args=["clear" if clear_pair else "keep"])
+        except RedisError as error:
+            self._fallback(error)
+            self._local.give_back(keys, clear_first=clear_pair)
+
+    async def clear(self, account: str) -> None:
+        """Forget the account's failures at every address (its counters start a new generation)."""
+        key, window = self._generation_key(account), self._limits.account_address_window
+        self._local.bump(key, window)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                for key in (account_key, address_key):
-                    # SET NX EX starts the window at the first failure; INCR keeps the TTL.
-                    # (EXPIRE NX would say the same, but needs Redis 7; embedded Redis is 6.2.)
-                    pipe.set(key, 0, ex=window, nx=True)
-                    pipe.incr(key)
+                pipe.incr(key)
+                pipe.expire(key, window)  # once its counters have expired, generation 0 is fresh again
                 await pipe.execute()
-        except RedisError as error:
-            self._fallback(error)
-            self._local.incr(account_key, window)
-            self._local.incr(address_key, window)
-
-    async def record_success(self, account: str, address: str) -> None:
-        account_key, _ = self._keys(account, address)
-        self._local.delete(account_key)
-        try:
-            await self._redis.delete(account_key)
         except RedisError as error:
             self._fallback(error)

@@ -50,7 +50,7 @@ SETTLE_TIMEOUT = 30.0
 # Bad passwords and unknown emails, besides the one account driven into its lockout (5 failures; 10
 # at most should the auth replicas count apart, in their Redis fallback).
 MAX_BAD_LOGINS = 6
-LOCKOUT_AFTER = 5  # AUTH_LOGIN_MAX_FAILURES_PER_ACCOUNT's default
+LOCKOUT_AFTER = 5  # AUTH_LOGIN_MAX_FAILURES_PER_ACCOUNT_ADDRESS's default (one address: the gateway's peer)
 MIN_USERS = 8
 
 pytestmark = pytest.mark.timeout(int(WALL_CLOCK) + 240)

@@ -189,20 +189,24 @@ class AuthService:
 
     async def password_grant(self, username: str, password: str, client_address: str) -> TokenPair:
         """RFC 6749 section 4.3; the same answer, in about the same time, for unknown and wrong."""
-        retry_after = await self.throttle.retry_after(username, client_address)
+        # The attempt is counted before the password is checked (a failure keeps its place).
+        retry_after = await self.throttle.reserve(username, client_address)
         if retry_after is not None:
             raise login_throttled(retry_after)
-        credentials = await self.users.credentials(username.strip())
-        if credentials is None or credentials.password_hash is None:
-            await self.hasher.verify_dummy(password)
-            await self.throttle.record_failure(username, client_address)
+        try:
+            credentials = await self.users.credentials(username.strip())
+            password_hash = credentials.password_hash if credentials is not None else None
+            if password_hash is None:
+                await self.hasher.verify_dummy(password)
+            right = password_hash is not None and await self.hasher.verify(password_hash, password)
+        except Exception:
+            await self.throttle.undecided(username, client_address)  # no verdict: nothing counted
+            raise
+        if credentials is None or password_hash is None or not right:
             raise invalid_grant(BAD_CREDENTIALS)
-        if not await self.hasher.verify(credentials.password_hash, password):
-            await self.throttle.record_failure(username, client_address)
-            raise invalid_grant(BAD_CREDENTIALS)
-        await self.throttle.record_success(username, client_address)
+        await self.throttle.succeeded(username, client_address)
         user = credentials.user
-        if self.hasher.needs_rehash(credentials.password_hash):
+        if self.hasher.needs_rehash(password_hash):
             await self.users.set_password_hash(user.id, await self.hasher.hash(password))
         return (await self.sign_in(user)).tokens
 
