@@ -4,9 +4,12 @@
 callback path). Each name's variables use it upper-cased with `-` turned into `_`:
 `AUTH_OAUTH_<NAME>_KIND` (`oidc`, the default, or `github`), `_ISSUER` (OpenID Connect: required),
 `_CLIENT_ID`, `_CLIENT_SECRET`, `_SCOPE`, `_TIMEOUT`, and for GitHub `_AUTHORIZE_URL`, `_TOKEN_URL`,
-`_API_URL` (GitHub Enterprise, tests). A listed provider without a client id or secret is not
-offered: it is skipped with a reason, logged at startup. A malformed value raises SettingsError
-naming the variable, so a typo never silently turns a provider off.
+`_API_URL` (GitHub Enterprise, tests). A listed provider without a client id (or, for GitHub, whose
+OAuth apps always have one, without a client secret) is not offered: it is skipped with a reason,
+logged at startup. An OpenID Connect provider without a client secret is a public client: it signs
+in with PKCE alone, which works only with a provider that offers the token endpoint authentication
+method `none` (logged at startup). A malformed value raises SettingsError naming the variable, so a
+typo never silently turns a provider off.
 """
 
 from __future__ import annotations
@@ -38,18 +41,26 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 @dataclass(frozen=True, kw_only=True)
 class OAuthProviderSettings:
-    """One usable sign-in provider. `issuer` is set for OpenID Connect, the three URLs for GitHub."""
+    """One usable sign-in provider. `issuer` is set for OpenID Connect, the three URLs for GitHub.
+
+    `client_secret` is None for a public client (OpenID Connect only); it never appears in a repr.
+    """
 
     name: str
     kind: ProviderKind
     client_id: str
-    client_secret: str = field(repr=False)
+    client_secret: str | None = field(default=None, repr=False)
     scope: str
     timeout: float = DEFAULT_TIMEOUT
     issuer: str | None = None
     authorize_url: str | None = None
     token_url: str | None = None
     api_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.client_secret == "":
+            # An empty secret would be sent as one; "no secret" is None, and means a public client.
+            raise ValueError("client_secret is None (a public client) or not empty")
 
     def redirect_uri(self, public_base_url: str, api_prefix: str = "/api/v1/auth") -> str:
         """The callback to register with the provider: base URL + `/api/v1/auth/oauth/<name>/callback`."""
@@ -79,7 +90,11 @@ class _ProviderVariables:
     kind: str = setting(OIDC, doc="oidc or github")
     issuer: str | None = setting(None, doc="OpenID Connect issuer URL (discovery is read from it)")
     client_id: str | None = setting(None, doc="client id registered with the provider")
-    client_secret: str | None = setting(None, doc="client secret registered with the provider")
+    client_secret: str | None = setting(
+        None,
+        sensitive=True,
+        doc="client secret registered with the provider (OpenID Connect: unset for a public client)",
+    )
     scope: str | None = setting(None, doc="scopes to ask for (default per kind)")
     timeout: float = setting(DEFAULT_TIMEOUT, doc="seconds one sign-in step may take at the provider")
     authorize_url: str | None = setting(None, doc="GitHub: authorization endpoint")
@@ -143,12 +158,12 @@ def _provider(name: str, environ: Mapping[str, str]) -> OAuthProviderSettings | 
         raise SettingsError(f"{prefix}SCOPE must include 'openid' for an OpenID Connect provider")
 
     client_id = (raw.client_id or "").strip()
-    client_secret = raw.client_secret or ""
-    missing = [
-        f"{prefix}{variable}"
-        for variable, value in (("CLIENT_ID", client_id), ("CLIENT_SECRET", client_secret))
-        if not value
-    ]
+    # Unset and empty are the same (compose passes `${VAR:-}`): no secret, a public client.
+    client_secret = raw.client_secret or None
+    required: list[tuple[str, str | None]] = [("CLIENT_ID", client_id)]
+    if kind == GITHUB:
+        required.append(("CLIENT_SECRET", client_secret))
+    missing = [f"{prefix}{variable}" for variable, value in required if not value]
     if missing:
         return SkippedProvider(name, f"{' and '.join(missing)} not set")
     if kind == OIDC:
@@ -193,8 +208,21 @@ def log_skipped(config: OAuthProvidersConfig) -> None:
         log.warning("sign-in provider %s is not offered: %s", skipped.name, skipped.reason)
 
 
+def log_public_clients(config: OAuthProvidersConfig) -> None:
+    """One line per provider configured without a client secret: a forgotten secret shows here."""
+    for provider in config.providers:
+        if provider.client_secret is None:
+            log.info(
+                "sign-in provider %s has no %sCLIENT_SECRET: it signs in as a public client (PKCE,"
+                " token endpoint authentication method none), which the provider must offer",
+                provider.name,
+                provider_prefix(provider.name),
+            )
+
+
 def load_oauth_providers(environ: Mapping[str, str]) -> tuple[OAuthProviderSettings, ...]:
-    """The usable providers; a skipped one is logged as a warning. SettingsError when malformed."""
+    """The usable providers (skipped ones and public clients logged). SettingsError when malformed."""
     config = read_oauth_providers(environ)
     log_skipped(config)
+    log_public_clients(config)
     return config.providers

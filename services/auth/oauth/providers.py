@@ -1,9 +1,11 @@
 """Sign-in providers: OpenID Connect (any issuer, via discovery) and GitHub (plain OAuth2).
 
 Both speak the authorization-code flow with PKCE S256 over the service's one aiohttp session; every
-call (`authorization_url`, `exchange`) runs under one deadline, the provider's `timeout`. Outcomes
-are a `ProviderIdentity` or a `ProviderError` whose reason is short and holds no secrets, codes or
-tokens: mapping it to an HTTP answer is the caller's business.
+call (`authorization_url`, `exchange`) runs under one deadline, the provider's `timeout`. At an
+OpenID Connect token endpoint the client authenticates by the method `choose_client_auth` picks
+from what discovery offers and whether a client secret is configured (none: a public client).
+Outcomes are a `ProviderIdentity` or a `ProviderError` whose reason is short and holds no secrets,
+codes or tokens: mapping it to an HTTP answer is the caller's business.
 """
 
 from __future__ import annotations
@@ -41,7 +43,16 @@ ID_TOKEN_ALGORITHMS = frozenset({"RS256", "ES256", "PS256"})
 CLOCK_LEEWAY = 60  # seconds of clock difference tolerated on exp / iat / nbf
 PKCE_VERIFIER_BYTES = 48  # 64 characters of base64url, within RFC 7636's 43..128
 _ERROR_CODE = re.compile(r"[a-z_]{1,64}")
-_CLIENT_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+
+# Token endpoint authentication methods (OpenID Connect Core 9, RFC 7591 2).
+AUTH_BASIC = "client_secret_basic"
+AUTH_POST = "client_secret_post"
+AUTH_NONE = "none"  # no client authentication: client_id in the form, the code bound by PKCE
+# OpenID Connect Discovery 1.0, section 3: an omitted token_endpoint_auth_methods_supported means this.
+DEFAULT_CLIENT_AUTH_METHODS = (AUTH_BASIC,)
+# With a client secret, in order of preference; `none` only when the provider offers neither.
+_SECRET_METHODS = (AUTH_BASIC, AUTH_POST)
+_SHOWN_METHODS = 6  # how many of the offered methods a refusal names
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +134,31 @@ async def _get_json(
 
 
 def _basic_auth(client_id: str, client_secret: str) -> str:
-    # RFC 6749 2.3.1: both parts form-urlencoded before they are joined and base64-encoded.
+    # RFC 6749 2.3.1: both parts form-urlencoded (UTF-8, then percent-encoded; `:` `+` `%` included)
+    # before they are joined and base64-encoded. A space goes as %20, not `+`: every form decoder
+    # reads %20 as a space, while servers that percent-decode only (authlib's) would read `+` as `+`.
     raw = f"{quote(client_id, safe='')}:{quote(client_secret, safe='')}".encode()
     return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+def client_authentication(
+    method: str, client_id: str, client_secret: str | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(form fields, headers) that authenticate the client at the token endpoint by `method`.
+
+    One method a request (RFC 6749 2.3): `client_secret_basic` sends the Authorization header only,
+    `client_secret_post` client_id and client_secret in the form, `none` client_id in the form and
+    never the secret.
+    """
+    if method == AUTH_NONE:
+        return {"client_id": client_id}, {}
+    if client_secret is None:
+        raise ProviderError(f"client authentication: {method} needs a client secret")
+    if method == AUTH_BASIC:
+        return {}, {"Authorization": _basic_auth(client_id, client_secret)}
+    if method == AUTH_POST:
+        return {"client_id": client_id, "client_secret": client_secret}, {}
+    raise ValueError(f"unsupported client authentication method {method!r}")
 
 
 async def _token_request(
@@ -197,8 +230,47 @@ def _required_endpoint(document: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def parse_metadata(document: Any, issuer: str) -> ProviderMetadata:
-    """Check a discovery document against the configured issuer; ProviderError when it cannot be used."""
+def _offered(methods: Sequence[Any]) -> str:
+    """The offered methods for a refusal's reason: only names that look like one (they are logged)."""
+    names = [m for m in methods if isinstance(m, str) and _ERROR_CODE.fullmatch(m)]
+    shown = ", ".join(names[:_SHOWN_METHODS]) + (", ..." if len(names) > _SHOWN_METHODS else "")
+    return shown or "nothing usable"
+
+
+def choose_client_auth(offered: Any, *, has_client_secret: bool) -> str:
+    """The token endpoint authentication method, from discovery's token_endpoint_auth_methods_supported.
+
+    Missing (or null) means `client_secret_basic` (OpenID Connect Discovery 1.0, section 3). With a
+    client secret: `client_secret_basic`, else `client_secret_post`, else `none` (the provider takes
+    only public clients, so the secret is not sent). Without one: `none` only. Methods this client
+    does not speak (private_key_jwt, tls_client_auth, ...) are ignored. ProviderError when none fits.
+    """
+    methods = DEFAULT_CLIENT_AUTH_METHODS if offered is None else offered
+    if not isinstance(methods, list | tuple):
+        raise ProviderError("discovery: token_endpoint_auth_methods_supported is not a list")
+    if has_client_secret:
+        for method in _SECRET_METHODS:
+            if method in methods:
+                return method
+    if AUTH_NONE in methods:
+        return AUTH_NONE
+    if not has_client_secret and any(method in methods for method in _SECRET_METHODS):
+        raise ProviderError(
+            "discovery: no client secret is configured and the provider does not accept public clients"
+            f" (token endpoint authentication method none); it offers {_offered(methods)}"
+        )
+    raise ProviderError(
+        "discovery: no supported client authentication method"
+        f" (client_secret_basic, client_secret_post or none); the provider offers {_offered(methods)}"
+    )
+
+
+def parse_metadata(document: Any, issuer: str, *, has_client_secret: bool) -> ProviderMetadata:
+    """Check a discovery document against the configured issuer; ProviderError when it cannot be used.
+
+    `has_client_secret` says whether a client secret is configured: it decides the client
+    authentication method (`choose_client_auth`).
+    """
     if not isinstance(document, Mapping):
         raise ProviderError("discovery: not a JSON object")
     if document.get("issuer") != issuer:
@@ -209,10 +281,9 @@ def parse_metadata(document: Any, issuer: str) -> ProviderMetadata:
     )
     if not algorithms:
         raise ProviderError("discovery: no supported ID token signing algorithm")
-    methods = document.get("token_endpoint_auth_methods_supported", ["client_secret_basic"])
-    usable = [m for m in _CLIENT_AUTH_METHODS if isinstance(methods, list) and m in methods]
-    if not usable:
-        raise ProviderError("discovery: no supported client authentication method")
+    client_auth = choose_client_auth(
+        document.get("token_endpoint_auth_methods_supported"), has_client_secret=has_client_secret
+    )
     return ProviderMetadata(
         issuer=issuer,
         authorization_endpoint=_required_endpoint(document, "authorization_endpoint"),
@@ -220,7 +291,7 @@ def parse_metadata(document: Any, issuer: str) -> ProviderMetadata:
         jwks_uri=_required_endpoint(document, "jwks_uri"),
         userinfo_endpoint=_endpoint(document, "userinfo_endpoint", required=False),
         algorithms=algorithms,
-        client_auth=usable[0],
+        client_auth=client_auth,
     )
 
 
@@ -363,7 +434,17 @@ class OIDCProvider:
         async with self._lock:
             if self._metadata is None or time.monotonic() - self._metadata_at >= self._metadata_max_age:
                 document = await _get_json(self._session, self.discovery_url, "discovery")
-                self._metadata = parse_metadata(document, self._issuer)
+                has_secret = self._settings.client_secret is not None
+                metadata = parse_metadata(document, self._issuer, has_client_secret=has_secret)
+                if has_secret and metadata.client_auth == AUTH_NONE:
+                    previous = self._metadata.client_auth if self._metadata is not None else None
+                    if previous != AUTH_NONE:  # once, not at every refresh
+                        log.warning(
+                            "sign-in provider %s accepts only public clients (token endpoint"
+                            " authentication method none): its configured client secret is not sent",
+                            self.name,
+                        )
+                self._metadata = metadata
                 self._metadata_at = time.monotonic()
             return self._metadata
 
@@ -398,11 +479,10 @@ class OIDCProvider:
             "redirect_uri": redirect_uri,
             "code_verifier": code_verifier,
         }
-        headers: dict[str, str] = {}
-        if metadata.client_auth == "client_secret_post":
-            form |= {"client_id": self._settings.client_id, "client_secret": self._settings.client_secret}
-        else:
-            headers["Authorization"] = _basic_auth(self._settings.client_id, self._settings.client_secret)
+        fields, headers = client_authentication(
+            metadata.client_auth, self._settings.client_id, self._settings.client_secret
+        )
+        form |= fields
         tokens = await _token_request(self._session, metadata.token_endpoint, form, headers=headers)
         id_token = tokens.get("id_token")
         if not isinstance(id_token, str) or not id_token:
@@ -488,7 +568,10 @@ class GitHubProvider:
         authorize_url, token_url, api_url = settings.authorize_url, settings.token_url, settings.api_url
         if settings.kind != GITHUB or not (authorize_url and token_url and api_url):
             raise ValueError("GitHubProvider needs a github provider with its URLs")
+        if settings.client_secret is None:
+            raise ValueError("GitHubProvider needs a client secret (GitHub OAuth apps always have one)")
         self._settings = settings
+        self._client_secret = settings.client_secret
         self._authorize_url = authorize_url
         self._token_url = token_url
         self._api = api_url.rstrip("/")
@@ -529,7 +612,7 @@ class GitHubProvider:
         form = {
             "grant_type": "authorization_code",
             "client_id": self._settings.client_id,
-            "client_secret": self._settings.client_secret,
+            "client_secret": self._client_secret,
             "code": code,
             "redirect_uri": redirect_uri,
             "code_verifier": code_verifier,

@@ -11,10 +11,11 @@ from services.auth.oauth.config import (
     OIDC,
     OAuthProviderSettings,
     SkippedProvider,
+    _ProviderVariables,
     load_oauth_providers,
     read_oauth_providers,
 )
-from shared.config import SettingsError
+from shared.config import SettingsError, load_settings
 
 GOOGLE = {
     "AUTH_OAUTH_GOOGLE_ISSUER": "https://accounts.google.com",
@@ -99,12 +100,55 @@ def test_a_provider_without_client_credentials_is_skipped_and_logged(caplog):
     assert "github is not offered: AUTH_OAUTH_GITHUB_CLIENT_SECRET not set" in caplog.text
 
 
-def test_an_oidc_provider_without_credentials_needs_no_issuer():
+def test_an_oidc_provider_without_a_client_id_needs_no_issuer():
     config = read_oauth_providers({"AUTH_OAUTH_PROVIDERS": "okta"})
     assert config.providers == ()
-    assert config.skipped == (
-        SkippedProvider("okta", "AUTH_OAUTH_OKTA_CLIENT_ID and AUTH_OAUTH_OKTA_CLIENT_SECRET not set"),
-    )
+    assert config.skipped == (SkippedProvider("okta", "AUTH_OAUTH_OKTA_CLIENT_ID not set"),)
+
+
+@pytest.mark.parametrize("secret", [None, ""], ids=["unset", "empty"])
+def test_an_oidc_provider_without_a_secret_is_a_public_client(caplog, secret):
+    """Unset and empty (compose passes `${VAR:-}`) alike: offered, no secret, and said so at startup."""
+    environ = {"AUTH_OAUTH_PROVIDERS": "google", **GOOGLE}
+    del environ["AUTH_OAUTH_GOOGLE_CLIENT_SECRET"]
+    if secret is not None:
+        environ["AUTH_OAUTH_GOOGLE_CLIENT_SECRET"] = secret
+    with caplog.at_level(logging.INFO, logger="services.auth.oauth.config"):
+        (google,) = load_oauth_providers(environ)
+    assert (google.name, google.client_id, google.client_secret) == ("google", "google-id", None)
+    assert "google has no AUTH_OAUTH_GOOGLE_CLIENT_SECRET: it signs in as a public client" in caplog.text
+
+
+def test_a_github_provider_still_needs_its_secret():
+    environ = {"AUTH_OAUTH_PROVIDERS": "github", **GH, "AUTH_OAUTH_GITHUB_CLIENT_SECRET": ""}
+    config = read_oauth_providers(environ)
+    assert config.providers == ()
+    assert config.skipped == (SkippedProvider("github", "AUTH_OAUTH_GITHUB_CLIENT_SECRET not set"),)
+
+
+def test_no_secret_in_a_repr_or_a_log(caplog):
+    environ = {
+        "AUTH_OAUTH_PROVIDERS": "google,github,okta",
+        **GOOGLE,
+        **GH,
+        "AUTH_OAUTH_GITHUB_CLIENT_SECRET": "github-secret-value",
+        "AUTH_OAUTH_OKTA_CLIENT_SECRET": "okta-secret-value",  # skipped: no client id
+    }
+    with caplog.at_level(logging.DEBUG):
+        config = read_oauth_providers(environ)
+        load_oauth_providers(environ)
+    # The raw variables as read, too: whatever prints them must not show the secret.
+    raw = load_settings(_ProviderVariables, "AUTH_OAUTH_GOOGLE_", environ)
+    shown = (repr(config), repr(raw), caplog.text)
+    assert "google-id" in shown[0] and "google-id" in shown[1]
+    for text in shown:
+        for secret in ("google-secret", "github-secret-value", "okta-secret-value"):
+            assert secret not in text
+
+
+def test_an_empty_secret_is_not_a_secret():
+    with pytest.raises(ValueError, match="client_secret"):
+        OAuthProviderSettings(name="x", kind=OIDC, client_id="id", client_secret="", scope="openid")
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,12 +16,33 @@ import pytest
 from aiohttp import web
 from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey, RSAKey
+from yarl import URL
 
 from services.auth.oauth.providers import OIDCProvider, ProviderError
-from tests.auth.oauth.helpers import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, oidc_settings
+from tests.auth.oauth.helpers import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, b64url, oidc_settings
 
 NONCE = "n-0S6_WzA2Mj"
 ACCESS_TOKEN = "fake-access-token"
+
+
+def client_auth_of(headers: Mapping[str, str], form: Mapping[str, str]) -> str:
+    """How a token request authenticated its client, as a provider sees it."""
+    authorization = headers.get("Authorization")
+    if authorization is not None:
+        return "client_secret_basic" if authorization.startswith("Basic ") else "unknown"
+    if "client_secret" in form:
+        return "client_secret_post"
+    return "none" if form.get("client_id") else "unknown"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What the fake's authorization endpoint issued a code for."""
+
+    client_id: str
+    redirect_uri: str
+    code_challenge: str
+    nonce: str
 
 
 @dataclass
@@ -41,16 +65,20 @@ class FakeOIDC:
     token_requests: list[tuple[dict[str, str], dict[str, str]]] = field(default_factory=list)
     jwks_fetches: int = 0
     userinfo_auth: list[str] = field(default_factory=list)
+    # The one client authentication method the token endpoint accepts (None: any), and the codes its
+    # authorization endpoint issued (their token requests must prove PKCE S256).
+    accepts: str | None = None
+    grants: dict[str, Grant] = field(default_factory=dict)
 
-    def id_token(self) -> str:
+    def id_token(self, nonce: str = NONCE, audience: str = CLIENT_ID) -> str:
         now = int(time.time())
         claims = {
             "iss": self.url,
             "sub": "subject-1",
-            "aud": CLIENT_ID,
+            "aud": audience,
             "iat": now,
             "exp": now + 300,
-            "nonce": NONCE,
+            "nonce": nonce,
             "email": "ec@example.com",
             "email_verified": True,
             **self.claims,
@@ -80,15 +108,43 @@ async def start_fake(aiohttp_server: Any, fake: FakeOIDC) -> FakeOIDC:
         keys = fake.published or [fake.key]
         return web.json_response({"keys": [key.as_dict(private=False) for key in keys]})
 
+    async def authorize(request: web.Request) -> web.Response:
+        """Consent given at once: back to the redirect URI with a code bound to the PKCE challenge."""
+        query = request.query
+        if query.get("code_challenge_method") != "S256" or not query.get("code_challenge"):
+            return web.json_response({"error": "invalid_request"}, status=400)
+        code = secrets.token_urlsafe(16)
+        fake.grants[code] = Grant(
+            query["client_id"], query["redirect_uri"], query["code_challenge"], query.get("nonce", "")
+        )
+        location = URL(query["redirect_uri"]).update_query(code=code, state=query["state"])
+        raise web.HTTPFound(location)
+
     async def token(request: web.Request) -> web.Response:
-        form = dict(await request.post())
-        fake.token_requests.append((dict(request.headers), {k: str(v) for k, v in form.items()}))
+        raw = await request.post()
+        form = {k: str(v) for k, v in raw.items()}
+        fake.token_requests.append((dict(request.headers), form))
         if fake.token_delay:
             await asyncio.sleep(fake.token_delay)
+        if fake.accepts is not None and client_auth_of(request.headers, form) != fake.accepts:
+            return web.json_response({"error": "invalid_client"}, status=401)
+        grant = fake.grants.pop(form.get("code", ""), None)
+        nonce, audience = NONCE, CLIENT_ID
+        if grant is not None:
+            verifier = form.get("code_verifier", "")
+            challenge = b64url(hashlib.sha256(verifier.encode("ascii")).digest())
+            client_id = form.get("client_id", grant.client_id)
+            if (challenge, form.get("redirect_uri"), client_id) != (
+                grant.code_challenge,
+                grant.redirect_uri,
+                grant.client_id,
+            ):
+                return web.json_response({"error": "invalid_grant"}, status=400)
+            nonce, audience = grant.nonce, grant.client_id
         body = fake.token_body or {
             "access_token": ACCESS_TOKEN,
             "token_type": "Bearer",
-            "id_token": fake.id_token(),
+            "id_token": fake.id_token(nonce, audience),
         }
         return web.json_response(body, status=fake.token_status)
 
@@ -99,6 +155,7 @@ async def start_fake(aiohttp_server: Any, fake: FakeOIDC) -> FakeOIDC:
     app = web.Application()
     app.router.add_get("/.well-known/openid-configuration", discovery)
     app.router.add_get("/jwks", jwks)
+    app.router.add_get("/authorize", authorize)
     app.router.add_post("/token", token)
     app.router.add_get("/userinfo", userinfo)
     server = await aiohttp_server(app)
@@ -112,8 +169,9 @@ async def fake(aiohttp_server) -> FakeOIDC:
 
 
 def provider_for(fake: FakeOIDC, session: Any, **options: Any) -> OIDCProvider:
+    settings = {key: options.pop(key) for key in ("client_id", "client_secret") if key in options}
     timeout = options.pop("timeout", 5.0)
-    return OIDCProvider(oidc_settings(fake.url, timeout=timeout), session, **options)
+    return OIDCProvider(oidc_settings(fake.url, timeout=timeout, **settings), session, **options)
 
 
 async def exchange(provider: OIDCProvider, nonce: str = NONCE) -> Any:

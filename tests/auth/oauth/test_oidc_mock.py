@@ -169,11 +169,14 @@ async def test_a_provider_that_stopped_fails_quickly(session, tmp_path):
 @dataclass
 class Forwarder:
     """Forwards every request to the provider, keeping the Host header, so the provider names its
-    endpoints and its issuer after the forwarder; token answers pass through `alter_id_token`."""
+    endpoints and its issuer after the forwarder; token answers pass through `alter_id_token`, the
+    discovery document takes `discovery_changes`, and token requests are kept (headers, form)."""
 
     upstream: str
     alter_id_token: Callable[[str], str] | None = None
+    discovery_changes: dict[str, Any] = field(default_factory=dict)
     seen_id_tokens: list[str] = field(default_factory=list)
+    token_requests: list[tuple[dict[str, str], dict[str, str]]] = field(default_factory=list)
     url: str = ""
 
 
@@ -190,6 +193,9 @@ async def start_forwarder(aiohttp_server: Any, forwarder: Forwarder) -> Forwarde
         headers = {
             k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "connection")
         }
+        if request.path == "/oauth2/token":
+            form = {k: str(v) for k, v in (await request.post()).items()}
+            forwarder.token_requests.append((dict(request.headers), form))
         async with request.app[CLIENT].request(
             request.method,
             URL(forwarder.upstream + request.path_qs, encoded=True),
@@ -206,6 +212,8 @@ async def start_forwarder(aiohttp_server: Any, forwarder: Forwarder) -> Forwarde
             if forwarder.alter_id_token is not None:
                 document["id_token"] = forwarder.alter_id_token(document["id_token"])
             body = json.dumps(document).encode()
+        if request.path == "/.well-known/openid-configuration" and status == 200:
+            body = json.dumps(json.loads(body) | forwarder.discovery_changes).encode()
         return web.Response(status=status, body=body, headers=passed)
 
     app = web.Application()
