@@ -367,7 +367,7 @@ def nginx_gateway(
 ) -> Process:
     """nginx rendered by deploy.nginx.render on `port` in front of the services' ports.
 
-    `limits` are `rate`/`burst` for every rate-limited zone (token, signup, lookup); `options` are
+    `limits` are `rate`/`burst` for every rate-limited zone (`render.ZONES`); `options` are
     further GatewayConfig fields. The rendered configuration is copied to `<log_dir>/<name>.conf`.
     """
     render = nginx_render()
@@ -376,7 +376,7 @@ def nginx_gateway(
         referral_upstreams=tuple(f"{HOST}:{p}" for p in referral),
         listen=f"{HOST}:{port}",
         max_body="64k",
-        **{f"{zone}_{key}": value for zone in ("token", "signup", "lookup") for key, value in limits.items()},
+        **{f"{zone}_{key}": value for zone in render.ZONES for key, value in limits.items()},
         **options,
     )
     runtime.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,14 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from deploy.local.embedded import EmbeddedServerError, start_postgres, start_redis
-from deploy.nginx.render import GatewayConfig, NginxConfigError, check_config, nginx_command, write_runtime
+from deploy.nginx.render import (
+    GatewayConfig,
+    NginxConfigError,
+    check_config,
+    check_trusted_proxies,
+    nginx_command,
+    write_runtime,
+)
 from services.auth.signing import generate_pem
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -175,6 +182,18 @@ def gateway_port(environ: Mapping[str, str]) -> int:
     return port
 
 
+def gateway_trusted_proxies(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """`GATEWAY_TRUSTED_PROXIES` from the launcher's environment: comma-separated networks of proxies in
+    front of the gateway, whose X-Forwarded-For nginx believes; none by default (the gateway is the edge)."""
+    raw = environ.get("GATEWAY_TRUSTED_PROXIES", "")
+    proxies = tuple(entry.strip() for entry in raw.split(",") if entry.strip())
+    try:
+        check_trusted_proxies(proxies)
+    except ValueError as error:
+        raise SystemExit(f"GATEWAY_TRUSTED_PROXIES: {error}") from None
+    return proxies
+
+
 def base_url(port: int) -> str:
     """`http://127.0.0.1:port`."""
     return f"http://{HOST}:{port}"
@@ -245,18 +264,20 @@ def gateway_kind(environ: Mapping[str, str]) -> GatewayKind:
     return "nginx"
 
 
-def gateway_config(port: int) -> GatewayConfig:
-    """The nginx gateway of `make run`: on 127.0.0.1:port, in front of the two local services."""
+def gateway_config(port: int, trusted_proxies: tuple[str, ...] = ()) -> GatewayConfig:
+    """The nginx gateway of `make run`: on 127.0.0.1:port, in front of the two local services, believing
+    the X-Forwarded-For of `trusted_proxies` (see gateway_trusted_proxies)."""
     return GatewayConfig(
         auth_upstreams=(f"{HOST}:{AUTH_PORT}",),
         referral_upstreams=(f"{HOST}:{REFERRAL_PORT}",),
         listen=f"{HOST}:{port}",
+        trusted_proxies=trusted_proxies,
     )
 
 
-def prepare_nginx(port: int, runtime_dir: Path = GATEWAY_DIR) -> Path:
+def prepare_nginx(port: int, runtime_dir: Path = GATEWAY_DIR, trusted_proxies: tuple[str, ...] = ()) -> Path:
     """Render nginx.conf into `runtime_dir`, have nginx check it (NginxConfigError if refused); its path."""
-    conf = write_runtime(gateway_config(port), runtime_dir)
+    conf = write_runtime(gateway_config(port, trusted_proxies), runtime_dir)
     check_config(conf)
     return conf
 
@@ -428,6 +449,7 @@ def run(stop: StopRequest) -> int:
     """Start everything, serve until a stop request or a child's exit, stop everything; the exit code."""
     environ = os.environ
     port = gateway_port(environ)
+    trusted_proxies = gateway_trusted_proxies(environ)
     busy = [number for number in (port, AUTH_PORT, REFERRAL_PORT) if port_in_use(number)]
     if busy:
         listed = ", ".join(str(number) for number in busy)
@@ -438,13 +460,15 @@ def run(stop: StopRequest) -> int:
     kind = gateway_kind(environ)
     if kind == "nginx":
         try:
-            conf = prepare_nginx(port)
+            conf = prepare_nginx(port, trusted_proxies=trusted_proxies)
         except NginxConfigError as error:
             say(f"nginx refused the gateway's configuration (GATEWAY=python runs the Python one):\n{error}")
             return 1
         say(f"Gateway: nginx, configuration {conf}")
     else:
         say("Gateway: the Python dev gateway (deploy/local/gateway.py)")
+        if trusted_proxies:
+            say("GATEWAY_TRUSTED_PROXIES ignored: the Python dev gateway forwards its peer's address only.")
     with contextlib.ExitStack() as stack:  # unwinds in reverse: services first, then embedded servers
         try:
             database_url, redis_url = backing_stores(stack, environ)

@@ -3,13 +3,16 @@
 `render(GatewayConfig(...))` gives the whole configuration as text; `write_runtime` writes it into a
 runtime directory (pid and temporary files go there too) for a foreground nginx started with
 `nginx_command`, as any user; `check_config` runs `nginx -t` on it. `python -m deploy.nginx.render`
-rewrites the committed `nginx.compose.conf` (the containers' configuration) from `COMPOSE`.
+rewrites the committed configurations: `nginx.compose.conf` (docker compose) from `COMPOSE` and
+`deploy/k8s/gateway/nginx.conf` (the Kubernetes ConfigMap) from `K8S`.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
+import ipaddress
 import json
 import math
 import os
@@ -24,6 +27,7 @@ from shared.openapi import swagger_page  # the Swagger UI page the services serv
 
 TEMPLATE = Path(__file__).with_name("nginx.conf.template")
 COMPOSE_CONF = Path(__file__).with_name("nginx.compose.conf")
+K8S_CONF = Path(__file__).resolve().parents[1] / "k8s" / "gateway" / "nginx.conf"
 CONF_NAME = "nginx.conf"
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 CONTAINER_RUNTIME_DIR = "/tmp"  # noqa: S108 (the containers' own writable directory)
@@ -38,6 +42,9 @@ _LISTEN = re.compile(r"(?:(\[[0-9A-Fa-f:.]+\]|\*|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-
 _SIZE = re.compile(r"[0-9]+[kKmMgG]?")
 _RATE = re.compile(r"([1-9][0-9]*)r/([sm])")
 _LOG_PATH = re.compile(r"/[A-Za-z0-9._/-]+")
+# An address or network, in characters nginx reads as one (ip_network also takes an IPv6 scope, %eth0).
+_NETWORK = re.compile(r"[0-9A-Fa-f:.]+(?:/[0-9]{1,3})?")
+ZONES = ("token", "signup", "lookup", "signin", "mail")  # the rate-limit zones: {zone}_rate, {zone}_burst
 
 
 class NginxConfigError(RuntimeError):
@@ -58,6 +65,13 @@ class GatewayConfig:
     signup_burst: int = 10
     lookup_rate: str = "20r/s"  # GET /api/v1/referral/codes?email=
     lookup_burst: int = 40
+    signin_rate: str = "10r/m"  # GET /api/v1/auth/oauth/{provider}/authorize
+    signin_burst: int = 10
+    mail_rate: str = "5r/m"  # POST /api/v1/auth/password/forgot and /email/verification, one budget
+    mail_burst: int = 5
+    # Networks of the proxies in front of the gateway ("10.0.0.0/8", "::1", ...): from those, the
+    # client address is taken from X-Forwarded-For. Empty: the gateway is the edge.
+    trusted_proxies: tuple[str, ...] = ()
     proxy_timeout: int = 30  # seconds to send to / read from an upstream (connect: at most 5 s)
     # Seconds an idle upstream connection is kept: below the services' SHUTDOWN_DRAIN (5 s by default).
     upstream_keepalive_timeout: int = 3
@@ -79,13 +93,14 @@ class GatewayConfig:
                 raise ValueError(f"{name} is [address:]port, got {value!r}")
         if not _SIZE.fullmatch(self.max_body):
             raise ValueError(f"max_body is a size such as 64k or 1m, got {self.max_body!r}")
-        for name in ("token", "signup", "lookup"):
+        for name in ZONES:
             rate = getattr(self, f"{name}_rate")
             if not _RATE.fullmatch(rate):
                 raise ValueError(f"{name}_rate is N r/s or N r/m, such as 10r/s, got {rate!r}")
             _check_integer(f"{name}_burst", getattr(self, f"{name}_burst"), minimum=0)
         for name in ("proxy_timeout", "upstream_keepalive_timeout", "upstream_fail_timeout"):
             _check_integer(name, getattr(self, name), minimum=1)
+        check_trusted_proxies(self.trusted_proxies)
         if self.access_log != "off" and not _LOG_PATH.fullmatch(self.access_log):
             raise ValueError(f"access_log is an absolute path or 'off', got {self.access_log!r}")
         if self.error_log != "stderr" and not _LOG_PATH.fullmatch(self.error_log):
@@ -100,15 +115,36 @@ def _check_upstreams(name: str, upstreams: object) -> None:
             raise ValueError(f"an upstream is host:port or unix:/path, got {upstream!r}")
 
 
+def check_trusted_proxies(proxies: object) -> None:
+    """Raise ValueError, naming the bad entry, unless `proxies` is a tuple of IP networks or addresses."""
+    if not isinstance(proxies, tuple):
+        raise ValueError(f"trusted_proxies must be a tuple of networks such as 10.0.0.0/8, got {proxies!r}")
+    for proxy in proxies:
+        bad = f"a trusted proxy is an IP network such as 10.0.0.0/8 or an address, got {proxy!r}"
+        if not isinstance(proxy, str) or not _NETWORK.fullmatch(proxy):
+            raise ValueError(bad)
+        try:
+            ipaddress.ip_network(proxy)  # strict: 10.0.0.1/8 is refused (which network was meant?)
+        except ValueError as error:
+            raise ValueError(f"{bad}: {error}") from error
+
+
 def _check_integer(name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}")
 
 
 # The containers' gateway (docker-compose): `nginx.compose.conf` is render(COMPOSE), kept by a test.
+# Compose publishes it directly: it is the edge.
 COMPOSE = GatewayConfig(
     auth_upstreams=("auth:8081",), referral_upstreams=("referral:8082",), listen="0.0.0.0:8080"
 )
+# The Kubernetes gateway (`deploy/k8s/gateway/nginx.conf` is render(K8S), kept by a test): the same,
+# behind the Ingress controller, whose X-Forwarded-For it believes. Here any private address, like the
+# services' *_TRUSTED_PROXIES in the base: an overlay should narrow it to the ingress controller's pod
+# network (its own nginx.conf, rendered from `dataclasses.replace(K8S, trusted_proxies=...)`, in place
+# of the `gateway-nginx` ConfigMap), else any pod that reaches the gateway can claim any address.
+K8S = dataclasses.replace(COMPOSE, trusted_proxies=("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +321,15 @@ def _retry_after(rate: str) -> int:
     return max(1, math.ceil(1 / per_second))
 
 
+def _real_ip(config: GatewayConfig) -> str:
+    """The realip directives for the trusted proxies; a comment saying there are none otherwise."""
+    if not config.trusted_proxies:
+        return "    # (no trusted proxy)"
+    lines = [f"set_real_ip_from {proxy};" for proxy in config.trusted_proxies]
+    lines += ["real_ip_header X-Forwarded-For;", "real_ip_recursive on;"]
+    return _indent(lines, 4)
+
+
 def _servers(config: GatewayConfig, upstreams: tuple[str, ...]) -> list[str]:
     return [
         f"server {server} max_fails=1 fail_timeout={config.upstream_fail_timeout}s;" for server in upstreams
@@ -343,15 +388,7 @@ def render(config: GatewayConfig, *, runtime_dir: str | None = None) -> str:
         "temp": temp,
         "access_log": "off" if config.access_log == "off" else f"{config.access_log} gateway",
         "max_body": config.max_body,
-        "token_rate": config.token_rate,
-        "signup_rate": config.signup_rate,
-        "lookup_rate": config.lookup_rate,
-        "token_limit": _limit("token", config.token_burst),
-        "signup_limit": _limit("signup", config.signup_burst),
-        "lookup_limit": _limit("lookup", config.lookup_burst),
-        "token_retry_after": str(_retry_after(config.token_rate)),
-        "signup_retry_after": str(_retry_after(config.signup_rate)),
-        "lookup_retry_after": str(_retry_after(config.lookup_rate)),
+        "real_ip": _real_ip(config),
         "auth_servers": _indent(_servers(config, config.auth_upstreams), 8),
         "referral_servers": _indent(_servers(config, config.referral_upstreams), 8),
         "upstream_keepalive_timeout": str(config.upstream_keepalive_timeout),
@@ -364,6 +401,11 @@ def render(config: GatewayConfig, *, runtime_dir: str | None = None) -> str:
         "error_pages": _indent(error_pages, 8),
         "problem_locations": _indent([line for p in problems for line in _problem_location(p)][:-1], 8),
     }
+    for zone in ZONES:
+        rate = getattr(config, f"{zone}_rate")
+        values[f"{zone}_rate"] = rate
+        values[f"{zone}_limit"] = _limit(zone, getattr(config, f"{zone}_burst"))
+        values[f"{zone}_retry_after"] = str(_retry_after(rate))
     return _Template(TEMPLATE.read_text(encoding="utf-8")).substitute(values)
 
 
@@ -401,9 +443,10 @@ def check_config(conf: Path) -> None:
 
 
 def main() -> int:
-    """Rewrite nginx.compose.conf from COMPOSE (run after changing the template)."""
-    COMPOSE_CONF.write_text(render(COMPOSE), encoding="utf-8")
-    print(f"wrote {COMPOSE_CONF}")
+    """Rewrite the committed configurations from COMPOSE and K8S (run after changing the template)."""
+    for config, path in ((COMPOSE, COMPOSE_CONF), (K8S, K8S_CONF)):
+        path.write_text(render(config), encoding="utf-8")
+        print(f"wrote {path}")
     return 0
 
 

@@ -36,6 +36,34 @@ def test_gateway_port_refuses(raw: str) -> None:
         run.gateway_port({"PORT": raw})
 
 
+def test_gateway_trusted_proxies() -> None:
+    assert run.gateway_trusted_proxies({}) == ()  # the gateway is the edge
+    assert run.gateway_trusted_proxies({"GATEWAY_TRUSTED_PROXIES": " "}) == ()
+    assert run.gateway_trusted_proxies(
+        {"GATEWAY_TRUSTED_PROXIES": " 10.0.0.0/8, 192.168.0.0/16 ,,::1,127.0.0.1"}
+    ) == ("10.0.0.0/8", "192.168.0.0/16", "::1", "127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    "raw", ["proxy.example.com", "10.0.0.1/8", "10.0.0.0/33", "10.0.0.0/8 192.168.0.0/16", "10.0.0.0/8;x"]
+)
+def test_gateway_trusted_proxies_refuses(raw: str) -> None:
+    with pytest.raises(SystemExit, match=r"^GATEWAY_TRUSTED_PROXIES: ") as refused:
+        run.gateway_trusted_proxies({"GATEWAY_TRUSTED_PROXIES": f"127.0.0.1,{raw}"})
+    message = str(refused.value.code)
+    assert "\n" not in message  # one line, like the launcher's other refusals
+    assert repr(raw) in message
+
+
+def test_make_run_stops_on_malformed_trusted_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before it checks a port or starts anything."""
+    monkeypatch.delenv("PORT", raising=False)
+    monkeypatch.setenv("GATEWAY_TRUSTED_PROXIES", "10.0.0.0/8,nope")
+    monkeypatch.setattr(run, "port_in_use", lambda port: pytest.fail("went on past the bad setting"))
+    with pytest.raises(SystemExit, match=r"GATEWAY_TRUSTED_PROXIES: .*'nope'"):
+        run.run(run.StopRequest())
+
+
 def test_auth_env() -> None:
     auth, _ = envs({"HOME": "/home/dev", "AUTH_PORT": "1", "AUTH_ENV": "production"})
     assert auth["HOME"] == "/home/dev"  # the launcher's own environment is kept
@@ -157,6 +185,8 @@ def test_gateway_config() -> None:
     assert config.listen == "127.0.0.1:9000"
     assert config.auth_upstreams == ("127.0.0.1:8081",)
     assert config.referral_upstreams == ("127.0.0.1:8082",)
+    assert config.trusted_proxies == ()
+    assert run.gateway_config(9000, ("10.0.0.0/8",)).trusted_proxies == ("10.0.0.0/8",)
 
 
 def test_prepare_nginx_renders_and_checks(tmp_path: Path) -> None:
@@ -166,6 +196,10 @@ def test_prepare_nginx_renders_and_checks(tmp_path: Path) -> None:
     assert "listen 127.0.0.1:9000;" in text
     assert "server 127.0.0.1:8081 " in text
     assert "server 127.0.0.1:8082 " in text
+    assert "real_ip" not in text
+    behind = run.prepare_nginx(9000, tmp_path / "behind", trusted_proxies=("10.0.0.0/8", "::1")).read_text()
+    assert "set_real_ip_from 10.0.0.0/8;" in behind
+    assert "set_real_ip_from ::1;" in behind
 
 
 @pytest.fixture

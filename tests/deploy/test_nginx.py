@@ -5,6 +5,7 @@ upstream aiohttp servers that record what they receive. nginx must be installed:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -30,6 +31,8 @@ from deploy.nginx.render import (
     COMPOSE,
     COMPOSE_CONF,
     DOCS_PREFIXES,
+    K8S,
+    K8S_CONF,
     GatewayConfig,
     NginxConfigError,
     check_config,
@@ -262,27 +265,52 @@ def test_the_compose_configuration_is_the_rendered_one() -> None:
         assert line in text
     assert "user " not in text.split("events")[0]
     assert text.count("location /internal/") == 1, "no service-to-service listener unless asked for"
+    assert "real_ip" not in text, "compose publishes the gateway: it is the edge, no proxy is trusted"
 
 
-def test_nginx_accepts_the_local_and_the_compose_configurations(tmp_path: Path) -> None:
-    local = GatewayConfig(auth_upstreams=("127.0.0.1:8081",), referral_upstreams=("127.0.0.1:8082",))
+def test_the_kubernetes_configuration_is_the_rendered_one() -> None:
+    """The Ingress controller is in front of the Kubernetes gateway: its X-Forwarded-For is believed."""
+    private = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+    assert dataclasses.replace(COMPOSE, trusted_proxies=private) == K8S
+    text = K8S_CONF.read_text(encoding="utf-8")
+    assert text == render(K8S), "run `python -m deploy.nginx.render` after changing the template"
+    realip = [line.strip() for line in text.splitlines() if "real_ip" in line and "#" not in line]
+    assert realip == [
+        "set_real_ip_from 10.0.0.0/8;",
+        "set_real_ip_from 172.16.0.0/12;",
+        "set_real_ip_from 192.168.0.0/16;",
+        "real_ip_header X-Forwarded-For;",
+        "real_ip_recursive on;",
+    ]
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in text  # the client alone, never the chain
+
+
+@pytest.mark.parametrize("committed", [COMPOSE_CONF, K8S_CONF], ids=["compose", "k8s"])
+def test_nginx_accepts_the_local_and_the_committed_configurations(tmp_path: Path, committed: Path) -> None:
+    local = GatewayConfig(
+        auth_upstreams=("127.0.0.1:8081",), referral_upstreams=("127.0.0.1:8082",), trusted_proxies=("::1",)
+    )
     check_config(write_runtime(local, tmp_path / "local"))
-    # The compose names resolve only inside compose's network (nginx resolves them at start): the same
-    # file with them pointed at loopback.
-    compose = COMPOSE_CONF.read_text(encoding="utf-8")
-    assert compose.count("server auth:8081 ") == 1
-    assert compose.count("server referral:8082 ") == 1
-    compose = compose.replace("server auth:8081 ", "server 127.0.0.1:8081 ")
-    compose = compose.replace("server referral:8082 ", "server 127.0.0.1:8082 ")
-    path = tmp_path / "compose" / "nginx.conf"
+    # The compose names resolve only inside compose's network (nginx resolves them at start), the
+    # Kubernetes ones inside the cluster: the same file with them pointed at loopback.
+    text = committed.read_text(encoding="utf-8")
+    assert text.count("server auth:8081 ") == 1
+    assert text.count("server referral:8082 ") == 1
+    text = text.replace("server auth:8081 ", "server 127.0.0.1:8081 ")
+    text = text.replace("server referral:8082 ", "server 127.0.0.1:8082 ")
+    path = tmp_path / "committed" / "nginx.conf"
     path.parent.mkdir()
-    path.write_text(compose, encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     check_config(path)
 
 
 def test_a_burst_of_zero_is_no_burst(tmp_path: Path) -> None:
     config = GatewayConfig(
-        auth_upstreams=("127.0.0.1:1",), referral_upstreams=("127.0.0.1:2",), token_burst=0, lookup_burst=0
+        auth_upstreams=("127.0.0.1:1",),
+        referral_upstreams=("127.0.0.1:2",),
+        token_burst=0,
+        lookup_burst=0,
+        signin_burst=0,
     )
     conf = write_runtime(config, tmp_path)
     check_config(conf)  # nginx itself refuses `burst=0`
@@ -290,6 +318,8 @@ def test_a_burst_of_zero_is_no_burst(tmp_path: Path) -> None:
     assert "limit_req zone=token nodelay;" in text
     assert "limit_req zone=signup burst=10 nodelay;" in text
     assert "limit_req zone=lookup nodelay;" in text
+    assert "limit_req zone=signin nodelay;" in text
+    assert text.count("limit_req zone=mail burst=5 nodelay;") == 2
 
 
 def test_check_config_raises_with_nginx_s_message(tmp_path: Path) -> None:
@@ -335,11 +365,26 @@ def test_retry_after_follows_the_rates() -> None:
         token_rate="1r/m",
         signup_rate="30r/m",
         lookup_rate="3r/s",
+        signin_rate="4r/m",
+        mail_rate="7r/m",
     )
     text = render(config)
     assert "/api/v1/auth/token 60;" in text
     assert "/api/v1/auth/signup 2;" in text
     assert "/api/v1/referral/codes 1;" in text
+    assert '"~^/api/v1/auth/oauth/[^/]+/authorize$" 15;' in text
+    assert "/api/v1/auth/password/forgot 9;" in text
+    assert "/api/v1/auth/email/verification 9;" in text
+
+
+def test_trusted_proxies_are_addresses_or_networks() -> None:
+    proxies = ("10.0.0.0/8", "127.0.0.1", "::1", "2001:db8::/32", "0.0.0.0/0")
+    text = render(
+        GatewayConfig(auth_upstreams=("a:1",), referral_upstreams=("b:2",), trusted_proxies=proxies)
+    )
+    for proxy in proxies:
+        assert f"    set_real_ip_from {proxy};\n" in text
+    assert text.count("real_ip_header X-Forwarded-For;") == 1
 
 
 @pytest.mark.parametrize(
@@ -353,6 +398,17 @@ def test_retry_after_follows_the_rates() -> None:
         {"max_body": "lots"},
         {"token_rate": "10r/h"},
         {"signup_burst": -1},
+        {"signin_rate": "1r/h"},
+        {"mail_burst": -1},
+        {"trusted_proxies": "10.0.0.0/8"},
+        {"trusted_proxies": ["10.0.0.0/8"]},
+        {"trusted_proxies": ("",)},
+        {"trusted_proxies": ("proxy.example.com",)},
+        {"trusted_proxies": ("10.0.0.1/8",)},
+        {"trusted_proxies": ("10.0.0.0/33",)},
+        {"trusted_proxies": ("fe80::1%eth0",)},
+        {"trusted_proxies": ("10.0.0.0/8; include /etc/passwd",)},
+        {"trusted_proxies": ("10.0.0.0/8", 7)},
         {"proxy_timeout": 0},
         {"upstream_keepalive_timeout": 0},
         {"upstream_fail_timeout": 1.5},
@@ -533,6 +589,10 @@ async def test_the_internal_listener_fails_over_like_the_public_one(
         f"{AUTH}/%2e/token",
         f"{AUTH}/x/..",
         f"{AUTH}/x/..?q=1",
+        f"{AUTH}/oauth/./google/authorize",
+        f"{AUTH}/oauth/google/%2e%2e/google/authorize",
+        f"{AUTH}/password/../password/forgot",
+        f"{AUTH}/email/%2E/verification",
     ],
 )
 async def test_internal_paths_are_never_exposed(
@@ -713,6 +773,202 @@ async def test_rate_limits(upstream: Upstreams, gateway: Gateway, session: Sessi
             assert response.status == 200
     assert auth.calls.count(f"{AUTH}/token") == 2
     assert auth.calls.count(f"{AUTH}/signup") == 2
+
+
+@contextlib.asynccontextmanager
+async def client_from(address: str) -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client (as `session`) whose connections come from `address`: all of 127.0.0.0/8 is
+    loopback on Linux, so each address is another client (or proxy) as nginx sees it."""
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(local_addr=(address, 0)),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+    ) as client:
+        yield client
+
+
+def config_default(name: str) -> Any:
+    return next(field.default for field in dataclasses.fields(GatewayConfig) if field.name == name)
+
+
+def access_lines(path: Path) -> list[dict[str, Any]]:
+    """The gateway's access log lines, but the fixture's own /healthz probes."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [line for line in lines if line["path"] != "/healthz"]
+
+
+async def logged(path: Path, count: int) -> list[dict[str, Any]]:
+    """The access log once it has `count` lines: nginx writes a line after it has sent the answer."""
+    deadline = time.monotonic() + 5
+    while len(lines := access_lines(path)) < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return lines
+
+
+def seconds_between(rate: str) -> int:
+    """One interval of an nginx rate (`10r/m`: 6), whole seconds, at least 1."""
+    match = re.fullmatch(r"([0-9]+)r/([sm])", rate)
+    assert match is not None, rate
+    return max(1, -(-(60 if match.group(2) == "m" else 1) // int(match.group(1))))
+
+
+async def test_without_trusted_proxies_a_client_sent_x_forwarded_for_changes_nothing(
+    upstream: Upstreams, gateway: Gateway, tmp_path: Path
+) -> None:
+    """The default: the gateway is the edge. Neither the address sent upstream nor the rate-limit key
+    comes from the client's X-Forwarded-For."""
+    auth = await upstream("auth")
+    access_log = tmp_path / "access.log"
+    base = await gateway([auth.address], token_rate="1r/m", token_burst=1, access_log=str(access_log))
+    async with client_from("127.0.0.2") as client:
+        async with client.get(at(base, f"{AUTH}/x"), headers={"X-Forwarded-For": "203.0.113.9"}) as response:
+            seen = await response.json()
+        assert header_values(seen, "X-Forwarded-For") == ["127.0.0.2"]
+        for forwarded in ("203.0.113.9", "203.0.113.10", "203.0.113.11"):
+            async with client.post(
+                at(base, f"{AUTH}/token"), headers={"X-Forwarded-For": forwarded}
+            ) as response:
+                if forwarded == "203.0.113.11":  # a third "client", but the same peer: its budget is spent
+                    await assert_problem(response, 429, "too_many_requests")
+                else:
+                    assert response.status == 200
+    async with client_from("127.0.0.3") as other, other.post(at(base, f"{AUTH}/token")) as response:
+        assert response.status == 200  # another peer has its own budget
+    assert {line["remote"] for line in await logged(access_log, 5)} == {"127.0.0.2", "127.0.0.3"}
+
+
+async def test_behind_trusted_proxies_the_client_is_the_address_they_saw(
+    upstream: Upstreams, gateway: Gateway, tmp_path: Path
+) -> None:
+    auth = await upstream("auth")
+    access_log = tmp_path / "access.log"
+    base = await gateway(
+        [auth.address],
+        token_rate="1r/m",
+        token_burst=1,
+        trusted_proxies=("127.0.0.2/32",),
+        access_log=str(access_log),
+    )
+
+    async def forwarded(client: aiohttp.ClientSession, chain: str | None) -> list[str]:
+        """The X-Forwarded-For the upstream got for a request carrying `chain`."""
+        headers = {} if chain is None else {"X-Forwarded-For": chain}
+        async with client.get(at(base, f"{AUTH}/x"), headers=headers) as response:
+            return header_values(await response.json(), "X-Forwarded-For")
+
+    async def token(client: aiohttp.ClientSession, chain: str) -> int:
+        async with client.post(at(base, f"{AUTH}/token"), headers={"X-Forwarded-For": chain}) as response:
+            if response.status == 429:
+                await assert_problem(response, 429, "too_many_requests")
+            return response.status
+
+    async with client_from("127.0.0.2") as proxy, client_from("127.0.0.3") as stranger:
+        # Upstream, the client's address alone: the one the trusted proxy saw (the last it appended).
+        assert await forwarded(proxy, "203.0.113.7") == ["203.0.113.7"]
+        assert await forwarded(proxy, "203.0.113.8") == ["203.0.113.8"]
+        assert await forwarded(proxy, "198.51.100.1, 203.0.113.7") == ["203.0.113.7"]
+        assert await forwarded(proxy, None) == ["127.0.0.2"]  # nothing forwarded: the proxy is the client
+        assert await forwarded(stranger, "203.0.113.7") == ["127.0.0.3"]  # not trusted: the peer
+        # Each client behind the proxy has its own budget.
+        assert [await token(proxy, "203.0.113.7") for _ in range(3)] == [200, 200, 429]
+        assert await token(proxy, "203.0.113.8") == 200
+        assert await token(proxy, "198.51.100.1, 203.0.113.7") == 429  # the same client as before
+        assert await token(proxy, "203.0.113.7, 198.51.100.1") == 200  # here 198.51.100.1 is the client
+        # An untrusted peer is keyed by its own address, whatever it claims.
+        assert [await token(stranger, f"203.0.113.{n}") for n in (20, 21, 22)] == [200, 200, 429]
+        assert await token(proxy, "203.0.113.22") == 200
+    # The access log has the client address too (each line, once nginx has written it).
+    remotes = sorted(line["remote"] for line in await logged(access_log, 15))
+    assert remotes == sorted(
+        ["203.0.113.7"] * 6
+        + ["203.0.113.8"] * 2
+        + ["127.0.0.2", "198.51.100.1", "203.0.113.22"]
+        + ["127.0.0.3"] * 4
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "zone"),
+    [
+        ("GET", f"{AUTH}/oauth/google/authorize?referral_code=ABC", "signin"),
+        ("POST", f"{AUTH}/password/forgot", "mail"),
+        ("POST", f"{AUTH}/email/verification", "mail"),
+    ],
+)
+async def test_sign_in_and_mail_endpoints_are_rate_limited_per_client_address(
+    upstream: Upstreams, gateway: Gateway, method: str, target: str, zone: str
+) -> None:
+    auth = await upstream("auth")
+    base = await gateway([auth.address])  # the default limits
+    async with client_from("127.0.0.2") as flooder:
+        passed = 0
+        while True:
+            async with flooder.request(
+                method, at(base, target), json={}, headers={"X-Request-ID": "flood"}
+            ) as response:
+                if response.status != 200:
+                    await assert_problem(response, 429, "too_many_requests")
+                    retry_after = seconds_between(config_default(f"{zone}_rate"))
+                    assert response.headers.getall("Retry-After") == [str(retry_after)]
+                    assert response.headers["X-Request-ID"] == "flood"
+                    break
+            passed += 1
+            assert passed <= 100, f"{target} is not rate limited"
+        assert passed == config_default(f"{zone}_burst") + 1
+    assert len(auth.calls) == passed
+    async with (
+        client_from("127.0.0.3") as other,
+        other.request(method, at(base, target), json={}) as response,
+    ):
+        assert response.status == 200  # another client address still passes
+    async with client_from("127.0.0.2") as flooder:
+        # One budget per zone: every provider, any encoding of the path, both mail endpoints.
+        for limited in (
+            f"{AUTH}/oauth/github/authorize" if zone == "signin" else f"{AUTH}/email/verification",
+            f"{AUTH}/oauth/google/%61uthorize" if zone == "signin" else f"{AUTH}/password/%66orgot",
+        ):
+            async with flooder.request(method, at(base, limited), json={}) as response:
+                await assert_problem(response, 429, "too_many_requests")
+        # Their neighbours are not limited.
+        for free in (f"{AUTH}/oauth/google/callback?code=x&state=y", f"{AUTH}/password/reset", f"{AUTH}/me"):
+            async with flooder.request(method, at(base, free), json={}) as response:
+                assert response.status == 200, free
+
+
+async def test_the_error_log_never_records_the_lookup_email(gateway: Gateway, tmp_path: Path) -> None:
+    """nginx quotes the request line, query and all, in every error-log line about a request; the
+    lookup's query is an email. Its rate limit and its upstream failures leave no such line."""
+    error_log, access_log = tmp_path / "error.log", tmp_path / "access.log"
+    base = await gateway(
+        [dead_upstream()],
+        [dead_upstream()],  # the referral instances are down
+        lookup_rate="1r/m",
+        lookup_burst=1,
+        error_log=str(error_log),
+        access_log=str(access_log),
+    )
+    lookup = f"{REFERRAL}/codes?email=victim%2B1@example.com"
+    async with client_from("127.0.0.2") as client:
+        statuses = []
+        for _ in range(4):
+            async with client.get(at(base, lookup)) as response:
+                statuses.append(response.status)
+        assert statuses == [502, 502, 429, 429]
+        async with client.post(at(base, lookup), json={}) as response:  # creating a code: not limited
+            assert response.status == 502
+        async with client.get(at(base, lookup), data=b"a" * 70000) as response:
+            assert response.status == 413
+        # The error log works: another path's connection failure is there, request line and all.
+        async with client.get(at(base, f"{REFERRAL}/x?probe=1")) as response:
+            assert response.status == 502
+    errors = error_log.read_text()
+    assert "probe=1" in errors
+    assert "victim" not in errors, errors
+    assert "example.com" not in errors
+    lines = await logged(access_log, 7)
+    assert [line["status"] for line in lines] == [502, 502, 429, 429, 502, 413, 502]
+    assert all(line["path"] == f"{REFERRAL}/codes" for line in lines[:-1])
+    assert "victim" not in access_log.read_text()
 
 
 async def test_all_upstreams_down_is_502(gateway: Gateway, session: Session) -> None:
