@@ -61,6 +61,19 @@ class AccessClaims:
         except ValueError:
             raise InvalidToken("the token's subject is not a user") from None
 
+    @property
+    def email_verified(self) -> bool:
+        """Whether the user's address was proven when the token was issued."""
+        return self.raw.get("email_verified") is True
+
+    @property
+    def session_id(self) -> uuid.UUID | None:
+        """The login the token belongs to (`sid`: its refresh-token family), when it says."""
+        try:
+            return uuid.UUID(str(self.raw["sid"]))
+        except (KeyError, ValueError):
+            return None
+
 
 class KeySource(Protocol):
     """Where verification keys come from."""

@@ -25,7 +25,8 @@ from services.auth.settings import AuthSettings
 from services.auth.signing import generate_pem
 from shared.config import load_settings
 from shared.migrations import apply_migrations
-from tests.helpers import drop_redis_keys, fresh_database
+from tests import processes
+from tests.helpers import Mailbox, drop_redis_keys, fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH_MIGRATIONS = ROOT / "services" / "auth" / "migrations"
@@ -101,7 +102,10 @@ def db(database_url: str) -> Iterator[Any]:
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
     with conn.cursor() as cursor:
-        cursor.execute("TRUNCATE auth.users, auth.refresh_tokens, referral.codes, referral.referrals CASCADE")
+        cursor.execute(
+            "TRUNCATE auth.users, auth.refresh_tokens, referral.codes, referral.referrals,"
+            " referral.referrer_totals, referral.verified_users CASCADE"
+        )
     try:
         yield conn
     finally:
@@ -116,8 +120,22 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
     drop_redis_keys(redis_url, prefix)
 
 
+@pytest.fixture(scope="session")
+def smtp() -> Any:
+    """The SMTP server the tests' auth services send their mails to (a real one, on loopback)."""
+    return processes.harness_smtp()
+
+
 @pytest.fixture
-def auth_settings(database_url: str, redis_url: str, redis_prefix: str, signing_pem: str) -> AuthSettings:
+def mailbox(smtp: Any) -> Mailbox:
+    """The mails that arrive from now on."""
+    return Mailbox(smtp.mail_dir)
+
+
+@pytest.fixture
+def auth_settings(
+    database_url: str, redis_url: str, redis_prefix: str, signing_pem: str, smtp: Any
+) -> AuthSettings:
     """Production-mode settings; argon2 kept cheap so the suite stays fast (still argon2id)."""
     environ = {
         "DATABASE_URL": database_url,
@@ -130,6 +148,8 @@ def auth_settings(database_url: str, redis_url: str, redis_prefix: str, signing_
         f"{AUTH_PREFIX}ARGON2_PARALLELISM": "1",
         f"{AUTH_PREFIX}DB_POOL_MIN": "1",
         f"{AUTH_PREFIX}DB_POOL_MAX": "24",
+        f"{AUTH_PREFIX}SMTP_URL": smtp.url,
+        f"{AUTH_PREFIX}OUTBOX_POLL_INTERVAL": "0.2",
     }
     return load_settings(AuthSettings, AUTH_PREFIX, environ)
 

@@ -10,6 +10,9 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import default as email_policy
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -39,6 +42,25 @@ async def signup(client: TestClient[Any, Any], email: str, password: str = "corr
     response = await client.post("/api/v1/auth/signup", json={"email": email, "password": password})
     assert response.status == 201, await response.text()
     return dict(await response.json())
+
+
+async def verify_email(client: TestClient[Any, Any], mailbox: Mailbox, email: str) -> dict[str, Any]:
+    """Prove `email` the way its owner does: the token of the mail it received, posted back."""
+    token = await mailbox.token(email, "verify-email")
+    response = await client.post("/api/v1/auth/email/verify", json={"token": token})
+    assert response.status == 200, await response.text()
+    return dict(await response.json())
+
+
+async def verified_signup(
+    client: TestClient[Any, Any], mailbox: Mailbox, email: str, password: str = "correct horse"
+) -> dict[str, Any]:
+    """A signup whose address is then proven; the body of a login after it (tokens say verified)."""
+    body = await signup(client, email, password)
+    await verify_email(client, mailbox, email)
+    granted = await password_login(client, email, password)
+    assert granted.status == 200, await granted.text()
+    return {"user": {**body["user"], "email_verified": True}, **dict(await granted.json())}
 
 
 async def password_login(client: TestClient[Any, Any], email: str, password: str = "correct horse") -> Any:
@@ -202,3 +224,52 @@ class KeptAliveConnection:
         self._writer.close()
         with contextlib.suppress(OSError):
             await self._writer.wait_closed()
+
+
+class Mailbox:
+    """The mails an SMTP server (`deploy.local.embedded.start_smtp`) kept as files, from now on: a
+    mailbox made during a test sees only the mails that arrive after it was made."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._before = {path.name for path in directory.glob("*.eml")}
+        self._read: dict[str, EmailMessage] = {}  # each file is parsed once
+
+    def messages(self) -> list[EmailMessage]:
+        """The new mails, oldest first."""
+        for path in self.directory.glob("*.eml"):
+            if path.name not in self._before and path.name not in self._read:
+                parsed = BytesParser(_class=EmailMessage, policy=email_policy).parsebytes(path.read_bytes())
+                self._read[path.name] = parsed
+        return [self._read[name] for name in sorted(self._read)]
+
+    def to(self, recipient: str) -> list[EmailMessage]:
+        return [m for m in self.messages() if str(m["To"]).strip().lower() == recipient.strip().lower()]
+
+    async def wait_for(self, recipient: str, count: int = 1, timeout: float = 10.0) -> list[EmailMessage]:
+        """At least `count` new mails to `recipient` (fails after `timeout` seconds)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(found := self.to(recipient)) < count:
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"{count} mail(s) to {recipient} expected within {timeout} s; got {len(found)}"
+            )
+            await asyncio.sleep(0.02)
+        return found
+
+    async def token(self, recipient: str, page: str, timeout: float = 10.0) -> str:
+        """The token of the newest mail to `recipient` linking to `page` (verify-email, reset-password)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            for message in reversed(self.to(recipient)):
+                match = re.search(rf"/{re.escape(page)}#token=([A-Za-z0-9_-]+)", text_of(message))
+                if match:
+                    return match.group(1)
+            assert asyncio.get_running_loop().time() < deadline, f"no {page} mail to {recipient}"
+            await asyncio.sleep(0.02)
+
+
+def text_of(message: EmailMessage) -> str:
+    """The plain-text part of a mail."""
+    part = message.get_body(preferencelist=("plain",))
+    assert part is not None, "the mail has no plain-text part"
+    return str(part.get_content())

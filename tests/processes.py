@@ -13,6 +13,7 @@ failure), and every process writes its output to a log file in a directory its c
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import os
@@ -269,12 +270,32 @@ def servers_env(
     }
 
 
+_SMTP: list[Any] = []  # the harness's SMTP server, once started
+
+
+def harness_smtp() -> Any:
+    """The SMTP server every stack of this process sends its mails to (`deploy.local.embedded`'s, as
+    `make run`'s): started at the first call, mails under `.artifacts/mail/<pid>/`, stopped at exit."""
+    if not _SMTP:
+        from deploy.local.embedded import start_smtp
+
+        parent = ROOT / ".artifacts" / "mail"
+        runs = [d for d in parent.glob("*") if d.name.isdigit() and not Path(f"/proc/{d.name}").exists()]
+        for old in sorted(runs, key=lambda d: d.stat().st_mtime)[:-3]:
+            shutil.rmtree(old, ignore_errors=True)
+        server = start_smtp(parent / str(os.getpid()))
+        atexit.register(server.stop)
+        _SMTP.append(server)
+    return _SMTP[0]
+
+
 def production_envs(
     base: Mapping[str, str], *, redis_prefix: str, signing_pem: str, gateway_url: str
 ) -> tuple[dict[str, str], dict[str, str]]:
     """The auth and referral environments of a stack behind the gateway at `gateway_url`: production
     mode on loopback, the gateway trusted, Redis keys under `redis_prefix`, tokens issued (and
-    expected) with `iss` = the gateway's URL + /api/v1/auth. Ports and JWKS: `service_pair`."""
+    expected) with `iss` = the gateway's URL + /api/v1/auth, mails to `harness_smtp()`. Ports and
+    JWKS: `service_pair`."""
     auth = {
         **base,
         "AUTH_ENV": "production",
@@ -283,6 +304,7 @@ def production_envs(
         "AUTH_JWT_PRIVATE_KEYS": signing_pem,
         "AUTH_PUBLIC_BASE_URL": gateway_url,
         "AUTH_TRUSTED_PROXIES": HOST,
+        "AUTH_SMTP_URL": harness_smtp().url,
     }
     referral = {
         **base,
@@ -305,6 +327,7 @@ def migrate(database_url: str, redis_url: str, log_dir: Path, timeout: float = 1
         "REDIS_URL": redis_url,
         "AUTH_ENV": "production",
         "AUTH_JWT_PRIVATE_KEYS": generate_pem(),  # required to load the settings; not used to migrate
+        "AUTH_SMTP_URL": "smtp://127.0.0.1:1?starttls=off",  # likewise
         "REFERRAL_ENV": "production",
     }
     for service in ("auth", "referral"):

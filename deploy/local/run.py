@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Literal
 from urllib.parse import urlsplit
 
-from deploy.local.embedded import EmbeddedServerError, start_postgres, start_redis
+from deploy.local.embedded import EmbeddedServerError, start_postgres, start_redis, start_smtp
 from deploy.nginx.render import (
     GatewayConfig,
     NginxConfigError,
@@ -37,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO_ROOT / ".data"
 SIGNING_KEY_FILE = DATA_DIR / "dev" / "jwt-signing-key.pem"
 GATEWAY_DIR = DATA_DIR / "gateway"  # nginx's rendered configuration, pid and temporary files
+MAIL_DIR = DATA_DIR / "mail"  # the embedded SMTP server's mails, one .eml file each
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8080  # the gateway's; PORT overrides it
 AUTH_PORT = 8081
@@ -200,7 +201,13 @@ def base_url(port: int) -> str:
 
 
 def auth_env(
-    environ: Mapping[str, str], *, database_url: str, redis_url: str, gateway_port: int, signing_key: Path
+    environ: Mapping[str, str],
+    *,
+    database_url: str,
+    redis_url: str,
+    gateway_port: int,
+    signing_key: Path,
+    smtp_url: str,
 ) -> dict[str, str]:
     """The auth service's environment: the launcher's, plus the dev settings."""
     env = dict(environ)
@@ -214,6 +221,7 @@ def auth_env(
             "AUTH_JWT_PRIVATE_KEYS_FILE": str(signing_key),
             "AUTH_REFERRAL_SERVICE_URL": base_url(REFERRAL_PORT),
             "AUTH_TRUSTED_PROXIES": TRUSTED_PROXIES,
+            "AUTH_SMTP_URL": smtp_url,
         }
     )
     env.setdefault("AUTH_PUBLIC_BASE_URL", base_url(gateway_port))
@@ -397,6 +405,20 @@ def backing_stores(stack: contextlib.ExitStack, environ: Mapping[str, str]) -> t
     return database_url, redis_url
 
 
+def mail_server(stack: contextlib.ExitStack, environ: Mapping[str, str]) -> tuple[str, str]:
+    """The SMTP URL the auth service sends with (`AUTH_SMTP_URL`, else an embedded server `stack`
+    stops), and where the mails go, in words."""
+    smtp_url = environ.get("AUTH_SMTP_URL") or ""
+    if smtp_url:
+        where = f"sent through {mask_url(smtp_url)} (AUTH_SMTP_URL)"
+    else:
+        server = stack.enter_context(start_smtp(MAIL_DIR))
+        smtp_url = str(server.url)
+        where = f"kept as .eml files in {server.mail_dir} (embedded SMTP server)"
+    say(f"Mail: {where}")
+    return smtp_url, where
+
+
 def migrate(steps: Sequence[Service], stop: StopRequest) -> int | None:
     """Run each service's migrations in turn; None when all succeeded, else the launcher's exit code."""
     for step in steps:
@@ -416,18 +438,27 @@ GATEWAY_NAMES: dict[GatewayKind, str] = {
 }
 
 
-def banner(port: int, kind: GatewayKind = "python") -> str:
-    """What the developer reads once everything is up: each API and its docs, through the gateway."""
+def banner(port: int, kind: GatewayKind = "python", mail: str = "") -> str:
+    """What the developer reads once everything is up: each API and its docs, through the gateway, and
+    where the mails go."""
     lines = [f"Serving on {base_url(port)} through {GATEWAY_NAMES[kind]}:"]
     for name, prefix in (("auth", AUTH_API), ("referral", REFERRAL_API)):
         api = f"{base_url(port)}{prefix}/"
         lines.append(f"  {name + ' API':<13} {api} (docs: {api}docs)")
+    if mail:
+        lines.append(f"  {'mails':<13} {mail}")
     lines.append("Press Ctrl-C to stop.")
     return "\n".join(lines)
 
 
 def supervise(
-    supervisor: Supervisor, planned: list[Service], port: int, stop: StopRequest, kind: GatewayKind = "python"
+    supervisor: Supervisor,
+    planned: list[Service],
+    port: int,
+    stop: StopRequest,
+    *,
+    kind: GatewayKind = "python",
+    mail: str = "",
 ) -> int:
     """Start the services, wait until they are healthy, then until a stop request or a child exits."""
     for service in planned:
@@ -435,7 +466,7 @@ def supervise(
     outcome = wait_until_healthy(supervisor, planned, stop)
     if outcome is not None:
         return outcome
-    say(banner(port, kind))
+    say(banner(port, kind, mail))
     while not stop.wait(POLL_INTERVAL):
         if (gone := supervisor.exited()) is not None:
             service, code = gone
@@ -472,6 +503,7 @@ def run(stop: StopRequest) -> int:
     with contextlib.ExitStack() as stack:  # unwinds in reverse: services first, then embedded servers
         try:
             database_url, redis_url = backing_stores(stack, environ)
+            smtp_url, mail_note = mail_server(stack, environ)
         except EmbeddedServerError as error:
             if stop.is_set():  # Ctrl-C reached initdb or pg_ctl too
                 return 0
@@ -487,6 +519,7 @@ def run(stop: StopRequest) -> int:
             redis_url=redis_url,
             gateway_port=port,
             signing_key=SIGNING_KEY_FILE,
+            smtp_url=smtp_url,
         )
         referral = referral_env(
             environ,
@@ -499,7 +532,9 @@ def run(stop: StopRequest) -> int:
             return failed
         supervisor = Supervisor()
         stack.callback(supervisor.stop)
-        return supervise(supervisor, services(environ, auth, referral, port, kind), port, stop, kind)
+        return supervise(
+            supervisor, services(environ, auth, referral, port, kind), port, stop, kind=kind, mail=mail_note
+        )
 
 
 def main() -> int:

@@ -258,9 +258,19 @@ def docs_csp(prefix: str) -> str:
     )
 
 
+# The pages the auth service's mails link to (verify-email, reset-password) and their script and style:
+# scripts, styles and requests from the gateway only, no inline script, nothing framed or embedded.
+PAGES_PREFIX = "/api/v1/auth/pages/"
+PAGES_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
 def _csp_map() -> list[str]:
-    """`map $uri $gateway_csp`: the docs policy on the docs pages and their assets, else API_CSP."""
-    lines = ["map $uri $gateway_csp {"]
+    """`map $uri $gateway_csp`: the docs policy on the docs pages and their assets, the pages' policy on
+    the mailed links' pages, else API_CSP."""
+    lines = ["map $uri $gateway_csp {", f'    "~^{re.escape(PAGES_PREFIX)}" "{PAGES_CSP}";']
     for prefix in DOCS_PREFIXES:
         quoted = re.escape(prefix)
         lines.append(f'    "~^{quoted}/(docs|redoc)$" "{docs_csp(prefix)}";')

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -18,29 +21,37 @@ from services.auth.appkeys import (
     KEY_RING,
     OAUTH_SERVICE,
     REFERRAL_RELAY,
+    RELAYS,
     SETTINGS,
     TRUSTED_PROXIES,
 )
 from services.auth.db.identities import IdentityRepository
-from services.auth.db.repositories import ReferralOutboxRepository, RefreshTokenRepository, UserRepository
+from services.auth.db.mail_tokens import RESET_PASSWORD, VERIFY_EMAIL, MailTokenRepository
+from services.auth.db.outboxes import MailOutboxRepository, ReferralOutboxRepository, VerifiedOutboxRepository
+from services.auth.db.repositories import RefreshTokenRepository, UserRepository
 from services.auth.domain.oauth import OAuthService
+from services.auth.domain.ownership import OwnershipMail
 from services.auth.domain.passwords import PasswordHasher, lower_thread_priority
 from services.auth.domain.services import AuthService
 from services.auth.email_verification import CachedEmailVerifier, HunterEmailVerifier
 from services.auth.enrichment import ClearbitPersonEnricher, EnrichmentScheduler
+from services.auth.mail.smtp import SmtpMailer, parse_smtp_url
 from services.auth.oauth.providers import create_provider
 from services.auth.oauth.state import OAuthStateStore
-from services.auth.outbox import Backoff, ReferralOutboxRelay
+from services.auth.outbox import mail_relay, referral_link_relay, verified_notice_relay
 from services.auth.referrals import ReferralClient, ServiceToken
 from services.auth.settings import API_PREFIX, AuthSettings
 from services.auth.signing import AccessTokenIssuer, load_key_ring
-from services.auth.throttle import LoginThrottle, ThrottleLimits
+from services.auth.throttle import LoginThrottle, MailLimiter, MailLimits, ThrottleLimits
 from shared.appkeys import DATABASE, HTTP_CLIENT, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
 from shared.net import parse_networks
 from shared.openapi import setup_openapi
+from shared.outbox import Backoff, OutboxRelay
 from shared.resources import CleanupContext, http_client_ctx, postgres_ctx, redis_ctx
 from shared.tokens import StaticKeySource, TokenVerifier
 from shared.web import setup_common
+
+log = logging.getLogger(__name__)
 
 USER_AGENT = "referral-system-auth"
 DESCRIPTION = """Signup, OAuth2 tokens (password and refresh_token grants), revocation and JWKS.
@@ -50,14 +61,24 @@ Errors are `application/problem+json` (RFC 9457) with a stable `code`, except on
 (email as username) to call the secured endpoints from this page."""
 
 
-async def _referral_relay_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Run the outbox relay while the app runs; at shutdown let a delivery in flight finish."""
-    relay = app[REFERRAL_RELAY]
-    relay.start()
+async def _relays_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run the outbox relays while the app runs; at shutdown let the deliveries in flight finish."""
+    relays = app[RELAYS]
+    for relay in relays:
+        relay.start()
     try:
         yield
     finally:
-        await relay.stop()
+        await asyncio.gather(*(relay.stop() for relay in relays))
+
+
+def _in_words(seconds: int) -> str:
+    """`24 hours`, `30 minutes`: how long a mailed link lives, for the mail's text."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} seconds"
 
 
 def _email_verifier_ctx(settings: AuthSettings) -> CleanupContext:
@@ -138,7 +159,7 @@ def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
             timeout=settings.referral_timeout,
         )
         outbox = ReferralOutboxRepository(database)
-        relay = ReferralOutboxRelay(
+        relay = referral_link_relay(
             outbox,
             referrals,
             backoff=Backoff(maximum=settings.outbox_max_backoff),
@@ -147,6 +168,41 @@ def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
             registry=app[METRICS_REGISTRY],
         )
         app[REFERRAL_RELAY] = relay
+        relays: list[OutboxRelay[Any]] = [relay]
+        backoff = Backoff(maximum=settings.outbox_max_backoff)
+        notices = VerifiedOutboxRepository(database)
+        notice_relay = verified_notice_relay(
+            notices,
+            referrals,
+            backoff=backoff,
+            poll_interval=settings.outbox_poll_interval,
+            call_timeout=settings.referral_timeout,
+            registry=app[METRICS_REGISTRY],
+        )
+        relays.append(notice_relay)
+        mails = MailOutboxRepository(database)
+        wake_mails: Callable[[], None] = lambda: None  # noqa: E731
+        if settings.smtp_url:
+            mailer = SmtpMailer(parse_smtp_url(settings.smtp_url, timeout=settings.smtp_timeout))
+            sending = mail_relay(
+                mails,
+                mailer,
+                sender=settings.mail_from,
+                valid_for={
+                    VERIFY_EMAIL: _in_words(settings.verification_ttl),
+                    RESET_PASSWORD: _in_words(settings.reset_ttl),
+                },
+                backoff=backoff,
+                poll_interval=settings.outbox_poll_interval,
+                call_timeout=settings.smtp_timeout,
+                registry=app[METRICS_REGISTRY],
+            )
+            relays.append(sending)
+            wake_mails = sending.wake
+        else:
+            log.warning("no AUTH_SMTP_URL (dev mode): mails stay in auth.mail_outbox, unsent")
+        app[RELAYS] = relays
+        mail_tokens = MailTokenRepository(database)
         app[AUTH_SERVICE] = AuthService(
             database=database,
             users=UserRepository(database),
@@ -169,6 +225,20 @@ def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
             referral_outbox=outbox,
             referral_relay=relay,
             identities=IdentityRepository(database),
+            ownership=OwnershipMail(
+                tokens=mail_tokens,
+                mails=mails,
+                notices=notices,
+                app_url=settings.pages_url,
+                verification_ttl=timedelta(seconds=settings.verification_ttl),
+                reset_ttl=timedelta(seconds=settings.reset_ttl),
+                wake_mails=wake_mails,
+                wake_notices=notice_relay.wake,
+            ),
+            mail_tokens=mail_tokens,
+            mail_limiter=MailLimiter(
+                app[REDIS], prefix=settings.redis_prefix, limits=MailLimits(), registry=app[METRICS_REGISTRY]
+            ),
             email_verifier=app.get(EMAIL_VERIFIER),
             enrichment=app.get(ENRICHMENT_SCHEDULER),
         )
@@ -226,7 +296,7 @@ def create_app(settings: AuthSettings) -> web.Application:
     app.cleanup_ctx.append(_enrichment_ctx(settings))
     app.cleanup_ctx.append(_auth_service_ctx(settings))
     app.cleanup_ctx.append(_oauth_ctx(settings))
-    app.cleanup_ctx.append(_referral_relay_ctx)
+    app.cleanup_ctx.append(_relays_ctx)
     add_routes(app)
     setup_openapi(
         app,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from services.auth.domain.oauth import OAuthService
@@ -12,6 +14,7 @@ from services.auth.outbox import ReferralOutboxRelay
 from services.auth.settings import AuthSettings
 from services.auth.signing import KeyRing
 from shared.net import Network
+from shared.outbox import OutboxRelay
 
 SETTINGS = web.AppKey("auth_settings", AuthSettings)
 KEY_RING = web.AppKey("auth_key_ring", KeyRing)
@@ -19,6 +22,8 @@ AUTH_SERVICE = web.AppKey("auth_service", AuthService)
 OAUTH_SERVICE = web.AppKey("auth_oauth_service", OAuthService)
 TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple[Network, ...])
 REFERRAL_RELAY = web.AppKey("auth_referral_relay", ReferralOutboxRelay)
+# Every outbox relay the process runs (referral links, verified notices, mails).
+RELAYS = web.AppKey("auth_relays", list[OutboxRelay[Any]])
 # Present only when their vendor's API key is configured.
 EMAIL_VERIFIER = web.AppKey("auth_email_verifier", EmailVerifier)
 ENRICHMENT_SCHEDULER = web.AppKey("auth_enrichment_scheduler", EnrichmentScheduler)

@@ -1,4 +1,5 @@
-"""The referral service's internal API, as the auth service calls it: check a code, record a link.
+"""The referral service's internal API, as the auth service calls it: check a code, record a link, say a
+user's address is proven.
 
 Every call carries a service token the auth service signs for itself (`sub` auth-service, `aud` the
 referral service, scope `referrals:internal`), cached and reissued well before it expires, and is
@@ -182,6 +183,22 @@ class ReferralClient:
                 problem = await _problem_code(response)
                 if response.status in _PERMANENT_LINK_STATUSES:
                     raise LinkRefused(response.status, problem)
+                raise ReferralServiceError(f"HTTP {response.status} {problem}".strip())
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise ReferralServiceError(type(error).__name__) from None
+
+    async def confirm_user(self, user_id: uuid.UUID) -> None:
+        """Tell the referral service the user's address is proven (idempotent); ReferralServiceError
+        for anything worth retrying."""
+        url = f"{self._base}/internal/v1/users/{user_id}/verified"
+        try:
+            async with (
+                asyncio.timeout(self._timeout),
+                self._session.post(url, headers=self._headers()) as response,
+            ):
+                if response.status in (200, 204):
+                    return
+                problem = await _problem_code(response)
                 raise ReferralServiceError(f"HTTP {response.status} {problem}".strip())
         except (aiohttp.ClientError, TimeoutError) as error:
             raise ReferralServiceError(type(error).__name__) from None

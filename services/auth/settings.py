@@ -83,6 +83,18 @@ class AuthSettings:
     enrichment_retry_delay: float = setting(2.0, doc="seconds between two calls while it answers 202")
     enrichment_concurrency: int = setting(4, doc="enrichments running at once per process")
     enrichment_shutdown_grace: float = setting(5.0, doc="seconds shutdown waits for enrichments in flight")
+    smtp_url: str | None = setting(
+        None,
+        sensitive=True,
+        doc="the mail server: smtp://user:password@host:587 (STARTTLS) or smtps://...; required outside dev",
+    )
+    smtp_timeout: float = setting(10.0, doc="seconds one SMTP delivery may take")
+    mail_from: str = setting("Referral system <no-reply@localhost>", doc="the From of the mails")
+    app_url: str | None = setting(
+        None, doc="the front end that mail links point to; default: the service's own pages"
+    )
+    verification_ttl: int = setting(24 * 3600, doc="seconds a verification link lives")
+    reset_ttl: int = setting(30 * 60, doc="seconds a password reset link lives")
     oauth_state_ttl: int = setting(600, doc="seconds a provider sign-in may take from authorize to callback")
     oauth: tuple[OAuthProviderSettings, ...] = setting(
         (), derived=True, doc="AUTH_OAUTH_PROVIDERS and AUTH_OAUTH_<NAME>_*"
@@ -114,6 +126,16 @@ class AuthSettings:
                 f"{PREFIX}OUTBOX_POLL_INTERVAL must be 0..3600 seconds"
                 f" and {PREFIX}OUTBOX_MAX_BACKOFF 0.5..86400 seconds"
             )
+        if self.env != DEV and not self.smtp_url:
+            raise SettingsError(f"{PREFIX}SMTP_URL is required outside dev mode: mails must go somewhere")
+        if self.app_url is not None and not self.app_url.startswith(("http://", "https://")):
+            raise SettingsError(f"{PREFIX}APP_URL must be an http(s) URL")
+        if not (60 <= self.verification_ttl <= 30 * 86400 and 60 <= self.reset_ttl <= 86400):
+            raise SettingsError(
+                f"{PREFIX}VERIFICATION_TTL must be 60 s..30 days and {PREFIX}RESET_TTL 60 s..1 day"
+            )
+        if not 0 < self.smtp_timeout <= 120:
+            raise SettingsError(f"{PREFIX}SMTP_TIMEOUT must be more than 0 and at most 120 seconds")
         if not 30 <= self.oauth_state_ttl <= 3600:
             raise SettingsError(f"{PREFIX}OAUTH_STATE_TTL must be 30..3600 seconds")
         check_origins(self.cors_origins, f"{PREFIX}CORS_ORIGINS")
@@ -144,6 +166,11 @@ class AuthSettings:
     def issuer(self) -> str:
         """`iss` of every token: the auth API's public base, where discovery lives."""
         return self.public_base_url.rstrip("/") + API_PREFIX
+
+    @property
+    def pages_url(self) -> str:
+        """Where mail links point: `AUTH_APP_URL`, else the service's own pages through the gateway."""
+        return self.app_url or self.public_base_url.rstrip("/") + API_PREFIX + "/pages"
 
     @property
     def is_dev(self) -> bool:

@@ -136,8 +136,14 @@ class AccessTokenIssuer:
         audience: str | None = None,
         scope: Sequence[str] = (),
         ttl: int | None = None,
+        email_verified: bool | None = None,
+        session_id: uuid.UUID | None = None,
     ) -> IssuedAccessToken:
-        """A signed token for `subject`; `audience`/`scope` override for service-to-service tokens."""
+        """A signed token for `subject`; `audience`/`scope` override for service-to-service tokens.
+
+        A user's token says whether their address is proven (`email_verified`) and which login it
+        belongs to (`sid`, the refresh-token family: a password change keeps that one signed in).
+        """
         now = int(time.time())
         lifetime = ttl or self._ttl
         claims: dict[str, Any] = {
@@ -150,6 +156,10 @@ class AccessTokenIssuer:
         }
         if email is not None:
             claims["email"] = email
+        if email_verified is not None:
+            claims["email_verified"] = email_verified
+        if session_id is not None:
+            claims["sid"] = str(session_id)
         if scope:
             claims["scope"] = " ".join(scope)
         token = jwt.encode(self._header, claims, self._key, algorithms=[ALGORITHM])

@@ -112,23 +112,48 @@ class _LocalCounters:
         return self._live(key, time.monotonic())[0]
 
 
+class _Counters:
+    """Counters in pairs of fixed windows, reserved atomically in Redis, in memory while it is down."""
+
+    def __init__(self, redis: Redis, *, what: str, metric: str, registry: CollectorRegistry) -> None:
+        self._what = what
+        self.redis = redis
+        self.local = _LocalCounters()
+        self._reserve = redis.register_script(_RESERVE)
+        self.give_back_script = redis.register_script(_GIVE_BACK)
+        self._fallbacks = Counter(
+            metric, "Operations served from process memory because Redis failed", registry=registry
+        )
+
+    def fallback(self, error: RedisError) -> None:
+        self._fallbacks.inc()
+        log.warning("%s using process memory: redis failed (%s)", self._what, type(error).__name__)
+
+    async def reserve(
+        self, keys: tuple[str, str], limits: tuple[int, int], windows: tuple[int, int]
+    ) -> int | None:
+        """Count one in both, or neither: None when both had room, else seconds until both would."""
+        try:
+            wait = int(await self._reserve(keys=list(keys), args=[*limits, *windows]))
+        except RedisError as error:
+            self.fallback(error)
+            wait = self.local.reserve(keys, limits, windows)
+        return wait or None
+
+
 class LoginThrottle:
     """Reserves, keeps or gives back login attempts; every method survives a Redis outage."""
 
     def __init__(
         self, redis: Redis, *, prefix: str, limits: ThrottleLimits, registry: CollectorRegistry
     ) -> None:
+        self._counters = _Counters(
+            redis, what="login throttle", metric="auth_login_throttle_fallback", registry=registry
+        )
         self._redis = redis
         self._prefix = prefix
         self._limits = limits
-        self._local = _LocalCounters()
-        self._reserve = redis.register_script(_RESERVE)
-        self._give_back = redis.register_script(_GIVE_BACK)
-        self._fallbacks = Counter(
-            "auth_login_throttle_fallback",
-            "Throttle operations served from process memory because Redis failed",
-            registry=registry,
-        )
+        self._local = self._counters.local
 
     def _account(self, account: str) -> str:
         return hashlib.sha256(account.strip().lower().encode("utf-8", "surrogatepass")).hexdigest()[:32]
@@ -142,26 +167,17 @@ class LoginThrottle:
         try:
             generation = int(await self._redis.get(generation_key) or 0)
         except RedisError as error:
-            self._fallback(error)
+            self._counters.fallback(error)
             generation = self._local.get(generation_key)
         pair = f"{self._prefix}login-fail:pair:{self._account(account)}:{generation}:{address}"
         return pair, f"{self._prefix}login-fail:address:{address}"
-
-    def _fallback(self, error: RedisError) -> None:
-        self._fallbacks.inc()
-        log.warning("login throttle using process memory: redis failed (%s)", type(error).__name__)
 
     async def reserve(self, account: str, address: str) -> int | None:
         """Count this attempt, or refuse it: None when it may go on, else seconds until it may."""
         keys = await self._keys(account, address)
         limits = (self._limits.per_account_address, self._limits.per_address)
         windows = (self._limits.account_address_window, self._limits.address_window)
-        try:
-            wait = int(await self._reserve(keys=list(keys), args=[*limits, *windows]))
-        except RedisError as error:
-            self._fallback(error)
-            wait = self._local.reserve(keys, limits, windows)
-        return wait or None
+        return await self._counters.reserve(keys, limits, windows)
 
     async def succeeded(self, account: str, address: str) -> None:
         """The right password: the (account, address) failures forgotten, the address's place given back."""
@@ -174,9 +190,9 @@ class LoginThrottle:
     async def _return(self, account: str, address: str, *, clear_pair: bool) -> None:
         keys = await self._keys(account, address)
         try:
-            await self._give_back(keys=list(keys), args=["clear" if clear_pair else "keep"])
+            await self._counters.give_back_script(keys=list(keys), args=["clear" if clear_pair else "keep"])
         except RedisError as error:
-            self._fallback(error)
+            self._counters.fallback(error)
             self._local.give_back(keys, clear_first=clear_pair)
 
     async def clear(self, account: str) -> None:
@@ -189,4 +205,32 @@ class LoginThrottle:
                 pipe.expire(key, window)  # once its counters have expired, generation 0 is fresh again
                 await pipe.execute()
         except RedisError as error:
-            self._fallback(error)
+            self._counters.fallback(error)
+
+
+@dataclass(frozen=True)
+class MailLimits:
+    """Mails of one kind to one address: at most `per_minute` a minute and `per_day` a day (API.md)."""
+
+    per_minute: int = 1
+    per_day: int = 10
+
+
+class MailLimiter:
+    """Counts the mails asked for per (kind, address), whether or not an account has that address, so
+    the answer never tells which addresses have one; survives a Redis outage like the login throttle."""
+
+    def __init__(self, redis: Redis, *, prefix: str, limits: MailLimits, registry: CollectorRegistry) -> None:
+        self._counters = _Counters(
+            redis, what="mail limit", metric="auth_mail_limit_fallback", registry=registry
+        )
+        self._prefix = prefix
+        self._limits = limits
+
+    async def reserve(self, kind: str, email: str) -> int | None:
+        """Count one mail of `kind` to `email`: None when it may be sent, else seconds until one may."""
+        digest = hashlib.sha256(email.strip().lower().encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        base = f"{self._prefix}mail-limit:{kind}:{digest}"
+        return await self._counters.reserve(
+            (f"{base}:minute", f"{base}:day"), (self._limits.per_minute, self._limits.per_day), (60, 86400)
+        )

@@ -22,6 +22,11 @@ from shared.web import setup_common
 
 DESCRIPTION = """Referral codes (one active per user), their public lookup by email, and who referred whom.
 
+Email ownership: creating a code needs a proven email address (else 403 `email_unverified`), and a
+link is `pending` until its referral's address is proven, then `confirmed`. Proven means the access
+token says `email_verified: true`, or the auth service has since told this service so; a pending link
+becomes confirmed by itself then, whatever the order in which the two services heard of it.
+
 Tokens are the auth service's access tokens, verified here against its JWKS. Errors are
 `application/problem+json` (RFC 9457) with a stable `code`. Use **Authorize** with the OAuth2
 password flow (email as username) to call the secured endpoints from this page."""

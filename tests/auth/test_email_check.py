@@ -68,7 +68,13 @@ async def test_accepted_verdicts_are_stored_and_shown_on_me(make_auth_client, hu
     response = await post_signup(client, "ok@example.com")
     assert response.status == 201, await response.text()
     body = await response.json()
-    assert set(body["user"]) == {"id", "email", "created_at", "referrer_id"}  # the signup body is unchanged
+    assert set(body["user"]) == {
+        "id",
+        "email",
+        "email_verified",
+        "created_at",
+        "referrer_id",
+    }  # the signup body is unchanged
     check = stored_check(db, "ok@example.com")
     assert set(check) == {"status", "score", "source", "checked_at"}
     assert (check["status"], check["score"], check["source"]) == (status, 77, "hunter")

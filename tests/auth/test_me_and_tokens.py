@@ -53,6 +53,7 @@ async def test_me_returns_the_profile(auth_client):
     assert me == {
         "id": body["user"]["id"],
         "email": "Olga@Example.com",
+        "email_verified": False,
         "created_at": body["user"]["created_at"],
         "referrer_id": None,
         "email_check": None,
@@ -67,9 +68,11 @@ async def test_access_token_shape(auth_client, signing_pem):
     assert token.header["typ"] == "at+jwt"
     assert token.header["kid"] == ring.signing_key.kid
     assert token.header["alg"] == "RS256"
-    assert set(token.claims) == {"iss", "aud", "sub", "email", "iat", "exp", "jti"}
+    assert set(token.claims) == {"iss", "aud", "sub", "email", "email_verified", "sid", "iat", "exp", "jti"}
     assert token.claims["iss"] == ISSUER
     assert token.claims["sub"] == body["user"]["id"]
+    assert token.claims["email_verified"] is False
+    assert uuid.UUID(token.claims["sid"])  # the login (refresh-token family) it belongs to
     assert token.claims["exp"] - token.claims["iat"] == 900
 
 

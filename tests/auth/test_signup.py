@@ -38,10 +38,11 @@ async def test_signup_answers_201_with_the_documented_body(auth_client, db):
     assert response.headers.get("X-Request-ID")
     body = await response.json()
     assert set(body) == {"user", "access_token", "refresh_token", "token_type", "expires_in"}
-    assert set(body["user"]) == {"id", "email", "created_at", "referrer_id"}
+    assert set(body["user"]) == {"id", "email", "email_verified", "created_at", "referrer_id"}
     user = body["user"]
     assert uuid.UUID(user["id"])
     assert user["email"] == "jane@example.com"
+    assert user["email_verified"] is False  # until the owner opens the mailed link
     assert user["referrer_id"] is None
     assert RFC3339.fullmatch(user["created_at"]), user["created_at"]
     created = datetime.fromisoformat(user["created_at"])

@@ -20,13 +20,13 @@ import pytest
 import yaml
 
 from deploy.local import run
-from services.auth.outbox import LEASE_MARGIN
 from services.auth.settings import PREFIX as AUTH_PREFIX
 from services.auth.settings import AuthSettings, load_auth_settings
 from services.auth.signing import generate_pem
 from services.referral.settings import PREFIX as REFERRAL_PREFIX
 from services.referral.settings import ReferralSettings
 from shared.config import describe, load_settings
+from shared.outbox import LEASE_MARGIN
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -37,7 +37,7 @@ PORTS = {"auth": 8081, "referral": 8082}
 GATEWAY = "gateway"
 ONE_SHOT = {"auth-migrate", "referral-migrate"}
 EXPECTED = {"postgres", "redis", "auth", "referral", GATEWAY} | ONE_SHOT
-REQUIRED_SECRETS = ("POSTGRES_PASSWORD", "AUTH_JWT_PRIVATE_KEYS")
+REQUIRED_SECRETS = ("POSTGRES_PASSWORD", "AUTH_JWT_PRIVATE_KEYS", "AUTH_SMTP_URL")
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}, $VAR; $$ is a literal $.
 _VARIABLE = re.compile(
     r"\$\$|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
@@ -122,7 +122,11 @@ def signing_key() -> str:
 @pytest.fixture(scope="module")
 def dotenv(signing_key: str) -> dict[str, str]:
     """The smallest .env compose accepts."""
-    return {"POSTGRES_PASSWORD": "s3cret", "AUTH_JWT_PRIVATE_KEYS": signing_key}
+    return {
+        "POSTGRES_PASSWORD": "s3cret",
+        "AUTH_JWT_PRIVATE_KEYS": signing_key,
+        "AUTH_SMTP_URL": "smtp://mailer:pw@mail.example.org:587",
+    }
 
 
 def documented_in_env_example() -> set[str]:
@@ -375,7 +379,9 @@ def test_a_stopping_container_gets_time_to_finish(compose: dict[str, Any], doten
     auth = load_auth_settings({key: str(value) for key, value in resolved["auth"]["environment"].items()})
     referral_env = {key: str(value) for key, value in resolved["referral"]["environment"].items()}
     referral = load_settings(ReferralSettings, REFERRAL_PREFIX, referral_env)
-    auth_cleanup = auth.referral_timeout + LEASE_MARGIN / 2 + auth.enrichment_shutdown_grace
+    auth_cleanup = (
+        max(auth.referral_timeout, auth.smtp_timeout) + LEASE_MARGIN / 2 + auth.enrichment_shutdown_grace
+    )
     needed = {
         "auth": auth.shutdown_drain + auth.shutdown_timeout + auth_cleanup,
         "referral": referral.shutdown_drain + referral.shutdown_timeout,

@@ -22,18 +22,18 @@ import pytest
 import yaml
 
 from deploy.nginx.render import K8S, K8S_CONF, render
-from services.auth.outbox import LEASE_MARGIN
 from services.auth.settings import PREFIX as AUTH_PREFIX
 from services.auth.settings import AuthSettings, load_auth_settings
 from services.auth.signing import generate_pem
 from services.referral.settings import PREFIX as REFERRAL_PREFIX
 from services.referral.settings import ReferralSettings
 from shared.config import describe, load_settings
+from shared.outbox import LEASE_MARGIN
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "k8s"
 SECRET = "referral-system"
-REQUIRED_SECRET_KEYS = {"DATABASE_URL", "REDIS_URL", "AUTH_JWT_PRIVATE_KEYS"}
+REQUIRED_SECRET_KEYS = {"DATABASE_URL", "REDIS_URL", "AUTH_JWT_PRIVATE_KEYS", "AUTH_SMTP_URL"}
 SERVICES = {"auth": 8081, "referral": 8082}
 WORKLOADS = ("Deployment", "Job")
 Object = dict[str, Any]
@@ -201,6 +201,7 @@ def template_labels(obj: Object) -> dict[str, str]:
 
 
 EXAMPLE_SECRET = {
+    "AUTH_SMTP_URL": "smtps://mailer:pw@mail.example.internal:465",
     "DATABASE_URL": "postgresql://referral:pw@db.example.internal:5432/referral",
     "REDIS_URL": "redis://cache.example.internal:6379/0",
     "AUTH_HUNTER_API_KEY": "hunter-key",
@@ -513,7 +514,9 @@ def test_a_stopping_pod_finishes_within_its_grace_period(rendered: list[Object],
         auth = load_auth_settings(env)
         drain, in_flight = auth.shutdown_drain, auth.shutdown_timeout
         # The cleanup contexts: the outbox relay's last delivery, then the enrichments in flight.
-        cleanup = auth.referral_timeout + LEASE_MARGIN / 2 + auth.enrichment_shutdown_grace
+        # The outbox relays stop together (each lets its delivery under way finish), then the enrichments.
+        relays = max(auth.referral_timeout, auth.smtp_timeout) + LEASE_MARGIN / 2
+        cleanup = relays + auth.enrichment_shutdown_grace
     else:
         referral = load_settings(ReferralSettings, REFERRAL_PREFIX, env)
         drain, in_flight, cleanup = referral.shutdown_drain, referral.shutdown_timeout, 0.0

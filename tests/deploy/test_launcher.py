@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import smtplib
 import sys
 from pathlib import Path
 
@@ -14,10 +16,13 @@ from deploy.nginx.render import nginx_command
 KEY = Path("/keys/dev.pem")
 DB = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS = "redis://127.0.0.1:6379/0"
+SMTP = "smtp://127.0.0.1:2525?starttls=off"
 
 
 def envs(environ: dict[str, str], port: int = 8080) -> tuple[dict[str, str], dict[str, str]]:
-    auth = run.auth_env(environ, database_url=DB, redis_url=REDIS, gateway_port=port, signing_key=KEY)
+    auth = run.auth_env(
+        environ, database_url=DB, redis_url=REDIS, gateway_port=port, signing_key=KEY, smtp_url=SMTP
+    )
     referral = run.referral_env(
         environ, database_url=DB, redis_url=REDIS, auth_public_base_url=auth["AUTH_PUBLIC_BASE_URL"]
     )
@@ -76,6 +81,7 @@ def test_auth_env() -> None:
     assert auth["AUTH_REFERRAL_SERVICE_URL"] == "http://127.0.0.1:8082"
     assert auth["AUTH_PUBLIC_BASE_URL"] == "http://127.0.0.1:8080"
     assert auth["AUTH_TRUSTED_PROXIES"] == "127.0.0.1"  # the gateway, which sets X-Forwarded-For
+    assert auth["AUTH_SMTP_URL"] == SMTP
     assert not any(name.startswith("REFERRAL_") for name in auth)
 
 
@@ -271,3 +277,30 @@ def test_banner_lists_both_apis_and_their_docs() -> None:
 )
 def test_mask_url(url: str, masked: str) -> None:
     assert run.mask_url(url) == masked
+
+
+def test_mail_goes_to_auth_smtp_url_or_an_embedded_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with contextlib.ExitStack() as stack:
+        given = "smtp://mailer:s3cret@mail.example.com:587"
+        url, where = run.mail_server(stack, {"AUTH_SMTP_URL": given})
+        assert url == given and "s3cret" not in where
+        assert "s3cret" not in capsys.readouterr().out
+    monkeypatch.setattr(run, "MAIL_DIR", tmp_path / "mail")
+    with contextlib.ExitStack() as stack:
+        url, where = run.mail_server(stack, {})
+        assert url.startswith("smtp://127.0.0.1:") and url.endswith("?starttls=off")
+        assert where == f"kept as .eml files in {tmp_path / 'mail'} (embedded SMTP server)"
+        assert f"in {tmp_path / 'mail'}" in capsys.readouterr().out
+        port = int(url.split(":")[2].split("?")[0])
+        with smtplib.SMTP("127.0.0.1", port, timeout=5) as client:
+            client.sendmail("a@example.com", ["b@example.com"], b"Subject: hello\r\n\r\nhi\r\n")
+        assert len(list((tmp_path / "mail").glob("*.eml"))) == 1
+    with pytest.raises(ConnectionRefusedError), smtplib.SMTP("127.0.0.1", port, timeout=2):
+        pass  # stopped with the stack
+
+
+def test_banner_says_where_the_mails_go() -> None:
+    text = run.banner(8080, "nginx", "kept as .eml files in /repo/.data/mail (embedded SMTP server)")
+    assert "mails         kept as .eml files in /repo/.data/mail" in text

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from tests.e2e import secrets as run_secrets
+from tests.helpers import Mailbox
+from tests.processes import harness_smtp
 
 AUTH = "/api/v1/auth"
 REFERRAL = "/api/v1/referral"
@@ -118,24 +120,44 @@ async def record_issued_tokens(response: aiohttp.ClientResponse) -> None:
 
 
 async def new_account(
-    session: aiohttp.ClientSession, tag: str = "user", *, referral_code: str | None = None
+    session: aiohttp.ClientSession,
+    tag: str = "user",
+    *,
+    referral_code: str | None = None,
+    verified: bool = True,
 ) -> Account:
-    """Sign up a new user (201 expected) and return it."""
+    """Sign up a new user (201 expected) and return it; `verified`: its owner then proves the address
+    with the mailed link, as a person would, and logs in again (the tokens say email_verified)."""
     email = unique_email(tag)
+    mailbox = Mailbox(harness_smtp().mail_dir)
     response = await signup(session, email, referral_code=referral_code)
     assert response.status == 201, await response.text()
     body = await response.json()
     assert body["token_type"] == "Bearer", body
     user = body["user"]
     assert user["email"] == email, body
+    tokens = body
+    if verified:
+        await prove(session, mailbox, email)
+        granted = await token(session, grant_type="password", username=email, password=PASSWORD)
+        assert granted.status == 200, await granted.text()
+        tokens = await granted.json()
     return Account(
         id=user["id"],
         email=email,
         password=PASSWORD,
-        access_token=body["access_token"],
-        refresh_token=body["refresh_token"],
+        access_token=tokens["access_token"],
+        refresh_token=tokens["refresh_token"],
         referrer_id=user["referrer_id"],
     )
+
+
+async def prove(session: aiohttp.ClientSession, mailbox: Mailbox, email: str) -> None:
+    """Open the verification link mailed to `email` (the API call its page makes)."""
+    proof = await mailbox.token(email, "verify-email")
+    run_secrets.record("mail token", proof)
+    response = await session.post(f"{AUTH}/email/verify", json={"token": proof})
+    assert response.status == 200, await response.text()
 
 
 async def token(session: aiohttp.ClientSession, **form: str) -> aiohttp.ClientResponse:

@@ -38,8 +38,10 @@ import aiohttp
 import psycopg2
 import pytest
 
-from tests.e2e.api import CODES, MY_CODE, PASSWORD, REFERRALS, SIGNUP, TOKEN, bearer, client, rfc3339
+from tests.e2e.api import AUTH, CODES, MY_CODE, PASSWORD, REFERRALS, SIGNUP, TOKEN, bearer, client, rfc3339
 from tests.e2e.conftest import ARTIFACTS
+from tests.helpers import Mailbox
+from tests.processes import harness_smtp
 
 SEED = int(os.environ.get("SOAK_SEED", "20260501"))
 REQUEST_BUDGET = int(os.environ.get("SOAK_REQUESTS", "3000"))
@@ -86,6 +88,8 @@ class SoakUser:
     tokens: dict[int, str] = field(default_factory=dict)  # family key -> live refresh token, when free
     rotated: list[tuple[int, str]] = field(default_factory=list)  # (family key, a token already rotated)
     bad_password_tried: bool = False
+    verified: bool = False  # the address proven, and its access token says so
+    verifying: bool = False  # between the proof and the new token: either answer may come
 
     @property
     def headers(self) -> dict[str, str]:
@@ -100,8 +104,9 @@ def _flip_case(code: str, rng: random.Random) -> str:
 class Soak:
     """The shared state of the workers: the model of what exists, and every answer."""
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession, mailbox: Mailbox) -> None:
         self.session = session
+        self.mailbox = mailbox  # the mails the stack sends from now on
         self.reserved = 0
         self.sent = 0
         self.deadline = float("inf")
@@ -297,6 +302,11 @@ class Soak:
             if vanity is not None:
                 payload["code"] = vanity
             record, body = await self.call("create code", "POST", CODES, json=payload, headers=user.headers)
+            if user.verifying and record.status == 403:
+                return  # the proof is on its way: the token used here may predate it
+            if not user.verified and not user.verifying:  # a 201 would be a code for an unproven address
+                self.expect(record, (403, "email_unverified"))
+                return
             if user.code is not None:
                 if taken:
                     self.expect(record, (409, "active_code_exists"), (409, "code_taken"))
@@ -310,6 +320,8 @@ class Soak:
                 self._created(user, record, body, vanity)
 
     async def _create_two_at_once(self, user: SoakUser) -> None:
+        if not user.verified:
+            return
         self.reserve(2)
         async with user.lock:
             payload = {"expires_at": rfc3339(datetime.now(UTC) + timedelta(days=3))}
@@ -400,6 +412,9 @@ class Soak:
             expected = owner.id if owner else self.code_owner.get(code.lower())
             if body.get("referral_id") != user.id or body.get("referrer_id") != expected:
                 self.violation(record, f"activation body {body} for {user.id} with {expected}'s code")
+            status = "confirmed" if user.verified else "pending"
+            if body.get("status") != status and not user.verifying:
+                self.violation(record, f"activation of {user.id} (verified: {user.verified}): {body}")
             self.linked(user, str(body.get("referrer_id")), code, signup=False)
         return record
 
@@ -693,6 +708,32 @@ class Soak:
             self.violation(record, "the live token of a family revoked for reuse still works")
         self.expect(record, (400, "invalid_grant"))
 
+    async def verify(self, rng: random.Random) -> None:
+        """A user proves their address from the mailed link (once: a second try is refused), then logs
+        in again for a token that says so."""
+        unproven = [
+            u for u in self.users if not (u.verified or u.verifying) and u.id not in self.uncertain_users
+        ]
+        if len(self.users) < MIN_USERS or not unproven:
+            await self.signup_plain(rng)
+            return
+        user = rng.choice(unproven)
+        proof = await self.mailbox.token(user.email, "verify-email", timeout=SETTLE_TIMEOUT)
+        self.reserve(3)
+        user.verifying = True  # other workers may use the user meanwhile, with the token it had
+        record, _ = await self.call("verify", "POST", f"{AUTH}/email/verify", json={"token": proof})
+        if not self.expect(record, 200):
+            return  # left `verifying`: the database decides at the end
+        record, _ = await self.call("verify again", "POST", f"{AUTH}/email/verify", json={"token": proof})
+        self.expect(record, (400, "verification_invalid"))
+        form = {"grant_type": "password", "username": user.email, "password": PASSWORD}
+        record, body = await self.call("login verified", "POST", TOKEN, data=form)
+        if self.expect(record, 200):
+            user.access_token = body["access_token"]
+            self.family_keys += 1
+            user.tokens[self.family_keys] = body["refresh_token"]
+            user.verified, user.verifying = True, False
+
     # --- the run -----------------------------------------------------------------------------------
 
     async def worker(self, index: int) -> None:
@@ -706,6 +747,7 @@ class Soak:
             (self.lookup, 14),
             (self.login, 8),
             (self.refresh, 12),
+            (self.verify, 6),
         ]
         functions, weights = zip(*ops, strict=True)
         try:
@@ -728,6 +770,14 @@ def _rows(conn: Any, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
     with conn.cursor() as cursor:
         cursor.execute(sql, params)
         return [tuple(row) for row in cursor.fetchall()]
+
+
+def _settle(conn: Any, table: str) -> None:
+    """Wait (bounded) until no row of the outbox `table` is pending."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    sql = f"SELECT count(*) FROM {table} WHERE delivered_at IS NULL AND failed_at IS NULL"
+    while _rows(conn, sql)[0][0] and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _settle_outbox(conn: Any) -> list[tuple[Any, ...]]:
@@ -860,6 +910,38 @@ def check_database(database_url: str, soak: Soak) -> tuple[list[str], dict[str, 
                     f"code {text}: deleted in the database {stored[1]}, answers said {text in soak.deleted}"
                 )
 
+        # Every proven user's link confirmed (once the notices have arrived), every other one pending.
+        _settle(conn, "auth.verified_outbox")
+        statuses = dict(_rows(conn, "SELECT referral_id::text, status FROM referral.referrals"))
+        proven = {
+            user_id for (user_id,) in _rows(conn, "SELECT id::text FROM auth.users WHERE email_verified")
+        }
+        for user in soak.users:
+            if user.id in statuses and user.id not in soak.uncertain_users:
+                want = "confirmed" if user.id in proven else "pending"
+                seen = user.verified or user.verifying  # a proof that got no answer may have landed
+                if (
+                    statuses[user.id] != want
+                    or (user.verified and user.id not in proven)
+                    or (not seen and user.id in proven)
+                ):
+                    problems.append(
+                        f"user {user.id} (verified as the soak saw it: {user.verified}, in auth:"
+                        f" {user.id in proven}): link {statuses[user.id]}, expected {want}"
+                    )
+        wrong_totals = _rows(
+            conn,
+            "SELECT t.referrer_id, t.total, t.confirmed, count(r.*), count(r.*) FILTER (WHERE r.status ="
+            " 'confirmed') FROM referral.referrer_totals t LEFT JOIN referral.referrals r USING (referrer_id)"
+            " GROUP BY t.referrer_id, t.total, t.confirmed"
+            " HAVING t.total <> count(r.*)"
+            " OR t.confirmed <> count(r.*) FILTER (WHERE r.status = 'confirmed')",
+        )
+        if wrong_totals:
+            problems.append(
+                f"referrer_totals off from the links (referrer, total, confirmed, ...): {wrong_totals}"
+            )
+
         failed = _rows(
             conn,
             "SELECT referral_id::text, referrer_id::text, code, last_error FROM auth.referral_outbox "
@@ -903,7 +985,7 @@ def summary(soak: Soak, elapsed: float, counts: dict[str, int]) -> str:
 
 async def test_soak_mixed_load_keeps_every_invariant(stack):
     async with client(stack.gateway_url) as session:
-        soak = Soak(session)
+        soak = Soak(session, Mailbox(harness_smtp().mail_dir))
         elapsed = await soak.run()
 
     db_problems, counts = await asyncio.to_thread(check_database, stack.database_url, soak)

@@ -13,7 +13,9 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from tests.e2e.api import CODES, PASSWORD, SIGNUP, Account, rfc3339, unique_email
+from tests.e2e.api import CODES, PASSWORD, SIGNUP, TOKEN, Account, prove, rfc3339, unique_email
+from tests.helpers import Mailbox
+from tests.processes import harness_smtp
 
 
 class Queries(Protocol):
@@ -101,12 +103,22 @@ def signup_body(email: str, code: str | None = None) -> dict[str, str]:
     return body
 
 
-async def new_user(session: aiohttp.ClientSession, tag: str, *, code: str | None = None) -> Account:
+async def new_user(
+    session: aiohttp.ClientSession, tag: str, *, code: str | None = None, verified: bool = True
+) -> Account:
+    """A new user; `verified`: with the address proven from the mailed link, and tokens that say so."""
     email = unique_email(tag)
+    mailbox = Mailbox(harness_smtp().mail_dir)
     outcome = await call(session, "signup", "POST", SIGNUP, json=signup_body(email, code))
     assert outcome.status == 201, str(outcome)
     body = outcome.json()
     user = body["user"]
+    if verified:
+        await prove(session, mailbox, email)
+        form = {"grant_type": "password", "username": email, "password": PASSWORD}
+        granted = await call(session, "password", "POST", TOKEN, data=form)
+        assert granted.status == 200, str(granted)
+        body = granted.json()
     return Account(
         user["id"], email, PASSWORD, body["access_token"], body["refresh_token"], user["referrer_id"]
     )

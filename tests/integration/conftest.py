@@ -28,11 +28,13 @@ from services.referral.settings import PREFIX as REFERRAL_PREFIX
 from services.referral.settings import ReferralSettings
 from shared.config import load_settings
 from shared.migrations import apply_migrations
-from tests.helpers import User
+from tests.helpers import Mailbox, User
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERRAL_MIGRATIONS = ROOT / "services" / "referral" / "migrations"
 SIGNUP = "/api/v1/auth/signup"
+VERIFY = "/api/v1/auth/email/verify"
+TOKEN = "/api/v1/auth/token"
 CODES = "/api/v1/referral/codes"
 
 
@@ -81,6 +83,7 @@ class Cluster:
     http: aiohttp.ClientSession
     start_server: Callable[..., Awaitable[TestServer]]
     referral_port: int
+    mail_dir: Path
     referral: TestServer | None = None
 
     async def start_referral(self) -> None:
@@ -104,11 +107,21 @@ class Cluster:
             body["referral_code"] = code
         return await self.post(self.auth_url + SIGNUP, json=body)
 
-    async def user(self, email: str) -> User:
+    async def user(self, email: str, *, verified: bool = True) -> User:
+        """A new user; `verified`: their address proven from the mailed link, with a token that says so."""
+        mailbox = Mailbox(self.mail_dir)
         response = await self.signup(email)
         assert response.status == 201, await response.text()
         body = await response.json()
-        return User(body["user"]["id"], body["user"]["email"], body["access_token"])
+        token = body["access_token"]
+        if verified:
+            proof = await mailbox.token(email, "verify-email")
+            assert (await self.post(self.auth_url + VERIFY, json={"token": proof})).status == 200
+            form = {"grant_type": "password", "username": email, "password": "correct horse"}
+            granted = await self.post(self.auth_url + TOKEN, data=form)
+            assert granted.status == 200, await granted.text()
+            token = (await granted.json())["access_token"]
+        return User(body["user"]["id"], body["user"]["email"], token)
 
     async def create_code(self, owner: User, code: str | None = None, *, minutes: int = 60) -> str:
         expires_at = (datetime.now(UTC) + timedelta(minutes=minutes)).isoformat()
@@ -139,6 +152,7 @@ async def cluster(
     referral_schema: str,
     redis_url: str,
     db: Any,
+    smtp: Any,
 ) -> Any:
     auth_port, referral_port, hop_port = unused_port(), unused_port(), unused_port()
     auth_url, referral_url = f"http://127.0.0.1:{auth_port}", f"http://127.0.0.1:{referral_port}"
@@ -176,6 +190,7 @@ async def cluster(
             http=http,
             start_server=aiohttp_server,
             referral_port=referral_port,
+            mail_dir=smtp.mail_dir,
         )
         await cluster.start_referral()
         yield cluster

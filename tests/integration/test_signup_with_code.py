@@ -9,6 +9,7 @@ import redis
 
 from services.auth.referrals import ServiceToken
 from services.auth.signing import AccessTokenIssuer, parse_key_ring
+from tests.helpers import Mailbox
 from tests.integration.conftest import eventually, new_email, referrals_in, users_with
 
 PROBLEM = "application/problem+json"
@@ -268,3 +269,37 @@ async def test_the_service_token_opens_the_internal_endpoints_only(cluster, db, 
     # And the auth service's own user endpoint refuses it too.
     me = await cluster.http.get(f"{cluster.auth_url}/api/v1/auth/me", headers=headers)
     assert me.status == 401
+
+
+def link_status(db: Any, referral_id: str) -> str | None:
+    with db.cursor() as cursor:
+        cursor.execute("SELECT status FROM referral.referrals WHERE referral_id = %s", (referral_id,))
+        row = cursor.fetchone()
+    return row[0] if row else None
+
+
+async def test_a_pending_link_is_confirmed_when_the_referral_verifies_even_with_the_service_down(
+    cluster, db, smtp
+):
+    """The referral service is down when the user proves the address: the notice waits in the auth
+    service's outbox and confirms the link once the service is back."""
+    owner, code = await cluster.referrer_with_code(new_email("owner"))
+    mailbox = Mailbox(smtp.mail_dir)
+    email = new_email("later")
+    response = await cluster.signup(email, code)
+    assert response.status == 201, await response.text()
+    user_id = (await response.json())["user"]["id"]
+    await eventually(lambda: link_status(db, user_id) == "pending")
+    await cluster.stop_referral()
+    proof = await mailbox.token(email, "verify-email")
+    verified = await cluster.post(cluster.auth_url + "/api/v1/auth/email/verify", json={"token": proof})
+    assert verified.status == 200, await verified.text()
+    await asyncio.sleep(0.5)  # attempts fail meanwhile
+    assert link_status(db, user_id) == "pending"
+    await cluster.start_referral()
+    await eventually(lambda: link_status(db, user_id) == "confirmed")
+    with db.cursor() as cursor:
+        cursor.execute(
+            "SELECT total, confirmed FROM referral.referrer_totals WHERE referrer_id = %s", (owner.id,)
+        )
+        assert cursor.fetchone() == (1, 1)

@@ -7,13 +7,17 @@ the big referrers and a deep cursor into each one's list, users for tokens, logi
 Layout (scale 1.0; every number scales):
 
 - 100,000 users ``bench.user{n}@example.com``, all with the same password (one argon2id hash made
-  with the auth service's default parameters). Users ``0 .. n/2-1`` are the "targets", the rest the
-  "activators".
+  with the auth service's default parameters), every address proven: verified in auth.users and
+  recorded in referral.verified_users, as the auth service's notices leave them (so a code creation or
+  an activation takes the usual path, whatever its token says). Users ``0 .. n/2-1`` are the
+  "targets", the rest the "activators".
 - one open code per user, expiring 3 to 6 months ahead, text generated like the service's own.
 - 1,000,000 referrals whose ``referral_id`` is a synthetic uuid (not a user): 5 big referrers hold
   30k, 25k, 20k, 15k and 10k of them, the rest is spread unevenly (Pareto) over the other targets.
   Rows go in in ``created_at`` order (referrals arrive over the past year), so each referrer's rows
-  are scattered over the table as in real life.
+  are scattered over the table as in real life. Every link is confirmed (its referral stands for a
+  user who proved the address long ago; such referrals are not rows of verified_users, which the
+  service reads only when a link or a code is made for the user).
 
 Activators are nobody's referral and nobody's referrer; activation codes are targets' codes. So an
 activation (an activator links itself to a target's code) never closes a cycle nor meets a user who
@@ -24,8 +28,8 @@ can FREEZE the rows (no hint-bit rewrite later, and an all-visible visibility ma
 autovacuum: index-only scans work at once). Around each COPY the table's indexes are dropped and
 rebuilt in bulk from the catalog's own definitions (pg_indexes, and pg_get_constraintdef for primary
 keys and unique constraints, but those a foreign key points at), so the migrations stay their only
-source. Triggers fire as they would for any COPY (referral.referrer_totals is kept by a statement
-trigger). Then VACUUM (ANALYZE) of every table of both schemas.
+source. Triggers fire as they would for any COPY (referral.referrer_totals, total and confirmed, is
+kept by a statement trigger). Then VACUUM (ANALYZE) of every table of both schemas.
 """
 
 from __future__ import annotations
@@ -79,7 +83,8 @@ _UUID_SET = (0x4000 << 64) | (0x8000 << 48)
 _USERS_TABLE = ("auth", "users")
 _CODES_TABLE = ("referral", "codes")
 _REFERRALS_TABLE = ("referral", "referrals")
-_TABLES = (_USERS_TABLE, _CODES_TABLE, _REFERRALS_TABLE)
+_VERIFIED_TABLE = ("referral", "verified_users")
+_TABLES = (_USERS_TABLE, _CODES_TABLE, _REFERRALS_TABLE, _VERIFIED_TABLE)
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -182,7 +187,7 @@ def build(
             _load(
                 cursor,
                 _USERS_TABLE,
-                ("id", "email", "password_hash", "created_at"),
+                ("id", "email", "password_hash", "created_at", "email_verified"),
                 _user_rows(rng, user_hex, emails, password_hash, now_us),
                 numbers.users,
                 log,
@@ -198,11 +203,12 @@ def build(
             _load(
                 cursor,
                 _REFERRALS_TABLE,
-                ("referral_id", "referrer_id", "referral_email", "code", "created_at"),
+                ("referral_id", "referrer_id", "referral_email", "code", "created_at", "status"),
                 _referral_rows(rng, user_hex, codes, referrer_of_row, now_us, log),
                 numbers.referrals,
                 log,
             )
+            _load(cursor, _VERIFIED_TABLE, ("user_id",), _verified_rows(user_hex), numbers.users, log)
             del user_hex, referrer_of_row
         conn.autocommit = True
         with conn.cursor() as cursor:
@@ -321,14 +327,20 @@ def _signup_times(now_us: int, users: int) -> tuple[int, int]:
 def _user_rows(
     rng: random.Random, ids: list[str], emails: list[str], password_hash: str, now_us: int
 ) -> Iterator[str]:
-    """auth.users: signed up over the past two years, oldest first."""
+    """auth.users: signed up over the past two years, oldest first, each address verified."""
     stamp, rand = _timestamps(), rng.random
     start, step = _signup_times(now_us, len(ids))
     for begin in range(0, len(ids), _CHUNK_ROWS):
         yield "".join(
-            f"{ids[n]}\t{emails[n]}\t{password_hash}\t{stamp(start + n * step + int(rand() * step))}\n"
+            f"{ids[n]}\t{emails[n]}\t{password_hash}\t{stamp(start + n * step + int(rand() * step))}\tt\n"
             for n in range(begin, min(begin + _CHUNK_ROWS, len(ids)))
         )
+
+
+def _verified_rows(ids: list[str]) -> Iterator[str]:
+    """referral.verified_users: every user (verified_at: the load's time)."""
+    for begin in range(0, len(ids), _CHUNK_ROWS):
+        yield "".join(f"{user}\n" for user in ids[begin : begin + _CHUNK_ROWS])
 
 
 def _code_rows(
@@ -356,7 +368,7 @@ def _referral_rows(
     now_us: int,
     log: Callable[[str], None],
 ) -> Iterator[str]:
-    """referral.referrals: synthetic referral users, in arrival order over the past year."""
+    """referral.referrals: synthetic referral users, in arrival order over the past year, confirmed."""
     stamp, rand, getrandbits = _timestamps(), rng.random, rng.getrandbits
     first, last = _FIRST, _LAST
     total = len(referrer_of_row)
@@ -367,7 +379,7 @@ def _referral_rows(
         yield "".join(
             f"{(getrandbits(128) & _UUID_KEEP) | _UUID_SET:032x}\t{ids[r]}"
             f"\t{first[n % len(first)]}.{last[n // len(first) % len(last)]}{n}@example.org"
-            f"\t{codes[r]}\t{stamp(start + n * step + int(rand() * step))}\n"
+            f"\t{codes[r]}\t{stamp(start + n * step + int(rand() * step))}\tconfirmed\n"
             for n, r in zip(range(begin, end), referrer_of_row[begin:end], strict=True)
         )
         if end % _PROGRESS_ROWS < _CHUNK_ROWS and end < total:

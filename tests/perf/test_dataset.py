@@ -91,6 +91,7 @@ def test_counts_are_as_reported(loaded: Loaded, cur: Any) -> None:
     assert scalar(cur, active) == dataset.codes
     assert scalar(cur, "SELECT count(*) FROM referral.codes") == dataset.codes
     assert scalar(cur, "SELECT count(*) FROM referral.referrals") == dataset.referrals
+    assert scalar(cur, "SELECT count(*) FROM referral.verified_users") == dataset.users
     assert scalar(cur, "SELECT count(*) FROM auth.refresh_tokens") == 0
     assert dataset.load_seconds > 0
     assert any("referral.referrals: 2,000 rows" in line for line in loaded.log), loaded.log
@@ -183,12 +184,30 @@ def test_the_biggest_referrer_has_the_most_referrals(loaded: Loaded, cur: Any) -
 
 def test_the_referrers_totals_kept_by_the_database_match(cur: Any) -> None:
     cur.execute(
-        "SELECT count(*) FILTER (WHERE t.total IS DISTINCT FROM r.total), count(*)"
-        " FROM (SELECT referrer_id, count(*) AS total FROM referral.referrals GROUP BY referrer_id) r"
+        "SELECT count(*) FILTER (WHERE (t.total, t.confirmed) IS DISTINCT FROM (r.total, r.confirmed)),"
+        " count(*)"
+        " FROM (SELECT referrer_id, count(*) AS total, count(*) FILTER (WHERE status = 'confirmed')"
+        "       AS confirmed FROM referral.referrals GROUP BY referrer_id) r"
         " FULL JOIN referral.referrer_totals t USING (referrer_id)"
     )
     wrong, referrers = cur.fetchone()
     assert wrong == 0 and referrers > 5
+
+
+def test_every_user_is_proven_and_every_link_confirmed(cur: Any) -> None:
+    """The benchmark measures the usual path: proven users (auth says so, and so do the notices the
+    referral service keeps), confirmed links."""
+    assert scalar(cur, "SELECT count(*) FROM auth.users WHERE NOT email_verified") == 0
+    assert (
+        scalar(
+            cur,
+            "SELECT count(*) FROM auth.users u FULL JOIN referral.verified_users v ON v.user_id = u.id"
+            " WHERE u.id IS NULL OR v.user_id IS NULL",
+        )
+        == 0
+    )
+    assert scalar(cur, "SELECT count(*) FROM referral.referrals WHERE status <> 'confirmed'") == 0
+    assert scalar(cur, "SELECT count(*) FROM referral.referrer_totals WHERE confirmed <> total") == 0
 
 
 def test_deep_cursors_decode_and_their_next_page_is_not_empty(loaded: Loaded, cur: Any) -> None:

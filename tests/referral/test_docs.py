@@ -16,7 +16,7 @@ PROBLEM_REF = "#/components/schemas/Problem"
 
 # (method, path, success statuses, error statuses the contract names)
 OPERATIONS = [
-    ("post", f"{PREFIX}/codes", {"201"}, {"400", "401", "409", "415", "422"}),
+    ("post", f"{PREFIX}/codes", {"201"}, {"400", "401", "403", "409", "415", "422"}),
     ("get", f"{PREFIX}/codes/me", {"200"}, {"401", "404"}),
     ("delete", f"{PREFIX}/codes/me", {"204"}, {"401", "404"}),
     ("get", f"{PREFIX}/codes", {"200"}, {"404", "422"}),
@@ -134,6 +134,24 @@ async def test_request_and_response_schemas(spec):
     params = {(p["in"], p["name"]): p for p in listing["parameters"]}
     assert params[("path", "referrer_id")].get("required") is True
     assert {("query", "limit"), ("query", "cursor")} <= set(params)
+
+
+async def test_link_statuses_and_counts_are_in_the_schemas(spec):
+    activate = spec["paths"][f"{PREFIX}/referrals"]["post"]
+    link = schema_of(spec, activate["responses"]["201"]["content"]["application/json"]["schema"])
+    assert set(link["properties"]) == {"referrer_id", "referral_id", "created_at", "status"}
+    assert set(link["required"]) == set(link["properties"])
+    assert link["properties"]["status"]["enum"] == ["pending", "confirmed"]
+    assert "email_verified" in activate["description"]
+    listing = spec["paths"][f"{PREFIX}/referrers/{{referrer_id}}/referrals"]["get"]
+    page = schema_of(spec, listing["responses"]["200"]["content"]["application/json"]["schema"])
+    assert set(page["properties"]) == {"referrer_id", "total", "confirmed", "items", "next_cursor"}
+    assert set(page["required"]) == set(page["properties"])
+    item = schema_of(spec, page["properties"]["items"]["items"])
+    assert set(item["properties"]) == {"referral_id", "email", "joined_at", "status"}
+    assert item["properties"]["status"]["enum"] == ["pending", "confirmed"]
+    create = spec["paths"][f"{PREFIX}/codes"]["post"]
+    assert "email_unverified" in create["description"]
 
 
 async def test_every_ref_resolves_in_every_app_the_process_builds(make_system):

@@ -6,23 +6,7 @@ import uuid
 
 import pytest
 
-from services.auth.signing import AccessTokenIssuer, parse_key_ring
-
-INTERNAL_LINK = "/internal/v1/referrals"
-
-
-def service_token(
-    system, signing_pem, *, audience=None, scope=("referrals:internal",), subject="auth-service"
-):
-    issuer = AccessTokenIssuer(
-        parse_key_ring(signing_pem), issuer=system.auth_settings.issuer, audience="unused", ttl=300
-    )
-    audience = audience or system.referral_settings.internal_audience
-    return issuer.issue(subject, email=None, audience=audience, scope=scope).token
-
-
-def auth_header(token):
-    return {"Authorization": f"Bearer {token}"}
+from tests.referral.conftest import INTERNAL_LINK, auth_header, service_token, verified_path
 
 
 async def test_code_check(system, signing_pem, db):
@@ -118,23 +102,32 @@ async def test_link_validation(system, signing_pem, body):
     assert (await system.referral.post(INTERNAL_LINK, json=body, headers=headers)).status == 422
 
 
-async def test_user_tokens_are_refused_on_internal_endpoints(system):
+async def test_user_tokens_are_refused_on_internal_endpoints(system, db):
     ann, bob = await system.user("ann@example.com"), await system.user("bob@example.com")
     link = {"referral_id": bob.id, "referrer_id": ann.id, "referral_email": bob.email, "code": "C0DE"}
     for response in (
         await system.referral.post(INTERNAL_LINK, json=link, headers=ann.headers),
         await system.referral.get("/internal/v1/codes/whatever", headers=ann.headers),
         await system.referral.get("/internal/v1/codes/whatever"),
+        await system.referral.post(verified_path(str(uuid.uuid4())), headers=ann.headers),
+        await system.referral.post(verified_path(str(uuid.uuid4()))),
     ):
         assert response.status == 401
         assert response.content_type == "application/problem+json"
 
 
-async def test_service_token_without_the_scope_is_forbidden(system, signing_pem):
+async def test_service_token_without_the_scope_is_forbidden(system, signing_pem, db):
     token = service_token(system, signing_pem, scope=("something:else",))
-    response = await system.referral.get("/internal/v1/codes/whatever", headers=auth_header(token))
-    assert response.status == 403
-    assert (await response.json())["code"] == "insufficient_scope"
+    user_id = str(uuid.uuid4())
+    for response in (
+        await system.referral.get("/internal/v1/codes/whatever", headers=auth_header(token)),
+        await system.referral.post(verified_path(user_id), headers=auth_header(token)),
+    ):
+        assert response.status == 403
+        assert (await response.json())["code"] == "insufficient_scope"
+    with db.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM referral.verified_users WHERE user_id = %s", (user_id,))
+        assert cursor.fetchone()[0] == 0
 
 
 async def test_service_tokens_are_refused_on_user_endpoints(system, signing_pem):

@@ -25,12 +25,14 @@ async def test_activation_links_the_caller_to_the_owner(system, db):
     response = await system.activate(bob, code.lower())
     assert response.status == 201
     body = await response.json()
+    assert set(body) == {"referrer_id", "referral_id", "created_at", "status"}
     assert body["referrer_id"] == ann.id
     assert body["referral_id"] == bob.id
     assert body["created_at"].endswith("+00:00")
+    assert body["status"] == "confirmed"  # bob's token says his address is proven
     with db.cursor() as cursor:
-        cursor.execute("SELECT referrer_id::text, referral_email, code FROM referral.referrals")
-        assert cursor.fetchall() == [(ann.id, "bob@example.com", code)]
+        cursor.execute("SELECT referrer_id::text, referral_email, code, status FROM referral.referrals")
+        assert cursor.fetchall() == [(ann.id, "bob@example.com", code, "confirmed")]
 
 
 async def test_activation_errors(system, db):
@@ -130,7 +132,11 @@ async def test_listing_masks_emails_for_anyone_but_the_referrer(system):
     assert mine["items"][0]["email"] == "Bob.Smith@example.com"
     assert theirs["items"][0]["email"] == "B***@example.com"
     assert mine["total"] == theirs["total"] == 1
+    assert mine["confirmed"] == theirs["confirmed"] == 1
     assert mine["items"][0]["referral_id"] == bob.id
+    assert mine["items"][0]["status"] == theirs["items"][0]["status"] == "confirmed"
+    assert set(mine) == {"referrer_id", "total", "confirmed", "items", "next_cursor"}
+    assert set(mine["items"][0]) == {"referral_id", "email", "joined_at", "status"}
     assert mine["next_cursor"] is None
 
 
@@ -138,6 +144,7 @@ async def test_listing_of_someone_without_referrals_is_empty(system):
     ann = await system.user("ann@example.com")
     body = await (await system.referrals_of(ann, str(uuid.uuid4()))).json()
     assert body["total"] == 0
+    assert body["confirmed"] == 0
     assert body["items"] == []
     assert body["next_cursor"] is None
 
@@ -193,18 +200,20 @@ async def test_250_referrals_page_through_newest_first_without_gaps(system, db):
     with db.cursor() as cursor:
         # Some share a created_at, so the tie-break on referral_id is exercised too.
         cursor.execute(
-            "INSERT INTO referral.referrals (referral_id, referrer_id, referral_email, code, created_at)"
+            "INSERT INTO referral.referrals"
+            " (referral_id, referrer_id, referral_email, code, created_at, status)"
             " SELECT gen_random_uuid(), %s, 'r' || n || '@example.com', 'CODE',"
-            "        now() - (n / 3) * interval '1 second'"
+            "        now() - (n / 3) * interval '1 second',"
+            "        CASE WHEN n %% 5 = 0 THEN 'pending' ELSE 'confirmed' END"
             " FROM generate_series(1, 250) AS n",
             (ann.id,),
         )
         cursor.execute(
-            "SELECT referral_id::text FROM referral.referrals WHERE referrer_id = %s"
+            "SELECT referral_id::text, status FROM referral.referrals WHERE referrer_id = %s"
             " ORDER BY created_at DESC, referral_id DESC",
             (ann.id,),
         )
-        expected = [row[0] for row in cursor.fetchall()]
+        expected = cursor.fetchall()
     seen, cursor_value, pages = [], None, 0
     while True:
         query = {"limit": 40}
@@ -214,7 +223,8 @@ async def test_250_referrals_page_through_newest_first_without_gaps(system, db):
         assert response.status == 200
         body = await response.json()
         assert body["total"] == 250
-        seen.extend(item["referral_id"] for item in body["items"])
+        assert body["confirmed"] == 200
+        seen.extend((item["referral_id"], item["status"]) for item in body["items"])
         pages += 1
         cursor_value = body["next_cursor"]
         if cursor_value is None:

@@ -181,7 +181,19 @@ def test_list_defaults_are_refused():
 
 # --- AuthSettings --------------------------------------------------------------------------------
 
-AUTH_BASE = {"DATABASE_URL": "postgresql://db/auth", "REDIS_URL": "redis://r/0"}
+AUTH_BASE = {
+    "DATABASE_URL": "postgresql://db/auth",
+    "REDIS_URL": "redis://r/0",
+    "AUTH_SMTP_URL": "smtp://mail.example.internal:587",
+}
+
+
+def test_production_refuses_to_start_without_a_mail_server(pem: str) -> None:
+    environ = {**AUTH_BASE, "AUTH_JWT_PRIVATE_KEYS": pem}
+    del environ["AUTH_SMTP_URL"]
+    with pytest.raises(SettingsError, match="AUTH_SMTP_URL is required outside dev mode"):
+        load_settings(AuthSettings, AUTH_PREFIX, environ)
+    assert load_settings(AuthSettings, AUTH_PREFIX, {**environ, "AUTH_ENV": "dev"}).smtp_url is None
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -11,15 +12,20 @@ from multidict import MultiDictProxy
 from services.auth.api.schemas import (
     AuthorizeQuerySchema,
     CallbackQuerySchema,
+    ChangePasswordSchema,
     DiscoverySchema,
+    ForgotPasswordSchema,
     JwksSchema,
+    MailTokenSchema,
     MeSchema,
     OAuthErrorSchema,
     ProviderPathSchema,
+    ResetPasswordSchema,
     SignupRequestSchema,
     SignupResponseSchema,
     TokenResponseSchema,
     UserSchema,
+    VerifiedUserSchema,
 )
 from services.auth.appkeys import AUTH_SERVICE, KEY_RING, OAUTH_SERVICE, SETTINGS, TRUSTED_PROXIES
 from services.auth.domain.errors import invalid_grant, invalid_request, unsupported_grant_type
@@ -215,6 +221,7 @@ async def me(request: web.Request) -> web.Response:
         {
             "id": str(user.id),
             "email": user.email,
+            "email_verified": user.email_verified,
             "created_at": user.created_at.isoformat(),
             "referrer_id": str(user.referrer_id) if user.referrer_id else None,
             "email_check": user.email_check,
@@ -305,6 +312,139 @@ async def oauth_callback(request: web.Request) -> web.Response:
     return _session_response(result.session, status=201 if result.created else 200)
 
 
+_BEARER: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"oauth2": []}]
+ACCEPTED = 202
+
+
+@docs(
+    tags=TAG,
+    summary="Mail me a new verification link",
+    description=(
+        "Queues a mail with a link that proves the bearer owns their address (valid 24 hours by "
+        "default). At most one mail of each kind a minute, and 10 a day, go to one address (429 with "
+        "Retry-After); the gateway limits each client too. 409 `email_already_verified` when proven."
+    ),
+    security=_BEARER,
+    responses={ACCEPTED: {"description": "The mail is queued"}, **problem_responses(401, 409, 429)},
+)
+@bearer(TOKEN_VERIFIER)
+async def request_verification(request: web.Request) -> web.Response:
+    await request.app[AUTH_SERVICE].request_verification(request[CLAIMS].user_id)
+    return web.Response(status=ACCEPTED)
+
+
+@docs(
+    tags=TAG,
+    summary="Prove an address with the token of its verification mail",
+    description=(
+        "The token is single use. 400 `verification_invalid` for an unknown or used token, 410 "
+        "`verification_expired` for an expired one. A proven address unlocks referral codes and "
+        "enrichment, and confirms the user's pending referral link."
+    ),
+    responses=problem_responses(400, 410, 413, 415, 422),
+)
+@request_schema(MailTokenSchema)
+@response_schema(VerifiedUserSchema, 200, description="The user, with email_verified true")
+async def verify_email(request: web.Request) -> web.Response:
+    user = await request.app[AUTH_SERVICE].verify_email(request["data"]["token"])
+    return json_response({"user": _user_schema.dump(user)}, headers=NO_STORE)
+
+
+@docs(
+    tags=TAG,
+    summary="Mail me a password reset link",
+    description=(
+        "Always 202, in the same time, whether or not an account has this address; when one does "
+        "(also one without a password, made through a provider), a reset link valid 30 minutes by "
+        "default is mailed, and older reset links stop working. Limited per address like the "
+        "verification mail (429) and per client by the gateway."
+    ),
+    responses={ACCEPTED: {"description": "Accepted"}, **problem_responses(400, 413, 415, 422, 429)},
+)
+@request_schema(ForgotPasswordSchema)
+async def forgot_password(request: web.Request) -> web.Response:
+    await request.app[AUTH_SERVICE].forgot_password(request["data"]["email"])
+    return web.Response(status=ACCEPTED)
+
+
+@docs(
+    tags=TAG,
+    summary="Set a new password with the token of a reset mail",
+    description=(
+        "Answers like signup: the user and a new login. The address becomes proven (the mail reached "
+        "its owner), every other login of the user is revoked, every reset link dies, and the "
+        "account's login throttles are cleared. 400 `reset_invalid` for an unknown, used or replaced "
+        "token, 410 `reset_expired` for an expired one."
+    ),
+    responses=problem_responses(400, 410, 413, 415, 422),
+)
+@request_schema(ResetPasswordSchema)
+@response_schema(SignupResponseSchema, 200, description="The user, signed in anew")
+async def reset_password(request: web.Request) -> web.Response:
+    data = request["data"]
+    session = await request.app[AUTH_SERVICE].reset_password(data["token"], data["password"])
+    return _session_response(session, status=200)
+
+
+@docs(
+    tags=TAG,
+    summary="Change my password",
+    description=(
+        "Needs the current password: a wrong one answers 403 `wrong_password` and counts as a failed "
+        "login of this account from this address (429 past the limit). Every other login of the user "
+        "is revoked (the caller's stays), and every reset link dies."
+    ),
+    security=_BEARER,
+    responses={204: {"description": "Changed"}, **problem_responses(400, 401, 403, 413, 415, 422, 429)},
+)
+@request_schema(ChangePasswordSchema)
+@bearer(TOKEN_VERIFIER)
+async def change_password(request: web.Request) -> web.Response:
+    data, claims = request["data"], request[CLAIMS]
+    await request.app[AUTH_SERVICE].change_password(
+        claims.user_id,
+        claims.session_id,
+        data["current_password"],
+        data["new_password"],
+        client_address(request, request.app[TRUSTED_PROXIES]),
+    )
+    return web.Response(status=204)
+
+
+@docs(
+    tags=TAG,
+    summary="Sign out everywhere",
+    description="Revokes every refresh token of the user; access tokens end at their expiry.",
+    security=_BEARER,
+    responses={204: {"description": "Signed out"}, **problem_responses(401)},
+)
+@bearer(TOKEN_VERIFIER)
+async def sign_out_everywhere(request: web.Request) -> web.Response:
+    await request.app[AUTH_SERVICE].sign_out_everywhere(request[CLAIMS].user_id)
+    return web.Response(status=204)
+
+
+PAGES_DIR = Path(__file__).resolve().parents[1] / "pages"
+# The pages mail links open (API.md): static files, read once; their script is a file of its own, so the
+# gateway's Content-Security-Policy needs no inline script for them.
+_PAGES = {
+    "verify-email": ("verify-email.html", "text/html"),
+    "reset-password": ("reset-password.html", "text/html"),
+    "pages.js": ("pages.js", "text/javascript"),
+    "pages.css": ("pages.css", "text/css"),
+}
+_PAGE_BODIES = {name: ((PAGES_DIR / file).read_bytes(), kind) for name, (file, kind) in _PAGES.items()}
+
+
+async def page(request: web.Request) -> web.Response:
+    """A mailed link's page (or its script or style); 404 for anything else."""
+    found = _PAGE_BODIES.get(request.match_info["name"])
+    if found is None:
+        raise web.HTTPNotFound()
+    body, kind = found
+    return web.Response(body=body, content_type=kind, charset="utf-8", headers={"Cache-Control": "no-store"})
+
+
 def add_routes(app: web.Application) -> None:
     """Every public route under /api/v1/auth."""
     app.router.add_post(f"{API_PREFIX}/signup", signup)
@@ -315,3 +455,10 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{API_PREFIX}/.well-known/openid-configuration", discovery)
     app.router.add_get(f"{API_PREFIX}/oauth/{{provider}}/authorize", oauth_authorize)
     app.router.add_get(f"{API_PREFIX}/oauth/{{provider}}/callback", oauth_callback)
+    app.router.add_post(f"{API_PREFIX}/email/verification", request_verification)
+    app.router.add_post(f"{API_PREFIX}/email/verify", verify_email)
+    app.router.add_post(f"{API_PREFIX}/password/forgot", forgot_password)
+    app.router.add_post(f"{API_PREFIX}/password/reset", reset_password)
+    app.router.add_post(f"{API_PREFIX}/password/change", change_password)
+    app.router.add_delete(f"{API_PREFIX}/sessions", sign_out_everywhere)
+    app.router.add_get(f"{API_PREFIX}/pages/{{name}}", page)

@@ -21,13 +21,17 @@ class TrimmedString(fields.String):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
-class SignupRequestSchema(Schema):
-    email = TrimmedEmail(required=True, metadata={"example": "jane@example.com"})
-    password = fields.String(
+def _password(description: str) -> fields.String:
+    return fields.String(
         required=True,
         validate=validate.Length(min=PASSWORD_MIN, max=PASSWORD_MAX),
-        metadata={"description": "8 to 128 characters", "format": "password"},
+        metadata={"description": description, "format": "password"},
     )
+
+
+class SignupRequestSchema(Schema):
+    email = TrimmedEmail(required=True, metadata={"example": "jane@example.com"})
+    password = _password("8 to 128 characters")
     referral_code = TrimmedString(
         load_default=None,
         validate=validate.Length(min=1, max=64),
@@ -38,8 +42,38 @@ class SignupRequestSchema(Schema):
 class UserSchema(Schema):
     id = fields.UUID(required=True)
     email = fields.String(required=True)
+    email_verified = fields.Boolean(
+        required=True, metadata={"description": "whether the owner of the address has proven it"}
+    )
     created_at = fields.DateTime(required=True)
     referrer_id = fields.UUID(required=True, allow_none=True)
+
+
+class MailTokenSchema(Schema):
+    token = fields.String(
+        required=True,
+        validate=validate.Length(min=16, max=256),
+        metadata={"description": "the token of the mailed link (after `#token=`)"},
+    )
+
+
+class ForgotPasswordSchema(Schema):
+    email = TrimmedEmail(required=True, metadata={"example": "jane@example.com"})
+
+
+class ResetPasswordSchema(MailTokenSchema):
+    password = _password("the new password, 8 to 128 characters")
+
+
+class ChangePasswordSchema(Schema):
+    current_password = fields.String(
+        required=True, validate=validate.Length(min=1, max=PASSWORD_MAX), metadata={"format": "password"}
+    )
+    new_password = _password("8 to 128 characters")
+
+
+class VerifiedUserSchema(Schema):
+    user = fields.Nested(UserSchema, required=True)
 
 
 class MeSchema(UserSchema):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import bindparam, insert, select
+from sqlalchemy import bindparam, delete, insert, select
 
 from services.auth.db.tables import identities_table as identities
 from shared.db import Connection, Database, UniqueViolation, prepare
@@ -24,6 +24,9 @@ _INSERT_IDENTITY = prepare(
         email=bindparam("email"),
     )
 )
+
+
+_REMOVE_ALL = prepare(delete(identities).where(identities.c.user_id == bindparam("user_id")))
 
 
 class IdentityAlreadyLinked(Exception):
@@ -60,3 +63,7 @@ class IdentityRepository:
             if violation.constraint == IDENTITY_KEY:
                 raise IdentityAlreadyLinked(provider, subject) from None
             raise
+
+    async def remove_all(self, conn: Connection, user_id: uuid.UUID) -> int:
+        """Unlink every identity of the user, in the caller's transaction; how many there were."""
+        return await conn.execute(_REMOVE_ALL, {"user_id": user_id})

@@ -10,10 +10,9 @@ from typing import Any
 
 from sqlalchemy import bindparam, func, insert, select, update
 
-from services.auth.db.tables import referral_outbox_table as outbox
 from services.auth.db.tables import refresh_tokens_table as rt
 from services.auth.db.tables import users_table as users
-from services.auth.domain.models import Credentials, PendingLink, ReferralLink, User
+from services.auth.domain.models import Credentials, User
 from shared.db import Connection, Database, UniqueViolation, prepare
 
 EMAIL_UNIQUE = "users_email_lower_key"
@@ -25,6 +24,7 @@ _USER_COLUMNS = (
     users.c.referrer_id,
     users.c.email_check,
     users.c.profile,
+    users.c.email_verified,
 )
 
 _INSERT_USER = prepare(
@@ -34,6 +34,7 @@ _INSERT_USER = prepare(
         password_hash=bindparam("password_hash"),
         referrer_id=bindparam("referrer_id"),
         email_check=bindparam("email_check"),
+        email_verified=bindparam("email_verified"),
     )
     .returning(*_USER_COLUMNS)
 )
@@ -44,6 +45,16 @@ _CREDENTIALS_BY_EMAIL = prepare(
 _EMAIL_EXISTS = prepare(select(users.c.id).where(func.lower(users.c.email) == bindparam("email")))
 _SET_PASSWORD_HASH = prepare(
     update(users).where(users.c.id == bindparam("id")).values(password_hash=bindparam("password_hash"))
+)
+_MARK_VERIFIED = prepare(
+    update(users).where(users.c.id == bindparam("id")).values(email_verified=True).returning(*_USER_COLUMNS)
+)
+# A provider vouching for the address of an unverified account: whoever made it loses it (API.md).
+_TAKE_OVER = prepare(
+    update(users)
+    .where(users.c.id == bindparam("id"))
+    .values(password_hash=None, email_verified=True)
+    .returning(*_USER_COLUMNS)
 )
 _SET_PROFILE = prepare(
     update(users).where(users.c.id == bindparam("id")).values(profile=bindparam("profile"))
@@ -74,69 +85,20 @@ _TOKEN_STATE = prepare(
     select(rt.c.family_id, rt.c.rotated_at, rt.c.revoked_at).where(rt.c.token_hash == bindparam("token_hash"))
 )
 _FAMILY_OF = prepare(select(rt.c.family_id).where(rt.c.token_hash == bindparam("token_hash")))
+_REVOKE_USER_FAMILIES = prepare(
+    update(rt)
+    .where(
+        rt.c.user_id == bindparam("user_id"),
+        rt.c.family_id != bindparam("keep_family"),
+        rt.c.revoked_at.is_(None),
+    )
+    .values(revoked_at=func.now())
+)
 _REVOKE_FAMILY = prepare(
     update(rt)
     .where(rt.c.family_id == bindparam("family_id"), rt.c.revoked_at.is_(None))
     .values(revoked_at=func.now())
 )
-
-_OUTBOX_COLUMNS = (
-    outbox.c.referral_id,
-    outbox.c.referrer_id,
-    outbox.c.referral_email,
-    outbox.c.code,
-    outbox.c.attempts,
-)
-# A new link is written already claimed by the signup that delivers it at once: attempts 1, leased.
-_INSERT_OUTBOX = prepare(
-    insert(outbox).values(
-        referral_id=bindparam("referral_id"),
-        referrer_id=bindparam("referrer_id"),
-        referral_email=bindparam("referral_email"),
-        code=bindparam("code"),
-        attempts=1,
-        next_attempt_at=func.now() + bindparam("lease"),
-    )
-)
-# Claim due rows atomically: SKIP LOCKED lets replicas claim disjoint rows at the same moment, and
-# moving next_attempt_at past the lease keeps the rows from being claimed again while in flight.
-_DUE = (
-    select(outbox.c.referral_id)
-    .where(
-        outbox.c.delivered_at.is_(None),
-        outbox.c.failed_at.is_(None),
-        outbox.c.next_attempt_at <= func.now(),
-    )
-    .order_by(outbox.c.next_attempt_at)
-    .limit(bindparam("limit"))
-    .with_for_update(skip_locked=True)
-)
-_CLAIM_DUE = prepare(
-    update(outbox)
-    .where(outbox.c.referral_id.in_(_DUE.scalar_subquery()))
-    .values(next_attempt_at=func.now() + bindparam("lease"), attempts=outbox.c.attempts + 1)
-    .returning(*_OUTBOX_COLUMNS)
-)
-_MARK_DELIVERED = prepare(
-    update(outbox)
-    .where(outbox.c.referral_id == bindparam("referral_id"), outbox.c.delivered_at.is_(None))
-    .values(delivered_at=func.now(), failed_at=None, last_error=None)
-)
-_MARK_FAILED = prepare(
-    update(outbox)
-    .where(outbox.c.referral_id == bindparam("referral_id"), outbox.c.delivered_at.is_(None))
-    .values(failed_at=func.now(), last_error=bindparam("last_error"))
-)
-_MARK_RETRY = prepare(
-    update(outbox)
-    .where(
-        outbox.c.referral_id == bindparam("referral_id"),
-        outbox.c.delivered_at.is_(None),
-        outbox.c.failed_at.is_(None),
-    )
-    .values(next_attempt_at=func.now() + bindparam("delay"), last_error=bindparam("last_error"))
-)
-LAST_ERROR_MAX = 200
 
 
 def _user(row: Mapping[str, Any]) -> User:
@@ -147,6 +109,7 @@ def _user(row: Mapping[str, Any]) -> User:
         referrer_id=row["referrer_id"],
         email_check=row["email_check"],
         profile=row["profile"],
+        email_verified=row["email_verified"],
     )
 
 
@@ -187,6 +150,7 @@ class UserRepository:
         referrer_id: uuid.UUID | None = None,
         *,
         email_check: Mapping[str, Any] | None = None,
+        email_verified: bool = False,
     ) -> User:
         """Insert a user in the caller's transaction; EmailAlreadyUsed when the email is taken."""
         params = {
@@ -194,6 +158,7 @@ class UserRepository:
             "password_hash": password_hash,
             "referrer_id": referrer_id,
             "email_check": dict(email_check) if email_check is not None else None,
+            "email_verified": email_verified,
         }
         try:
             row = await conn.fetch_one(_INSERT_USER, params)
@@ -204,16 +169,30 @@ class UserRepository:
         assert row is not None
         return _user(row)
 
-    async def get(self, user_id: uuid.UUID) -> User | None:
-        row = await self._db.fetch_one(_USER_BY_ID, {"id": user_id})
+    async def get(self, user_id: uuid.UUID, *, conn: Connection | None = None) -> User | None:
+        """On `conn` when given (inside the caller's transaction)."""
+        row = await (conn or self._db).fetch_one(_USER_BY_ID, {"id": user_id})
         return _user(row) if row else None
 
     async def credentials(self, email: str) -> Credentials | None:
         row = await self._db.fetch_one(_CREDENTIALS_BY_EMAIL, {"email": email.lower()})
         return Credentials(_user(row), row["password_hash"]) if row else None
 
-    async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> None:
-        await self._db.execute(_SET_PASSWORD_HASH, {"id": user_id, "password_hash": password_hash})
+    async def set_password_hash(
+        self, user_id: uuid.UUID, password_hash: str, *, conn: Connection | None = None
+    ) -> None:
+        """On `conn` when given (inside the caller's transaction)."""
+        await (conn or self._db).execute(_SET_PASSWORD_HASH, {"id": user_id, "password_hash": password_hash})
+
+    async def mark_verified(self, conn: Connection, user_id: uuid.UUID) -> User | None:
+        """The address is proven; the user as it now is (None when gone)."""
+        row = await conn.fetch_one(_MARK_VERIFIED, {"id": user_id})
+        return _user(row) if row else None
+
+    async def take_over(self, conn: Connection, user_id: uuid.UUID) -> User | None:
+        """Drop the password and mark the address proven (the caller removes identities and sessions)."""
+        row = await conn.fetch_one(_TAKE_OVER, {"id": user_id})
+        return _user(row) if row else None
 
     async def set_profile(self, user_id: uuid.UUID, profile: Mapping[str, Any]) -> bool:
         """Store the enriched profile; False when the user no longer exists."""
@@ -261,55 +240,13 @@ class RefreshTokenRepository:
         row = await self._db.fetch_one(_FAMILY_OF, {"token_hash": token_hash})
         return row["family_id"] if row else None
 
+    async def revoke_all(
+        self, user_id: uuid.UUID, *, keep: uuid.UUID | None = None, conn: Connection | None = None
+    ) -> int:
+        """Revoke every live token of the user, but those of the family `keep`; return how many."""
+        params = {"user_id": user_id, "keep_family": keep or uuid.UUID(int=0)}
+        return await (conn or self._db).execute(_REVOKE_USER_FAMILIES, params)
+
     async def revoke_family(self, family_id: uuid.UUID) -> int:
         """Revoke every token of the family still standing; return how many."""
         return await self._db.execute(_REVOKE_FAMILY, {"family_id": family_id})
-
-
-def _pending(row: Mapping[str, Any]) -> PendingLink:
-    link = ReferralLink(
-        referral_id=row["referral_id"],
-        referrer_id=row["referrer_id"],
-        referral_email=row["referral_email"],
-        code=row["code"],
-    )
-    return PendingLink(link, row["attempts"])
-
-
-class ReferralOutboxRepository:
-    """Referral links waiting to be delivered to the referral service, with their attempts."""
-
-    def __init__(self, database: Database) -> None:
-        self._db = database
-
-    async def add(self, conn: Connection, link: ReferralLink, *, lease: timedelta) -> PendingLink:
-        """Write the link in the caller's (the signup's) transaction, claimed for `lease` by the caller."""
-        await conn.execute(
-            _INSERT_OUTBOX,
-            {
-                "referral_id": link.referral_id,
-                "referrer_id": link.referrer_id,
-                "referral_email": link.referral_email,
-                "code": link.code,
-                "lease": lease,
-            },
-        )
-        return PendingLink(link, 1)
-
-    async def claim_due(self, *, limit: int, lease: timedelta) -> list[PendingLink]:
-        """Claim up to `limit` due links for one attempt each; nobody else gets them until `lease` ends."""
-        rows = await self._db.fetch_all(_CLAIM_DUE, {"limit": limit, "lease": lease})
-        return [_pending(row) for row in rows]
-
-    async def mark_delivered(self, referral_id: uuid.UUID) -> None:
-        await self._db.execute(_MARK_DELIVERED, {"referral_id": referral_id})
-
-    async def mark_failed(self, referral_id: uuid.UUID, error: str) -> None:
-        """A permanent refusal: the link is never tried again."""
-        params = {"referral_id": referral_id, "last_error": error[:LAST_ERROR_MAX]}
-        await self._db.execute(_MARK_FAILED, params)
-
-    async def retry_later(self, referral_id: uuid.UUID, delay: timedelta, error: str) -> None:
-        await self._db.execute(
-            _MARK_RETRY, {"referral_id": referral_id, "delay": delay, "last_error": error[:LAST_ERROR_MAX]}
-        )

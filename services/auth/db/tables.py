@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -32,6 +33,7 @@ users_table = Table(
     Column("referrer_id", Uuid),
     Column("email_check", JSONB),
     Column("profile", JSONB),
+    Column("email_verified", Boolean, nullable=False, server_default=text("false")),
     CheckConstraint("char_length(email) BETWEEN 3 AND 254", name="users_email_length"),
     CheckConstraint("referrer_id IS DISTINCT FROM id", name="users_not_own_referrer"),
 )
@@ -96,3 +98,68 @@ identities_table = Table(
     CheckConstraint("char_length(email) BETWEEN 3 AND 254", name="identities_email_length"),
 )
 Index("identities_user_idx", identities_table.c.user_id)
+
+mail_tokens_table = Table(
+    "mail_tokens",
+    metadata,
+    Column("token_hash", LargeBinary, primary_key=True),
+    Column("user_id", Uuid, ForeignKey("auth.users.id", ondelete="CASCADE"), nullable=False),
+    Column("purpose", Text, nullable=False),
+    Column("email", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("used_at", DateTime(timezone=True)),
+    CheckConstraint("octet_length(token_hash) = 32", name="mail_tokens_hash_length"),
+    CheckConstraint("purpose IN ('verify_email', 'reset_password')", name="mail_tokens_purpose"),
+)
+Index(
+    "mail_tokens_live_by_user",
+    mail_tokens_table.c.user_id,
+    mail_tokens_table.c.purpose,
+    postgresql_where=text("used_at IS NULL"),
+)
+
+
+def _delivery_columns(table: str) -> list[Column[object] | CheckConstraint]:
+    """The columns and checks every outbox has: attempts, the lease, the outcome, the last error."""
+    return [
+        Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        Column("attempts", Integer, nullable=False, server_default=text("0")),
+        Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+        Column("delivered_at", DateTime(timezone=True)),
+        Column("failed_at", DateTime(timezone=True)),
+        Column("last_error", Text),
+        CheckConstraint("attempts >= 0", name=f"{table}_attempts_not_negative"),
+        CheckConstraint("char_length(last_error) <= 200", name=f"{table}_last_error_length"),
+        CheckConstraint("delivered_at IS NULL OR failed_at IS NULL", name=f"{table}_one_outcome"),
+    ]
+
+
+mail_outbox_table = Table(
+    "mail_outbox",
+    metadata,
+    Column("id", Uuid, primary_key=True, server_default=text("gen_random_uuid()")),
+    Column("user_id", Uuid, ForeignKey("auth.users.id", ondelete="CASCADE"), nullable=False),
+    Column("recipient", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("link", Text),
+    *_delivery_columns("mail_outbox"),
+    CheckConstraint("kind IN ('verify_email', 'reset_password')", name="mail_outbox_kind"),
+)
+Index(
+    "mail_outbox_pending_idx",
+    mail_outbox_table.c.next_attempt_at,
+    postgresql_where=text("delivered_at IS NULL AND failed_at IS NULL"),
+)
+
+verified_outbox_table = Table(
+    "verified_outbox",
+    metadata,
+    Column("user_id", Uuid, ForeignKey("auth.users.id", ondelete="CASCADE"), primary_key=True),
+    *_delivery_columns("verified_outbox"),
+)
+Index(
+    "verified_outbox_pending_idx",
+    verified_outbox_table.c.next_attempt_at,
+    postgresql_where=text("delivered_at IS NULL AND failed_at IS NULL"),
+)

@@ -94,3 +94,64 @@ def login_throttled(retry_after: int) -> OAuthError:
         status=429,
         headers={"Retry-After": str(retry_after)},
     )
+
+
+class EmailAlreadyVerified(Problem):
+    status = 409
+    code = "email_already_verified"
+    title = "This email address is already verified"
+
+
+class VerificationInvalid(Problem):
+    status = 400
+    code = "verification_invalid"
+    title = "This verification link is unknown or was already used"
+
+
+class VerificationExpired(Problem):
+    status = 410
+    code = "verification_expired"
+    title = "This verification link has expired; ask for a new one"
+
+
+class ResetInvalid(Problem):
+    status = 400
+    code = "reset_invalid"
+    title = "This password reset link is unknown, was already used or was replaced"
+
+
+class ResetExpired(Problem):
+    status = 410
+    code = "reset_expired"
+    title = "This password reset link has expired; ask for a new one"
+
+
+class WrongPassword(Problem):
+    status = 403
+    code = "wrong_password"
+    title = "The current password is not right"
+
+
+class PasswordChangeThrottled(Problem):
+    status = 429
+    code = "too_many_requests"
+    title = "Too many wrong passwords; retry later"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            f"Too many wrong passwords for this account from this address; retry in {retry_after} seconds.",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
+class MailThrottled(Problem):
+    status = 429
+    code = "too_many_mails"
+    title = "Too many mails to this address; retry later"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            f"At most one mail of this kind a minute, and 10 a day, go to one address; retry in {retry_after}"
+            " seconds.",
+            headers={"Retry-After": str(retry_after)},
+        )

@@ -20,6 +20,7 @@ class User:
     referrer_id: uuid.UUID | None
     email_check: Any
     profile: Any
+    email_verified: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +66,6 @@ class ReferralLink:
     referrer_id: uuid.UUID
     referral_email: str
     code: str
-
-
-@dataclass(frozen=True, slots=True)
-class PendingLink:
-    """A link in the outbox, claimed for one delivery attempt (`attempts` counts this one)."""
-
-    link: ReferralLink
-    attempts: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,9 @@
 replica can finish it, and sends the user to the provider. `finish` takes the state back exactly
 once, has the provider exchange the code (checking the ID token), and then finds the user by
 (provider, subject); a new subject whose email already has an account is linked to it only when
-the provider vouches for the email; otherwise a new user is created, exactly as a password signup
-would (referral code, email check, enrichment), but without a password.
+the provider vouches for the email (and when that account's address was never proven, the provider's
+proof wins: `AuthService.take_over`); otherwise a new user is created, exactly as a password signup
+would (referral code, email check), but without a password, proven when the provider vouches.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from services.auth.domain.errors import (
     SignInUnavailable,
     UnknownProvider,
 )
-from services.auth.domain.models import Session
+from services.auth.domain.models import Session, User
 from services.auth.domain.services import AuthService
-from services.auth.oauth.providers import IdentityProvider, ProviderError
+from services.auth.oauth.providers import IdentityProvider, ProviderError, ProviderIdentity
 from services.auth.oauth.state import OAuthStateStore, StateStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -118,19 +119,7 @@ class OAuthService:
 
         existing = await self.auth.users.credentials(identity.email)
         if existing is not None:
-            if not identity.email_verified:
-                raise EmailTaken(
-                    "An account with this email exists, and the provider does not vouch for the email,"
-                    " so the sign-in cannot be linked to it."
-                )
-            try:
-                session = await self.auth.sign_in(existing.user, link_identity=(name, identity.subject))
-            except IdentityAlreadyLinked:
-                raise OAuthFailed(
-                    "This provider account was linked at the same moment; sign in again."
-                ) from None
-            log.info("provider identity linked", extra={"user_id": str(existing.user.id), "provider": name})
-            return ProviderSignIn(session, created=False)
+            return await self._link(name, identity, existing.user)
 
         referral = await self.auth.check_referral_code(flow.referral_code) if flow.referral_code else None
         email_check = await self.auth.check_email(identity.email)
@@ -141,10 +130,30 @@ class OAuthService:
                 code=referral,
                 email_check=email_check,
                 identity=(name, identity.subject),
+                email_verified=identity.email_verified,
             )
         except IdentityAlreadyLinked:
             raise OAuthFailed("This provider account was linked at the same moment; sign in again.") from None
         return ProviderSignIn(session, created=True)
+
+    async def _link(self, name: str, identity: ProviderIdentity, user: User) -> ProviderSignIn:
+        """A new provider identity whose email has an account: linked only when the provider vouches."""
+        if not identity.email_verified:
+            # An email the provider does not vouch for never links to, or matches, an account.
+            raise EmailTaken(
+                "An account with this email exists, and the provider does not vouch for the email,"
+                " so the sign-in cannot be linked to it."
+            )
+        try:
+            if user.email_verified:
+                session = await self.auth.sign_in(user, link_identity=(name, identity.subject))
+            else:
+                # The provider's proof wins over an unproven account: whoever squatted it loses it.
+                session = await self.auth.take_over(user, provider=name, subject=identity.subject)
+        except IdentityAlreadyLinked:
+            raise OAuthFailed("This provider account was linked at the same moment; sign in again.") from None
+        log.info("provider identity linked", extra={"user_id": str(user.id), "provider": name})
+        return ProviderSignIn(session, created=False)
 
     def configured(self) -> list[str]:
         """The names of the providers offered."""

@@ -1,4 +1,5 @@
-"""Use cases of the auth service: signup, the two OAuth2 grants, revocation, the current user."""
+"""Use cases of the auth service: signup, the two OAuth2 grants, revocation, the current user, and
+proving an address (verification mail, password reset and change, signing out everywhere)."""
 
 from __future__ import annotations
 
@@ -11,33 +12,44 @@ from datetime import timedelta
 from typing import Any
 
 from services.auth.db.identities import IdentityRepository
+from services.auth.db.mail_tokens import RESET_PASSWORD, VERIFY_EMAIL, MailTokenRepository, Taken
+from services.auth.db.outboxes import ReferralOutboxRepository
 from services.auth.db.repositories import (
     EmailAlreadyUsed,
-    ReferralOutboxRepository,
     RefreshTokenRepository,
     ReusedToken,
     Rotated,
     UserRepository,
 )
 from services.auth.domain.errors import (
+    EmailAlreadyVerified,
     EmailTaken,
     EmailUndeliverable,
+    MailThrottled,
+    PasswordChangeThrottled,
     ReferralCodeExpired,
     ReferralCodeNotFound,
     ReferralServiceUnavailable,
+    ResetExpired,
+    ResetInvalid,
     UserGone,
+    VerificationExpired,
+    VerificationInvalid,
+    WrongPassword,
     invalid_grant,
     login_throttled,
 )
-from services.auth.domain.models import PendingLink, ReferralCode, ReferralLink, Session, TokenPair, User
+from services.auth.domain.models import ReferralCode, ReferralLink, Session, TokenPair, User
+from services.auth.domain.ownership import OwnershipMail, hash_mail_token
 from services.auth.domain.passwords import PasswordHasher
 from services.auth.email_verification import EmailVerifier
 from services.auth.enrichment import EnrichmentScheduler
 from services.auth.outbox import ReferralOutboxRelay
 from services.auth.referrals import InactiveCode, ReferralClient, ReferralServiceError, UnknownCode
 from services.auth.signing import AccessTokenIssuer
-from services.auth.throttle import LoginThrottle
+from services.auth.throttle import LoginThrottle, MailLimiter
 from shared.db import Connection, Database
+from shared.outbox import Claimed
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +77,9 @@ class AuthService:
     referral_outbox: ReferralOutboxRepository
     referral_relay: ReferralOutboxRelay
     identities: IdentityRepository
+    ownership: OwnershipMail
+    mail_tokens: MailTokenRepository
+    mail_limiter: MailLimiter
     # Optional vendors: None when their API key is not configured.
     email_verifier: EmailVerifier | None = None
     enrichment: EnrichmentScheduler | None = None
@@ -83,9 +98,17 @@ class AuthService:
         )
         return token
 
-    def _pair(self, user_id: uuid.UUID, email: str, refresh_token: str) -> TokenPair:
-        access = self.issuer.issue(user_id, email=email)
+    def _pair(self, user: User, refresh_token: str, family_id: uuid.UUID) -> TokenPair:
+        access = self.issuer.issue(
+            user.id, email=user.email, email_verified=user.email_verified, session_id=family_id
+        )
         return TokenPair(access.token, refresh_token, access.expires_in)
+
+    async def _login(self, conn: Connection, user: User) -> TokenPair:
+        """A new login: a refresh-token family of its own, in the caller's transaction."""
+        family_id = uuid.uuid4()
+        refresh = await self._new_refresh_token(conn, user.id, family_id, None)
+        return self._pair(user, refresh, family_id)
 
     async def check_referral_code(self, code: str) -> ReferralCode:
         """The code as the referral service vouches for it: 404, 410, or 503 when it cannot say."""
@@ -116,8 +139,11 @@ class AuthService:
         return check.as_record()
 
     def enrich_later(self, user: User) -> None:
-        """Start the user's profile enrichment in the background (after the commit); never waits."""
-        if self.enrichment is not None:
+        """Start the profile enrichment of a proven address in the background (after the commit).
+
+        Never for an unproven one: the vendor would profile whoever the address belongs to.
+        """
+        if self.enrichment is not None and user.email_verified:
             self.enrichment.schedule(user.id, user.email)
 
     async def signup(self, email: str, password: str, referral_code: str | None) -> Session:
@@ -142,27 +168,42 @@ class AuthService:
         code: ReferralCode | None,
         email_check: dict[str, Any] | None,
         identity: tuple[str, str] | None = None,
+        email_verified: bool = False,
     ) -> Session:
         """Write a new user and sign them in: password and provider signups end here.
 
-        The user, their provider identity (if any), their first refresh token and the referral link
-        to deliver are one transaction; the link is then delivered at once, and by the outbox relay
-        if that fails: the signup does not depend on it. Enrichment starts after the commit.
+        The user, their provider identity (if any), their first refresh token, the referral link to
+        deliver, and the verification mail (an unproven address) or the "verified" notice (a provider
+        vouched for it) are one transaction; the link is then delivered at once, and by the outbox
+        relay if that fails: the signup does not depend on it. Enrichment starts after the commit,
+        for a proven address only.
         """
-        pending: PendingLink | None = None
+        pending: Claimed[ReferralLink] | None = None
+        if not email_verified:  # the first verification mail counts toward the address's limit
+            await self.mail_limiter.reserve(VERIFY_EMAIL, email)
         try:
             async with self.database.transaction() as conn:
                 user = await self.users.add(
-                    conn, email, password_hash, code.owner_id if code else None, email_check=email_check
+                    conn,
+                    email,
+                    password_hash,
+                    code.owner_id if code else None,
+                    email_check=email_check,
+                    email_verified=email_verified,
                 )
                 if identity is not None:
                     await self.identities.add(conn, identity[0], identity[1], user.id, user.email)
-                refresh = await self._new_refresh_token(conn, user.id, uuid.uuid4(), None)
+                tokens = await self._login(conn, user)
                 if code is not None:
                     link = ReferralLink(user.id, code.owner_id, user.email, code.code)
                     pending = await self.referral_outbox.add(conn, link, lease=self.referral_relay.lease)
+                if email_verified:
+                    await self.ownership.proven(conn, user.id)
+                else:
+                    await self.ownership.send_verification(conn, user)
         except EmailAlreadyUsed:
             raise EmailTaken() from None
+        self.ownership.wake()
         log.info(
             "user signed up",
             extra={
@@ -174,7 +215,7 @@ class AuthService:
         self.enrich_later(user)
         if pending is not None:
             await self.referral_relay.deliver_now(pending)
-        return Session(user, self._pair(user.id, user.email, refresh))
+        return Session(user, tokens)
 
     async def sign_in(self, user: User, *, link_identity: tuple[str, str] | None = None) -> Session:
         """A new login (a refresh-token family of its own) for an existing user.
@@ -184,8 +225,34 @@ class AuthService:
         async with self.database.transaction() as conn:
             if link_identity is not None:
                 await self.identities.add(conn, link_identity[0], link_identity[1], user.id, user.email)
-            refresh = await self._new_refresh_token(conn, user.id, uuid.uuid4(), None)
-        return Session(user, self._pair(user.id, user.email, refresh))
+            tokens = await self._login(conn, user)
+        return Session(user, tokens)
+
+    async def take_over(self, user: User, *, provider: str, subject: str) -> Session:
+        """A provider vouches for the address of an unproven account: its proof wins (API.md).
+
+        Whoever made the account loses it: its password and other identities are removed and every
+        login revoked, then the identity is linked, the address marked proven, and the owner signed in.
+        """
+        async with self.database.transaction() as conn:
+            owned = await self.users.take_over(conn, user.id)
+            if owned is None:
+                raise UserGone()
+            await self.identities.remove_all(conn, user.id)
+            await self.refresh_tokens.revoke_all(user.id, conn=conn)
+            for purpose in (VERIFY_EMAIL, RESET_PASSWORD):
+                await self.mail_tokens.void(conn, user.id, purpose)
+            await self.identities.add(conn, provider, subject, user.id, user.email)
+            await self.ownership.proven(conn, user.id)
+            tokens = await self._login(conn, owned)
+        self.ownership.wake()
+        await self.throttle.clear(owned.email)
+        log.warning(
+            "unproven account taken over by a provider vouching for its address",
+            extra={"user_id": str(user.id), "provider": provider},
+        )
+        self.enrich_later(owned)
+        return Session(owned, tokens)
 
     async def password_grant(self, username: str, password: str, client_address: str) -> TokenPair:
         """RFC 6749 section 4.3; the same answer, in about the same time, for unknown and wrong."""
@@ -231,7 +298,7 @@ class AuthService:
         user = await self.users.get(outcome.user_id)
         if user is None:
             raise invalid_grant("refresh token is invalid, expired or revoked")
-        return self._pair(user.id, user.email, refresh)
+        return self._pair(user, refresh, outcome.family_id)
 
     async def revoke(self, token: str) -> None:
         """RFC 7009: revoke the refresh token's whole family; unknown tokens are silently accepted."""
@@ -244,3 +311,118 @@ class AuthService:
         if user is None:
             raise UserGone()
         return user
+
+    # --- proving the address, recovering the account ----------------------------------------------
+
+    async def request_verification(self, user_id: uuid.UUID) -> None:
+        """Queue a new verification mail (202); 409 when already proven, 429 past the address's limit."""
+        user = await self.current_user(user_id)
+        if user.email_verified:
+            raise EmailAlreadyVerified()
+        retry_after = await self.mail_limiter.reserve(VERIFY_EMAIL, user.email)
+        if retry_after is not None:
+            raise MailThrottled(retry_after)
+        async with self.database.transaction() as conn:
+            await self.ownership.send_verification(conn, user)
+        self.ownership.wake()
+
+    async def verify_email(self, token: str) -> User:
+        """Prove the address the token was mailed to: once; 400 unknown or used, 410 expired."""
+        async with self.database.transaction() as conn:
+            taken = await self.mail_tokens.take(conn, hash_mail_token(token), VERIFY_EMAIL)
+            if taken is Taken.EXPIRED:
+                raise VerificationExpired()
+            if isinstance(taken, Taken):
+                raise VerificationInvalid()
+            user = await self.users.mark_verified(conn, taken.user_id)
+            if user is None or user.email.lower() != taken.email.lower():
+                raise VerificationInvalid()  # the token proves the address it went to, nothing else
+            await self.ownership.proven(conn, user.id)
+        self.ownership.wake()
+        log.info("email verified", extra={"user_id": str(user.id)})
+        self.enrich_later(user)
+        return user
+
+    async def forgot_password(self, email: str) -> None:
+        """Queue a reset mail when an account has `email`: the same answer, work and time either way."""
+        retry_after = await self.mail_limiter.reserve(RESET_PASSWORD, email)
+        if retry_after is not None:
+            raise MailThrottled(retry_after)
+        async with self.database.transaction() as conn:
+            await self.ownership.send_reset(conn, email)
+        self.ownership.wake()
+
+    async def reset_password(self, token: str, password: str) -> Session:
+        """Set a new password with a reset link (once): the address becomes proven, every other login is
+        revoked, every reset link dies, and the account's login throttles are cleared; a new login."""
+        digest = hash_mail_token(token)
+        # Looked at before the costly hash, so garbage tokens cost no hashing; taken atomically after.
+        async with self.database.transaction() as conn:
+            peeked = await self.mail_tokens.peek(conn, digest, RESET_PASSWORD)
+        if peeked is Taken.EXPIRED:
+            raise ResetExpired()
+        if isinstance(peeked, Taken):
+            raise ResetInvalid()
+        password_hash = await self.hasher.hash(password)
+        async with self.database.transaction() as conn:
+            taken = await self.mail_tokens.take(conn, digest, RESET_PASSWORD)
+            if taken is Taken.EXPIRED:
+                raise ResetExpired()
+            if isinstance(taken, Taken):
+                raise ResetInvalid()
+            before = await self.users.get(taken.user_id, conn=conn)
+            if before is None:
+                raise ResetInvalid()
+            await self.users.set_password_hash(before.id, password_hash, conn=conn)
+            user = await self.users.mark_verified(conn, before.id)
+            if user is None:
+                raise ResetInvalid()
+            await self.mail_tokens.void(conn, user.id, RESET_PASSWORD)
+            await self.refresh_tokens.revoke_all(user.id, conn=conn)
+            if not before.email_verified:
+                await self.ownership.proven(conn, user.id)
+            tokens = await self._login(conn, user)
+        self.ownership.wake()
+        await self.throttle.clear(user.email)
+        log.info("password reset", extra={"user_id": str(user.id)})
+        if not before.email_verified:
+            self.enrich_later(user)
+        return Session(user, tokens)
+
+    async def change_password(
+        self,
+        user_id: uuid.UUID,
+        session_id: uuid.UUID | None,
+        current_password: str,
+        new_password: str,
+        client_address: str,
+    ) -> None:
+        """Replace the password knowing the current one (a wrong one counts as a failed login); every
+        other login is revoked and every reset link dies."""
+        user = await self.current_user(user_id)
+        retry_after = await self.throttle.reserve(user.email, client_address)
+        if retry_after is not None:
+            raise PasswordChangeThrottled(retry_after)
+        try:
+            credentials = await self.users.credentials(user.email)
+            password_hash = credentials.password_hash if credentials is not None else None
+            if password_hash is None:
+                await self.hasher.verify_dummy(current_password)
+            right = password_hash is not None and await self.hasher.verify(password_hash, current_password)
+        except Exception:
+            await self.throttle.undecided(user.email, client_address)
+            raise
+        if not right:
+            raise WrongPassword()
+        await self.throttle.succeeded(user.email, client_address)
+        new_hash = await self.hasher.hash(new_password)
+        async with self.database.transaction() as conn:
+            await self.users.set_password_hash(user.id, new_hash, conn=conn)
+            await self.mail_tokens.void(conn, user.id, RESET_PASSWORD)
+            revoked = await self.refresh_tokens.revoke_all(user.id, keep=session_id, conn=conn)
+        log.info("password changed", extra={"user_id": str(user.id), "tokens_revoked": revoked})
+
+    async def sign_out_everywhere(self, user_id: uuid.UUID) -> None:
+        """Revoke every login of the user (their access tokens live on until they expire)."""
+        revoked = await self.refresh_tokens.revoke_all(user_id)
+        log.info("signed out everywhere", extra={"user_id": str(user_id), "tokens_revoked": revoked})

@@ -14,6 +14,7 @@ from services.referral.api.schemas import (
     InternalCodePathSchema,
     InternalCodeSchema,
     InternalLinkRequestSchema,
+    InternalUserPathSchema,
     PublicCodeSchema,
     ReferralListSchema,
     ReferralSchema,
@@ -57,11 +58,13 @@ def _page_body(page: ReferralPage, viewer_is_referrer: bool) -> dict[str, object
     return {
         "referrer_id": str(page.referrer_id),
         "total": page.total,
+        "confirmed": page.confirmed,
         "items": [
             {
                 "referral_id": item.referral_id,
                 "email": item.email if viewer_is_referrer else mask_email(item.email),
                 "joined_at": item.joined_at.isoformat(),
+                "status": item.status,
             }
             for item in page.items
         ],
@@ -76,9 +79,16 @@ def _referral_body(referral: Referral) -> dict[str, object]:
 @docs(
     tags=TAG,
     summary="Create my referral code",
-    description="One active code per user. Omit `code` to get a generated one.",
+    description=(
+        "One active code per user. Omit `code` to get a generated one.\n\n"
+        "Only for a user whose email address is proven: the access token says `email_verified: true`, "
+        "or the auth service has told this service since the token was issued. Otherwise 403 "
+        "`email_unverified`, answered before the body's values are checked against the rules "
+        "(a malformed body is still 422) and before anything is written: verify the address, then "
+        "log in again or simply retry."
+    ),
     security=BEARER,
-    responses=problem_responses(400, 401, 409, 413, 415, 422),
+    responses=problem_responses(400, 401, 403, 409, 413, 415, 422),
 )
 @request_schema(CreateCodeRequestSchema)
 @response_schema(CodeSchema, 201, description="The new code")
@@ -87,7 +97,11 @@ async def create_code(request: web.Request) -> web.Response:
     claims = request[CLAIMS]
     data = request["data"]
     code = await request.app[REFERRAL_SERVICE].create_code(
-        claims.user_id, _email_of(claims), data["expires_at"], data["code"]
+        claims.user_id,
+        _email_of(claims),
+        data["expires_at"],
+        data["code"],
+        email_verified=claims.email_verified,
     )
     return json_response(_code_schema.dump(code), status=201)
 
@@ -135,6 +149,11 @@ async def code_by_email(request: web.Request) -> web.Response:
 @docs(
     tags=TAG,
     summary="Become the referral of a code's owner",
+    description=(
+        "The link's `status` is `confirmed` when the caller's email address is proven (the access "
+        "token says `email_verified: true`, or the auth service has told this service), else "
+        "`pending`: a pending link becomes confirmed by itself once the caller verifies the address."
+    ),
     security=BEARER,
     responses=problem_responses(400, 401, 404, 409, 410, 413, 415, 422),
 )
@@ -144,7 +163,7 @@ async def code_by_email(request: web.Request) -> web.Response:
 async def activate(request: web.Request) -> web.Response:
     claims = request[CLAIMS]
     referral = await request.app[REFERRAL_SERVICE].activate(
-        claims.user_id, _email_of(claims), request["data"]["code"]
+        claims.user_id, _email_of(claims), request["data"]["code"], email_verified=claims.email_verified
     )
     return json_response(_referral_body(referral), status=201)
 
@@ -153,7 +172,9 @@ async def activate(request: web.Request) -> web.Response:
     tags=TAG,
     summary="A referrer's referrals, newest first",
     description=(
-        "Keyset pagination: pass `next_cursor` as `cursor`. Emails are masked unless you are the referrer."
+        "Keyset pagination: pass `next_cursor` as `cursor`. Emails are masked unless you are the "
+        "referrer. `total` counts all the referrer's referrals and `confirmed` those whose address is "
+        "proven, both as of the same moment as the page; each item has its own `status`."
     ),
     security=BEARER,
     responses=problem_responses(401, 422),
@@ -218,6 +239,24 @@ async def internal_link(request: web.Request) -> web.Response:
     return json_response(_referral_body(linked.referral), status=201 if linked.created else 200)
 
 
+@docs(
+    tags=INTERNAL_TAG,
+    summary="A user's email address is proven (service token); idempotent",
+    description=(
+        "The user is recorded as proven and their pending link, if any, becomes confirmed; a link "
+        "recorded for them later is confirmed when it is written. No body. 204 every time, also when "
+        "the user has no link (yet) or the notice was already received."
+    ),
+    security=[{"bearerAuth": []}],
+    responses={204: {"description": "Recorded"}, **problem_responses(401, 403, 422)},
+)
+@match_info_schema(InternalUserPathSchema, put_into="path")
+@bearer(INTERNAL_VERIFIER)
+async def internal_user_verified(request: web.Request) -> web.Response:
+    await request.app[REFERRAL_SERVICE].confirm_user(request["path"]["user_id"])
+    return web.Response(status=204)
+
+
 def add_routes(app: web.Application) -> None:
     """Every public route under /api/v1/referral, and the internal ones under /internal/v1."""
     app.router.add_get(f"{API_PREFIX}/healthz", healthz)
@@ -231,3 +270,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{API_PREFIX}/referrers/{{referrer_id:[^/]+}}/referrals", list_referrals)
     app.router.add_get(f"{INTERNAL_PREFIX}/codes/{{code:[^/]+}}", internal_code)
     app.router.add_post(f"{INTERNAL_PREFIX}/referrals", internal_link)
+    app.router.add_post(f"{INTERNAL_PREFIX}/users/{{user_id:[^/]+}}/verified", internal_user_verified)

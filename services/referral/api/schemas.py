@@ -6,6 +6,7 @@ import re
 
 from marshmallow import Schema, ValidationError, fields, validate
 
+from services.referral.domain.models import STATUSES
 from shared.schemas import TrimmedEmail, UtcDateTime
 
 CODE_PATTERN = r"^[A-Za-z0-9_-]{4,32}$"
@@ -56,10 +57,25 @@ class ActivateRequestSchema(Schema):
     code = fields.String(required=True, validate=[validate.Length(min=1, max=64), _no_nul])
 
 
+_STATUS_DESCRIPTION = (
+    "`pending` until the referral's email address is proven (verified with the auth service), then "
+    "`confirmed`; a link never goes back to pending"
+)
+
+
+def _status_field() -> fields.String:
+    return fields.String(
+        required=True,
+        validate=validate.OneOf(STATUSES),
+        metadata={"description": _STATUS_DESCRIPTION, "example": "confirmed"},
+    )
+
+
 class ReferralSchema(Schema):
     referrer_id = fields.UUID(required=True)
     referral_id = fields.UUID(required=True)
     created_at = fields.DateTime(required=True)
+    status = _status_field()
 
 
 class ReferrerPathSchema(Schema):
@@ -79,11 +95,15 @@ class ReferralItemSchema(Schema):
     referral_id = fields.UUID(required=True)
     email = fields.String(required=True, metadata={"description": "masked unless you are the referrer"})
     joined_at = fields.DateTime(required=True)
+    status = _status_field()
 
 
 class ReferralListSchema(Schema):
     referrer_id = fields.UUID(required=True)
-    total = fields.Integer(required=True)
+    total = fields.Integer(required=True, metadata={"description": "all the referrer's referrals"})
+    confirmed = fields.Integer(
+        required=True, metadata={"description": "those of them whose status is `confirmed`"}
+    )
     items = fields.List(fields.Nested(ReferralItemSchema), required=True)
     next_cursor = fields.String(required=True, allow_none=True)
 
@@ -107,3 +127,7 @@ class InternalLinkRequestSchema(Schema):
     referrer_id = fields.UUID(required=True)
     referral_email = TrimmedEmail(required=True)
     code = fields.String(required=True, validate=validate.Length(min=1, max=64))
+
+
+class InternalUserPathSchema(Schema):
+    user_id = fields.UUID(required=True)

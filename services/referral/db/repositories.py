@@ -8,11 +8,20 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Boolean, bindparam, case, exists, func, insert, literal_column, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from services.referral.db.tables import codes_table as codes
 from services.referral.db.tables import referrals_table as referrals
-from services.referral.domain.models import Cursor, ListedReferral, Referral, ReferralCode
+from services.referral.db.tables import verified_users_table as verified_users
+from services.referral.domain.models import (
+    CONFIRMED,
+    PENDING,
+    Cursor,
+    ListedReferral,
+    Referral,
+    ReferralCode,
+)
 from shared.db import Connection, Database, UniqueViolation, prepare, prepare_sql
 
 ONE_OPEN_PER_OWNER = "codes_one_open_per_owner"
@@ -34,6 +43,7 @@ _REFERRAL_COLUMNS = (
     referrals.c.referral_email,
     referrals.c.code,
     referrals.c.created_at,
+    referrals.c.status,
 )
 _active = (codes.c.deleted_at.is_(None), codes.c.expires_at > func.now())
 
@@ -70,16 +80,34 @@ _ACTIVE_BY_EMAIL = prepare(
 _BY_CODE = prepare(select(*_CODE_COLUMNS).where(func.lower(codes.c.code) == bindparam("code")))
 
 _REFERRAL_OF = prepare(select(*_REFERRAL_COLUMNS).where(referrals.c.referral_id == bindparam("referral_id")))
+
+# A new link's status, decided by the statement that writes it: confirmed when the referral's address
+# is proven, by the caller's token (`email_verified`) or by the auth service's notice (verified_users),
+# else pending. The link's transaction runs this statement after it holds the lock of the referral's
+# tree, the lock a notice takes too (see `ReferralRepository.confirm_user`), and in READ COMMITTED each
+# statement sees what was committed before it began: a notice that got the lock first is seen here, one
+# that gets it later finds the link and confirms it. No interleaving leaves a proven user's link pending.
+_STATUS = case(
+    (
+        or_(
+            bindparam("email_verified", type_=Boolean),
+            exists().where(verified_users.c.user_id == bindparam("referral_id")),
+        ),
+        literal_column(f"'{CONFIRMED}'"),
+    ),
+    else_=literal_column(f"'{PENDING}'"),
+)
 # The link is written only while the code is still active, checked in the same statement.
 _INSERT_REFERRAL_BY_ACTIVE_CODE = prepare(
     insert(referrals)
     .from_select(
-        ["referral_id", "referrer_id", "referral_email", "code"],
+        ["referral_id", "referrer_id", "referral_email", "code", "status"],
         select(
             bindparam("referral_id", type_=referrals.c.referral_id.type),
             codes.c.owner_id,
             bindparam("referral_email", type_=referrals.c.referral_email.type),
             codes.c.code,
+            _STATUS,
         ).where(codes.c.id == bindparam("code_id"), *_active),
     )
     .returning(*_REFERRAL_COLUMNS)
@@ -91,23 +119,43 @@ _INSERT_REFERRAL = prepare(
         referrer_id=bindparam("referrer_id"),
         referral_email=bindparam("referral_email"),
         code=bindparam("code"),
+        status=_STATUS,
     )
     .returning(*_REFERRAL_COLUMNS)
 )
-# One page of a referrer's referrals, newest first, with their total (kept by a trigger in
-# referrer_totals), in one statement: one round trip, one snapshot. The total's one-row side always
-# answers, so an empty page still has a row (its referral columns NULL). Rows come back as tuples
-# with the id as text: the page shows it as text, and a dict and a UUID per row cost more than the
-# rest of the request.
+
+# The auth service's notice: the user's address is proven. Recorded (for a link that comes later, and
+# for code creation) and their pending link confirmed, in one statement, after the tree lock.
+_CONFIRM_USER = prepare(
+    update(referrals)
+    .add_cte(
+        pg_insert(verified_users)
+        .values(user_id=bindparam("user_id"))
+        .on_conflict_do_nothing(index_elements=[verified_users.c.user_id])
+        .cte("recorded")
+    )
+    .where(
+        referrals.c.referral_id == bindparam("user_id"), referrals.c.status == literal_column(f"'{PENDING}'")
+    )
+    .values(status=literal_column(f"'{CONFIRMED}'"))
+    .returning(referrals.c.referrer_id)
+)
+_IS_VERIFIED = prepare(
+    select(verified_users.c.user_id).where(verified_users.c.user_id == bindparam("user_id"))
+)
+# One page of a referrer's referrals, newest first, with their total and confirmed count (kept by
+# triggers in referrer_totals, one row), in one statement: one round trip, one snapshot. The counts'
+# side is an aggregate, so it always answers one row and an empty page still has a row (its referral
+# columns NULL). Rows come back as tuples with the id as text: the page shows it as text, and a dict
+# and a UUID per row cost more than the rest of the request.
 _PAGE = """
-SELECT t.total, p.referral_id::text, p.referral_email, p.created_at
+SELECT t.total, t.confirmed, p.referral_id::text, p.referral_email, p.created_at, p.status
 FROM (
-    SELECT coalesce(
-        (SELECT total FROM referral.referrer_totals WHERE referrer_id = %(referrer_id)s), 0
-    ) AS total
+    SELECT coalesce(max(total), 0) AS total, coalesce(max(confirmed), 0) AS confirmed
+    FROM referral.referrer_totals WHERE referrer_id = %(referrer_id)s
 ) AS t
 LEFT JOIN LATERAL (
-    SELECT referrer_id, referral_id, referral_email, code, created_at
+    SELECT referral_id, referral_email, created_at, status
     FROM referral.referrals
     WHERE referrer_id = %(referrer_id)s{after}
     ORDER BY created_at DESC, referral_id DESC
@@ -155,6 +203,7 @@ def _referral(row: Mapping[str, Any]) -> Referral:
         referral_email=row["referral_email"],
         code=row["code"],
         created_at=row["created_at"],
+        status=row["status"],
     )
 
 
@@ -247,22 +296,45 @@ class ReferralRepository:
         return _referral(row) if row else None
 
     async def add_by_active_code(
-        self, conn: Connection, referral_id: uuid.UUID, referral_email: str, code_id: uuid.UUID
+        self,
+        conn: Connection,
+        referral_id: uuid.UUID,
+        referral_email: str,
+        code_id: uuid.UUID,
+        *,
+        email_verified: bool,
     ) -> Referral | None:
-        """Link the user to the code's owner if the code is still active; None if it is not."""
+        """Link the user to the code's owner if the code is still active; None if it is not.
+
+        Confirmed when `email_verified` or the user is in verified_users, else pending; call it with
+        the referral's tree locked (`lock_trees`).
+        """
         try:
             row = await conn.fetch_one(
                 _INSERT_REFERRAL_BY_ACTIVE_CODE,
-                {"referral_id": referral_id, "referral_email": referral_email, "code_id": code_id},
+                {
+                    "referral_id": referral_id,
+                    "referral_email": referral_email,
+                    "code_id": code_id,
+                    "email_verified": email_verified,
+                },
             )
         except UniqueViolation:
             raise AlreadyLinked from None
         return _referral(row) if row else None
 
     async def add(
-        self, conn: Connection, referral_id: uuid.UUID, referrer_id: uuid.UUID, referral_email: str, code: str
+        self,
+        conn: Connection,
+        referral_id: uuid.UUID,
+        referrer_id: uuid.UUID,
+        referral_email: str,
+        code: str,
+        *,
+        email_verified: bool,
     ) -> Referral:
-        """Link the user to the referrer unconditionally (the code was checked at signup)."""
+        """Link the user to the referrer unconditionally (the code was checked at signup); the status
+        as in `add_by_active_code`."""
         try:
             row = await conn.fetch_one(
                 _INSERT_REFERRAL,
@@ -271,6 +343,7 @@ class ReferralRepository:
                     "referrer_id": referrer_id,
                     "referral_email": referral_email,
                     "code": code,
+                    "email_verified": email_verified,
                 },
             )
         except UniqueViolation:
@@ -280,13 +353,34 @@ class ReferralRepository:
 
     async def page(
         self, referrer_id: uuid.UUID, limit: int, after: Cursor | None
-    ) -> tuple[int, list[ListedReferral]]:
-        """The referrer's total, and up to `limit` referrals, newest first, strictly after the cursor."""
+    ) -> tuple[int, int, list[ListedReferral]]:
+        """The referrer's total and confirmed count, and up to `limit` referrals, newest first, strictly
+        after the cursor."""
         params: dict[str, Any] = {"referrer_id": referrer_id, "limit": limit}
         if after is None:
             rows = await self._db.fetch_tuples(_FIRST_PAGE, params)
         else:
             params.update(after_created_at=after.created_at, after_referral_id=after.referral_id)
             rows = await self._db.fetch_tuples(_NEXT_PAGE, params)
-        total = int(rows[0][0]) if rows else 0
-        return total, [ListedReferral(row[1], row[2], row[3]) for row in rows if row[1] is not None]
+        total, confirmed = (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
+        items = [ListedReferral(row[2], row[3], row[4], row[5]) for row in rows if row[2] is not None]
+        return total, confirmed, items
+
+    async def is_verified(self, user_id: uuid.UUID) -> bool:
+        """Whether the auth service told us the user's address is proven."""
+        return await self._db.fetch_one(_IS_VERIFIED, {"user_id": user_id}) is not None
+
+    async def confirm_user(self, user_id: uuid.UUID) -> bool:
+        """Record that the user's address is proven and confirm their pending link, if any (idempotent);
+        True when a link was confirmed now.
+
+        The user's tree lock comes first, the lock a link for this user takes before it writes (the
+        user is then the root of their own tree): the notice and the link are serialized, and the one
+        that goes second sees what the first committed (see `_STATUS`). A user who is already linked
+        is not a root any more, but no link for them can be written then, and their row is what the
+        UPDATE changes.
+        """
+        async with self._db.transaction() as conn:
+            await self.lock_trees(conn, (user_id,))
+            row = await conn.fetch_one(_CONFIRM_USER, {"user_id": user_id})
+        return row is not None

@@ -51,7 +51,11 @@ referrals_table = Table(
     Column("referral_email", Text, nullable=False),
     Column("code", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # 'pending' until the referral's address is proven, then 'confirmed' (migration 0003). The service
+    # always writes it; the default only covers rows written by other means.
+    Column("status", Text, nullable=False, server_default=text("'pending'")),
     CheckConstraint("referrer_id <> referral_id", name="referrals_not_self"),
+    CheckConstraint("status IN ('pending', 'confirmed')", name="referrals_status_known"),
 )
 Index(
     "referrals_by_referrer",
@@ -60,11 +64,22 @@ Index(
     referrals_table.c.referral_id.desc(),
 )
 
-# Kept by triggers on referrals (migration 0002): how many referrals each referrer has.
+# Kept by triggers on referrals (migrations 0002, 0003): how many referrals each referrer has, and how
+# many of them are confirmed.
 referrer_totals_table = Table(
     "referrer_totals",
     metadata,
     Column("referrer_id", Uuid, primary_key=True),
     Column("total", BigInteger, nullable=False),
+    Column("confirmed", BigInteger, nullable=False, server_default=text("0")),
     CheckConstraint("total >= 0", name="referrer_totals_not_negative"),
+    CheckConstraint("confirmed >= 0", name="referrer_totals_confirmed_not_negative"),
+)
+
+# The users whose address is proven, as the auth service's notices said (migration 0003).
+verified_users_table = Table(
+    "verified_users",
+    metadata,
+    Column("user_id", Uuid, primary_key=True),
+    Column("verified_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )

@@ -45,3 +45,9 @@ class ReferralCycle(Problem):
     status = 422
     code = "referral_cycle"
     title = "The code's owner is already your referral"
+
+
+class EmailUnverified(Problem):
+    status = 403
+    code = "email_unverified"
+    title = "Verify your email address first"

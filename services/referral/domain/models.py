@@ -6,6 +6,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+# A link's status: pending until the referral's address is proven, then confirmed (never back).
+PENDING = "pending"
+CONFIRMED = "confirmed"
+STATUSES = (PENDING, CONFIRMED)
+
 
 @dataclass(frozen=True, slots=True)
 class ReferralCode:
@@ -29,6 +34,7 @@ class Referral:
     referral_email: str
     code: str
     created_at: datetime
+    status: str  # PENDING or CONFIRMED
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +52,13 @@ class ListedReferral:
     referral_id: str
     email: str
     joined_at: datetime
+    status: str  # PENDING or CONFIRMED
 
 
 @dataclass(frozen=True, slots=True)
 class ReferralPage:
     referrer_id: uuid.UUID
     total: int
+    confirmed: int
     items: list[ListedReferral]
     next_cursor: Cursor | None

@@ -22,6 +22,7 @@ from services.referral.domain.errors import (
     CodeExpired,
     CodeNotFound,
     CodeTaken,
+    EmailUnverified,
     ReferralCycle,
     SelfReferral,
 )
@@ -69,9 +70,21 @@ class ReferralService:
             )
 
     async def create_code(
-        self, owner_id: uuid.UUID, owner_email: str, expires_at: datetime, vanity: str | None
+        self,
+        owner_id: uuid.UUID,
+        owner_email: str,
+        expires_at: datetime,
+        vanity: str | None,
+        *,
+        email_verified: bool,
     ) -> ReferralCode:
-        """Open the owner's code: their vanity text or a generated one."""
+        """Open the owner's code: their vanity text or a generated one.
+
+        Only for a proven owner: their token says so (`email_verified`), or the auth service's notice
+        did; EmailUnverified before anything else is checked or written otherwise.
+        """
+        if not email_verified and not await self.referrals.is_verified(owner_id):
+            raise EmailUnverified("Verify your email address before you create a referral code.")
         self._check_expiry(expires_at, datetime.now(UTC))
         attempts = 1 if vanity else GENERATION_ATTEMPTS
         for _ in range(attempts):
@@ -128,12 +141,15 @@ class ReferralService:
 
     # --- links -----------------------------------------------------------------------------------
 
-    async def activate(self, user_id: uuid.UUID, email: str, text: str) -> Referral:
-        """The caller becomes the referral of the code's owner."""
+    async def activate(self, user_id: uuid.UUID, email: str, text: str, *, email_verified: bool) -> Referral:
+        """The caller becomes the referral of the code's owner; the link is confirmed when the caller's
+        token says their address is proven (`email_verified`) or the auth service's notice did."""
         code = await self.usable_code(text)
         if code.owner_id == user_id:
             raise SelfReferral()
-        linked = await self._link(user_id, code.owner_id, email, code.code, code_id=code.id)
+        linked = await self._link(
+            user_id, code.owner_id, email, code.code, code_id=code.id, email_verified=email_verified
+        )
         if not linked.created:
             raise AlreadyReferred()
         return linked.referral
@@ -143,11 +159,18 @@ class ReferralService:
     ) -> Linked:
         """The auth service's link for a signup with a code, checked when the signup was accepted.
 
-        Idempotent by referral id: the same link again answers as before.
+        Idempotent by referral id: the same link again answers as before. It carries no proof of the
+        address: pending, unless the auth service's notice for the user arrived first.
         """
         if referral_id == referrer_id:
             raise SelfReferral()
-        return await self._link(referral_id, referrer_id, email, code, code_id=None)
+        return await self._link(referral_id, referrer_id, email, code, code_id=None, email_verified=False)
+
+    async def confirm_user(self, user_id: uuid.UUID) -> None:
+        """The auth service's notice: the user's address is proven. Their pending link, now or when it
+        is made, is confirmed. Idempotent."""
+        if await self.referrals.confirm_user(user_id):
+            log.info("referral link confirmed", extra={"referral_id": str(user_id)})
 
     async def _link(
         self,
@@ -157,12 +180,16 @@ class ReferralService:
         code: str,
         *,
         code_id: uuid.UUID | None,
+        email_verified: bool,
     ) -> Linked:
         """Write the link unless it would make a cycle, under locks on both trees it joins.
 
         The referral has no referrer (else the link is refused), so it is the root of its own tree;
         the link closes a cycle exactly when it is also the root of the referrer's tree. Locking both
         roots (in a fixed order) serializes every pair of links that could close a cycle together.
+        The referral's lock is also the one the auth service's notice for them takes, and the insert
+        reads verified_users after it: a notice and a link never both miss each other (the link's
+        status: `ReferralRepository.add`).
         """
         for _ in range(LINK_ATTEMPTS):
             root_seen = await self.referrals.root_of(referrer_id)
@@ -180,9 +207,13 @@ class ReferralService:
                     raise ReferralCycle()
                 try:
                     if code_id is None:
-                        referral = await self.referrals.add(conn, referral_id, referrer_id, email, code)
+                        referral = await self.referrals.add(
+                            conn, referral_id, referrer_id, email, code, email_verified=email_verified
+                        )
                     else:
-                        added = await self.referrals.add_by_active_code(conn, referral_id, email, code_id)
+                        added = await self.referrals.add_by_active_code(
+                            conn, referral_id, email, code_id, email_verified=email_verified
+                        )
                         if added is None:
                             raise CodeExpired()
                         referral = added
@@ -192,9 +223,9 @@ class ReferralService:
         raise ServiceUnavailable("The referral tree is changing quickly; try again.")
 
     async def referrals_of(self, referrer_id: uuid.UUID, limit: int, after: Cursor | None) -> ReferralPage:
-        """A page of the referrer's referrals, newest first, with the total."""
-        total, items = await self.referrals.page(referrer_id, limit + 1, after)
+        """A page of the referrer's referrals, newest first, with the total and the confirmed count."""
+        total, confirmed, items = await self.referrals.page(referrer_id, limit + 1, after)
         more = len(items) > limit
         items = items[:limit]
         next_cursor = Cursor(items[-1].joined_at, uuid.UUID(items[-1].referral_id)) if more else None
-        return ReferralPage(referrer_id, total, items, next_cursor)
+        return ReferralPage(referrer_id, total, confirmed, items, next_cursor)

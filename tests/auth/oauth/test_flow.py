@@ -13,7 +13,7 @@ from tests.auth.fakes import verdict
 from tests.auth.oauth.helpers import REDIRECT_URI, oidc_settings, sign_in_at_provider
 from tests.auth.oauth.test_github import FakeGitHub, github_settings, start_fake
 from tests.auth.oauth.test_oidc_mock import Forwarder, flip_signature, start_forwarder
-from tests.helpers import assert_problem, password_login, signup
+from tests.helpers import assert_problem, password_login, signup, verified_signup
 
 AUTHORIZE = "/api/v1/auth/oauth/mock/authorize"
 CALLBACK = "/api/v1/auth/oauth/mock/callback"
@@ -96,16 +96,57 @@ async def test_new_user_then_returning_user(client, session, db):
     assert user_count(db) == 1
 
 
-async def test_verified_email_links_to_the_existing_account(client, session, db):
-    existing = await signup(client, "linda@example.com")
+async def test_a_vouched_email_links_to_the_existing_proven_account(client, session, db, mailbox):
+    existing = await verified_signup(client, mailbox, "linda@example.com")
     response = await sign_in(
         client, session, "linda-sub", {"email": "Linda@Example.com", "email_verified": True}
     )
     assert response.status == 200, await response.text()
     assert (await response.json())["user"]["id"] == existing["user"]["id"]
     assert identities(db) == [("mock", "linda-sub", existing["user"]["id"])]
-    # Her password still works too.
+    # Her password still works too, and so does her earlier login.
     assert (await password_login(client, "linda@example.com")).status == 200
+    refreshed = await client.post(
+        "/api/v1/auth/token", data={"grant_type": "refresh_token", "refresh_token": existing["refresh_token"]}
+    )
+    assert refreshed.status == 200
+
+
+async def test_a_squatter_loses_the_unproven_account_to_the_provider_s_proof(client, session, db):
+    """Tried as an attacker would: sign up with someone else's address and a password of one's own;
+    the owner later signs in with a provider that vouches for the address. Before, the identity was
+    linked into the squatter's account and the squatter's password and tokens kept working."""
+    squatter = await signup(client, "owner@example.com", "squatter's password")
+    response = await sign_in(
+        client, session, "owner-sub", {"email": "owner@example.com", "email_verified": True}
+    )
+    assert response.status == 200, await response.text()
+    body = await response.json()
+    assert body["user"]["id"] == squatter["user"]["id"]  # the address's account, now the owner's
+    assert body["user"]["email_verified"] is True
+    assert identities(db) == [("mock", "owner-sub", squatter["user"]["id"])]
+    assert (await password_login(client, "owner@example.com", "squatter's password")).status == 400
+    refreshed = await client.post(
+        "/api/v1/auth/token", data={"grant_type": "refresh_token", "refresh_token": squatter["refresh_token"]}
+    )
+    assert refreshed.status == 400
+    me = await client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert (await me.json())["email_verified"] is True
+
+
+async def test_an_account_made_through_a_non_vouching_provider_is_lost_to_a_vouching_one(client, session, db):
+    """The variant: a provider that does not vouch for the email creates an unproven account under it;
+    the owner's verified sign-in takes it, and the first identity goes."""
+    made = await sign_in(client, session, "squat-sub", {"email": "anna@example.com", "email_verified": False})
+    assert made.status == 201, await made.text()
+    assert (await made.json())["user"]["email_verified"] is False
+    taken = await sign_in(client, session, "anna-sub", {"email": "anna@example.com", "email_verified": True})
+    assert taken.status == 200, await taken.text()
+    assert identities(db) == [("mock", "anna-sub", (await made.json())["user"]["id"])]
+    again = await sign_in(
+        client, session, "squat-sub", {"email": "anna@example.com", "email_verified": False}
+    )
+    await assert_problem(again, 409, "email_taken")
 
 
 async def test_unverified_email_is_not_linked_and_creates_nothing(client, session, db):

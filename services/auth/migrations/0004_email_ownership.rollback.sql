@@ -1,0 +1,4 @@
+DROP TABLE auth.verified_outbox;
+DROP TABLE auth.mail_outbox;
+DROP TABLE auth.mail_tokens;
+ALTER TABLE auth.users DROP COLUMN email_verified;
