@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
@@ -163,3 +164,26 @@ async def test_an_attempt_without_a_verdict_gives_its_places_back(redis_url, red
         assert await throttle.reserve("amy@example.com", "203.0.113.3") is not None
     finally:
         await redis.aclose()
+
+
+async def test_a_peer_outside_the_trusted_proxies_cannot_pick_its_address(make_auth_client):
+    """Tried as an attacker would: the services believed X-Forwarded-For from all of loopback and the
+    private ranges, so anything reaching a service port directly picked its own address. By default
+    only the loopback address the gateway connects from (127.0.0.1, ::1) is believed: a peer at
+    127.0.0.2 is counted as itself, whatever it claims."""
+    client = await make_auth_client(login_max_failures_per_address=2)
+    await signup(client, "noa@example.com")
+    url = str(client.make_url(TOKEN))
+    form = {"grant_type": "password", "username": "noa@example.com", "password": "bad guess"}
+    connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=connector) as elsewhere:
+        for n in range(2):
+            async with elsewhere.post(
+                url, data=form, headers={"X-Forwarded-For": f"198.51.100.{n}"}
+            ) as answer:
+                assert answer.status == 400
+        right = {**form, "password": "correct horse"}
+        async with elsewhere.post(url, data=right, headers={"X-Forwarded-For": "198.51.100.99"}) as answer:
+            assert answer.status == 429  # both failures were 127.0.0.2's
+    # The gateway's address is believed: the same claims from 127.0.0.1 are other clients.
+    assert (await login_from(client, "198.51.100.99", "noa@example.com")).status == 200
