@@ -1,8 +1,8 @@
-"""The problem+json error model (RFC 9457) and the one middleware that renders every error.
+"""The one middleware that renders every error: problem+json (RFC 9457), or RFC 6749's body.
 
-Domain errors subclass `Problem` and carry their status and stable `code`. The OAuth2 endpoints
-raise `OAuthError`, rendered in the RFC 6749 section 5.2 format instead. Anything unexpected is
-logged with the request id and answered as a bare 500 that reveals nothing of the internals.
+The errors themselves live in `shared.problems` (no web import there): a `Problem` carries its status
+and stable `code`; an `OAuthError` is rendered in the RFC 6749 section 5.2 format instead.
+Anything unexpected is logged with the request id and answered as a bare 500 revealing nothing.
 """
 
 from __future__ import annotations
@@ -10,119 +10,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from shared.db import CheckViolation, DatabaseUnavailable
+from shared.problems import OAuthError, Problem, ValidationProblem
 from shared.responses import json_body, json_response
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_TYPE_PREFIX = "urn:referral-system:problem:"
-
-
-class Problem(Exception):
-    """An error answered as problem+json; subclasses set `status`, `code` and `title`."""
-
-    status: ClassVar[int] = 400
-    code: ClassVar[str] = "bad_request"
-    title: ClassVar[str] = "Bad request"
-
-    def __init__(
-        self,
-        detail: str | None = None,
-        *,
-        errors: Mapping[str, list[str]] | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(detail or self.title)
-        self.detail = detail or self.title
-        self.errors = errors
-        self.headers = dict(headers or {})
-
-
-class ValidationProblem(Problem):
-    status = 422
-    code = "validation_failed"
-    title = "The request is not valid"
-
-
-class MalformedJson(Problem):
-    status = 400
-    code = "malformed_json"
-    title = "The body is not well-formed JSON"
-
-
-class UnsupportedMediaType(Problem):
-    status = 415
-    code = "unsupported_media_type"
-    title = "The body must be application/json"
-
-
-class InvalidToken(Problem):
-    status = 401
-    code = "invalid_token"
-    title = "A valid bearer token is required"
-
-    def __init__(self, detail: str | None = None) -> None:
-        super().__init__(detail, headers={"WWW-Authenticate": _bearer_challenge("invalid_token", detail)})
-
-
-class MissingToken(Problem):
-    status = 401
-    code = "invalid_token"
-    title = "A valid bearer token is required"
-
-    def __init__(self) -> None:
-        # RFC 6750 section 3.1: a request without credentials gets a challenge without an error code,
-        # but API.md asks for invalid_token in every 401.
-        super().__init__(headers={"WWW-Authenticate": _bearer_challenge("invalid_token", "missing token")})
-
-
-class InsufficientScope(Problem):
-    status = 403
-    code = "insufficient_scope"
-    title = "The token does not allow this request"
-
-    def __init__(self, detail: str | None = None) -> None:
-        super().__init__(
-            detail, headers={"WWW-Authenticate": _bearer_challenge("insufficient_scope", detail)}
-        )
-
-
-class ServiceUnavailable(Problem):
-    status = 503
-    code = "service_unavailable"
-    title = "A backing service is unavailable; retry shortly"
-
-    def __init__(self, detail: str | None = None, *, retry_after: int = 1) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after)})
-
-
-def _bearer_challenge(error: str, description: str | None) -> str:
-    challenge = f'Bearer error="{error}"'
-    if description:
-        safe = description.replace("\\", "").replace('"', "'")
-        challenge += f', error_description="{safe}"'
-    return challenge
-
-
-class OAuthError(Exception):
-    """An RFC 6749 section 5.2 error: `{"error", "error_description"}`, never cached."""
-
-    def __init__(
-        self, error: str, description: str, *, status: int = 400, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(f"{error}: {description}")
-        self.error = error
-        self.description = description
-        self.status = status
-        self.headers = dict(headers or {})
-
-
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 

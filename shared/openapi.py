@@ -27,7 +27,7 @@ from aiohttp_apigami.swagger_ui import SWAGGER_UI_STATIC_FILES
 from webargs import core
 from webargs.aiohttpparser import AIOHTTPParser
 
-from shared.errors import MalformedJson, UnsupportedMediaType, ValidationProblem
+from shared.problems import MalformedJson, UnsupportedMediaType, ValidationProblem
 
 
 class ProblemSchema(ma.Schema):

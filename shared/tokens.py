@@ -34,7 +34,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
-from shared.errors import InsufficientScope, InvalidToken, MissingToken
+from shared.problems import InsufficientScope, InvalidToken, MissingToken
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from joserfc import jwt
 
 from services.auth.signing import AccessTokenIssuer, KeyRing, generate_pem, parse_key_ring
-from shared.errors import InvalidToken
+from shared.problems import InvalidToken
 from shared.tokens import RemoteJWKS, StaticKeySource, TokenVerifier
 
 ISSUER = "http://127.0.0.1:8080/api/v1/auth"

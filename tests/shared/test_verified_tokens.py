@@ -12,7 +12,7 @@ from joserfc.jwk import RSAKey
 
 from services.auth.signing import AccessTokenIssuer, KeyRing, generate_pem, parse_key_ring
 from shared import tokens
-from shared.errors import InvalidToken
+from shared.problems import InvalidToken
 from shared.tokens import TokenVerifier
 
 ISSUER = "http://127.0.0.1:8080/api/v1/auth"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.errors import OAuthError, Problem
+from shared.problems import OAuthError, Problem
 
 
 class EmailTaken(Problem):

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import orjson
 
 from services.referral.domain.models import Cursor
-from shared.errors import ValidationProblem
+from shared.problems import ValidationProblem
 
 
 def encode_cursor(cursor: Cursor) -> str:

@@ -26,8 +26,8 @@ from services.referral.domain.models import Referral, ReferralPage
 from services.referral.settings import API_PREFIX, INTERNAL_PREFIX
 from shared import health
 from shared.appkeys import TOKEN_VERIFIER
-from shared.errors import InvalidToken
 from shared.openapi import problem_responses
+from shared.problems import InvalidToken
 from shared.responses import json_response
 from shared.tokens import CLAIMS, AccessClaims, bearer
 

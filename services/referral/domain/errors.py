@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.errors import Problem
+from shared.problems import Problem
 
 
 class CodeNotFound(Problem):

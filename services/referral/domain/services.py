@@ -27,7 +27,7 @@ from services.referral.domain.errors import (
     SelfReferral,
 )
 from services.referral.domain.models import Cursor, Referral, ReferralCode, ReferralPage
-from shared.errors import ServiceUnavailable, ValidationProblem
+from shared.problems import ServiceUnavailable, ValidationProblem
 
 log = logging.getLogger(__name__)
 
