@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from shared.access import public
 from shared.appkeys import LIFECYCLE, METRICS_REGISTRY, READINESS_CHECKS
 from shared.looplag import loop_lag_ctx
 from shared.responses import json_response
@@ -17,11 +18,13 @@ from shared.responses import json_response
 READINESS_TIMEOUT = 2.0
 
 
+@public
 async def healthz(_: web.Request) -> web.Response:
     """Liveness: the process runs and its event loop answers."""
     return json_response({"status": "ok"})
 
 
+@public
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: every dependency answers within the timeout, else 503 naming the failed ones.
 
@@ -46,6 +49,7 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+@public
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition of this process's registry."""
     body = generate_latest(request.app[METRICS_REGISTRY])

@@ -23,10 +23,11 @@ import openapi_ui_bundles.redoc
 from aiohttp import web
 from aiohttp_apigami import setup_aiohttp_apispec, validation_middleware
 from aiohttp_apigami.constants import APISPEC_PARSER, SWAGGER_DICT
-from aiohttp_apigami.swagger_ui import SWAGGER_UI_STATIC_FILES
+from aiohttp_apigami.swagger_ui import NAME_SWAGGER_SPEC, SWAGGER_UI_STATIC_FILES
 from webargs import core
 from webargs.aiohttpparser import AIOHTTPParser
 
+from shared.access import SECURITY, Access, add_public_static, declare_public, public, route_access
 from shared.problems import MalformedJson, UnsupportedMediaType, ValidationProblem
 
 
@@ -220,6 +221,21 @@ def _document_routing_answers(operation: dict[str, Any]) -> None:
             }
 
 
+def _secure(spec: dict[str, Any], access: Mapping[tuple[str, str], Access]) -> None:
+    """Each operation's `security` is what its route asks for (shared/access.py), never declared twice."""
+    for path, path_item in spec.get("paths", {}).items():
+        for method, operation in path_item.items():
+            if not isinstance(operation, dict):
+                continue
+            route = access.get((path, method.upper()))
+            if route is None:
+                raise RuntimeError(f"the OpenAPI document has {method.upper()} {path}, which no route serves")
+            if "security" in operation:
+                raise RuntimeError(f"{method.upper()} {path} declares `security`: mark its handler instead")
+            if route is not Access.PUBLIC:
+                operation["security"] = SECURITY[route]
+
+
 def _clean(spec: dict[str, Any], hidden_prefixes: tuple[str, ...]) -> dict[str, Any]:
     """Strip Swagger-2 leftovers, the HEAD twins aiohttp adds to every GET, and service-to-service
     paths the gateway does not serve; every body this system takes is required; document the
@@ -292,6 +308,7 @@ def setup_openapi(
 
     async def finish_spec(app_: web.Application) -> None:
         spec = _clean(app_[SWAGGER_DICT], hidden_prefixes)
+        _secure(spec, route_access(app_))
         for section, entries in [*security.items(), *(components or {}).items()]:
             spec.setdefault("components", {}).setdefault(section, {}).update(entries)
 
@@ -301,12 +318,14 @@ def setup_openapi(
         title=title, spec_url=spec_url, script=f"{prefix}/static/redoc/redoc.standalone.js"
     )
 
+    @public
     async def redoc(_: web.Request) -> web.Response:
         return web.Response(text=redoc_page, content_type="text/html")
 
     # The bundle draws its logo from Redocly's CDN; the same logo ships beside it, so point there.
     redoc_script = _redoc_bundle().replace(_REDOC_CDN_LOGO, f"{prefix}/static/redoc/logo-mini.svg")
 
+    @public
     async def redoc_bundle(_: web.Request) -> web.Response:
         return web.Response(
             text=redoc_script,
@@ -316,11 +335,13 @@ def setup_openapi(
 
     page = swagger_page(prefix)
 
+    @public
     async def swagger(_: web.Request) -> web.Response:
         return web.Response(text=page, content_type="text/html")
 
+    declare_public(app, app.router[NAME_SWAGGER_SPEC])
     app.router.add_get(f"{prefix}/docs", swagger)
-    app.router.add_static(f"{prefix}/static/swagger", SWAGGER_UI_STATIC_FILES)
+    add_public_static(app, f"{prefix}/static/swagger", SWAGGER_UI_STATIC_FILES)
     app.router.add_get(f"{prefix}/redoc", redoc)
     app.router.add_get(f"{prefix}/static/redoc/redoc.standalone.js", redoc_bundle)
-    app.router.add_static(f"{prefix}/static/redoc", openapi_ui_bundles.redoc.static_path)
+    add_public_static(app, f"{prefix}/static/redoc", openapi_ui_bundles.redoc.static_path)

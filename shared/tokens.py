@@ -23,13 +23,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Handler as AiohttpHandler
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
@@ -295,27 +294,3 @@ def bearer_token(request: web.Request) -> str:
 
 
 CLAIMS = web.RequestKey("claims", AccessClaims)
-_BEARER_ATTRIBUTE = "__bearer_verifier__"
-Handler = TypeVar("Handler", bound=Callable[..., Awaitable[web.StreamResponse]])
-
-
-def bearer(verifier: web.AppKey[TokenVerifier]) -> Callable[[Handler], Handler]:
-    """Mark a handler as needing a bearer token that `app[verifier]` accepts; claims in `request[CLAIMS]`."""
-
-    def mark(handler: Handler) -> Handler:
-        setattr(handler, _BEARER_ATTRIBUTE, verifier)
-        return handler
-
-    return mark
-
-
-@web.middleware
-async def bearer_middleware(request: web.Request, handler: AiohttpHandler) -> web.StreamResponse:
-    """Verify the token of handlers marked with `bearer` before anything else looks at the request.
-
-    It runs before body validation, so a request without a valid token gets 401, not 422.
-    """
-    verifier_key = getattr(request.match_info.handler, _BEARER_ATTRIBUTE, None)
-    if verifier_key is not None:
-        request[CLAIMS] = await request.app[verifier_key].verify(bearer_token(request))
-    return await handler(request)

@@ -272,7 +272,7 @@ def _oauth_ctx(settings: AuthSettings) -> CleanupContext:
 def create_app(settings: AuthSettings) -> web.Application:
     """Build the auth service; resources open on startup and close on cleanup."""
     app = web.Application(client_max_size=settings.max_body_bytes)
-    setup_common(app, CollectorRegistry(), cors_origins=settings.cors_origins)
+    setup_common(app, CollectorRegistry(), user_verifier=TOKEN_VERIFIER, cors_origins=settings.cors_origins)
     app[SETTINGS] = settings
     ring = load_key_ring(settings)
     app[KEY_RING] = ring

@@ -89,7 +89,13 @@ def _referral_service_ctx(settings: ReferralSettings) -> CleanupContext:
 def create_app(settings: ReferralSettings) -> web.Application:
     """Build the referral service; resources open on startup and close on cleanup."""
     app = web.Application(client_max_size=settings.max_body_bytes)
-    setup_common(app, CollectorRegistry(), cors_origins=settings.cors_origins)
+    setup_common(
+        app,
+        CollectorRegistry(),
+        user_verifier=TOKEN_VERIFIER,
+        service_verifier=INTERNAL_VERIFIER,
+        cors_origins=settings.cors_origins,
+    )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(
         postgres_ctx(

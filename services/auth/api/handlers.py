@@ -32,12 +32,12 @@ from services.auth.domain.errors import invalid_grant, invalid_request, unsuppor
 from services.auth.domain.models import Session, TokenPair
 from services.auth.domain.services import BAD_CREDENTIALS
 from services.auth.settings import API_PREFIX
-from shared.appkeys import TOKEN_VERIFIER
+from shared.access import public
 from shared.errors import NO_STORE
 from shared.net import client_address
 from shared.openapi import problem_responses
 from shared.responses import json_response
-from shared.tokens import CLAIMS, bearer
+from shared.tokens import CLAIMS
 
 FORM = "application/x-www-form-urlencoded"
 TAG = ["auth"]
@@ -133,6 +133,7 @@ def _token_response(tokens: TokenPair) -> web.Response:
 )
 @request_schema(SignupRequestSchema)
 @response_schema(SignupResponseSchema, 201, description="The new user, signed in")
+@public
 async def signup(request: web.Request) -> web.Response:
     data = request["data"]
     session = await request.app[AUTH_SERVICE].signup(data["email"], data["password"], data["referral_code"])
@@ -176,6 +177,7 @@ def _session_response(session: Session, *, status: int) -> web.Response:
     responses={**_oauth_errors(400), **_throttled(), **problem_responses(413)},
 )
 @response_schema(TokenResponseSchema, 200, description="Tokens (Cache-Control: no-store)")
+@public
 async def token(request: web.Request) -> web.Response:
     params = await _form(request)
     service = request.app[AUTH_SERVICE]
@@ -200,6 +202,7 @@ async def token(request: web.Request) -> web.Response:
     ),
     responses={200: {"description": "Revoked (or unknown)"}, **_oauth_errors(400), **problem_responses(413)},
 )
+@public
 async def revoke(request: web.Request) -> web.Response:
     params = await _form(request)
     await request.app[AUTH_SERVICE].revoke(_required(params, "token"))
@@ -209,11 +212,9 @@ async def revoke(request: web.Request) -> web.Response:
 @docs(
     tags=TAG,
     summary="The current user",
-    security=[{"bearerAuth": []}, {"oauth2": []}],
     responses=problem_responses(401),
 )
 @response_schema(MeSchema, 200, description="The bearer's account")
-@bearer(TOKEN_VERIFIER)
 async def me(request: web.Request) -> web.Response:
     user = await request.app[AUTH_SERVICE].current_user(request[CLAIMS].user_id)
     # MeSchema's shape, built directly: a marshmallow dump costs more than the rest of the handler.
@@ -232,12 +233,14 @@ async def me(request: web.Request) -> web.Response:
 
 @docs(tags=TAG, summary="Public keys that verify access tokens (RFC 7517)")
 @response_schema(JwksSchema, 200, description="JWKS")
+@public
 async def jwks(request: web.Request) -> web.Response:
     return json_response(request.app[KEY_RING].jwks(), headers={"Cache-Control": "public, max-age=300"})
 
 
 @docs(tags=TAG, summary="Authorization server metadata (discovery)")
 @response_schema(DiscoverySchema, 200, description="Discovery document")
+@public
 async def discovery(request: web.Request) -> web.Response:
     issuer = request.app[SETTINGS].issuer
     body = {
@@ -280,6 +283,7 @@ async def discovery(request: web.Request) -> web.Response:
 )
 @match_info_schema(ProviderPathSchema, put_into="path")
 @querystring_schema(AuthorizeQuerySchema)
+@public
 async def oauth_authorize(request: web.Request) -> web.Response:
     url = await request.app[OAUTH_SERVICE].begin(
         request["path"]["provider"], request["querystring"]["referral_code"]
@@ -304,6 +308,7 @@ async def oauth_authorize(request: web.Request) -> web.Response:
 @querystring_schema(CallbackQuerySchema)
 @response_schema(SignupResponseSchema, 201, description="A new user, signed in")
 @response_schema(SignupResponseSchema, 200, description="A returning user, signed in")
+@public
 async def oauth_callback(request: web.Request) -> web.Response:
     query = request["querystring"]
     result = await request.app[OAUTH_SERVICE].finish(
@@ -312,7 +317,6 @@ async def oauth_callback(request: web.Request) -> web.Response:
     return _session_response(result.session, status=201 if result.created else 200)
 
 
-_BEARER: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"oauth2": []}]
 ACCEPTED = 202
 
 
@@ -324,10 +328,8 @@ ACCEPTED = 202
         "default). At most one mail of each kind a minute, and 10 a day, go to one address (429 with "
         "Retry-After); the gateway limits each client too. 409 `email_already_verified` when proven."
     ),
-    security=_BEARER,
     responses={ACCEPTED: {"description": "The mail is queued"}, **problem_responses(401, 409, 429)},
 )
-@bearer(TOKEN_VERIFIER)
 async def request_verification(request: web.Request) -> web.Response:
     await request.app[AUTH_SERVICE].request_verification(request[CLAIMS].user_id)
     return web.Response(status=ACCEPTED)
@@ -345,6 +347,7 @@ async def request_verification(request: web.Request) -> web.Response:
 )
 @request_schema(MailTokenSchema)
 @response_schema(VerifiedUserSchema, 200, description="The user, with email_verified true")
+@public
 async def verify_email(request: web.Request) -> web.Response:
     user = await request.app[AUTH_SERVICE].verify_email(request["data"]["token"])
     return json_response({"user": _user_schema.dump(user)}, headers=NO_STORE)
@@ -362,6 +365,7 @@ async def verify_email(request: web.Request) -> web.Response:
     responses={ACCEPTED: {"description": "Accepted"}, **problem_responses(400, 413, 415, 422, 429)},
 )
 @request_schema(ForgotPasswordSchema)
+@public
 async def forgot_password(request: web.Request) -> web.Response:
     await request.app[AUTH_SERVICE].forgot_password(request["data"]["email"])
     return web.Response(status=ACCEPTED)
@@ -380,6 +384,7 @@ async def forgot_password(request: web.Request) -> web.Response:
 )
 @request_schema(ResetPasswordSchema)
 @response_schema(SignupResponseSchema, 200, description="The user, signed in anew")
+@public
 async def reset_password(request: web.Request) -> web.Response:
     data = request["data"]
     session = await request.app[AUTH_SERVICE].reset_password(data["token"], data["password"])
@@ -394,11 +399,9 @@ async def reset_password(request: web.Request) -> web.Response:
         "login of this account from this address (429 past the limit). Every other login of the user "
         "is revoked (the caller's stays), and every reset link dies."
     ),
-    security=_BEARER,
     responses={204: {"description": "Changed"}, **problem_responses(400, 401, 403, 413, 415, 422, 429)},
 )
 @request_schema(ChangePasswordSchema)
-@bearer(TOKEN_VERIFIER)
 async def change_password(request: web.Request) -> web.Response:
     data, claims = request["data"], request[CLAIMS]
     await request.app[AUTH_SERVICE].change_password(
@@ -415,10 +418,8 @@ async def change_password(request: web.Request) -> web.Response:
     tags=TAG,
     summary="Sign out everywhere",
     description="Revokes every refresh token of the user; access tokens end at their expiry.",
-    security=_BEARER,
     responses={204: {"description": "Signed out"}, **problem_responses(401)},
 )
-@bearer(TOKEN_VERIFIER)
 async def sign_out_everywhere(request: web.Request) -> web.Response:
     await request.app[AUTH_SERVICE].sign_out_everywhere(request[CLAIMS].user_id)
     return web.Response(status=204)
@@ -436,6 +437,7 @@ _PAGES = {
 _PAGE_BODIES = {name: ((PAGES_DIR / file).read_bytes(), kind) for name, (file, kind) in _PAGES.items()}
 
 
+@public
 async def page(request: web.Request) -> web.Response:
     """A mailed link's page (or its script or style); 404 for anything else."""
     found = _PAGE_BODIES.get(request.match_info["name"])

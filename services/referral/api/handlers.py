@@ -21,19 +21,18 @@ from services.referral.api.schemas import (
     ReferralsQuerySchema,
     ReferrerPathSchema,
 )
-from services.referral.appkeys import INTERNAL_VERIFIER, REFERRAL_SERVICE
+from services.referral.appkeys import REFERRAL_SERVICE
 from services.referral.domain.models import Referral, ReferralPage
 from services.referral.settings import API_PREFIX, INTERNAL_PREFIX
 from shared import health
-from shared.appkeys import TOKEN_VERIFIER
+from shared.access import public, service
 from shared.openapi import problem_responses
 from shared.problems import InvalidToken
 from shared.responses import json_response
-from shared.tokens import CLAIMS, AccessClaims, bearer
+from shared.tokens import CLAIMS, AccessClaims
 
 TAG = ["referral"]
 INTERNAL_TAG = ["internal (service to service)"]
-BEARER: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"oauth2": []}]
 
 _code_schema = CodeSchema()
 _referral_schema = ReferralSchema()
@@ -87,12 +86,10 @@ def _referral_body(referral: Referral) -> dict[str, object]:
         "(a malformed body is still 422) and before anything is written: verify the address, then "
         "log in again or simply retry."
     ),
-    security=BEARER,
     responses=problem_responses(400, 401, 403, 409, 413, 415, 422),
 )
 @request_schema(CreateCodeRequestSchema)
 @response_schema(CodeSchema, 201, description="The new code")
-@bearer(TOKEN_VERIFIER)
 async def create_code(request: web.Request) -> web.Response:
     claims = request[CLAIMS]
     data = request["data"]
@@ -106,9 +103,8 @@ async def create_code(request: web.Request) -> web.Response:
     return json_response(_code_schema.dump(code), status=201)
 
 
-@docs(tags=TAG, summary="My active referral code", security=BEARER, responses=problem_responses(401, 404))
+@docs(tags=TAG, summary="My active referral code", responses=problem_responses(401, 404))
 @response_schema(CodeSchema, 200, description="The caller's active code")
-@bearer(TOKEN_VERIFIER)
 async def get_my_code(request: web.Request) -> web.Response:
     claims = request[CLAIMS]
     code = await request.app[REFERRAL_SERVICE].my_code(claims.user_id)
@@ -119,10 +115,8 @@ async def get_my_code(request: web.Request) -> web.Response:
     tags=TAG,
     summary="Delete my active referral code",
     description="Refused at once by every later request; a new code can be created afterwards.",
-    security=BEARER,
     responses={204: {"description": "Deleted"}, **problem_responses(401, 404)},
 )
-@bearer(TOKEN_VERIFIER)
 async def delete_my_code(request: web.Request) -> web.Response:
     claims = request[CLAIMS]
     await request.app[REFERRAL_SERVICE].delete_my_code(claims.user_id)
@@ -140,6 +134,7 @@ async def delete_my_code(request: web.Request) -> web.Response:
 )
 @querystring_schema(CodeByEmailQuerySchema)
 @response_schema(PublicCodeSchema, 200, description="The active code")
+@public
 async def code_by_email(request: web.Request) -> web.Response:
     code = await request.app[REFERRAL_SERVICE].code_by_email(request["querystring"]["email"])
     # PublicCodeSchema's shape, built directly: the hottest answer skips a marshmallow dump.
@@ -154,12 +149,10 @@ async def code_by_email(request: web.Request) -> web.Response:
         "token says `email_verified: true`, or the auth service has told this service), else "
         "`pending`: a pending link becomes confirmed by itself once the caller verifies the address."
     ),
-    security=BEARER,
     responses=problem_responses(400, 401, 404, 409, 410, 413, 415, 422),
 )
 @request_schema(ActivateRequestSchema)
 @response_schema(ReferralSchema, 201, description="The link")
-@bearer(TOKEN_VERIFIER)
 async def activate(request: web.Request) -> web.Response:
     claims = request[CLAIMS]
     referral = await request.app[REFERRAL_SERVICE].activate(
@@ -176,13 +169,11 @@ async def activate(request: web.Request) -> web.Response:
         "referrer. `total` counts all the referrer's referrals and `confirmed` those whose address is "
         "proven, both as of the same moment as the page; each item has its own `status`."
     ),
-    security=BEARER,
     responses=problem_responses(401, 422),
 )
 @match_info_schema(ReferrerPathSchema, put_into="path")
 @querystring_schema(ReferralsQuerySchema)
 @response_schema(ReferralListSchema, 200, description="One page")
-@bearer(TOKEN_VERIFIER)
 async def list_referrals(request: web.Request) -> web.Response:
     claims = request[CLAIMS]
     referrer_id = request["path"]["referrer_id"]
@@ -198,6 +189,7 @@ async def list_referrals(request: web.Request) -> web.Response:
     description="200 while this service's process runs; the same as its own `/healthz`.",
     responses={200: {"description": "Alive"}},
 )
+@public
 async def healthz(request: web.Request) -> web.Response:
     return await health.healthz(request)
 
@@ -208,12 +200,11 @@ async def healthz(request: web.Request) -> web.Response:
 @docs(
     tags=INTERNAL_TAG,
     summary="Check a code before a signup is accepted (service token)",
-    security=[{"bearerAuth": []}],
     responses=problem_responses(401, 403, 404, 410, 422),
 )
 @match_info_schema(InternalCodePathSchema, put_into="path")
 @response_schema(InternalCodeSchema, 200, description="The usable code and its owner")
-@bearer(INTERNAL_VERIFIER)
+@service
 async def internal_code(request: web.Request) -> web.Response:
     code = await request.app[REFERRAL_SERVICE].usable_code(request["path"]["code"])
     return json_response(_internal_code_schema.dump(code))
@@ -222,7 +213,6 @@ async def internal_code(request: web.Request) -> web.Response:
 @docs(
     tags=INTERNAL_TAG,
     summary="Record a signup's link (service token); idempotent by referral id",
-    security=[{"bearerAuth": []}],
     responses={
         200: {"description": "Already recorded, the same link"},
         **problem_responses(400, 401, 403, 409, 415, 422),
@@ -230,7 +220,7 @@ async def internal_code(request: web.Request) -> web.Response:
 )
 @request_schema(InternalLinkRequestSchema)
 @response_schema(ReferralSchema, 201, description="Recorded now")
-@bearer(INTERNAL_VERIFIER)
+@service
 async def internal_link(request: web.Request) -> web.Response:
     data = request["data"]
     linked = await request.app[REFERRAL_SERVICE].record_signup_link(
@@ -247,11 +237,10 @@ async def internal_link(request: web.Request) -> web.Response:
         "recorded for them later is confirmed when it is written. No body. 204 every time, also when "
         "the user has no link (yet) or the notice was already received."
     ),
-    security=[{"bearerAuth": []}],
     responses={204: {"description": "Recorded"}, **problem_responses(401, 403, 422)},
 )
 @match_info_schema(InternalUserPathSchema, put_into="path")
-@bearer(INTERNAL_VERIFIER)
+@service
 async def internal_user_verified(request: web.Request) -> web.Response:
     await request.app[REFERRAL_SERVICE].confirm_user(request["path"]["user_id"])
     return web.Response(status=204)
