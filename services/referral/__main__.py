@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from services.referral.adapters.tables import SCHEMA
 from services.referral.app import create_app
-from services.referral.db.tables import SCHEMA
 from services.referral.settings import PREFIX, ReferralSettings
 from shared.cli import run_service_command
 from shared.config import load_settings

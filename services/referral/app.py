@@ -8,11 +8,16 @@ from datetime import timedelta
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from services.referral.adapters.code_cache import CodeCacheSettings, RedisCodeCache
+from services.referral.adapters.repositories import (
+    PostgresCodeRepository,
+    PostgresReferralRepository,
+    PostgresUnitOfWork,
+)
 from services.referral.api.handlers import add_routes
-from services.referral.appkeys import INTERNAL_VERIFIER, REFERRAL_SERVICE, SETTINGS
-from services.referral.cache import CodeCache, CodeCacheSettings
-from services.referral.db.repositories import CodeRepository, ReferralRepository
-from services.referral.domain.services import CodeRules, ReferralService
+from services.referral.appkeys import INTERNAL_VERIFIER, USE_CASES
+from services.referral.domain.rules import CodeRules
+from services.referral.domain.use_cases import ReferralUseCases
 from services.referral.settings import API_PREFIX, ReferralSettings
 from shared.appkeys import DATABASE, HTTP_CLIENT, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
 from shared.openapi import setup_openapi
@@ -53,10 +58,12 @@ def _verifiers_ctx(settings: ReferralSettings) -> CleanupContext:
     return ctx
 
 
-def _referral_service_ctx(settings: ReferralSettings) -> CleanupContext:
+def _use_cases_ctx(settings: ReferralSettings) -> CleanupContext:
+    """The use cases wired to their adapters: PostgreSQL repositories and the Redis code cache."""
+
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         database = app[DATABASE]
-        cache = CodeCache(
+        cache = RedisCodeCache(
             app[REDIS],
             prefix=settings.redis_prefix,
             settings=CodeCacheSettings(
@@ -68,9 +75,10 @@ def _referral_service_ctx(settings: ReferralSettings) -> CleanupContext:
             ),
             registry=app[METRICS_REGISTRY],
         )
-        app[REFERRAL_SERVICE] = ReferralService(
-            codes=CodeRepository(database),
-            referrals=ReferralRepository(database),
+        app[USE_CASES] = ReferralUseCases(
+            codes=PostgresCodeRepository(database),
+            referrals=PostgresReferralRepository(database),
+            uow=PostgresUnitOfWork(database),
             cache=cache,
             rules=CodeRules(
                 min_lifetime=timedelta(seconds=settings.code_min_lifetime),
@@ -96,7 +104,6 @@ def create_app(settings: ReferralSettings) -> web.Application:
         service_verifier=INTERNAL_VERIFIER,
         cors_origins=settings.cors_origins,
     )
-    app[SETTINGS] = settings
     app.cleanup_ctx.append(
         postgres_ctx(
             settings.database_url,
@@ -108,7 +115,7 @@ def create_app(settings: ReferralSettings) -> web.Application:
     app.cleanup_ctx.append(redis_ctx(settings.redis_url, timeout=settings.redis_timeout))
     app.cleanup_ctx.append(http_client_ctx(timeout=5.0, user_agent="referral-system-referral"))
     app.cleanup_ctx.append(_verifiers_ctx(settings))
-    app.cleanup_ctx.append(_referral_service_ctx(settings))
+    app.cleanup_ctx.append(_use_cases_ctx(settings))
     add_routes(app)
     setup_openapi(
         app,

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.referral.domain.services import ReferralService
-from services.referral.settings import ReferralSettings
+from services.referral.domain.use_cases import ReferralUseCases
 from shared.tokens import TokenVerifier
 
-SETTINGS = web.AppKey("referral_settings", ReferralSettings)
-REFERRAL_SERVICE = web.AppKey("referral_service", ReferralService)
+USE_CASES = web.AppKey("referral_use_cases", ReferralUseCases)
 INTERNAL_VERIFIER = web.AppKey("internal_token_verifier", TokenVerifier)

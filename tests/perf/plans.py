@@ -1,6 +1,6 @@
 """Query plans of the benchmark's read scenarios, from the SQL the referral service really runs.
 
-The statements are the service's own, imported by name from `services.referral.db.repositories`:
+The statements are the service's own, imported by name from `services.referral.adapters.repositories`:
 a `shared.db.Prepared` (what `prepare` compiled: SQL text and the defaults of its bind parameters)
 or a plain SQL string, bound to values from the dataset as psycopg2 binds them for the service.
 When the service's statements change (renamed, merged, split), edit `QUERIES` and `_values`: a
@@ -18,8 +18,8 @@ from typing import Any
 import psycopg2
 import psycopg2.extras
 
+from services.referral.adapters import repositories
 from services.referral.api.cursor import decode_cursor
-from services.referral.db import repositories
 from shared.db import Prepared
 from tests.perf.dataset import Dataset
 
@@ -82,7 +82,7 @@ def statement(name: str) -> tuple[str, Mapping[str, Any]]:
     if isinstance(found, str):
         return found, {}
     raise LookupError(
-        f"services.referral.db.repositories has no statement {name!r} (found {type(found).__name__});"
+        f"services.referral.adapters.repositories has no statement {name!r} (found {type(found).__name__});"
         " update QUERIES in tests/perf/plans.py"
     )
 

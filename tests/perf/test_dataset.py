@@ -16,8 +16,8 @@ import pytest
 
 from services.auth.domain.passwords import PasswordHasher
 from services.auth.settings import AuthSettings
+from services.referral.adapters import repositories
 from services.referral.api.cursor import decode_cursor
-from services.referral.db import repositories
 from shared.db import Prepared
 from shared.schemas import TrimmedEmail
 from tests import processes

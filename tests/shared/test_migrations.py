@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateIndex
 
 import services.auth.db.tables
-import services.referral.db.tables
+import services.referral.adapters.tables
 from shared.migrations import apply_migrations, rollback_migrations
 from tests.helpers import fresh_database
 
@@ -101,7 +101,7 @@ AUTH = Service(
 )
 REFERRAL = Service(
     "referral",
-    services.referral.db.tables,
+    services.referral.adapters.tables,
     frozenset({"codes", "referrals", "referrer_totals"}),
     insert_referral_rows,
 )

@@ -21,8 +21,9 @@ from services.referral.api.schemas import (
     ReferralsQuerySchema,
     ReferrerPathSchema,
 )
-from services.referral.appkeys import REFERRAL_SERVICE
+from services.referral.appkeys import USE_CASES
 from services.referral.domain.models import Referral, ReferralPage
+from services.referral.domain.rules import mask_email
 from services.referral.settings import API_PREFIX, INTERNAL_PREFIX
 from shared import health
 from shared.access import public, service
@@ -45,15 +46,7 @@ def _email_of(claims: AccessClaims) -> str:
     return claims.email
 
 
-def mask_email(email: str) -> str:
-    """`jane@example.com` -> `j***@example.com`."""
-    local, at, domain = email.rpartition("@")
-    if not at:
-        return "***"
-    return f"{local[:1]}***@{domain}"
-
-
-def _page_body(page: ReferralPage, viewer_is_referrer: bool) -> dict[str, object]:
+def _page_body(page: ReferralPage) -> dict[str, object]:
     return {
         "referrer_id": str(page.referrer_id),
         "total": page.total,
@@ -61,7 +54,7 @@ def _page_body(page: ReferralPage, viewer_is_referrer: bool) -> dict[str, object
         "items": [
             {
                 "referral_id": item.referral_id,
-                "email": item.email if viewer_is_referrer else mask_email(item.email),
+                "email": item.email if page.emails_visible else mask_email(item.email),
                 "joined_at": item.joined_at.isoformat(),
                 "status": item.status,
             }
@@ -93,7 +86,7 @@ def _referral_body(referral: Referral) -> dict[str, object]:
 async def create_code(request: web.Request) -> web.Response:
     claims = request[CLAIMS]
     data = request["data"]
-    code = await request.app[REFERRAL_SERVICE].create_code(
+    code = await request.app[USE_CASES].create_code(
         claims.user_id,
         _email_of(claims),
         data["expires_at"],
@@ -107,7 +100,7 @@ async def create_code(request: web.Request) -> web.Response:
 @response_schema(CodeSchema, 200, description="The caller's active code")
 async def get_my_code(request: web.Request) -> web.Response:
     claims = request[CLAIMS]
-    code = await request.app[REFERRAL_SERVICE].my_code(claims.user_id)
+    code = await request.app[USE_CASES].my_code(claims.user_id)
     return json_response(_code_schema.dump(code))
 
 
@@ -119,7 +112,7 @@ async def get_my_code(request: web.Request) -> web.Response:
 )
 async def delete_my_code(request: web.Request) -> web.Response:
     claims = request[CLAIMS]
-    await request.app[REFERRAL_SERVICE].delete_my_code(claims.user_id)
+    await request.app[USE_CASES].delete_my_code(claims.user_id)
     return web.Response(status=204)
 
 
@@ -136,7 +129,7 @@ async def delete_my_code(request: web.Request) -> web.Response:
 @response_schema(PublicCodeSchema, 200, description="The active code")
 @public
 async def code_by_email(request: web.Request) -> web.Response:
-    code = await request.app[REFERRAL_SERVICE].code_by_email(request["querystring"]["email"])
+    code = await request.app[USE_CASES].code_by_email(request["querystring"]["email"])
     # PublicCodeSchema's shape, built directly: the hottest answer skips a marshmallow dump.
     return json_response({"code": code.code, "expires_at": code.expires_at.isoformat()})
 
@@ -155,7 +148,7 @@ async def code_by_email(request: web.Request) -> web.Response:
 @response_schema(ReferralSchema, 201, description="The link")
 async def activate(request: web.Request) -> web.Response:
     claims = request[CLAIMS]
-    referral = await request.app[REFERRAL_SERVICE].activate(
+    referral = await request.app[USE_CASES].activate(
         claims.user_id, _email_of(claims), request["data"]["code"], email_verified=claims.email_verified
     )
     return json_response(_referral_body(referral), status=201)
@@ -179,8 +172,10 @@ async def list_referrals(request: web.Request) -> web.Response:
     referrer_id = request["path"]["referrer_id"]
     query = request["querystring"]
     after = decode_cursor(query["cursor"]) if query["cursor"] else None
-    page = await request.app[REFERRAL_SERVICE].referrals_of(referrer_id, query["limit"], after)
-    return json_response(_page_body(page, viewer_is_referrer=claims.user_id == referrer_id))
+    page = await request.app[USE_CASES].referrals_of(
+        referrer_id, query["limit"], after, viewer_id=claims.user_id
+    )
+    return json_response(_page_body(page))
 
 
 @docs(
@@ -206,7 +201,7 @@ async def healthz(request: web.Request) -> web.Response:
 @response_schema(InternalCodeSchema, 200, description="The usable code and its owner")
 @service
 async def internal_code(request: web.Request) -> web.Response:
-    code = await request.app[REFERRAL_SERVICE].usable_code(request["path"]["code"])
+    code = await request.app[USE_CASES].usable_code(request["path"]["code"])
     return json_response(_internal_code_schema.dump(code))
 
 
@@ -223,7 +218,7 @@ async def internal_code(request: web.Request) -> web.Response:
 @service
 async def internal_link(request: web.Request) -> web.Response:
     data = request["data"]
-    linked = await request.app[REFERRAL_SERVICE].record_signup_link(
+    linked = await request.app[USE_CASES].record_signup_link(
         data["referral_id"], data["referrer_id"], data["referral_email"], data["code"]
     )
     return json_response(_referral_body(linked.referral), status=201 if linked.created else 200)
@@ -242,7 +237,7 @@ async def internal_link(request: web.Request) -> web.Response:
 @match_info_schema(InternalUserPathSchema, put_into="path")
 @service
 async def internal_user_verified(request: web.Request) -> web.Response:
-    await request.app[REFERRAL_SERVICE].confirm_user(request["path"]["user_id"])
+    await request.app[USE_CASES].confirm_user(request["path"]["user_id"])
     return web.Response(status=204)
 
 

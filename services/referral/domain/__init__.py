@@ -1,1 +1,1 @@
-"""The referral service's use cases and rules; no HTTP, no SQL."""
+"""The referral service's business: models, rules, use cases, errors and the ports they need; no I/O."""

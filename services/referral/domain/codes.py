@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import secrets
 
-# No 0/O, 1/I/L, U/V confusion: 8 digits and 22 letters, read back case-insensitively.
+# No 0/O, 1/I/L, U/V confusion: 8 digits and 21 letters, read back case-insensitively.
 ALPHABET = "23456789ABCDEFGHJKMNPQRSTWXYZ"
-LENGTH = 11
-BITS = LENGTH * math.log2(len(ALPHABET))  # about 53 bits from the OS's CSPRNG
+LENGTH = 11  # about 53 bits from the OS's CSPRNG
 
 
 def generate_code() -> str:

@@ -62,3 +62,4 @@ class ReferralPage:
     confirmed: int
     items: list[ListedReferral]
     next_cursor: Cursor | None
+    emails_visible: bool  # the viewer is the referrer; others see the emails masked

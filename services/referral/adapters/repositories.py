@@ -1,19 +1,23 @@
-"""Repositories of the referral service: SQL in, domain objects out."""
+"""PostgreSQL adapters of the referral service: SQL in, domain objects out.
+
+The repositories and the unit of work implement the ports of domain/ports.py over `shared.db`
+(aiopg connections); every statement is compiled once, at import.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Boolean, bindparam, case, exists, func, insert, literal_column, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from services.referral.db.tables import codes_table as codes
-from services.referral.db.tables import referrals_table as referrals
-from services.referral.db.tables import verified_users_table as verified_users
+from services.referral.adapters.tables import codes_table as codes
+from services.referral.adapters.tables import referrals_table as referrals
+from services.referral.adapters.tables import verified_users_table as verified_users
 from services.referral.domain.models import (
     CONFIRMED,
     PENDING,
@@ -22,11 +26,11 @@ from services.referral.domain.models import (
     Referral,
     ReferralCode,
 )
+from services.referral.domain.ports import AlreadyLinked, CodeTextTaken, OpenCodeExists
 from shared.db import Connection, Database, UniqueViolation, prepare, prepare_sql
 
 ONE_OPEN_PER_OWNER = "codes_one_open_per_owner"
 CODE_UNIQUE = "codes_code_lower_key"
-REFERRAL_PK = "referrals_pkey"
 
 _CODE_COLUMNS = (
     codes.c.id,
@@ -84,7 +88,7 @@ _REFERRAL_OF = prepare(select(*_REFERRAL_COLUMNS).where(referrals.c.referral_id 
 # A new link's status, decided by the statement that writes it: confirmed when the referral's address
 # is proven, by the caller's token (`email_verified`) or by the auth service's notice (verified_users),
 # else pending. The link's transaction runs this statement after it holds the lock of the referral's
-# tree, the lock a notice takes too (see `ReferralRepository.confirm_user`), and in READ COMMITTED each
+# tree, the lock a notice takes too (see `ReferralUseCases.confirm_user`), and in READ COMMITTED each
 # statement sees what was committed before it began: a notice that got the lock first is seen here, one
 # that gets it later finds the link and confirms it. No interleaving leaves a proven user's link pending.
 _STATUS = case(
@@ -207,20 +211,9 @@ def _referral(row: Mapping[str, Any]) -> Referral:
     )
 
 
-class OpenCodeExists(Exception):
-    """The owner already has an open code (the partial unique index said so)."""
-
-
-class CodeTextTaken(Exception):
-    """Another code (of anyone, ever) has this text, compared case-insensitively."""
-
-
-class AlreadyLinked(Exception):
-    """The user is already somebody's referral (the primary key said so)."""
-
-
-class CodeRepository:
-    """Referral codes; the database keeps one open code per owner and unique code texts."""
+class PostgresCodeRepository:
+    """Referral codes (the CodeRepository port); the database keeps one open code per owner and unique
+    code texts."""
 
     def __init__(self, database: Database) -> None:
         self._db = database
@@ -269,87 +262,21 @@ class CodeRepository:
         return _code(row) if row else None
 
 
-class ReferralRepository:
-    """Who referred whom; the tree locks serialize links that could close a cycle."""
+async def _root_of(conn: Connection | Database, user_id: uuid.UUID) -> uuid.UUID:
+    row = await conn.fetch_one(_ROOT_OF, {"user_id": user_id})
+    assert row is not None
+    return row["user_id"]  # type: ignore[no-any-return]
+
+
+class PostgresReferralRepository:
+    """Who referred whom, read on a pooled connection (the ReferralRepository port)."""
 
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    def transaction(self) -> AbstractAsyncContextManager[Connection]:
-        """A transaction for a link: lock the trees, check, write."""
-        return self._db.transaction()
-
-    async def root_of(self, user_id: uuid.UUID, conn: Connection | None = None) -> uuid.UUID:
+    async def root_of(self, user_id: uuid.UUID) -> uuid.UUID:
         """The top of the user's referrer chain (the user when nobody referred them)."""
-        statement = (_ROOT_OF, {"user_id": user_id})
-        row = await (conn.fetch_one(*statement) if conn else self._db.fetch_one(*statement))
-        assert row is not None
-        return row["user_id"]  # type: ignore[no-any-return]
-
-    async def lock_trees(self, conn: Connection, roots: Iterable[uuid.UUID]) -> None:
-        """Transaction-scoped locks on the trees rooted at `roots`, always in the same order."""
-        for root in sorted(set(roots)):
-            await conn.execute(_LOCK_TREE, {"user_id": str(root)})
-
-    async def referral_of(self, conn: Connection, referral_id: uuid.UUID) -> Referral | None:
-        row = await conn.fetch_one(_REFERRAL_OF, {"referral_id": referral_id})
-        return _referral(row) if row else None
-
-    async def add_by_active_code(
-        self,
-        conn: Connection,
-        referral_id: uuid.UUID,
-        referral_email: str,
-        code_id: uuid.UUID,
-        *,
-        email_verified: bool,
-    ) -> Referral | None:
-        """Link the user to the code's owner if the code is still active; None if it is not.
-
-        Confirmed when `email_verified` or the user is in verified_users, else pending; call it with
-        the referral's tree locked (`lock_trees`).
-        """
-        try:
-            row = await conn.fetch_one(
-                _INSERT_REFERRAL_BY_ACTIVE_CODE,
-                {
-                    "referral_id": referral_id,
-                    "referral_email": referral_email,
-                    "code_id": code_id,
-                    "email_verified": email_verified,
-                },
-            )
-        except UniqueViolation:
-            raise AlreadyLinked from None
-        return _referral(row) if row else None
-
-    async def add(
-        self,
-        conn: Connection,
-        referral_id: uuid.UUID,
-        referrer_id: uuid.UUID,
-        referral_email: str,
-        code: str,
-        *,
-        email_verified: bool,
-    ) -> Referral:
-        """Link the user to the referrer unconditionally (the code was checked at signup); the status
-        as in `add_by_active_code`."""
-        try:
-            row = await conn.fetch_one(
-                _INSERT_REFERRAL,
-                {
-                    "referral_id": referral_id,
-                    "referrer_id": referrer_id,
-                    "referral_email": referral_email,
-                    "code": code,
-                    "email_verified": email_verified,
-                },
-            )
-        except UniqueViolation:
-            raise AlreadyLinked from None
-        assert row is not None
-        return _referral(row)
+        return await _root_of(self._db, user_id)
 
     async def page(
         self, referrer_id: uuid.UUID, limit: int, after: Cursor | None
@@ -370,17 +297,89 @@ class ReferralRepository:
         """Whether the auth service told us the user's address is proven."""
         return await self._db.fetch_one(_IS_VERIFIED, {"user_id": user_id}) is not None
 
-    async def confirm_user(self, user_id: uuid.UUID) -> bool:
-        """Record that the user's address is proven and confirm their pending link, if any (idempotent);
-        True when a link was confirmed now.
 
-        The user's tree lock comes first, the lock a link for this user takes before it writes (the
-        user is then the root of their own tree): the notice and the link are serialized, and the one
-        that goes second sees what the first committed (see `_STATUS`). A user who is already linked
-        is not a root any more, but no link for them can be written then, and their row is what the
-        UPDATE changes.
+class PostgresLinks:
+    """Who referred whom, on the connection of one transaction (the Links port)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    async def lock_trees(self, roots: Iterable[uuid.UUID]) -> None:
+        """Transaction-scoped advisory locks on the trees rooted at `roots`, always in the same order."""
+        for root in sorted(set(roots)):
+            await self._conn.execute(_LOCK_TREE, {"user_id": str(root)})
+
+    async def root_of(self, user_id: uuid.UUID) -> uuid.UUID:
+        return await _root_of(self._conn, user_id)
+
+    async def referral_of(self, referral_id: uuid.UUID) -> Referral | None:
+        row = await self._conn.fetch_one(_REFERRAL_OF, {"referral_id": referral_id})
+        return _referral(row) if row else None
+
+    async def add_by_active_code(
+        self, referral_id: uuid.UUID, referral_email: str, code_id: uuid.UUID, *, email_verified: bool
+    ) -> Referral | None:
+        """Link the user to the code's owner if the code is still active; None if it is not.
+
+        Confirmed when `email_verified` or the user is in verified_users, else pending; call it with
+        the referral's tree locked (`lock_trees`).
         """
+        try:
+            row = await self._conn.fetch_one(
+                _INSERT_REFERRAL_BY_ACTIVE_CODE,
+                {
+                    "referral_id": referral_id,
+                    "referral_email": referral_email,
+                    "code_id": code_id,
+                    "email_verified": email_verified,
+                },
+            )
+        except UniqueViolation:
+            raise AlreadyLinked from None
+        return _referral(row) if row else None
+
+    async def add(
+        self,
+        referral_id: uuid.UUID,
+        referrer_id: uuid.UUID,
+        referral_email: str,
+        code: str,
+        *,
+        email_verified: bool,
+    ) -> Referral:
+        """Link the user to the referrer unconditionally (the code was checked at signup); the status
+        as in `add_by_active_code`."""
+        try:
+            row = await self._conn.fetch_one(
+                _INSERT_REFERRAL,
+                {
+                    "referral_id": referral_id,
+                    "referrer_id": referrer_id,
+                    "referral_email": referral_email,
+                    "code": code,
+                    "email_verified": email_verified,
+                },
+            )
+        except UniqueViolation:
+            raise AlreadyLinked from None
+        assert row is not None
+        return _referral(row)
+
+    async def confirm_user(self, user_id: uuid.UUID) -> bool:
+        """Record that the user's address is proven and confirm their pending link, if any (one
+        statement, idempotent); True when a link was confirmed now. Call it with the user's tree
+        locked (`lock_trees`): see `_STATUS`."""
+        return await self._conn.fetch_one(_CONFIRM_USER, {"user_id": user_id}) is not None
+
+
+class PostgresUnitOfWork:
+    """One PostgreSQL transaction per `begin()` (the UnitOfWork port): committed when the block ends,
+    rolled back when it raises."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[PostgresLinks]:
         async with self._db.transaction() as conn:
-            await self.lock_trees(conn, (user_id,))
-            row = await conn.fetch_one(_CONFIRM_USER, {"user_id": user_id})
-        return row is not None
+            yield PostgresLinks(conn)

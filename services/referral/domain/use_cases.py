@@ -1,20 +1,16 @@
-"""Use cases of the referral service: codes, their lookup, links between referrers and referrals."""
+"""Use cases of the referral service: codes, their lookup, links between referrers and referrals.
+
+They reach storage only through the ports (domain/ports.py) they are given.
+"""
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
-from services.referral.cache import ABSENT, CodeCache
-from services.referral.db.repositories import (
-    AlreadyLinked,
-    CodeRepository,
-    CodeTextTaken,
-    OpenCodeExists,
-    ReferralRepository,
-)
 from services.referral.domain.codes import generate_code
 from services.referral.domain.errors import (
     ActiveCodeExists,
@@ -27,7 +23,18 @@ from services.referral.domain.errors import (
     SelfReferral,
 )
 from services.referral.domain.models import Cursor, Referral, ReferralCode, ReferralPage
-from shared.problems import ServiceUnavailable, ValidationProblem
+from services.referral.domain.ports import (
+    ABSENT,
+    AlreadyLinked,
+    CodeCache,
+    CodeRepository,
+    CodeTextTaken,
+    OpenCodeExists,
+    ReferralRepository,
+    UnitOfWork,
+)
+from services.referral.domain.rules import CodeRules
+from shared.problems import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +42,8 @@ GENERATION_ATTEMPTS = 5
 LINK_ATTEMPTS = 5
 
 
-@dataclass(frozen=True)
-class CodeRules:
-    min_lifetime: timedelta
-    max_lifetime: timedelta
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -50,24 +55,18 @@ class Linked:
 
 
 @dataclass
-class ReferralService:
+class ReferralUseCases:
     """The referral use cases, with their collaborators."""
 
     codes: CodeRepository
     referrals: ReferralRepository
+    uow: UnitOfWork
     cache: CodeCache
     rules: CodeRules
+    clock: Callable[[], datetime] = utc_now
+    new_code: Callable[[], str] = generate_code
 
     # --- codes -----------------------------------------------------------------------------------
-
-    def _check_expiry(self, expires_at: datetime, now: datetime) -> None:
-        if expires_at < now + self.rules.min_lifetime:
-            seconds = int(self.rules.min_lifetime.total_seconds())
-            raise ValidationProblem(errors={"expires_at": [f"must be at least {seconds} seconds ahead"]})
-        if expires_at > now + self.rules.max_lifetime:
-            raise ValidationProblem(
-                errors={"expires_at": [f"must be at most {self.rules.max_lifetime.days} days ahead"]}
-            )
 
     async def create_code(
         self,
@@ -85,11 +84,11 @@ class ReferralService:
         """
         if not email_verified and not await self.referrals.is_verified(owner_id):
             raise EmailUnverified("Verify your email address before you create a referral code.")
-        self._check_expiry(expires_at, datetime.now(UTC))
+        self.rules.check_expiry(expires_at, self.clock())
         attempts = 1 if vanity else GENERATION_ATTEMPTS
         for _ in range(attempts):
             try:
-                code = await self.codes.create(owner_id, owner_email, vanity or generate_code(), expires_at)
+                code = await self.codes.create(owner_id, owner_email, vanity or self.new_code(), expires_at)
             except OpenCodeExists:
                 raise ActiveCodeExists("Delete your active code first, or wait until it expires.") from None
             except CodeTextTaken:
@@ -118,6 +117,8 @@ class ReferralService:
         if cached is ABSENT:
             raise CodeNotFound()
         if isinstance(cached, ReferralCode):
+            if not cached.is_active(self.clock()):  # expired since it was cached
+                raise CodeNotFound()
             return cached
         code = await self.codes.active_by_email(email)
         await self.cache.fill_email(email, code)
@@ -135,7 +136,7 @@ class ReferralService:
             await self.cache.fill_code(text, code)
         if code is None:
             raise CodeNotFound()
-        if not code.is_active(datetime.now(UTC)):
+        if not code.is_active(self.clock()):
             raise CodeExpired()
         return code
 
@@ -168,8 +169,17 @@ class ReferralService:
 
     async def confirm_user(self, user_id: uuid.UUID) -> None:
         """The auth service's notice: the user's address is proven. Their pending link, now or when it
-        is made, is confirmed. Idempotent."""
-        if await self.referrals.confirm_user(user_id):
+        is made, is confirmed. Idempotent.
+
+        The user's tree lock comes first, the lock a link for this user takes before it writes (the
+        user is then the root of their own tree): the notice and the link are serialized, and the one
+        that goes second sees what the first committed. A user who is already linked is not a root
+        any more, but no link for them can be written then, and their link is what the notice changes.
+        """
+        async with self.uow.begin() as links:
+            await links.lock_trees((user_id,))
+            confirmed = await links.confirm_user(user_id)
+        if confirmed:
             log.info("referral link confirmed", extra={"referral_id": str(user_id)})
 
     async def _link(
@@ -187,18 +197,17 @@ class ReferralService:
         The referral has no referrer (else the link is refused), so it is the root of its own tree;
         the link closes a cycle exactly when it is also the root of the referrer's tree. Locking both
         roots (in a fixed order) serializes every pair of links that could close a cycle together.
-        The referral's lock is also the one the auth service's notice for them takes, and the insert
-        reads verified_users after it: a notice and a link never both miss each other (the link's
-        status: `ReferralRepository.add`).
+        The referral's lock is also the one the auth service's notice for them takes, and the write
+        reads the proven users after it: a notice and a link never both miss each other.
         """
         for _ in range(LINK_ATTEMPTS):
             root_seen = await self.referrals.root_of(referrer_id)
-            async with self.referrals.transaction() as conn:
-                await self.referrals.lock_trees(conn, (referral_id, root_seen))
-                root = await self.referrals.root_of(referrer_id, conn)
+            async with self.uow.begin() as links:
+                await links.lock_trees((referral_id, root_seen))
+                root = await links.root_of(referrer_id)
                 if root != root_seen:
                     continue  # the tree grew while we waited for its lock: lock the new root
-                existing = await self.referrals.referral_of(conn, referral_id)
+                existing = await links.referral_of(referral_id)
                 if existing is not None:
                     if existing.referrer_id == referrer_id:
                         return Linked(existing, created=False)
@@ -207,12 +216,12 @@ class ReferralService:
                     raise ReferralCycle()
                 try:
                     if code_id is None:
-                        referral = await self.referrals.add(
-                            conn, referral_id, referrer_id, email, code, email_verified=email_verified
+                        referral = await links.add(
+                            referral_id, referrer_id, email, code, email_verified=email_verified
                         )
                     else:
-                        added = await self.referrals.add_by_active_code(
-                            conn, referral_id, email, code_id, email_verified=email_verified
+                        added = await links.add_by_active_code(
+                            referral_id, email, code_id, email_verified=email_verified
                         )
                         if added is None:
                             raise CodeExpired()
@@ -222,10 +231,15 @@ class ReferralService:
                 return Linked(referral, created=True)
         raise ServiceUnavailable("The referral tree is changing quickly; try again.")
 
-    async def referrals_of(self, referrer_id: uuid.UUID, limit: int, after: Cursor | None) -> ReferralPage:
-        """A page of the referrer's referrals, newest first, with the total and the confirmed count."""
+    async def referrals_of(
+        self, referrer_id: uuid.UUID, limit: int, after: Cursor | None, *, viewer_id: uuid.UUID
+    ) -> ReferralPage:
+        """A page of the referrer's referrals, newest first, with the total and the confirmed count;
+        the emails are the viewer's to see only when the viewer is the referrer."""
         total, confirmed, items = await self.referrals.page(referrer_id, limit + 1, after)
         more = len(items) > limit
         items = items[:limit]
         next_cursor = Cursor(items[-1].joined_at, uuid.UUID(items[-1].referral_id)) if more else None
-        return ReferralPage(referrer_id, total, confirmed, items, next_cursor)
+        return ReferralPage(
+            referrer_id, total, confirmed, items, next_cursor, emails_visible=viewer_id == referrer_id
+        )

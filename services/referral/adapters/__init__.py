@@ -1,0 +1,1 @@
+"""How the referral service talks to the world: PostgreSQL repositories, unit of work, Redis cache."""

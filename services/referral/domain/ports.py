@@ -1,0 +1,152 @@
+"""The ports the referral use cases need, as Protocols: the adapters implement them, tests fake them.
+
+What a repository raises when the database refuses a write is part of its contract, so those
+exceptions live here too; the use cases map them to domain errors.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Protocol
+
+from services.referral.domain.models import Cursor, ListedReferral, Referral, ReferralCode
+
+
+class OpenCodeExists(Exception):
+    """The owner already has an open code (the partial unique index said so)."""
+
+
+class CodeTextTaken(Exception):
+    """Another code (of anyone, ever) has this text, compared case-insensitively."""
+
+
+class AlreadyLinked(Exception):
+    """The user is already somebody's referral (the primary key said so)."""
+
+
+class Absent:
+    """The cache's answer when the database said: no such code (or no active code for this email)."""
+
+
+ABSENT = Absent()
+
+
+class CodeRepository(Protocol):
+    """Referral codes; the store keeps one open code per owner and unique code texts."""
+
+    async def create(
+        self, owner_id: uuid.UUID, owner_email: str, code: str, expires_at: datetime
+    ) -> ReferralCode:
+        """Open a code (closing the owner's expired one first); OpenCodeExists or CodeTextTaken."""
+        ...
+
+    async def active_of(self, owner_id: uuid.UUID) -> ReferralCode | None: ...
+
+    async def delete_active(self, owner_id: uuid.UUID) -> ReferralCode | None:
+        """Delete the owner's active code; the deleted code, or None when there was none."""
+        ...
+
+    async def active_by_email(self, email: str) -> ReferralCode | None:
+        """The active code of the owner of this email, compared case-insensitively."""
+        ...
+
+    async def by_code(self, code: str) -> ReferralCode | None:
+        """The code with this text (any state), compared case-insensitively."""
+        ...
+
+
+class ReferralRepository(Protocol):
+    """Who referred whom, read outside a unit of work."""
+
+    async def root_of(self, user_id: uuid.UUID) -> uuid.UUID:
+        """The top of the user's referrer chain (the user when nobody referred them)."""
+        ...
+
+    async def page(
+        self, referrer_id: uuid.UUID, limit: int, after: Cursor | None
+    ) -> tuple[int, int, list[ListedReferral]]:
+        """The referrer's total and confirmed count, and up to `limit` referrals, newest first,
+        strictly after the cursor, all as of one moment."""
+        ...
+
+    async def is_verified(self, user_id: uuid.UUID) -> bool:
+        """Whether the auth service told us the user's address is proven."""
+        ...
+
+
+class Links(Protocol):
+    """Who referred whom, inside one transaction of a unit of work."""
+
+    async def lock_trees(self, roots: Iterable[uuid.UUID]) -> None:
+        """Locks, held until the transaction ends, on the trees rooted at `roots`, always taken in
+        the same order."""
+        ...
+
+    async def root_of(self, user_id: uuid.UUID) -> uuid.UUID: ...
+
+    async def referral_of(self, referral_id: uuid.UUID) -> Referral | None: ...
+
+    async def add(
+        self,
+        referral_id: uuid.UUID,
+        referrer_id: uuid.UUID,
+        referral_email: str,
+        code: str,
+        *,
+        email_verified: bool,
+    ) -> Referral:
+        """Link the user to the referrer; AlreadyLinked. Confirmed when `email_verified` or the user
+        is recorded as proven when the statement runs, else pending."""
+        ...
+
+    async def add_by_active_code(
+        self, referral_id: uuid.UUID, referral_email: str, code_id: uuid.UUID, *, email_verified: bool
+    ) -> Referral | None:
+        """Link the user to the code's owner if the code is still active when the write runs (None if
+        not); AlreadyLinked. The status as in `add`."""
+        ...
+
+    async def confirm_user(self, user_id: uuid.UUID) -> bool:
+        """Record that the user's address is proven and confirm their pending link, if any; True when
+        a link was confirmed now."""
+        ...
+
+
+class UnitOfWork(Protocol):
+    """Transactions: `async with uow.begin() as links:` commits when the block ends, rolls back when
+    it raises."""
+
+    def begin(self) -> AbstractAsyncContextManager[Links]: ...
+
+
+class CodeCache(Protocol):
+    """Cached answers of `CodeRepository.by_code` and `.active_by_email`; never raises on its own
+    trouble (it answers None: not cached)."""
+
+    async def by_code(self, text: str) -> ReferralCode | Absent | None:
+        """The cached code (any state), ABSENT when the database had none, None when not cached."""
+        ...
+
+    async def active_by_email(self, email: str) -> ReferralCode | Absent | None:
+        """The cached code of this email's owner (it may have expired since), ABSENT when the database
+        had none, None when not cached."""
+        ...
+
+    async def fill_code(self, text: str, code: ReferralCode | None) -> None:
+        """What the database answered for this text, kept unless something is cached already."""
+        ...
+
+    async def fill_email(self, email: str, code: ReferralCode | None) -> None:
+        """What the database answered for this email, kept unless something is cached already."""
+        ...
+
+    async def code_created(self, code: ReferralCode) -> None:
+        """A new code: overwrites what is cached for its text and its owner's email."""
+        ...
+
+    async def code_deleted(self, code: ReferralCode) -> None:
+        """A deleted code: its text keeps the deleted code, its owner's email has none."""
+        ...

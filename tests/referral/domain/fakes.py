@@ -1,0 +1,269 @@
+"""In-memory fakes of the referral ports (domain/ports.py), keeping the invariants the database keeps.
+
+One `Store` holds the state the PostgreSQL adapters keep in tables; a unit of work's transaction
+rolls the store back when its block raises. `FakeCodeCache` keeps entries as the Redis cache does:
+writers overwrite, fills only fill gaps. `make_use_cases` wires them like app.py wires the adapters.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+
+from services.referral.domain.models import (
+    CONFIRMED,
+    PENDING,
+    Cursor,
+    ListedReferral,
+    Referral,
+    ReferralCode,
+)
+from services.referral.domain.ports import (
+    ABSENT,
+    Absent,
+    AlreadyLinked,
+    CodeTextTaken,
+    OpenCodeExists,
+)
+from services.referral.domain.rules import CodeRules
+from services.referral.domain.use_cases import ReferralUseCases
+
+START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+RULES = CodeRules(min_lifetime=timedelta(seconds=60), max_lifetime=timedelta(days=365))
+
+
+@dataclass
+class Clock:
+    """The time the use cases and the fakes see; tests move it."""
+
+    now: datetime = START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@dataclass
+class Store:
+    """What the tables hold: codes, links (by referral id), proven users; the locks each transaction took."""
+
+    clock: Clock
+    codes: list[ReferralCode] = field(default_factory=list)
+    links: dict[uuid.UUID, Referral] = field(default_factory=dict)
+    verified: set[uuid.UUID] = field(default_factory=set)
+    locks: list[list[uuid.UUID]] = field(default_factory=list)
+    reads: list[str] = field(default_factory=list)  # repository reads, by method name
+    commits: int = 0
+    rollbacks: int = 0
+
+    def active(self, code: ReferralCode) -> bool:
+        return code.is_active(self.clock())
+
+    def root_of(self, user_id: uuid.UUID) -> uuid.UUID:
+        while user_id in self.links:
+            user_id = self.links[user_id].referrer_id
+        return user_id
+
+    def link(
+        self, referral_id: uuid.UUID, referrer_id: uuid.UUID, email: str, code: str, verified: bool
+    ) -> Referral:
+        if referral_id in self.links:
+            raise AlreadyLinked
+        status = CONFIRMED if verified or referral_id in self.verified else PENDING
+        referral = Referral(referrer_id, referral_id, email, code, self.clock(), status)
+        self.links[referral_id] = referral
+        return referral
+
+
+class FakeCodeRepository:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def create(
+        self, owner_id: uuid.UUID, owner_email: str, code: str, expires_at: datetime
+    ) -> ReferralCode:
+        store, now = self._store, self._store.clock()
+        # The owner's expired code is closed first (deleted_at = its expiry), in the same transaction.
+        kept = [
+            replace(c, deleted_at=c.expires_at)
+            if c.owner_id == owner_id and c.deleted_at is None and c.expires_at <= now
+            else c
+            for c in store.codes
+        ]
+        if any(c.owner_id == owner_id and c.deleted_at is None for c in kept):
+            raise OpenCodeExists
+        if any(c.code.lower() == code.lower() for c in kept):
+            raise CodeTextTaken
+        created = ReferralCode(uuid.uuid4(), code, owner_id, owner_email, expires_at, now, None)
+        store.codes = [*kept, created]
+        return created
+
+    async def active_of(self, owner_id: uuid.UUID) -> ReferralCode | None:
+        self._store.reads.append("active_of")
+        return next((c for c in self._store.codes if c.owner_id == owner_id and self._store.active(c)), None)
+
+    async def delete_active(self, owner_id: uuid.UUID) -> ReferralCode | None:
+        store = self._store
+        for index, code in enumerate(store.codes):
+            if code.owner_id == owner_id and store.active(code):
+                store.codes[index] = replace(code, deleted_at=store.clock())
+                return store.codes[index]
+        return None
+
+    async def active_by_email(self, email: str) -> ReferralCode | None:
+        self._store.reads.append("active_by_email")
+        found = [
+            c for c in self._store.codes if c.owner_email.lower() == email.lower() and self._store.active(c)
+        ]
+        return max(found, key=lambda c: c.created_at, default=None)
+
+    async def by_code(self, code: str) -> ReferralCode | None:
+        self._store.reads.append("by_code")
+        return next((c for c in self._store.codes if c.code.lower() == code.lower()), None)
+
+
+class FakeReferralRepository:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def root_of(self, user_id: uuid.UUID) -> uuid.UUID:
+        return self._store.root_of(user_id)
+
+    async def page(
+        self, referrer_id: uuid.UUID, limit: int, after: Cursor | None
+    ) -> tuple[int, int, list[ListedReferral]]:
+        mine = sorted(
+            (r for r in self._store.links.values() if r.referrer_id == referrer_id),
+            key=lambda r: (r.created_at, r.referral_id),
+            reverse=True,
+        )
+        total, confirmed = len(mine), sum(r.status == CONFIRMED for r in mine)
+        if after is not None:
+            mine = [r for r in mine if (r.created_at, r.referral_id) < (after.created_at, after.referral_id)]
+        items = [ListedReferral(str(r.referral_id), r.referral_email, r.created_at, r.status) for r in mine]
+        return total, confirmed, items[:limit]
+
+    async def is_verified(self, user_id: uuid.UUID) -> bool:
+        return user_id in self._store.verified
+
+
+class FakeLinks:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def lock_trees(self, roots: Iterable[uuid.UUID]) -> None:
+        self._store.locks.append(sorted(set(roots)))
+
+    async def root_of(self, user_id: uuid.UUID) -> uuid.UUID:
+        return self._store.root_of(user_id)
+
+    async def referral_of(self, referral_id: uuid.UUID) -> Referral | None:
+        return self._store.links.get(referral_id)
+
+    async def add(
+        self,
+        referral_id: uuid.UUID,
+        referrer_id: uuid.UUID,
+        referral_email: str,
+        code: str,
+        *,
+        email_verified: bool,
+    ) -> Referral:
+        return self._store.link(referral_id, referrer_id, referral_email, code, email_verified)
+
+    async def add_by_active_code(
+        self, referral_id: uuid.UUID, referral_email: str, code_id: uuid.UUID, *, email_verified: bool
+    ) -> Referral | None:
+        code = next((c for c in self._store.codes if c.id == code_id), None)
+        if code is None or not self._store.active(code):
+            return None
+        return self._store.link(referral_id, code.owner_id, referral_email, code.code, email_verified)
+
+    async def confirm_user(self, user_id: uuid.UUID) -> bool:
+        self._store.verified.add(user_id)
+        link = self._store.links.get(user_id)
+        if link is None or link.status != PENDING:
+            return False
+        self._store.links[user_id] = replace(link, status=CONFIRMED)
+        return True
+
+
+class FakeUnitOfWork:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[FakeLinks]:
+        store = self._store
+        saved = (list(store.codes), dict(store.links), set(store.verified))
+        try:
+            yield FakeLinks(store)
+        except BaseException:
+            store.codes, store.links, store.verified = saved
+            store.rollbacks += 1
+            raise
+        store.commits += 1
+
+
+class FakeCodeCache:
+    """Entries by `code:<text>` and `email:<address>`, lowercased; `down`: answers nothing, keeps nothing."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, ReferralCode | Absent] = {}
+        self.down = False
+
+    async def by_code(self, text: str) -> ReferralCode | Absent | None:
+        return None if self.down else self.entries.get(f"code:{text.lower()}")
+
+    async def active_by_email(self, email: str) -> ReferralCode | Absent | None:
+        return None if self.down else self.entries.get(f"email:{email.lower()}")
+
+    def _fill(self, key: str, code: ReferralCode | None) -> None:
+        if not self.down:
+            self.entries.setdefault(key, ABSENT if code is None else code)
+
+    async def fill_code(self, text: str, code: ReferralCode | None) -> None:
+        self._fill(f"code:{text.lower()}", code)
+
+    async def fill_email(self, email: str, code: ReferralCode | None) -> None:
+        self._fill(f"email:{email.lower()}", code)
+
+    async def code_created(self, code: ReferralCode) -> None:
+        if not self.down:
+            self.entries[f"code:{code.code.lower()}"] = code
+            self.entries[f"email:{code.owner_email.lower()}"] = code
+
+    async def code_deleted(self, code: ReferralCode) -> None:
+        if not self.down:
+            self.entries[f"code:{code.code.lower()}"] = code
+            self.entries[f"email:{code.owner_email.lower()}"] = ABSENT
+
+
+@dataclass
+class World:
+    """The use cases on fakes, and the fakes, for the test to set up and inspect."""
+
+    clock: Clock
+    store: Store
+    cache: FakeCodeCache
+    use_cases: ReferralUseCases
+
+
+def make_world() -> World:
+    clock = Clock()
+    store = Store(clock)
+    cache = FakeCodeCache()
+    use_cases = ReferralUseCases(
+        codes=FakeCodeRepository(store),
+        referrals=FakeReferralRepository(store),
+        uow=FakeUnitOfWork(store),
+        cache=cache,
+        rules=RULES,
+        clock=clock,
+    )
+    return World(clock, store, cache, use_cases)
