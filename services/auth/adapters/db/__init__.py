@@ -1,1 +1,1 @@
-"""The auth service's data layer: Core tables and repositories (SQL only)."""
+"""PostgreSQL: Core tables, repositories (SQL in, domain objects out), the outboxes, and the unit of work."""
