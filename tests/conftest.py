@@ -19,10 +19,10 @@ import pytest
 import redis
 from aiohttp.test_utils import TestClient
 
+from services.auth.adapters.signing import generate_pem
 from services.auth.app import create_app as create_auth_app
 from services.auth.settings import PREFIX as AUTH_PREFIX
 from services.auth.settings import AuthSettings
-from services.auth.signing import generate_pem
 from shared.config import load_settings
 from shared.migrations import apply_migrations
 from tests import processes

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from services.auth.signing import generate_pem
+from services.auth.adapters.signing import generate_pem
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"

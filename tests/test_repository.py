@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.auth.oauth.config import PROVIDERS_VARIABLE
+from services.auth.adapters.oauth.config import PROVIDERS_VARIABLE
 from services.auth.settings import PREFIX as AUTH_PREFIX
 from services.auth.settings import AuthSettings
 from services.referral.settings import PREFIX as REFERRAL_PREFIX

@@ -31,7 +31,7 @@ from deploy.nginx.render import (
     nginx_command,
     write_runtime,
 )
-from services.auth.signing import generate_pem
+from services.auth.adapters.signing import generate_pem
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO_ROOT / ".data"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from services.auth.adapters.db.tables import SCHEMA
 from services.auth.app import create_app
-from services.auth.db.tables import SCHEMA
 from services.auth.settings import load_auth_settings
 from shared.cli import run_service_command
 

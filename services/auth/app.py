@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -12,6 +12,29 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from services.auth.adapters.db.identities import IdentityRepository
+from services.auth.adapters.db.outboxes import (
+    MailOutboxRepository,
+    ReferralOutboxRepository,
+    VerifiedOutboxRepository,
+)
+from services.auth.adapters.db.repositories import RefreshTokenRepository, UserRepository
+from services.auth.adapters.db.unit_of_work import PostgresUnitOfWork
+from services.auth.adapters.email_verification import CachedEmailVerifier, HunterEmailVerifier
+from services.auth.adapters.enrichment import ClearbitPersonEnricher, EnrichmentScheduler
+from services.auth.adapters.mail.smtp import SmtpMailer, parse_smtp_url
+from services.auth.adapters.oauth.providers import create_provider
+from services.auth.adapters.oauth.state import OAuthStateStore
+from services.auth.adapters.passwords import PasswordHasher, lower_thread_priority
+from services.auth.adapters.referral_client import ReferralClient, ServiceToken
+from services.auth.adapters.relays import (
+    ImmediateReferralDelivery,
+    mail_relay,
+    referral_link_relay,
+    verified_notice_relay,
+)
+from services.auth.adapters.signing import AccessTokenIssuer, load_key_ring
+from services.auth.adapters.throttle import LoginThrottle, MailLimiter, MailLimits, ThrottleLimits
 from services.auth.api.handlers import add_routes
 from services.auth.api.schemas import OAuthErrorSchema
 from services.auth.appkeys import (
@@ -20,29 +43,15 @@ from services.auth.appkeys import (
     ENRICHMENT_SCHEDULER,
     KEY_RING,
     OAUTH_SERVICE,
-    REFERRAL_RELAY,
     RELAYS,
     SETTINGS,
     TRUSTED_PROXIES,
 )
-from services.auth.db.identities import IdentityRepository
-from services.auth.db.mail_tokens import RESET_PASSWORD, VERIFY_EMAIL, MailTokenRepository
-from services.auth.db.outboxes import MailOutboxRepository, ReferralOutboxRepository, VerifiedOutboxRepository
-from services.auth.db.repositories import RefreshTokenRepository, UserRepository
+from services.auth.domain.models import RESET_PASSWORD, VERIFY_EMAIL
 from services.auth.domain.oauth import OAuthService
 from services.auth.domain.ownership import OwnershipMail
-from services.auth.domain.passwords import PasswordHasher, lower_thread_priority
 from services.auth.domain.services import AuthService
-from services.auth.email_verification import CachedEmailVerifier, HunterEmailVerifier
-from services.auth.enrichment import ClearbitPersonEnricher, EnrichmentScheduler
-from services.auth.mail.smtp import SmtpMailer, parse_smtp_url
-from services.auth.oauth.providers import create_provider
-from services.auth.oauth.state import OAuthStateStore
-from services.auth.outbox import mail_relay, referral_link_relay, verified_notice_relay
-from services.auth.referrals import ReferralClient, ServiceToken
 from services.auth.settings import API_PREFIX, AuthSettings
-from services.auth.signing import AccessTokenIssuer, load_key_ring
-from services.auth.throttle import LoginThrottle, MailLimiter, MailLimits, ThrottleLimits
 from shared.appkeys import DATABASE, HTTP_CLIENT, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
 from shared.net import parse_networks
 from shared.openapi import setup_openapi
@@ -158,21 +167,18 @@ def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
             token=ServiceToken(issuer, audience=settings.referral_audience),
             timeout=settings.referral_timeout,
         )
-        outbox = ReferralOutboxRepository(database)
         relay = referral_link_relay(
-            outbox,
+            ReferralOutboxRepository(database),
             referrals,
             backoff=Backoff(maximum=settings.outbox_max_backoff),
             poll_interval=settings.outbox_poll_interval,
             call_timeout=settings.referral_timeout,
             registry=app[METRICS_REGISTRY],
         )
-        app[REFERRAL_RELAY] = relay
         relays: list[OutboxRelay[Any]] = [relay]
         backoff = Backoff(maximum=settings.outbox_max_backoff)
-        notices = VerifiedOutboxRepository(database)
         notice_relay = verified_notice_relay(
-            notices,
+            VerifiedOutboxRepository(database),
             referrals,
             backoff=backoff,
             poll_interval=settings.outbox_poll_interval,
@@ -180,12 +186,11 @@ def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
             registry=app[METRICS_REGISTRY],
         )
         relays.append(notice_relay)
-        mails = MailOutboxRepository(database)
-        wake_mails: Callable[[], None] = lambda: None  # noqa: E731
+        woken: list[OutboxRelay[Any]] = [notice_relay]  # after each commit that writes to their outbox
         if settings.smtp_url:
             mailer = SmtpMailer(parse_smtp_url(settings.smtp_url, timeout=settings.smtp_timeout))
             sending = mail_relay(
-                mails,
+                MailOutboxRepository(database),
                 mailer,
                 sender=settings.mail_from,
                 valid_for={
@@ -198,15 +203,15 @@ def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
                 registry=app[METRICS_REGISTRY],
             )
             relays.append(sending)
-            wake_mails = sending.wake
+            woken.insert(0, sending)
         else:
             log.warning("no AUTH_SMTP_URL (dev mode): mails stay in auth.mail_outbox, unsent")
         app[RELAYS] = relays
-        mail_tokens = MailTokenRepository(database)
         app[AUTH_SERVICE] = AuthService(
-            database=database,
+            uow=PostgresUnitOfWork(database, referral_lease=relay.lease),
             users=UserRepository(database),
             refresh_tokens=RefreshTokenRepository(database),
+            identities=IdentityRepository(database),
             hasher=hasher,
             issuer=issuer,
             throttle=LoginThrottle(
@@ -222,20 +227,13 @@ def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
             ),
             refresh_ttl=timedelta(seconds=settings.refresh_token_ttl),
             referrals=referrals,
-            referral_outbox=outbox,
-            referral_relay=relay,
-            identities=IdentityRepository(database),
+            referral_delivery=ImmediateReferralDelivery(relay),
             ownership=OwnershipMail(
-                tokens=mail_tokens,
-                mails=mails,
-                notices=notices,
                 app_url=settings.pages_url,
                 verification_ttl=timedelta(seconds=settings.verification_ttl),
                 reset_ttl=timedelta(seconds=settings.reset_ttl),
-                wake_mails=wake_mails,
-                wake_notices=notice_relay.wake,
+                relays=woken,
             ),
-            mail_tokens=mail_tokens,
             mail_limiter=MailLimiter(
                 app[REDIS], prefix=settings.redis_prefix, limits=MailLimits(), registry=app[METRICS_REGISTRY]
             ),
@@ -254,12 +252,10 @@ def _oauth_ctx(settings: AuthSettings) -> CleanupContext:
     """Sign-in through the configured providers (none configured: every provider name is 404)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        auth = app[AUTH_SERVICE]
         app[OAUTH_SERVICE] = OAuthService(
-            auth=auth,
+            auth=app[AUTH_SERVICE],
             providers={p.name: create_provider(p, app[HTTP_CLIENT]) for p in settings.oauth},
             states=OAuthStateStore(app[REDIS], prefix=settings.redis_prefix, ttl=settings.oauth_state_ttl),
-            identities=auth.identities,
             redirect_uri=lambda name: (
                 f"{settings.public_base_url.rstrip('/')}{API_PREFIX}/oauth/{name}/callback"
             ),
@@ -290,7 +286,7 @@ def create_app(settings: AuthSettings) -> web.Application:
     )
     app.cleanup_ctx.append(redis_ctx(settings.redis_url, timeout=settings.redis_timeout))
     # Each client bounds its own calls (referral service, Hunter, enrichment, providers); this is the net.
-    app.cleanup_ctx.append(http_client_ctx(timeout=30.0, user_agent="referral-system-auth"))
+    app.cleanup_ctx.append(http_client_ctx(timeout=30.0, user_agent=USER_AGENT))
     # Before the service that uses them; closed after it, and before the HTTP session and the pool.
     app.cleanup_ctx.append(_email_verifier_ctx(settings))
     app.cleanup_ctx.append(_enrichment_ctx(settings))

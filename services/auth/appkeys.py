@@ -6,13 +6,12 @@ from typing import Any
 
 from aiohttp import web
 
+from services.auth.adapters.enrichment import EnrichmentScheduler
+from services.auth.adapters.signing import KeyRing
 from services.auth.domain.oauth import OAuthService
+from services.auth.domain.ports import EmailVerifier
 from services.auth.domain.services import AuthService
-from services.auth.email_verification import EmailVerifier
-from services.auth.enrichment import EnrichmentScheduler
-from services.auth.outbox import ReferralOutboxRelay
 from services.auth.settings import AuthSettings
-from services.auth.signing import KeyRing
 from shared.net import Network
 from shared.outbox import OutboxRelay
 
@@ -21,7 +20,6 @@ KEY_RING = web.AppKey("auth_key_ring", KeyRing)
 AUTH_SERVICE = web.AppKey("auth_service", AuthService)
 OAUTH_SERVICE = web.AppKey("auth_oauth_service", OAuthService)
 TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple[Network, ...])
-REFERRAL_RELAY = web.AppKey("auth_referral_relay", ReferralOutboxRelay)
 # Every outbox relay the process runs (referral links, verified notices, mails).
 RELAYS = web.AppKey("auth_relays", list[OutboxRelay[Any]])
 # Present only when their vendor's API key is configured.

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from services.auth.oauth.config import OAuthProviderSettings, load_oauth_providers
+from services.auth.adapters.oauth.config import OAuthProviderSettings, load_oauth_providers
 from shared.config import DEV, SettingsError, load_settings, setting
 from shared.cors import check_origins
 from shared.serving import check_shutdown

@@ -246,7 +246,7 @@ async def test_enrichments_run_at_most_concurrency_at_once(make_auth_client, cle
 
 def enrichment_records(caplog: Any) -> list[logging.LogRecord]:
     """What the enrichment logged (here the referral service is absent: its notices retry meanwhile)."""
-    return [r for r in caplog.records if r.name == "services.auth.enrichment"]
+    return [r for r in caplog.records if r.name == "services.auth.adapters.enrichment"]
 
 
 def enrichment_tasks() -> list[asyncio.Task[Any]]:

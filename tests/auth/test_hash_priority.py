@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
-from services.auth.domain.passwords import lower_thread_priority
+from services.auth.adapters.passwords import lower_thread_priority
 
 
 def nice_of_a_thread_that(runs: int) -> int:

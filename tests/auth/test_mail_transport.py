@@ -31,8 +31,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from deploy.local.embedded import EmbeddedServerError, EmbeddedSmtp, start_smtp
-from services.auth.mail.messages import RESET_PASSWORD, SUBJECTS, VERIFY_EMAIL, compose
-from services.auth.mail.smtp import MailDeliveryError, Security, SmtpConfig, SmtpMailer, parse_smtp_url
+from services.auth.adapters.mail.messages import RESET_PASSWORD, SUBJECTS, VERIFY_EMAIL, compose
+from services.auth.adapters.mail.smtp import (
+    MailDeliveryError,
+    Security,
+    SmtpConfig,
+    SmtpMailer,
+    parse_smtp_url,
+)
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -12,7 +12,7 @@ import uuid
 import pytest
 from joserfc import jwt
 
-from services.auth.signing import AccessTokenIssuer, generate_pem, parse_key_ring
+from services.auth.adapters.signing import AccessTokenIssuer, generate_pem, parse_key_ring
 from tests.helpers import signup
 
 ME = "/api/v1/auth/me"

@@ -10,7 +10,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from services.auth.throttle import LoginThrottle, ThrottleLimits
+from services.auth.adapters.throttle import LoginThrottle, ThrottleLimits
 from tests.helpers import password_login, signup
 
 TOKEN = "/api/v1/auth/token"

@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from deploy.nginx.render import K8S, K8S_CONF, render
+from services.auth.adapters.signing import generate_pem
 from services.auth.settings import PREFIX as AUTH_PREFIX
 from services.auth.settings import AuthSettings, load_auth_settings
-from services.auth.signing import generate_pem
 from services.referral.settings import PREFIX as REFERRAL_PREFIX
 from services.referral.settings import ReferralSettings
 from shared.config import describe, load_settings

@@ -9,7 +9,7 @@ import pytest
 
 from deploy.local import mail
 from deploy.local.embedded import start_smtp
-from services.auth.mail.messages import compose
+from services.auth.adapters.mail.messages import compose
 
 
 def send(port: int, kind: str, recipient: str, link: str) -> None:

@@ -46,7 +46,7 @@ import aiohttp
 import psycopg2
 import pytest
 
-from services.auth.signing import generate_pem
+from services.auth.adapters.signing import generate_pem
 from tests import processes
 from tests.e2e.api import Account, client, new_account
 from tests.helpers import drop_redis_keys, fresh_database

@@ -33,7 +33,7 @@ import psycopg2.extensions
 import pytest
 import redis
 
-from services.auth.signing import generate_pem
+from services.auth.adapters.signing import generate_pem
 from shared.migrations import apply_migrations
 from tests.conftest import AUTH_MIGRATIONS, REFERRAL_MIGRATIONS
 from tests.e2e.api import (

@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from services.auth.signing import generate_pem
+from services.auth.adapters.signing import generate_pem
 from shared.migrations import apply_migrations
 from tests.conftest import AUTH_MIGRATIONS, REFERRAL_MIGRATIONS
 from tests.e2e.api import CODES, ME, REFERRALS, SIGNUP, TOKEN, Account, referrals_of, unique_email

@@ -27,7 +27,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from services.auth.signing import AccessTokenIssuer, parse_key_ring
+from services.auth.adapters.signing import AccessTokenIssuer, parse_key_ring
 from tests.e2e import secrets as run_secrets
 from tests.e2e.api import (
     AUTH,

@@ -5,7 +5,7 @@ The one place the tests bypass the gateway: each instance is called directly on 
 
 from __future__ import annotations
 
-from services.auth.signing import AccessTokenIssuer, generate_pem, parse_key_ring
+from services.auth.adapters.signing import AccessTokenIssuer, generate_pem, parse_key_ring
 from tests.e2e.api import AUTH, ME, MY_CODE, bearer, client, create_code, jwt_parts, password_grant
 from tests.helpers import assert_problem
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import redis
 
-from services.auth.referrals import ServiceToken
-from services.auth.signing import AccessTokenIssuer, parse_key_ring
+from services.auth.adapters.referral_client import ServiceToken
+from services.auth.adapters.signing import AccessTokenIssuer, parse_key_ring
 from tests.helpers import Mailbox
 from tests.integration.conftest import eventually, new_email, referrals_in, users_with
 

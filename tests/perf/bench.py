@@ -70,8 +70,8 @@ import psycopg2
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.auth.adapters.signing import AccessTokenIssuer, generate_pem, parse_key_ring
 from services.auth.settings import AuthSettings
-from services.auth.signing import AccessTokenIssuer, generate_pem, parse_key_ring
 from services.referral.settings import ReferralSettings
 from tests.helpers import drop_redis_keys, fresh_database
 from tests.perf import dataset as datasets

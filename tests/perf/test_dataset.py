@@ -14,7 +14,7 @@ from typing import Any
 import psycopg2
 import pytest
 
-from services.auth.domain.passwords import PasswordHasher
+from services.auth.adapters.passwords import PasswordHasher
 from services.auth.settings import AuthSettings
 from services.referral.adapters import repositories
 from services.referral.api.cursor import decode_cursor

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.auth.signing import generate_pem
+from services.auth.adapters.signing import generate_pem
 from tests.helpers import drop_redis_keys, fresh_database
 from tests.perf import topology
 from tests.processes import alive, http_status, migrate

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, unused_port
 
+from services.auth.adapters.signing import AccessTokenIssuer, parse_key_ring
 from services.auth.app import create_app as create_auth_app
 from services.auth.settings import AuthSettings
-from services.auth.signing import AccessTokenIssuer, parse_key_ring
 from services.referral.app import create_app as create_referral_app
 from services.referral.settings import PREFIX as REFERRAL_PREFIX
 from services.referral.settings import ReferralSettings

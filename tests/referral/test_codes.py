@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from joserfc import jwt
 
-from services.auth.signing import parse_key_ring
+from services.auth.adapters.signing import parse_key_ring
 from services.referral.domain.codes import ALPHABET, LENGTH, generate_code
 from tests.helpers import assert_problem
 

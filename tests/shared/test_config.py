@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from services.auth.adapters.signing import generate_pem
 from services.auth.settings import PREFIX as AUTH_PREFIX
 from services.auth.settings import AuthSettings
-from services.auth.signing import generate_pem
 from shared.config import SettingsError, describe, load_settings, setting, variable_name
 
 

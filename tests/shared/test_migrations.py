@@ -17,7 +17,7 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateIndex
 
-import services.auth.db.tables
+import services.auth.adapters.db.tables
 import services.referral.adapters.tables
 from shared.migrations import apply_migrations, rollback_migrations
 from tests.helpers import fresh_database
@@ -95,7 +95,7 @@ class Service:
 
 AUTH = Service(
     "auth",
-    services.auth.db.tables,
+    services.auth.adapters.db.tables,
     frozenset({"users", "refresh_tokens", "referral_outbox"}),
     insert_auth_rows,
 )

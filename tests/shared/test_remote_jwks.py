@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from joserfc import jwt
 
-from services.auth.signing import AccessTokenIssuer, KeyRing, generate_pem, parse_key_ring
+from services.auth.adapters.signing import AccessTokenIssuer, KeyRing, generate_pem, parse_key_ring
 from shared.problems import InvalidToken
 from shared.tokens import RemoteJWKS, StaticKeySource, TokenVerifier
 

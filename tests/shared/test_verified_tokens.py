@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from joserfc.jwk import RSAKey
 
-from services.auth.signing import AccessTokenIssuer, KeyRing, generate_pem, parse_key_ring
+from services.auth.adapters.signing import AccessTokenIssuer, KeyRing, generate_pem, parse_key_ring
 from shared import tokens
 from shared.problems import InvalidToken
 from shared.tokens import TokenVerifier

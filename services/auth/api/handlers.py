@@ -28,9 +28,9 @@ from services.auth.api.schemas import (
     VerifiedUserSchema,
 )
 from services.auth.appkeys import AUTH_SERVICE, KEY_RING, OAUTH_SERVICE, SETTINGS, TRUSTED_PROXIES
-from services.auth.domain.errors import invalid_grant, invalid_request, unsupported_grant_type
+from services.auth.domain.errors import invalid_request
 from services.auth.domain.models import Session, TokenPair
-from services.auth.domain.services import BAD_CREDENTIALS
+from services.auth.domain.services import required
 from services.auth.settings import API_PREFIX
 from shared.access import public
 from shared.errors import NO_STORE
@@ -95,13 +95,6 @@ async def _form(request: web.Request) -> dict[str, str]:
             raise invalid_request(f"parameter {key!r} must be text")
         params[key] = values[0]
     return params
-
-
-def _required(params: dict[str, str], name: str) -> str:
-    value = params.get(name)
-    if not value:
-        raise invalid_request(f"missing parameter {name!r}")
-    return value
 
 
 def _token_response(tokens: TokenPair) -> web.Response:
@@ -180,17 +173,8 @@ def _session_response(session: Session, *, status: int) -> web.Response:
 @public
 async def token(request: web.Request) -> web.Response:
     params = await _form(request)
-    service = request.app[AUTH_SERVICE]
-    grant_type = _required(params, "grant_type")
-    if grant_type == "password":
-        username, password = _required(params, "username"), _required(params, "password")
-        if "\x00" in username:  # no account's email holds U+0000 (and PostgreSQL text cannot)
-            raise invalid_grant(BAD_CREDENTIALS)
-        address = client_address(request, request.app[TRUSTED_PROXIES])
-        return _token_response(await service.password_grant(username, password, address))
-    if grant_type == "refresh_token":
-        return _token_response(await service.refresh_grant(_required(params, "refresh_token")))
-    raise unsupported_grant_type(grant_type)
+    address = client_address(request, request.app[TRUSTED_PROXIES])
+    return _token_response(await request.app[AUTH_SERVICE].token(params, address))
 
 
 @docs(
@@ -205,7 +189,7 @@ async def token(request: web.Request) -> web.Response:
 @public
 async def revoke(request: web.Request) -> web.Response:
     params = await _form(request)
-    await request.app[AUTH_SERVICE].revoke(_required(params, "token"))
+    await request.app[AUTH_SERVICE].revoke(required(params, "token"))
     return web.Response(status=200, headers=NO_STORE)
 
 

@@ -1,4 +1,5 @@
-"""Domain errors: problem+json ones carry status and code; OAuth2 ones use RFC 6749 names."""
+"""Domain errors: problem+json ones carry status and code; OAuth2 ones use RFC 6749 names. Then the
+failures the ports report (plain exceptions: the use cases decide what they mean)."""
 
 from __future__ import annotations
 
@@ -155,3 +156,46 @@ class MailThrottled(Problem):
             " seconds.",
             headers={"Retry-After": str(retry_after)},
         )
+
+
+# --- what the ports report -------------------------------------------------------------------------
+
+
+class EmailAlreadyUsed(Exception):
+    """The user store refused a second account with this address (its unique index)."""
+
+
+class IdentityAlreadyLinked(Exception):
+    """This provider's subject is already linked to a user (the identity store refused it)."""
+
+    def __init__(self, provider: str, subject: str) -> None:
+        super().__init__(f"{provider} identity already linked")
+        self.provider = provider
+        self.subject = subject
+
+
+class UnknownCode(Exception):
+    """The referral service knows no such code."""
+
+
+class InactiveCode(Exception):
+    """The code exists but has expired or was deleted."""
+
+
+class ReferralServiceError(Exception):
+    """The call failed in a way that may pass: unreachable, timeout, 5xx, refused token, odd answer.
+
+    The message is short and holds no secrets; it is stored as the outbox row's `last_error`.
+    """
+
+
+class ProviderError(Exception):
+    """The sign-in could not be completed at the provider; `reason` is short and secret-free."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StateStoreUnavailable(Exception):
+    """The sign-in state store could not be asked: the flow cannot start or finish now."""

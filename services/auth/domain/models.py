@@ -5,11 +5,15 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 from typing import Any
 
 # The email verifier's statuses that refuse a signup; every other status is accepted.
 UNDELIVERABLE_STATUSES = frozenset({"invalid", "disposable"})
 UNCHECKED = "unchecked"
+# What a mailed token proves (and the kind of mail that carries it).
+VERIFY_EMAIL = "verify_email"
+RESET_PASSWORD = "reset_password"  # noqa: S105 (a purpose, not a password)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,3 +119,71 @@ class EmailCheck:
             )
         except (AttributeError, KeyError, TypeError) as error:
             raise ValueError(f"not an email check record: {type(error).__name__}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedAccessToken:
+    """A signed access token and how many seconds it lives."""
+
+    token: str
+    expires_in: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rotated:
+    """The presented refresh token was live and is now rotated; `token_id` is the new token's parent."""
+
+    token_id: uuid.UUID
+    user_id: uuid.UUID
+    family_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class ReusedToken:
+    """The presented refresh token had already been rotated: its family must be revoked."""
+
+    family_id: uuid.UUID
+
+
+class Taken(Enum):
+    """Why a mailed token could not be taken."""
+
+    UNKNOWN = "unknown"  # never issued, already used, voided, or for another purpose
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenOwner:
+    """A mailed token taken: whose, and the address it was mailed to."""
+
+    user_id: uuid.UUID
+    email: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderIdentity:
+    """Who the provider says signed in: its stable subject and their email."""
+
+    subject: str
+    email: str
+    email_verified: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PendingFlow:
+    """A sign-in just started: `state` and `code_challenge` and `nonce` go to the provider."""
+
+    state: str
+    code_verifier: str
+    code_challenge: str
+    nonce: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFlow:
+    """What the callback gets back for its state. The caller checks `provider` against the callback's."""
+
+    provider: str
+    code_verifier: str
+    nonce: str
+    referral_code: str | None

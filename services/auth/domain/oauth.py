@@ -17,18 +17,19 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from services.auth.db.identities import IdentityAlreadyLinked, IdentityRepository
 from services.auth.domain.errors import (
     EmailTaken,
+    IdentityAlreadyLinked,
     InvalidState,
     OAuthFailed,
+    ProviderError,
     SignInUnavailable,
+    StateStoreUnavailable,
     UnknownProvider,
 )
-from services.auth.domain.models import Session, User
+from services.auth.domain.models import ProviderIdentity, Session, User
+from services.auth.domain.ports import IdentityProvider, OAuthStateStore
 from services.auth.domain.services import AuthService
-from services.auth.oauth.providers import IdentityProvider, ProviderError, ProviderIdentity
-from services.auth.oauth.state import OAuthStateStore, StateStoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ class OAuthService:
     auth: AuthService
     providers: Mapping[str, IdentityProvider]
     states: OAuthStateStore
-    identities: IdentityRepository
     redirect_uri: Callable[[str], str]
 
     def _provider(self, name: str) -> IdentityProvider:
@@ -112,7 +112,7 @@ class OAuthService:
             log.warning("sign-in with %s failed: %s", name, failure.reason)
             raise OAuthFailed(f"The sign-in with {name} failed: {failure.reason}.") from None
 
-        user_id = await self.identities.user_for(name, identity.subject)
+        user_id = await self.auth.identities.user_for(name, identity.subject)
         if user_id is not None:
             user = await self.auth.current_user(user_id)
             return ProviderSignIn(await self.auth.sign_in(user), created=False)
@@ -154,7 +154,3 @@ class OAuthService:
             raise OAuthFailed("This provider account was linked at the same moment; sign in again.") from None
         log.info("provider identity linked", extra={"user_id": str(user.id), "provider": name})
         return ProviderSignIn(session, created=False)
-
-    def configured(self) -> list[str]:
-        """The names of the providers offered."""
-        return sorted(self.providers)

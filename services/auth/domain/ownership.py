@@ -7,14 +7,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from services.auth.db.mail_tokens import RESET_PASSWORD, VERIFY_EMAIL, MailTokenRepository
-from services.auth.db.outboxes import MailOutboxRepository, VerifiedOutboxRepository
-from services.auth.domain.models import User
-from shared.db import Connection
+from services.auth.domain.models import RESET_PASSWORD, VERIFY_EMAIL, User
+from services.auth.domain.ports import OutboxWaker, Transaction
 
 MAIL_TOKEN_BYTES = 32  # 256 random bits (API.md: at least 256)
 PAGES = {VERIFY_EMAIL: "verify-email", RESET_PASSWORD: "reset-password"}
@@ -35,50 +33,41 @@ def new_mail_token() -> tuple[str, bytes]:
 class OwnershipMail:
     """Issues the mails of email ownership (verification, reset) and the "verified" notices."""
 
-    tokens: MailTokenRepository
-    mails: MailOutboxRepository
-    notices: VerifiedOutboxRepository
     app_url: str  # the front end the links point to: <app_url>/verify-email#token=...
     verification_ttl: timedelta
     reset_ttl: timedelta
-    wake_mails: Callable[[], None]
-    wake_notices: Callable[[], None]
+    relays: Sequence[OutboxWaker] = ()  # the mail and notice relays, woken after each commit
 
     def link(self, kind: str, token: str) -> str:
         """The page of `kind` with the token in the fragment: no server or log on the way sees it."""
         return f"{self.app_url.rstrip('/')}/{PAGES[kind]}#token={token}"
 
-    async def send_verification(self, conn: Connection, user: User) -> None:
+    async def send_verification(self, tx: Transaction, user: User) -> None:
         """A verification token for the user's address, and its mail."""
         token, digest = new_mail_token()
-        await self.tokens.add(
-            conn,
+        await tx.mail_tokens.add(
             token_hash=digest,
             user_id=user.id,
             purpose=VERIFY_EMAIL,
             email=user.email,
             ttl=self.verification_ttl,
         )
-        await self.mails.add(
-            conn,
-            user_id=user.id,
-            recipient=user.email,
-            kind=VERIFY_EMAIL,
-            link=self.link(VERIFY_EMAIL, token),
+        await tx.mail_outbox.add(
+            user_id=user.id, recipient=user.email, kind=VERIFY_EMAIL, link=self.link(VERIFY_EMAIL, token)
         )
 
-    async def send_reset(self, conn: Connection, email: str) -> bool:
+    async def send_reset(self, tx: Transaction, email: str) -> bool:
         """A reset token and its mail when an account has `email` (the older reset links die); whether."""
         token, digest = new_mail_token()
-        return await self.tokens.request_reset(
-            conn, email=email, token_hash=digest, ttl=self.reset_ttl, link=self.link(RESET_PASSWORD, token)
+        return await tx.mail_tokens.request_reset(
+            email=email, token_hash=digest, ttl=self.reset_ttl, link=self.link(RESET_PASSWORD, token)
         )
 
-    async def proven(self, conn: Connection, user_id: uuid.UUID) -> None:
+    async def proven(self, tx: Transaction, user_id: uuid.UUID) -> None:
         """The user's address is proven: the referral service is told (their pending link confirms)."""
-        await self.notices.add(conn, user_id)
+        await tx.verified_outbox.add(user_id)
 
     def wake(self) -> None:
         """After the commit: send what was written without waiting for the relays' next look."""
-        self.wake_mails()
-        self.wake_notices()
+        for relay in self.relays:
+            relay.wake()

@@ -7,54 +7,76 @@ import hashlib
 import logging
 import secrets
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from services.auth.db.identities import IdentityRepository
-from services.auth.db.mail_tokens import RESET_PASSWORD, VERIFY_EMAIL, MailTokenRepository, Taken
-from services.auth.db.outboxes import ReferralOutboxRepository
-from services.auth.db.repositories import (
-    EmailAlreadyUsed,
-    RefreshTokenRepository,
-    ReusedToken,
-    Rotated,
-    UserRepository,
-)
 from services.auth.domain.errors import (
+    EmailAlreadyUsed,
     EmailAlreadyVerified,
     EmailTaken,
     EmailUndeliverable,
+    InactiveCode,
     MailThrottled,
     PasswordChangeThrottled,
     ReferralCodeExpired,
     ReferralCodeNotFound,
+    ReferralServiceError,
     ReferralServiceUnavailable,
     ResetExpired,
     ResetInvalid,
+    UnknownCode,
     UserGone,
     VerificationExpired,
     VerificationInvalid,
     WrongPassword,
     invalid_grant,
+    invalid_request,
     login_throttled,
+    unsupported_grant_type,
 )
-from services.auth.domain.models import ReferralCode, ReferralLink, Session, TokenPair, User
+from services.auth.domain.models import (
+    RESET_PASSWORD,
+    VERIFY_EMAIL,
+    ReferralCode,
+    ReferralLink,
+    ReusedToken,
+    Rotated,
+    Session,
+    Taken,
+    TokenPair,
+    User,
+)
 from services.auth.domain.ownership import OwnershipMail, hash_mail_token
-from services.auth.domain.passwords import PasswordHasher
-from services.auth.email_verification import EmailVerifier
-from services.auth.enrichment import EnrichmentScheduler
-from services.auth.outbox import ReferralOutboxRelay
-from services.auth.referrals import InactiveCode, ReferralClient, ReferralServiceError, UnknownCode
-from services.auth.signing import AccessTokenIssuer
-from services.auth.throttle import LoginThrottle, MailLimiter
-from shared.db import Connection, Database
-from shared.outbox import Claimed
+from services.auth.domain.ports import (
+    AccessTokenIssuer,
+    EmailVerifier,
+    EnrichmentScheduler,
+    IdentityRepository,
+    LoginThrottle,
+    MailLimiter,
+    PasswordHasher,
+    ReferralCodes,
+    ReferralLinkDelivery,
+    RefreshTokenRepository,
+    Transaction,
+    UnitOfWork,
+    UserRepository,
+)
 
 log = logging.getLogger(__name__)
 
 REFRESH_TOKEN_BYTES = 32
 BAD_CREDENTIALS = "invalid username or password"
+
+
+def required(params: Mapping[str, str], name: str) -> str:
+    """A parameter of the token endpoint that must be there and not be empty (RFC 6749 invalid_request)."""
+    value = params.get(name)
+    if not value:
+        raise invalid_request(f"missing parameter {name!r}")
+    return value
 
 
 def hash_refresh_token(token: str) -> bytes:
@@ -66,30 +88,27 @@ def hash_refresh_token(token: str) -> bytes:
 class AuthService:
     """The auth use cases, with their collaborators."""
 
-    database: Database
+    uow: UnitOfWork
     users: UserRepository
     refresh_tokens: RefreshTokenRepository
+    identities: IdentityRepository
     hasher: PasswordHasher
     issuer: AccessTokenIssuer
     throttle: LoginThrottle
     refresh_ttl: timedelta
-    referrals: ReferralClient
-    referral_outbox: ReferralOutboxRepository
-    referral_relay: ReferralOutboxRelay
-    identities: IdentityRepository
+    referrals: ReferralCodes
+    referral_delivery: ReferralLinkDelivery
     ownership: OwnershipMail
-    mail_tokens: MailTokenRepository
     mail_limiter: MailLimiter
     # Optional vendors: None when their API key is not configured.
     email_verifier: EmailVerifier | None = None
     enrichment: EnrichmentScheduler | None = None
 
     async def _new_refresh_token(
-        self, conn: Connection, user_id: uuid.UUID, family_id: uuid.UUID, parent_id: uuid.UUID | None
+        self, tx: Transaction, user_id: uuid.UUID, family_id: uuid.UUID, parent_id: uuid.UUID | None
     ) -> str:
         token = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
-        await self.refresh_tokens.add(
-            conn,
+        await tx.refresh_tokens.add(
             token_hash=hash_refresh_token(token),
             user_id=user_id,
             family_id=family_id,
@@ -104,10 +123,10 @@ class AuthService:
         )
         return TokenPair(access.token, refresh_token, access.expires_in)
 
-    async def _login(self, conn: Connection, user: User) -> TokenPair:
+    async def _login(self, tx: Transaction, user: User) -> TokenPair:
         """A new login: a refresh-token family of its own, in the caller's transaction."""
         family_id = uuid.uuid4()
-        refresh = await self._new_refresh_token(conn, user.id, family_id, None)
+        refresh = await self._new_refresh_token(tx, user.id, family_id, None)
         return self._pair(user, refresh, family_id)
 
     async def check_referral_code(self, code: str) -> ReferralCode:
@@ -178,13 +197,12 @@ class AuthService:
         relay if that fails: the signup does not depend on it. Enrichment starts after the commit,
         for a proven address only.
         """
-        pending: Claimed[ReferralLink] | None = None
+        link: ReferralLink | None = None
         if not email_verified:  # the first verification mail counts toward the address's limit
             await self.mail_limiter.reserve(VERIFY_EMAIL, email)
         try:
-            async with self.database.transaction() as conn:
-                user = await self.users.add(
-                    conn,
+            async with self.uow.transaction() as tx:
+                user = await tx.users.add(
                     email,
                     password_hash,
                     code.owner_id if code else None,
@@ -192,15 +210,15 @@ class AuthService:
                     email_verified=email_verified,
                 )
                 if identity is not None:
-                    await self.identities.add(conn, identity[0], identity[1], user.id, user.email)
-                tokens = await self._login(conn, user)
+                    await tx.identities.add(identity[0], identity[1], user.id, user.email)
+                tokens = await self._login(tx, user)
                 if code is not None:
                     link = ReferralLink(user.id, code.owner_id, user.email, code.code)
-                    pending = await self.referral_outbox.add(conn, link, lease=self.referral_relay.lease)
+                    await tx.referral_outbox.add(link)
                 if email_verified:
-                    await self.ownership.proven(conn, user.id)
+                    await self.ownership.proven(tx, user.id)
                 else:
-                    await self.ownership.send_verification(conn, user)
+                    await self.ownership.send_verification(tx, user)
         except EmailAlreadyUsed:
             raise EmailTaken() from None
         self.ownership.wake()
@@ -213,8 +231,8 @@ class AuthService:
             },
         )
         self.enrich_later(user)
-        if pending is not None:
-            await self.referral_relay.deliver_now(pending)
+        if link is not None:
+            await self.referral_delivery.deliver_now(link)
         return Session(user, tokens)
 
     async def sign_in(self, user: User, *, link_identity: tuple[str, str] | None = None) -> Session:
@@ -222,10 +240,10 @@ class AuthService:
 
         With `link_identity`, the provider identity is attached to the user in the same transaction.
         """
-        async with self.database.transaction() as conn:
+        async with self.uow.transaction() as tx:
             if link_identity is not None:
-                await self.identities.add(conn, link_identity[0], link_identity[1], user.id, user.email)
-            tokens = await self._login(conn, user)
+                await tx.identities.add(link_identity[0], link_identity[1], user.id, user.email)
+            tokens = await self._login(tx, user)
         return Session(user, tokens)
 
     async def take_over(self, user: User, *, provider: str, subject: str) -> Session:
@@ -234,17 +252,17 @@ class AuthService:
         Whoever made the account loses it: its password and other identities are removed and every
         login revoked, then the identity is linked, the address marked proven, and the owner signed in.
         """
-        async with self.database.transaction() as conn:
-            owned = await self.users.take_over(conn, user.id)
+        async with self.uow.transaction() as tx:
+            owned = await tx.users.take_over(user.id)
             if owned is None:
                 raise UserGone()
-            await self.identities.remove_all(conn, user.id)
-            await self.refresh_tokens.revoke_all(user.id, conn=conn)
+            await tx.identities.remove_all(user.id)
+            await tx.refresh_tokens.revoke_all(user.id)
             for purpose in (VERIFY_EMAIL, RESET_PASSWORD):
-                await self.mail_tokens.void(conn, user.id, purpose)
-            await self.identities.add(conn, provider, subject, user.id, user.email)
-            await self.ownership.proven(conn, user.id)
-            tokens = await self._login(conn, owned)
+                await tx.mail_tokens.void(user.id, purpose)
+            await tx.identities.add(provider, subject, user.id, user.email)
+            await self.ownership.proven(tx, user.id)
+            tokens = await self._login(tx, owned)
         self.ownership.wake()
         await self.throttle.clear(owned.email)
         log.warning(
@@ -254,8 +272,20 @@ class AuthService:
         self.enrich_later(owned)
         return Session(owned, tokens)
 
+    async def token(self, params: Mapping[str, str], client_address: str) -> TokenPair:
+        """The token endpoint (RFC 6749): the password grant or the refresh_token grant, by `grant_type`."""
+        grant_type = required(params, "grant_type")
+        if grant_type == "password":
+            username, password = required(params, "username"), required(params, "password")
+            return await self.password_grant(username, password, client_address)
+        if grant_type == "refresh_token":
+            return await self.refresh_grant(required(params, "refresh_token"))
+        raise unsupported_grant_type(grant_type)
+
     async def password_grant(self, username: str, password: str, client_address: str) -> TokenPair:
         """RFC 6749 section 4.3; the same answer, in about the same time, for unknown and wrong."""
+        if "\x00" in username:  # no account's email holds U+0000 (and PostgreSQL text cannot)
+            raise invalid_grant(BAD_CREDENTIALS)
         # The attempt is counted before the password is checked (a failure keeps its place).
         retry_after = await self.throttle.reserve(username, client_address)
         if retry_after is not None:
@@ -280,11 +310,11 @@ class AuthService:
     async def refresh_grant(self, refresh_token: str) -> TokenPair:
         """RFC 6749 section 6 with rotation; a rotated token presented again revokes its family."""
         token_hash = hash_refresh_token(refresh_token)
-        async with self.database.transaction() as conn:
-            outcome = await self.refresh_tokens.rotate(conn, token_hash)
+        async with self.uow.transaction() as tx:
+            outcome = await tx.refresh_tokens.rotate(token_hash)
             if isinstance(outcome, Rotated):
                 refresh = await self._new_refresh_token(
-                    conn, outcome.user_id, outcome.family_id, outcome.token_id
+                    tx, outcome.user_id, outcome.family_id, outcome.token_id
                 )
         if isinstance(outcome, ReusedToken):
             revoked = await self.refresh_tokens.revoke_family(outcome.family_id)
@@ -322,22 +352,22 @@ class AuthService:
         retry_after = await self.mail_limiter.reserve(VERIFY_EMAIL, user.email)
         if retry_after is not None:
             raise MailThrottled(retry_after)
-        async with self.database.transaction() as conn:
-            await self.ownership.send_verification(conn, user)
+        async with self.uow.transaction() as tx:
+            await self.ownership.send_verification(tx, user)
         self.ownership.wake()
 
     async def verify_email(self, token: str) -> User:
         """Prove the address the token was mailed to: once; 400 unknown or used, 410 expired."""
-        async with self.database.transaction() as conn:
-            taken = await self.mail_tokens.take(conn, hash_mail_token(token), VERIFY_EMAIL)
+        async with self.uow.transaction() as tx:
+            taken = await tx.mail_tokens.take(hash_mail_token(token), VERIFY_EMAIL)
             if taken is Taken.EXPIRED:
                 raise VerificationExpired()
             if isinstance(taken, Taken):
                 raise VerificationInvalid()
-            user = await self.users.mark_verified(conn, taken.user_id)
+            user = await tx.users.mark_verified(taken.user_id)
             if user is None or user.email.lower() != taken.email.lower():
                 raise VerificationInvalid()  # the token proves the address it went to, nothing else
-            await self.ownership.proven(conn, user.id)
+            await self.ownership.proven(tx, user.id)
         self.ownership.wake()
         log.info("email verified", extra={"user_id": str(user.id)})
         self.enrich_later(user)
@@ -348,8 +378,8 @@ class AuthService:
         retry_after = await self.mail_limiter.reserve(RESET_PASSWORD, email)
         if retry_after is not None:
             raise MailThrottled(retry_after)
-        async with self.database.transaction() as conn:
-            await self.ownership.send_reset(conn, email)
+        async with self.uow.transaction() as tx:
+            await self.ownership.send_reset(tx, email)
         self.ownership.wake()
 
     async def reset_password(self, token: str, password: str) -> Session:
@@ -357,31 +387,31 @@ class AuthService:
         revoked, every reset link dies, and the account's login throttles are cleared; a new login."""
         digest = hash_mail_token(token)
         # Looked at before the costly hash, so garbage tokens cost no hashing; taken atomically after.
-        async with self.database.transaction() as conn:
-            peeked = await self.mail_tokens.peek(conn, digest, RESET_PASSWORD)
+        async with self.uow.transaction() as tx:
+            peeked = await tx.mail_tokens.peek(digest, RESET_PASSWORD)
         if peeked is Taken.EXPIRED:
             raise ResetExpired()
         if isinstance(peeked, Taken):
             raise ResetInvalid()
         password_hash = await self.hasher.hash(password)
-        async with self.database.transaction() as conn:
-            taken = await self.mail_tokens.take(conn, digest, RESET_PASSWORD)
+        async with self.uow.transaction() as tx:
+            taken = await tx.mail_tokens.take(digest, RESET_PASSWORD)
             if taken is Taken.EXPIRED:
                 raise ResetExpired()
             if isinstance(taken, Taken):
                 raise ResetInvalid()
-            before = await self.users.get(taken.user_id, conn=conn)
+            before = await tx.users.get(taken.user_id)
             if before is None:
                 raise ResetInvalid()
-            await self.users.set_password_hash(before.id, password_hash, conn=conn)
-            user = await self.users.mark_verified(conn, before.id)
+            await tx.users.set_password_hash(before.id, password_hash)
+            user = await tx.users.mark_verified(before.id)
             if user is None:
                 raise ResetInvalid()
-            await self.mail_tokens.void(conn, user.id, RESET_PASSWORD)
-            await self.refresh_tokens.revoke_all(user.id, conn=conn)
+            await tx.mail_tokens.void(user.id, RESET_PASSWORD)
+            await tx.refresh_tokens.revoke_all(user.id)
             if not before.email_verified:
-                await self.ownership.proven(conn, user.id)
-            tokens = await self._login(conn, user)
+                await self.ownership.proven(tx, user.id)
+            tokens = await self._login(tx, user)
         self.ownership.wake()
         await self.throttle.clear(user.email)
         log.info("password reset", extra={"user_id": str(user.id)})
@@ -416,10 +446,10 @@ class AuthService:
             raise WrongPassword()
         await self.throttle.succeeded(user.email, client_address)
         new_hash = await self.hasher.hash(new_password)
-        async with self.database.transaction() as conn:
-            await self.users.set_password_hash(user.id, new_hash, conn=conn)
-            await self.mail_tokens.void(conn, user.id, RESET_PASSWORD)
-            revoked = await self.refresh_tokens.revoke_all(user.id, keep=session_id, conn=conn)
+        async with self.uow.transaction() as tx:
+            await tx.users.set_password_hash(user.id, new_hash)
+            await tx.mail_tokens.void(user.id, RESET_PASSWORD)
+            revoked = await tx.refresh_tokens.revoke_all(user.id, keep=session_id)
         log.info("password changed", extra={"user_id": str(user.id), "tokens_revoked": revoked})
 
     async def sign_out_everywhere(self, user_id: uuid.UUID) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from services.auth.oauth.config import OIDC, OAuthProviderSettings
+from services.auth.adapters.oauth.config import OIDC, OAuthProviderSettings
 
 CLIENT_ID = "referral-system"
 CLIENT_SECRET = "s3cret/with+odd:chars"

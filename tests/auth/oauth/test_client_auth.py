@@ -13,7 +13,7 @@ import pytest
 from authlib.oauth2.rfc6749.util import extract_basic_authorization
 from yarl import URL
 
-from services.auth.oauth.providers import OIDCProvider, ProviderError
+from services.auth.adapters.oauth.providers import OIDCProvider, ProviderError
 from tests.auth.oauth.helpers import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -29,7 +29,7 @@ from tests.helpers import assert_problem
 METHODS = "token_endpoint_auth_methods_supported"
 BASIC, POST, NONE = "client_secret_basic", "client_secret_post", "none"
 MISSING = object()  # the discovery document leaves the field out
-PROVIDERS_LOGGER = "services.auth.oauth.providers"
+PROVIDERS_LOGGER = "services.auth.adapters.oauth.providers"
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from services.auth.oauth.config import (
+from services.auth.adapters.oauth.config import (
     GITHUB,
     OIDC,
     OAuthProviderSettings,
@@ -95,7 +95,7 @@ def test_a_provider_without_client_credentials_is_skipped_and_logged(caplog):
     config = read_oauth_providers(environ)
     assert [p.name for p in config.providers] == ["google"]
     assert config.skipped == (SkippedProvider("github", "AUTH_OAUTH_GITHUB_CLIENT_SECRET not set"),)
-    with caplog.at_level(logging.WARNING, logger="services.auth.oauth.config"):
+    with caplog.at_level(logging.WARNING, logger="services.auth.adapters.oauth.config"):
         assert [p.name for p in load_oauth_providers(environ)] == ["google"]
     assert "github is not offered: AUTH_OAUTH_GITHUB_CLIENT_SECRET not set" in caplog.text
 
@@ -113,7 +113,7 @@ def test_an_oidc_provider_without_a_secret_is_a_public_client(caplog, secret):
     del environ["AUTH_OAUTH_GOOGLE_CLIENT_SECRET"]
     if secret is not None:
         environ["AUTH_OAUTH_GOOGLE_CLIENT_SECRET"] = secret
-    with caplog.at_level(logging.INFO, logger="services.auth.oauth.config"):
+    with caplog.at_level(logging.INFO, logger="services.auth.adapters.oauth.config"):
         (google,) = load_oauth_providers(environ)
     assert (google.name, google.client_id, google.client_secret) == ("google", "google-id", None)
     assert "google has no AUTH_OAUTH_GOOGLE_CLIENT_SECRET: it signs in as a public client" in caplog.text

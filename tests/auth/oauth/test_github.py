@@ -10,8 +10,8 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from services.auth.oauth.config import GITHUB, OAuthProviderSettings
-from services.auth.oauth.providers import GitHubProvider, ProviderError
+from services.auth.adapters.oauth.config import GITHUB, OAuthProviderSettings
+from services.auth.adapters.oauth.providers import GitHubProvider, ProviderError
 from tests.auth.oauth.helpers import CLIENT_ID, CLIENT_SECRET, free_port
 
 REDIRECT_URI = "http://127.0.0.1:8080/api/v1/auth/oauth/github/callback"

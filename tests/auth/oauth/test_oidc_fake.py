@@ -18,7 +18,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey, RSAKey
 from yarl import URL
 
-from services.auth.oauth.providers import OIDCProvider, ProviderError
+from services.auth.adapters.oauth.providers import OIDCProvider, ProviderError
 from tests.auth.oauth.helpers import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, b64url, oidc_settings
 
 NONCE = "n-0S6_WzA2Mj"

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from services.auth.oauth.providers import OIDCProvider, ProviderError, new_pkce
+from services.auth.adapters.oauth.providers import OIDCProvider, ProviderError, new_pkce
 from tests.auth.oauth.helpers import (
     CLIENT_ID,
     REDIRECT_URI,

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from services.auth.oauth.state import OAuthStateStore, StateStoreUnavailable, StoredFlow
+from services.auth.adapters.oauth.state import OAuthStateStore, StateStoreUnavailable, StoredFlow
 from tests.auth.oauth.helpers import free_port
 
 

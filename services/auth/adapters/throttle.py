@@ -16,6 +16,11 @@ When Redis cannot be reached, counting falls back to this process's memory with 
 each replica then throttles on its own (at most replicas x limit guesses per window), and nobody is
 locked out by the outage. The fallback is logged and counted in `/metrics`
 (`auth_login_throttle_fallback_total`).
+
+These counters talk to redis-py directly, not through aiocache (which the OAuth state and the email
+check cache use): the reservation is one Lua script over two keys, and `clear` one MULTI, and aiocache
+has neither scripts nor transactions, only single-key get/set/increment/expire that would reopen the
+race the script closes.
 """
 
 from __future__ import annotations

@@ -1,19 +1,25 @@
-"""Repositories of the auth service: SQL in, domain objects out."""
+"""Repositories of users and refresh tokens: SQL in, domain objects out.
+
+Each repository runs its statements on what it was built with: the database (a statement each, as its
+own transaction) or one transaction's connection (`unit_of_work.PostgresTransaction`)."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, func, insert, select, update
 
-from services.auth.db.tables import refresh_tokens_table as rt
-from services.auth.db.tables import users_table as users
-from services.auth.domain.models import Credentials, User
+from services.auth.adapters.db.tables import refresh_tokens_table as rt
+from services.auth.adapters.db.tables import users_table as users
+from services.auth.domain.errors import EmailAlreadyUsed
+from services.auth.domain.models import Credentials, ReusedToken, Rotated, User
 from shared.db import Connection, Database, UniqueViolation, prepare
+
+# Where a repository runs its statements: the pool (each its own transaction) or one transaction.
+Executor = Database | Connection
 
 EMAIL_UNIQUE = "users_email_lower_key"
 
@@ -113,38 +119,17 @@ def _user(row: Mapping[str, Any]) -> User:
     )
 
 
-class EmailAlreadyUsed(Exception):
-    """The unique index on lower(email) refused the insert."""
-
-
-@dataclass(frozen=True)
-class Rotated:
-    """The presented token was live and is now rotated; `token_id` is the new token's parent."""
-
-    token_id: uuid.UUID
-    user_id: uuid.UUID
-    family_id: uuid.UUID
-
-
-@dataclass(frozen=True)
-class ReusedToken:
-    """The presented token had already been rotated: its family must be revoked."""
-
-    family_id: uuid.UUID
-
-
 class UserRepository:
     """Users by id and by email (compared case-insensitively)."""
 
-    def __init__(self, database: Database) -> None:
-        self._db = database
+    def __init__(self, db: Executor) -> None:
+        self._db = db
 
     async def email_exists(self, email: str) -> bool:
         return await self._db.fetch_one(_EMAIL_EXISTS, {"email": email.lower()}) is not None
 
     async def add(
         self,
-        conn: Connection,
         email: str,
         password_hash: str | None,
         referrer_id: uuid.UUID | None = None,
@@ -152,7 +137,7 @@ class UserRepository:
         email_check: Mapping[str, Any] | None = None,
         email_verified: bool = False,
     ) -> User:
-        """Insert a user in the caller's transaction; EmailAlreadyUsed when the email is taken."""
+        """Insert a user; EmailAlreadyUsed when the email is taken."""
         params = {
             "email": email,
             "password_hash": password_hash,
@@ -161,7 +146,7 @@ class UserRepository:
             "email_verified": email_verified,
         }
         try:
-            row = await conn.fetch_one(_INSERT_USER, params)
+            row = await self._db.fetch_one(_INSERT_USER, params)
         except UniqueViolation as violation:
             if violation.constraint == EMAIL_UNIQUE:
                 raise EmailAlreadyUsed(email) from None
@@ -169,29 +154,25 @@ class UserRepository:
         assert row is not None
         return _user(row)
 
-    async def get(self, user_id: uuid.UUID, *, conn: Connection | None = None) -> User | None:
-        """On `conn` when given (inside the caller's transaction)."""
-        row = await (conn or self._db).fetch_one(_USER_BY_ID, {"id": user_id})
+    async def get(self, user_id: uuid.UUID) -> User | None:
+        row = await self._db.fetch_one(_USER_BY_ID, {"id": user_id})
         return _user(row) if row else None
 
     async def credentials(self, email: str) -> Credentials | None:
         row = await self._db.fetch_one(_CREDENTIALS_BY_EMAIL, {"email": email.lower()})
         return Credentials(_user(row), row["password_hash"]) if row else None
 
-    async def set_password_hash(
-        self, user_id: uuid.UUID, password_hash: str, *, conn: Connection | None = None
-    ) -> None:
-        """On `conn` when given (inside the caller's transaction)."""
-        await (conn or self._db).execute(_SET_PASSWORD_HASH, {"id": user_id, "password_hash": password_hash})
+    async def set_password_hash(self, user_id: uuid.UUID, password_hash: str) -> None:
+        await self._db.execute(_SET_PASSWORD_HASH, {"id": user_id, "password_hash": password_hash})
 
-    async def mark_verified(self, conn: Connection, user_id: uuid.UUID) -> User | None:
+    async def mark_verified(self, user_id: uuid.UUID) -> User | None:
         """The address is proven; the user as it now is (None when gone)."""
-        row = await conn.fetch_one(_MARK_VERIFIED, {"id": user_id})
+        row = await self._db.fetch_one(_MARK_VERIFIED, {"id": user_id})
         return _user(row) if row else None
 
-    async def take_over(self, conn: Connection, user_id: uuid.UUID) -> User | None:
+    async def take_over(self, user_id: uuid.UUID) -> User | None:
         """Drop the password and mark the address proven (the caller removes identities and sessions)."""
-        row = await conn.fetch_one(_TAKE_OVER, {"id": user_id})
+        row = await self._db.fetch_one(_TAKE_OVER, {"id": user_id})
         return _user(row) if row else None
 
     async def set_profile(self, user_id: uuid.UUID, profile: Mapping[str, Any]) -> bool:
@@ -202,12 +183,11 @@ class UserRepository:
 class RefreshTokenRepository:
     """Refresh tokens, stored only as SHA-256 hashes, grouped in families (one login each)."""
 
-    def __init__(self, database: Database) -> None:
-        self._db = database
+    def __init__(self, db: Executor) -> None:
+        self._db = db
 
     async def add(
         self,
-        conn: Connection,
         *,
         token_hash: bytes,
         user_id: uuid.UUID,
@@ -215,7 +195,7 @@ class RefreshTokenRepository:
         parent_id: uuid.UUID | None,
         ttl: timedelta,
     ) -> None:
-        await conn.execute(
+        await self._db.execute(
             _INSERT_REFRESH,
             {
                 "token_hash": token_hash,
@@ -226,12 +206,12 @@ class RefreshTokenRepository:
             },
         )
 
-    async def rotate(self, conn: Connection, token_hash: bytes) -> Rotated | ReusedToken | None:
+    async def rotate(self, token_hash: bytes) -> Rotated | ReusedToken | None:
         """Mark a live token rotated; say so when it was rotated before; None when unknown or dead."""
-        row = await conn.fetch_one(_ROTATE, {"token_hash": token_hash})
+        row = await self._db.fetch_one(_ROTATE, {"token_hash": token_hash})
         if row is not None:
             return Rotated(row["id"], row["user_id"], row["family_id"])
-        state = await conn.fetch_one(_TOKEN_STATE, {"token_hash": token_hash})
+        state = await self._db.fetch_one(_TOKEN_STATE, {"token_hash": token_hash})
         if state is not None and state["rotated_at"] is not None:
             return ReusedToken(state["family_id"])
         return None
@@ -240,12 +220,10 @@ class RefreshTokenRepository:
         row = await self._db.fetch_one(_FAMILY_OF, {"token_hash": token_hash})
         return row["family_id"] if row else None
 
-    async def revoke_all(
-        self, user_id: uuid.UUID, *, keep: uuid.UUID | None = None, conn: Connection | None = None
-    ) -> int:
+    async def revoke_all(self, user_id: uuid.UUID, *, keep: uuid.UUID | None = None) -> int:
         """Revoke every live token of the user, but those of the family `keep`; return how many."""
         params = {"user_id": user_id, "keep_family": keep or uuid.UUID(int=0)}
-        return await (conn or self._db).execute(_REVOKE_USER_FAMILIES, params)
+        return await self._db.execute(_REVOKE_USER_FAMILIES, params)
 
     async def revoke_family(self, family_id: uuid.UUID) -> int:
         """Revoke every token of the family still standing; return how many."""

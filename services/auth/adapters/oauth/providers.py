@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeGuard, TypeVar
+from typing import Any, TypeGuard, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -33,7 +33,10 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
 
-from services.auth.oauth.config import GITHUB, OIDC, OAuthProviderSettings
+from services.auth.adapters.oauth.config import GITHUB, OIDC, OAuthProviderSettings
+from services.auth.domain.errors import ProviderError
+from services.auth.domain.models import ProviderIdentity
+from services.auth.domain.ports import IdentityProvider
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,40 +56,6 @@ DEFAULT_CLIENT_AUTH_METHODS = (AUTH_BASIC,)
 # With a client secret, in order of preference; `none` only when the provider offers neither.
 _SECRET_METHODS = (AUTH_BASIC, AUTH_POST)
 _SHOWN_METHODS = 6  # how many of the offered methods a refusal names
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderIdentity:
-    """Who the provider says signed in: its stable subject and their email."""
-
-    subject: str
-    email: str
-    email_verified: bool
-
-
-class ProviderError(Exception):
-    """The sign-in could not be completed at the provider; `reason` is short and secret-free."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class IdentityProvider(Protocol):
-    """One configured sign-in provider (`name` is the one in the callback path)."""
-
-    @property
-    def name(self) -> str: ...
-
-    async def authorization_url(
-        self, *, redirect_uri: str, state: str, code_challenge: str, nonce: str
-    ) -> str:
-        """Where to send the browser: the provider's authorization endpoint with PKCE S256 (and nonce)."""
-
-    async def exchange(
-        self, *, code: str, redirect_uri: str, code_verifier: str, nonce: str
-    ) -> ProviderIdentity:
-        """Trade the callback's code for the signed-in identity; ProviderError for every failure."""
 
 
 def new_pkce() -> tuple[str, str]:

@@ -29,7 +29,8 @@ from typing import Any, Literal, Protocol
 
 import aiohttp
 
-from services.auth.db.repositories import UserRepository
+from services.auth.adapters.polling import Unreachable, failure_reason, poll_while_pending
+from services.auth.domain.ports import UserRepository
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class ClearbitPersonEnricher:
         self._authorization = aiohttp.encode_basic_auth(api_key, "")
         self._url = base_url.rstrip("/") + "/v2/people/find"
         self._timeout = timeout
-        self._max_attempts = max(1, max_attempts)
+        self._max_attempts = max_attempts
         self._retry_delay = retry_delay
 
     def __repr__(self) -> str:
@@ -116,25 +117,20 @@ class ClearbitPersonEnricher:
             return 200, await response.content.read(MAX_PERSON_BYTES + 1)
 
     async def find(self, email: str) -> EnrichmentResult:
-        for attempt in range(1, self._max_attempts + 1):
-            try:
-                status, raw = await self._ask(email)
-            except TimeoutError:
-                return _unavailable("timeout")
-            except aiohttp.ClientError as error:
-                return _unavailable(f"connection_error:{type(error).__name__}")
-            if status == 200:
-                return self._person(raw)
-            if status == 404:
-                return EnrichmentResult("not_found")
-            if status == 202:
-                if attempt < self._max_attempts:
-                    await asyncio.sleep(self._retry_delay)
-                    continue
-                return _unavailable("still_pending", 202)
-            reason = _REASONS.get(status) or ("server_error" if status >= 500 else f"http_{status}")
-            return _unavailable(reason, status, level=logging.ERROR if status == 401 else logging.WARNING)
-        raise AssertionError("unreachable")
+        answer = await poll_while_pending(
+            lambda: self._ask(email), attempts=self._max_attempts, interval=self._retry_delay
+        )
+        if isinstance(answer, Unreachable):
+            return _unavailable(answer.reason)
+        status, raw = answer
+        if status == 200:
+            return self._person(raw)
+        if status == 404:
+            return EnrichmentResult("not_found")
+        if status == 202:
+            return _unavailable("still_pending", 202)
+        reason = failure_reason(status, _REASONS)
+        return _unavailable(reason, status, level=logging.ERROR if status == 401 else logging.WARNING)
 
     @staticmethod
     def _person(raw: bytes) -> EnrichmentResult:

@@ -4,17 +4,14 @@ and the mails that carry them (written in the same transaction as the token)."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import timedelta
-from enum import Enum
 
 from sqlalchemy import bindparam, func, insert, select, update
 
-from services.auth.db.tables import mail_tokens_table as tokens
-from shared.db import Connection, Database, prepare, prepare_sql
-
-VERIFY_EMAIL = "verify_email"
-RESET_PASSWORD = "reset_password"  # noqa: S105 (a purpose, not a password)
+from services.auth.adapters.db.repositories import Executor
+from services.auth.adapters.db.tables import mail_tokens_table as tokens
+from services.auth.domain.models import Taken, TokenOwner
+from shared.db import prepare, prepare_sql
 
 _INSERT = prepare(
     insert(tokens).values(
@@ -83,30 +80,14 @@ _REQUEST_RESET = prepare_sql(
 )
 
 
-class Taken(Enum):
-    """Why a token could not be taken."""
-
-    UNKNOWN = "unknown"  # never issued, already used, voided, or for another purpose
-    EXPIRED = "expired"
-
-
-@dataclass(frozen=True, slots=True)
-class TokenOwner:
-    """A token taken: whose, and the address it was mailed to."""
-
-    user_id: uuid.UUID
-    email: str
-
-
 class MailTokenRepository:
     """Issues, takes (once) and voids mailed tokens."""
 
-    def __init__(self, database: Database) -> None:
-        self._db = database
+    def __init__(self, db: Executor) -> None:
+        self._db = db
 
     async def add(
         self,
-        conn: Connection,
         *,
         token_hash: bytes,
         user_id: uuid.UUID,
@@ -121,31 +102,29 @@ class MailTokenRepository:
             "email": email,
             "ttl": ttl,
         }
-        await conn.execute(_INSERT, params)
+        await self._db.execute(_INSERT, params)
 
-    async def take(self, conn: Connection, token_hash: bytes, purpose: str) -> TokenOwner | Taken:
+    async def take(self, token_hash: bytes, purpose: str) -> TokenOwner | Taken:
         """Use the token now (it never works again), or say why it cannot be used."""
         params = {"token_hash": token_hash, "purpose": purpose}
-        row = await conn.fetch_one(_TAKE, params)
+        row = await self._db.fetch_one(_TAKE, params)
         if row is not None:
             return TokenOwner(row["user_id"], row["email"])
-        return Taken.EXPIRED if await conn.fetch_one(_EXPIRED, params) is not None else Taken.UNKNOWN
+        return Taken.EXPIRED if await self._db.fetch_one(_EXPIRED, params) is not None else Taken.UNKNOWN
 
-    async def peek(self, conn: Connection, token_hash: bytes, purpose: str) -> TokenOwner | Taken:
+    async def peek(self, token_hash: bytes, purpose: str) -> TokenOwner | Taken:
         """What `take` would answer now, without using the token."""
         params = {"token_hash": token_hash, "purpose": purpose}
-        row = await conn.fetch_one(_LIVE, params)
+        row = await self._db.fetch_one(_LIVE, params)
         if row is not None:
             return TokenOwner(row["user_id"], row["email"])
-        return Taken.EXPIRED if await conn.fetch_one(_EXPIRED, params) is not None else Taken.UNKNOWN
+        return Taken.EXPIRED if await self._db.fetch_one(_EXPIRED, params) is not None else Taken.UNKNOWN
 
-    async def void(self, conn: Connection, user_id: uuid.UUID, purpose: str) -> None:
+    async def void(self, user_id: uuid.UUID, purpose: str) -> None:
         """Every live token of this purpose of the user stops working."""
-        await conn.execute(_VOID, {"user_id": user_id, "purpose": purpose})
+        await self._db.execute(_VOID, {"user_id": user_id, "purpose": purpose})
 
-    async def request_reset(
-        self, conn: Connection, *, email: str, token_hash: bytes, ttl: timedelta, link: str
-    ) -> bool:
+    async def request_reset(self, *, email: str, token_hash: bytes, ttl: timedelta, link: str) -> bool:
         """Issue a reset token and queue its mail when an account has `email`; whether one does."""
         params = {"email": email.strip().lower(), "token_hash": token_hash, "ttl": ttl, "link": link}
-        return await conn.fetch_one(_REQUEST_RESET, params) is not None
+        return await self._db.fetch_one(_REQUEST_RESET, params) is not None

@@ -16,9 +16,10 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Column, Table, bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from services.auth.db.tables import mail_outbox_table, referral_outbox_table, verified_outbox_table
+from services.auth.adapters.db.repositories import Executor
+from services.auth.adapters.db.tables import mail_outbox_table, referral_outbox_table, verified_outbox_table
 from services.auth.domain.models import ReferralLink
-from shared.db import Connection, Database, prepare
+from shared.db import prepare
 from shared.outbox import Claimed
 
 T = TypeVar("T")
@@ -64,11 +65,13 @@ class _Statements:
 
 
 class _Outbox(Generic[T]):
-    """The store protocol of shared/outbox.py over one table; rows become items by `item`."""
+    """The store protocol of shared/outbox.py over one table; rows become items by `item`.
+
+    Built on the database for the relay; on a transaction's connection for the writers' `add`."""
 
     def __init__(
         self,
-        database: Database,
+        database: Executor,
         statements: _Statements,
         key: str,
         item: Callable[[Mapping[str, Any]], T],
@@ -122,24 +125,27 @@ def _link(row: Mapping[str, Any]) -> ReferralLink:
 
 
 class ReferralOutboxRepository(_Outbox[ReferralLink]):
-    """Referral links waiting to be delivered to the referral service, with their attempts."""
+    """Referral links waiting to be delivered to the referral service, with their attempts.
 
-    def __init__(self, database: Database) -> None:
+    `add` writes a link claimed for `lease` by its writer, which delivers it at once after the commit
+    (`relays.ImmediateReferralDelivery`); the relay takes it over if that fails."""
+
+    def __init__(self, database: Executor, *, lease: timedelta = timedelta(0)) -> None:
         super().__init__(database, _LINKS, "referral_id", _link)
+        self._lease = lease
 
-    async def add(self, conn: Connection, link: ReferralLink, *, lease: timedelta) -> Claimed[ReferralLink]:
-        """Write the link in the caller's (the signup's) transaction, claimed for `lease` by the caller."""
-        await conn.execute(
+    async def add(self, link: ReferralLink) -> None:
+        """Write the link (in the signup's transaction), claimed by the writer for the lease."""
+        await self._db.execute(
             _INSERT_LINK,
             {
                 "referral_id": link.referral_id,
                 "referrer_id": link.referrer_id,
                 "referral_email": link.referral_email,
                 "code": link.code,
-                "lease": lease,
+                "lease": self._lease,
             },
         )
-        return Claimed(link, link.referral_id, 1)
 
 
 # --- "verified" notices ----------------------------------------------------------------------------
@@ -156,12 +162,12 @@ _INSERT_NOTICE = prepare(
 class VerifiedOutboxRepository(_Outbox[uuid.UUID]):
     """Users whose address became proven, to be told to the referral service (it confirms their link)."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Executor) -> None:
         super().__init__(database, _NOTICES, "user_id", lambda row: row["user_id"])
 
-    async def add(self, conn: Connection, user_id: uuid.UUID) -> None:
-        """In the caller's transaction (the one that marks the address proven)."""
-        await conn.execute(_INSERT_NOTICE, {"user_id": user_id})
+    async def add(self, user_id: uuid.UUID) -> None:
+        """In the transaction that marks the address proven."""
+        await self._db.execute(_INSERT_NOTICE, {"user_id": user_id})
 
 
 # --- mails -----------------------------------------------------------------------------------------
@@ -200,13 +206,11 @@ def _mail(row: Mapping[str, Any]) -> OutgoingMail:
 class MailOutboxRepository(_Outbox[OutgoingMail]):
     """Mails waiting to be sent, with their attempts; the relay wakes on each new one."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Executor) -> None:
         super().__init__(database, _MAILS, "id", _mail)
 
-    async def add(
-        self, conn: Connection, *, user_id: uuid.UUID, recipient: str, kind: str, link: str
-    ) -> None:
-        """In the caller's transaction (the one that made the token the link carries)."""
-        await conn.execute(
+    async def add(self, *, user_id: uuid.UUID, recipient: str, kind: str, link: str) -> None:
+        """In the transaction that made the token the link carries."""
+        await self._db.execute(
             _INSERT_MAIL, {"user_id": user_id, "recipient": recipient, "kind": kind, "link": link}
         )

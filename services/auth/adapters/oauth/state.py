@@ -1,54 +1,34 @@
-"""Pending sign-ins between the redirect to a provider and its callback, kept in Redis.
+"""Pending sign-ins between the redirect to a provider and its callback, kept in Redis through aiocache.
 
 `create` draws a random `state` (256 bits), a PKCE pair and a nonce, and stores what the callback
-needs under the state for `ttl` seconds; `consume` reads and deletes it in one GETDEL, so a state
-is good for one callback only. Redis trouble is `StateStoreUnavailable` (the caller answers 503).
+needs under the state for `ttl` seconds (aiocache's `set`, JSON); `consume` reads and deletes it in
+one GETDEL (aiocache has no atomic get-and-delete: its `get` then `delete` would let two callbacks
+share a state, so the command goes through its `raw`), so a state is good for one callback only.
+Redis trouble is `StateStoreUnavailable` (the caller answers 503).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import secrets
-from dataclasses import dataclass
 
+from aiocache import RedisCache
+from aiocache.serializers import JsonSerializer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.auth.oauth.providers import new_pkce
+from services.auth.adapters.oauth.providers import new_pkce
+from services.auth.domain.errors import StateStoreUnavailable
+from services.auth.domain.models import PendingFlow, StoredFlow
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 600
 STATE_BYTES = 32  # 256 bits; 43 characters of base64url
 NONCE_BYTES = 32
-KEY_NAMESPACE = "oauth:state:"
+KEY_NAMESPACE = "oauth:state"  # aiocache puts a ":" between it and the state
 _STATE = re.compile(r"[A-Za-z0-9_-]{43}")
-
-
-class StateStoreUnavailable(Exception):
-    """Redis could not be asked (unreachable, timeout, error): the flow cannot start or finish now."""
-
-
-@dataclass(frozen=True, slots=True)
-class PendingFlow:
-    """A sign-in just started: `state` and `code_challenge` and `nonce` go to the provider."""
-
-    state: str
-    code_verifier: str
-    code_challenge: str
-    nonce: str
-
-
-@dataclass(frozen=True, slots=True)
-class StoredFlow:
-    """What the callback gets back for its state. The caller checks `provider` against the callback's."""
-
-    provider: str
-    code_verifier: str
-    nonce: str
-    referral_code: str | None
 
 
 class OAuthStateStore:
@@ -57,8 +37,10 @@ class OAuthStateStore:
     def __init__(self, redis: Redis, *, prefix: str, ttl: int = DEFAULT_TTL) -> None:
         if ttl < 1:
             raise ValueError("ttl must be at least 1 second")
-        self._redis = redis
-        self._prefix = prefix + KEY_NAMESPACE
+        # aiocache builds its own client from host/port: it gets the service's (one pool, its timeouts),
+        # and no per-call wait_for of its own (timeout=None): the client's socket timeout bounds a call.
+        self._cache = RedisCache(serializer=JsonSerializer(), namespace=prefix + KEY_NAMESPACE, timeout=None)
+        self._cache.client = redis
         self._ttl = ttl
 
     async def create(self, provider: str, *, referral_code: str | None) -> PendingFlow:
@@ -73,7 +55,7 @@ class OAuthStateStore:
             "referral_code": referral_code,
         }
         try:
-            await self._redis.set(self._prefix + state, json.dumps(stored), ex=self._ttl)
+            await self._cache.set(state, stored, ttl=self._ttl)
         except (RedisError, OSError, TimeoutError) as error:
             raise StateStoreUnavailable(type(error).__name__) from None
         return PendingFlow(state=state, code_verifier=verifier, code_challenge=challenge, nonce=nonce)
@@ -83,13 +65,13 @@ class OAuthStateStore:
         if not _STATE.fullmatch(state):
             return None  # no state we issued looks like this: do not ask Redis
         try:
-            raw = await self._redis.getdel(self._prefix + state)
+            raw = await self._cache.raw("getdel", self._cache.build_key(state))
         except (RedisError, OSError, TimeoutError) as error:
             raise StateStoreUnavailable(type(error).__name__) from None
         if raw is None:
             return None
         try:
-            stored = json.loads(raw)
+            stored = self._cache.serializer.loads(raw)
             referral_code = stored["referral_code"]
             return StoredFlow(
                 provider=str(stored["provider"]),

@@ -16,19 +16,31 @@ from datetime import timedelta
 
 from prometheus_client import CollectorRegistry
 
-from services.auth.db.outboxes import (
+from services.auth.adapters.db.outboxes import (
     MailOutboxRepository,
     OutgoingMail,
     ReferralOutboxRepository,
     VerifiedOutboxRepository,
 )
+from services.auth.adapters.mail.messages import compose
+from services.auth.adapters.mail.smtp import MailDeliveryError, SmtpMailer
+from services.auth.adapters.referral_client import LinkRefused, ReferralClient
+from services.auth.domain.errors import ReferralServiceError
 from services.auth.domain.models import ReferralLink
-from services.auth.mail.messages import compose
-from services.auth.mail.smtp import MailDeliveryError, SmtpMailer
-from services.auth.referrals import LinkRefused, ReferralClient, ReferralServiceError
-from shared.outbox import Backoff, OutboxRelay, PermanentFailure, TemporaryFailure
+from shared.outbox import Backoff, Claimed, OutboxRelay, PermanentFailure, TemporaryFailure
 
 ReferralOutboxRelay = OutboxRelay[ReferralLink]
+
+
+class ImmediateReferralDelivery:
+    """A signup's own attempt at the link it just committed, already claimed (attempt 1): the relay
+    delivers it once the claim's lease ends if this attempt fails."""
+
+    def __init__(self, relay: ReferralOutboxRelay) -> None:
+        self._relay = relay
+
+    async def deliver_now(self, link: ReferralLink) -> None:
+        await self._relay.deliver_now(Claimed(link, link.referral_id, 1))
 
 
 def referral_link_relay(

@@ -9,8 +9,8 @@ from functools import cache
 from importlib.resources import files
 from string import Template
 
-VERIFY_EMAIL = "verify_email"
-RESET_PASSWORD = "reset_password"  # noqa: S105 (a kind of mail, not a password)
+from services.auth.domain.models import RESET_PASSWORD, VERIFY_EMAIL
+
 MAX_LINE_LENGTH = 998
 SUBJECTS = {
     VERIFY_EMAIL: "Confirm your email address",

@@ -9,26 +9,29 @@ or disposable refuses one, and that is the use case's decision, not this module'
 The API key travels in the query string, so no message here is built from an aiohttp exception's
 text (which can carry the URL): only from its type.
 
-`CachedEmailVerifier` keeps verdicts per address (lower-cased, hashed in the key) for a TTL, so
-repeated signups, refused ones included, spend no credits; `unchecked` is never cached, and a Redis
-that fails only means no cache.
+`CachedEmailVerifier` keeps verdicts per address (lower-cased, hashed in the key) for a TTL, in Redis
+through aiocache (a JSON get/set with a TTL), so repeated signups, refused ones included, spend no
+credits; `unchecked` is never cached, and a Redis that fails only means no cache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
+from aiocache import RedisCache
+from aiocache.serializers import JsonSerializer
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from services.auth.adapters.polling import Unreachable, failure_reason, poll_while_pending
 from services.auth.domain.models import UNCHECKED, EmailCheck
+from services.auth.domain.ports import EmailVerifier
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +53,6 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class EmailVerifier(Protocol):
-    """Anything that can judge an address; it never raises, it answers `unchecked` instead."""
-
-    async def verify(self, email: str) -> EmailCheck: ...
-
-
 class HunterEmailVerifier:
     """Hunter's Email Verifier over the service's shared HTTP session, polling while it answers 202."""
 
@@ -74,7 +71,7 @@ class HunterEmailVerifier:
         self._api_key = api_key
         self._url = base_url.rstrip("/") + "/v2/email-verifier"
         self._timeout = timeout
-        self._max_polls = max(1, max_polls)
+        self._max_polls = max_polls
         self._poll_interval = poll_interval
         self._clock = clock
 
@@ -120,25 +117,20 @@ class HunterEmailVerifier:
 
     async def verify(self, email: str) -> EmailCheck:
         """Hunter's verdict on `email`, or `unchecked` with a reason; never raises for Hunter's sake."""
-        for poll in range(1, self._max_polls + 1):
-            try:
-                status, body = await self._ask(email)
-            except TimeoutError:  # aiohttp's own timeouts are TimeoutErrors too
-                return self._unchecked("timeout")
-            except aiohttp.ClientError as error:
-                return self._unchecked(f"connection_error:{type(error).__name__}")
-            except (ValueError, UnicodeDecodeError):
-                return self._unchecked("malformed_answer", 200)
-            if status == 200:
-                return self._verdict(body)
-            if status == 202 and poll < self._max_polls:
-                await asyncio.sleep(self._poll_interval)
-                continue
-            reason = _REASONS.get(status) or ("server_error" if status >= 500 else f"http_{status}")
-            # A bad key fails every signup's check until someone fixes the configuration.
-            level = logging.ERROR if status == 401 else logging.WARNING
-            return self._unchecked(reason, status, level=level)
-        raise AssertionError("unreachable")
+        try:
+            answer = await poll_while_pending(
+                lambda: self._ask(email), attempts=self._max_polls, interval=self._poll_interval
+            )
+        except (ValueError, UnicodeDecodeError):
+            return self._unchecked("malformed_answer", 200)
+        if isinstance(answer, Unreachable):
+            return self._unchecked(answer.reason)
+        status, body = answer
+        if status == 200:
+            return self._verdict(body)
+        # A bad key fails every signup's check until someone fixes the configuration.
+        level = logging.ERROR if status == 401 else logging.WARNING
+        return self._unchecked(failure_reason(status, _REASONS), status, level=level)
 
 
 class CachedEmailVerifier:
@@ -146,25 +138,29 @@ class CachedEmailVerifier:
 
     def __init__(self, verifier: EmailVerifier, redis: Redis, *, prefix: str, ttl: int) -> None:
         self._verifier = verifier
-        self._redis = redis
-        self._prefix = prefix
+        # aiocache builds its own client from host/port: it gets the service's (one pool, its timeouts),
+        # and no per-call wait_for of its own (timeout=None): the client's socket timeout bounds a call.
+        self._cache = RedisCache(serializer=JsonSerializer(), namespace=f"{prefix}email-check", timeout=None)
+        self._cache.client = redis
         self._ttl = ttl
 
-    def _key(self, email: str) -> str:
-        digest = hashlib.sha256(email.strip().lower().encode("utf-8", "surrogatepass")).hexdigest()
-        return f"{self._prefix}email-check:{digest}"
+    @staticmethod
+    def _key(email: str) -> str:
+        return hashlib.sha256(email.strip().lower().encode("utf-8", "surrogatepass")).hexdigest()
 
     async def _cached(self, key: str) -> EmailCheck | None:
         try:
-            raw = await self._redis.get(key)
+            record = await self._cache.get(key)
         except RedisError as error:
             log.warning("email check cache unavailable (%s); asking the verifier", type(error).__name__)
             return None
-        if raw is None:
+        except ValueError:  # json.JSONDecodeError is one; an entry we cannot read is a miss
+            return None
+        if record is None:
             return None
         try:
-            return EmailCheck.from_record(json.loads(raw))
-        except ValueError:  # json.JSONDecodeError is one; an entry we cannot read is a miss
+            return EmailCheck.from_record(record)
+        except ValueError:
             return None
 
     async def verify(self, email: str) -> EmailCheck:
@@ -175,7 +171,7 @@ class CachedEmailVerifier:
         check = await self._verifier.verify(email)
         if check.checked and self._ttl > 0:
             try:
-                await self._redis.set(key, json.dumps(check.as_record()), ex=self._ttl)
+                await self._cache.set(key, check.as_record(), ttl=self._ttl)
             except RedisError as error:
                 log.warning("email check not cached (%s)", type(error).__name__)
         return check

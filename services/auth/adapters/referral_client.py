@@ -21,8 +21,9 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from services.auth.adapters.signing import AccessTokenIssuer
+from services.auth.domain.errors import InactiveCode, ReferralServiceError, UnknownCode
 from services.auth.domain.models import ReferralCode, ReferralLink
-from services.auth.signing import AccessTokenIssuer
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +33,6 @@ SERVICE_TOKEN_TTL = 300
 # Reissue the cached token when less than this is left, so a token never expires in flight.
 SERVICE_TOKEN_RENEW_BEFORE = 60
 _PERMANENT_LINK_STATUSES = frozenset({409, 422})
-
-
-class UnknownCode(Exception):
-    """The referral service knows no such code."""
-
-
-class InactiveCode(Exception):
-    """The code exists but has expired or was deleted."""
-
-
-class ReferralServiceError(Exception):
-    """The call failed in a way that may pass: unreachable, timeout, 5xx, refused token, odd answer.
-
-    The message is short and holds no secrets; it is stored as the outbox row's `last_error`.
-    """
 
 
 class LinkRefused(Exception):

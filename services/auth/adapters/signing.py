@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
+from services.auth.domain.models import IssuedAccessToken
 from services.auth.settings import AuthSettings
 from shared.config import SettingsError
 from shared.tokens import ACCESS_TOKEN_TYPE
@@ -110,12 +111,6 @@ def load_key_ring(settings: AuthSettings) -> KeyRing:
         raise SettingsError("no JWT signing key configured")
     log.warning("dev mode: no JWT key configured, signing with a generated key that dies with this process")
     return parse_key_ring(generate_pem())
-
-
-@dataclass(frozen=True)
-class IssuedAccessToken:
-    token: str
-    expires_in: int
 
 
 class AccessTokenIssuer:

@@ -1,0 +1,47 @@
+"""The unit of work over PostgreSQL: one aiopg transaction, and the repositories bound to it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+from services.auth.adapters.db.identities import IdentityRepository
+from services.auth.adapters.db.mail_tokens import MailTokenRepository
+from services.auth.adapters.db.outboxes import (
+    MailOutboxRepository,
+    ReferralOutboxRepository,
+    VerifiedOutboxRepository,
+)
+from services.auth.adapters.db.repositories import RefreshTokenRepository, UserRepository
+from shared.db import Connection, Database
+
+
+class PostgresTransaction:
+    """Every repository the use cases write through, on one transaction's connection."""
+
+    def __init__(self, conn: Connection, *, referral_lease: timedelta) -> None:
+        self.users = UserRepository(conn)
+        self.refresh_tokens = RefreshTokenRepository(conn)
+        self.identities = IdentityRepository(conn)
+        self.mail_tokens = MailTokenRepository(conn)
+        self.referral_outbox = ReferralOutboxRepository(conn, lease=referral_lease)
+        self.verified_outbox = VerifiedOutboxRepository(conn)
+        self.mail_outbox = MailOutboxRepository(conn)
+
+
+class PostgresUnitOfWork:
+    """`transaction()`: committed when the block ends, rolled back when it raises.
+
+    `referral_lease` is how long a referral link written by a signup stays claimed by that signup (its
+    immediate delivery) before the relay may take it: the relay's own lease.
+    """
+
+    def __init__(self, database: Database, *, referral_lease: timedelta) -> None:
+        self._database = database
+        self._referral_lease = referral_lease
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresTransaction]:
+        async with self._database.transaction() as conn:
+            yield PostgresTransaction(conn, referral_lease=self._referral_lease)

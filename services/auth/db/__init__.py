@@ -1,1 +1,0 @@
-"""The auth service's data layer: Core tables and repositories (SQL only)."""
