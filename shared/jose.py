@@ -101,7 +101,7 @@ class StaticKeySource:
 
 
 class _FetchFailed(Exception):
-    pass
+    """Why one JWKS fetch failed, in a few words (never the response body)."""
 
 
 class RemoteJWKS:

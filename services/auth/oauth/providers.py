@@ -153,9 +153,10 @@ def client_authentication(method: str, client_id: str, client_secret: str | None
         raise ProviderError(f"client authentication: {method} needs a client secret")
     if method == AUTH_BASIC:
         # RFC 6749 2.3.1: both parts form-urlencoded (UTF-8, then percent-encoded; `:` `+` `%`
-        # included) before they are joined and base64-encoded, which authlib's client_secret_basic
-        # does not do: it gets them encoded. A space goes as %20, not `+`: every form decoder reads
-        # %20 as a space, while servers that percent-decode only (authlib's) would read `+` as `+`.
+        # included) before they are joined and base64-encoded; authlib's client_secret_basic joins
+        # them as given, so it is handed them encoded. A space goes as %20, not `+`: every form
+        # decoder reads %20 as a space, while servers that percent-decode only (authlib's) would
+        # read `+` as `+`.
         return ClientAuth(quote(client_id, safe=""), quote(client_secret, safe=""), AUTH_BASIC)
     if method == AUTH_POST:
         return ClientAuth(client_id, client_secret, AUTH_POST)
@@ -181,20 +182,20 @@ async def _token_request(
     """
     url, headers, body = client_auth.prepare("POST", url, dict(DEFAULT_HEADERS), body)
     async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
-        body = await _json(response)
+        answer = await _json(response)
         status = response.status
-    error = _error_code(body)
+    error = _error_code(answer)
     if error:
         # GitHub answers 200 with {"error": ...}; everyone else 400/401.
         raise ProviderError(f"token endpoint refused the code: {error}")
     if status != 200:
         raise ProviderError(f"token endpoint: HTTP {status}")
-    if not isinstance(body, Mapping):
+    if not isinstance(answer, Mapping):
         raise ProviderError("token endpoint: not a JSON object")
-    access_token = body.get("access_token")
+    access_token = answer.get("access_token")
     if not isinstance(access_token, str) or not access_token:
         raise ProviderError("token endpoint: no access_token")
-    return body
+    return answer
 
 
 def _email(value: Any) -> str | None:
