@@ -53,11 +53,12 @@ from services.auth.domain.ownership import OwnershipMail
 from services.auth.domain.services import AuthService
 from services.auth.settings import API_PREFIX, AuthSettings
 from shared.appkeys import DATABASE, HTTP_CLIENT, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
+from shared.jose import StaticKeySource
 from shared.net import parse_networks
 from shared.openapi import setup_openapi
 from shared.outbox import Backoff, OutboxRelay
 from shared.resources import CleanupContext, http_client_ctx, postgres_ctx, redis_ctx
-from shared.tokens import StaticKeySource, TokenVerifier
+from shared.tokens import TokenVerifier
 from shared.web import setup_common
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,10 @@ from services.referral.domain.rules import CodeRules
 from services.referral.domain.use_cases import ReferralUseCases
 from services.referral.settings import API_PREFIX, ReferralSettings
 from shared.appkeys import DATABASE, HTTP_CLIENT, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
+from shared.jose import RemoteJWKS
 from shared.openapi import setup_openapi
 from shared.resources import CleanupContext, http_client_ctx, postgres_ctx, redis_ctx
-from shared.tokens import RemoteJWKS, TokenVerifier
+from shared.tokens import TokenVerifier
 from shared.web import setup_common
 
 DESCRIPTION = """Referral codes (one active per user), their public lookup by email, and who referred whom.

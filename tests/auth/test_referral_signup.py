@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from shared.tokens import StaticKeySource, TokenVerifier, parse_jwks
+from shared.jose import StaticKeySource, parse_jwks
+from shared.tokens import TokenVerifier
 from tests.auth.test_signup import assert_problem, user_count
 
 SIGNUP = "/api/v1/auth/signup"

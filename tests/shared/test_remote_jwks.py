@@ -20,10 +20,12 @@ from aiohttp import web
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from joserfc import jwt
+from joserfc.jwk import ECKey
 
 from services.auth.adapters.signing import AccessTokenIssuer, KeyRing, generate_pem, parse_key_ring
+from shared.jose import RemoteJWKS, StaticKeySource
 from shared.problems import InvalidToken
-from shared.tokens import RemoteJWKS, StaticKeySource, TokenVerifier
+from shared.tokens import TokenVerifier
 
 ISSUER = "http://127.0.0.1:8080/api/v1/auth"
 AUDIENCE = "referral-system"
@@ -475,3 +477,69 @@ async def test_garbage_payload_under_a_valid_header(static_verifier, ring_a):
     for payload in ("", "e30", b64(b"[]"), b64(b"\xff"), "!!!", b64(b'"text"')):
         with pytest.raises(InvalidToken):
             await static_verifier.verify(f"{header}.{payload}.{b64(b'sig')}")
+
+
+# --- the shared check (shared.jose): algorithms, key types, what a failed fetch says ---------------
+
+
+@pytest.mark.parametrize("alg", ["RS384", "RS512", "PS256"])
+async def test_an_algorithm_outside_the_list_is_refused(static_verifier, ring_a, alg):
+    """Validly signed by the published key under its kid, with an algorithm the verifier does not list."""
+    token = jwt.encode(rs_header(ring_a, alg=alg), claims(), ring_a.signing_key, algorithms=[alg])
+    with pytest.raises(InvalidToken, match="unsupported algorithm"):
+        await static_verifier.verify(token)
+
+
+async def test_an_ec_key_in_the_jwks_does_not_make_es256_acceptable(jwks_server, session, ring_a):
+    """The JWKS publishes an EC key too; a token it signs with ES256 is still refused (RS256 only)."""
+    ec = ECKey.generate_key("P-256", parameters={"kid": "ec-1"}, private=True)
+    jwks_server.publish(ring_a)
+    jwks_server.document["keys"].append(ec.as_dict(private=False))
+    check = verifier(RemoteJWKS(jwks_server.url, session))
+    es256 = jwt.encode({"alg": "ES256", "typ": "at+jwt", "kid": "ec-1"}, claims(), ec, algorithms=["ES256"])
+    with pytest.raises(InvalidToken, match="unsupported algorithm"):
+        await check.verify(es256)
+    lax = TokenVerifier(
+        RemoteJWKS(jwks_server.url, session), issuer=ISSUER, audience=AUDIENCE, algorithms=("RS256", "ES256")
+    )
+    assert (await lax.verify(es256)).subject, "listed, the EC key verifies it: the key was read"
+    await check.verify(token_for(ring_a))
+
+
+async def test_the_only_key_serves_a_lookup_without_kid(jwks_server, session, ring_a, ring_b):
+    jwks_server.publish(ring_a)
+    keys = RemoteJWKS(jwks_server.url, session, min_refresh_interval=0)
+    assert await keys.key_for(None) is await keys.key_for(ring_a.signing_key.kid)
+    jwks_server.publish(ring_a, ring_b)
+    await keys.refresh()
+    assert await keys.key_for(None) is None, "with two keys there is no choice to make without a kid"
+
+
+@pytest.mark.parametrize(
+    ("status", "raw", "delay", "reason"),
+    [
+        (500, None, 0.0, "HTTP 500"),
+        (302, b"{}", 0.0, "HTTP 302"),
+        (200, b"<html>not json</html>", 0.0, "not JSON"),
+        (200, b'{"keys": "nope"}', 0.0, "not a key set"),
+        (200, None, 1.0, "no answer in time"),
+    ],
+    ids=["500", "redirect-not-followed", "html", "keys-not-list", "slow"],
+)
+async def test_a_failed_fetch_says_why_and_a_good_one_clears_it(
+    jwks_server, session, ring_a, status, raw, delay, reason
+):
+    jwks_server.publish(ring_a)
+    jwks_server.status, jwks_server.raw, jwks_server.delay = status, raw, delay
+    keys = RemoteJWKS(jwks_server.url, session, timeout=0.3, min_refresh_interval=0)
+    assert await keys.key_for(ring_a.signing_key.kid) is None
+    assert keys.fetch_error == reason
+    jwks_server.status, jwks_server.raw, jwks_server.delay = 200, None, 0.0
+    assert await keys.key_for(ring_a.signing_key.kid) is not None
+    assert keys.fetch_error is None
+
+
+async def test_an_unreachable_jwks_says_so(session):
+    keys = RemoteJWKS(f"http://127.0.0.1:{_closed_port()}/jwks.json", session, timeout=1.0)
+    assert await keys.key_for("any") is None
+    assert keys.fetch_error is not None and keys.fetch_error.startswith("unreachable (")

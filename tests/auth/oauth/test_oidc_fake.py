@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import secrets
 import time
 from collections.abc import Mapping
@@ -64,6 +65,7 @@ class FakeOIDC:
     token_delay: float = 0.0
     token_requests: list[tuple[dict[str, str], dict[str, str]]] = field(default_factory=list)
     jwks_fetches: int = 0
+    jwks_status: int = 200
     userinfo_auth: list[str] = field(default_factory=list)
     # The one client authentication method the token endpoint accepts (None: any), and the codes its
     # authorization endpoint issued (their token requests must prove PKCE S256).
@@ -106,7 +108,9 @@ async def start_fake(aiohttp_server: Any, fake: FakeOIDC) -> FakeOIDC:
     async def jwks(request: web.Request) -> web.Response:
         fake.jwks_fetches += 1
         keys = fake.published or [fake.key]
-        return web.json_response({"keys": [key.as_dict(private=False) for key in keys]})
+        return web.json_response(
+            {"keys": [key.as_dict(private=False) for key in keys]}, status=fake.jwks_status
+        )
 
     async def authorize(request: web.Request) -> web.Response:
         """Consent given at once: back to the redirect URI with a code bound to the PKCE challenge."""
@@ -341,3 +345,108 @@ async def test_a_slow_provider_hits_the_deadline(fake, session):
     with pytest.raises(ProviderError, match="in time"):
         await exchange(provider)
     assert time.monotonic() - started < 1.5
+
+
+# --- the shared JWT check (shared.jose) as the sign-in uses it ----------------------------------------
+
+
+def rsa_key(kid: str) -> RSAKey:
+    return RSAKey.generate_key(2048, parameters={"kid": kid}, private=True)
+
+
+async def test_an_unknown_kid_refetches_the_jwks_once_per_interval(fake, session):
+    provider = provider_for(fake, session, min_jwks_refresh=0.3)
+    await exchange(provider)
+    assert fake.jwks_fetches == 1
+    published = fake.key
+    fake.key = ECKey.generate_key("P-256", parameters={"kid": "ec-unpublished"}, private=True)
+    fake.published = [published]
+    await asyncio.sleep(0.35)  # the interval since the first fetch has passed
+    with pytest.raises(ProviderError, match="unknown signing key"):
+        await exchange(provider)
+    assert fake.jwks_fetches == 2, "an unknown kid fetches the JWKS again, once"
+    for _ in range(3):
+        with pytest.raises(ProviderError, match="unknown signing key"):
+            await exchange(provider)
+    assert fake.jwks_fetches == 2, "no refetch within min_jwks_refresh"
+    fake.published = [published, fake.key]  # now it is published
+    await asyncio.sleep(0.35)
+    assert (await exchange(provider)).subject == "subject-1"
+    assert fake.jwks_fetches == 3
+
+
+async def test_concurrent_sign_ins_with_a_new_kid_fetch_the_jwks_once(fake, session):
+    provider = provider_for(fake, session, min_jwks_refresh=0)
+    await exchange(provider)
+    old = fake.key
+    fake.key = ECKey.generate_key("P-256", parameters={"kid": "ec-2"}, private=True)
+    fake.published = [fake.key, old]
+    identities = await asyncio.gather(*(exchange(provider) for _ in range(5)))
+    assert {identity.subject for identity in identities} == {"subject-1"}
+    assert fake.jwks_fetches == 2
+
+
+@pytest.mark.parametrize("algorithm", ["RS384", "RS512", "PS384"])
+async def test_an_algorithm_outside_the_accepted_list_is_refused(fake, session, algorithm):
+    """Validly signed with the published key, and offered by discovery, but not one we accept."""
+    fake.key, fake.algorithm = rsa_key("rsa-1"), algorithm
+    fake.discovery = {"id_token_signing_alg_values_supported": ["RS256", algorithm]}
+    with pytest.raises(ProviderError, match="algorithm not allowed"):
+        await exchange(provider_for(fake, session))
+
+
+async def test_ps256_is_accepted_when_discovery_offers_it(fake, session):
+    fake.key, fake.algorithm = rsa_key("rsa-1"), "PS256"
+    fake.discovery = {"id_token_signing_alg_values_supported": ["PS256"]}
+    assert (await exchange(provider_for(fake, session))).subject == "subject-1"
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE"])
+async def test_an_unsigned_id_token_is_refused(fake, session, alg):
+    _, payload, _ = fake.id_token().split(".")
+    fake.token_body = {
+        "access_token": ACCESS_TOKEN,
+        "token_type": "Bearer",
+        "id_token": f"{b64url(json.dumps({'alg': alg, 'kid': fake.key.kid}).encode())}.{payload}.",
+    }
+    with pytest.raises(ProviderError, match="algorithm not allowed"):
+        await exchange(provider_for(fake, session))
+    assert fake.jwks_fetches == 0, "refused before any key is looked up"
+
+
+async def test_an_algorithm_that_does_not_fit_the_key_is_refused(fake, session):
+    """ES256 is accepted, but the kid names an RSA key: the signature cannot be one of its."""
+    fake.published = [rsa_key(fake.key.kid)]
+    with pytest.raises(ProviderError, match="signature"):
+        await exchange(provider_for(fake, session))
+
+
+async def test_without_a_kid_the_only_published_key_is_used(fake, session):
+    fake.header = {"kid": None}
+    assert (await exchange(provider_for(fake, session))).subject == "subject-1"
+
+
+async def test_without_a_kid_and_several_keys_the_token_is_refused(fake, session):
+    fake.header = {"kid": None}
+    fake.published = [fake.key, ECKey.generate_key("P-256", parameters={"kid": "ec-2"}, private=True)]
+    with pytest.raises(ProviderError, match="no kid and not exactly one signing key"):
+        await exchange(provider_for(fake, session))
+
+
+async def test_a_jwks_the_provider_cannot_serve_is_named(fake, session):
+    fake.jwks_status = 500
+    with pytest.raises(ProviderError, match="JWKS: HTTP 500"):
+        await exchange(provider_for(fake, session))
+
+
+async def test_a_large_id_token_is_read(fake, session):
+    """ID tokens may carry many claims (groups, roles): larger than any access token we accept."""
+    fake.claims = {"groups": [f"group-{i:05d}" for i in range(1000)]}
+    assert len(fake.id_token()) > 10_000
+    assert (await exchange(provider_for(fake, session))).subject == "subject-1"
+
+
+async def test_a_subject_longer_than_255_characters_is_refused(fake, session):
+    fake.claims = {"sub": "s" * 256}
+    with pytest.raises(ProviderError, match="sub"):
+        await exchange(provider_for(fake, session))

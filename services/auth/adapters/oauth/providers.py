@@ -1,7 +1,10 @@
 """Sign-in providers: OpenID Connect (any issuer, via discovery) and GitHub (plain OAuth2).
 
 Both speak the authorization-code flow with PKCE S256 over the service's one aiohttp session; every
-call (`authorization_url`, `exchange`) runs under one deadline, the provider's `timeout`. At an
+call (`authorization_url`, `exchange`) runs under one deadline, the provider's `timeout`. authlib
+builds the protocol messages (authorization URL, PKCE challenge, token request, client
+authentication) and validates the ID token's claims; aiohttp carries them; the ID token's signature
+is checked by `shared.jose` against the provider's JWKS, like every JWT the system reads. At an
 OpenID Connect token endpoint the client authenticates by the method `choose_client_auth` picks
 from what discovery offers and whether a client secret is configured (none: a public client).
 Outcomes are a `ProviderIdentity` or a `ProviderError` whose reason is short and holds no secrets,
@@ -11,32 +14,34 @@ codes or tokens: mapping it to an HTTP answer is the caller's business.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import hmac
-import json
 import logging
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 
-# authlib ships no type information; only its two protocol helpers are used here.
-from authlib.common.urls import add_params_to_uri  # type: ignore[import-untyped]
+# authlib ships no type information. Its OAuth 2.0 client helpers and its OpenID Connect claims
+# (built on joserfc in 1.9) are used; never authlib.jose, which 1.9 deprecates.
+from authlib.oauth2.auth import ClientAuth  # type: ignore[import-untyped]
+from authlib.oauth2.client import DEFAULT_HEADERS  # type: ignore[import-untyped]
+from authlib.oauth2.rfc6749.parameters import (  # type: ignore[import-untyped]
+    prepare_grant_uri,
+    prepare_token_request,
+)
 from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
-from joserfc import jwt
-from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, RSAKey
+from authlib.oidc.core.claims import CodeIDToken  # type: ignore[import-untyped]
+from joserfc.errors import ClaimError
 
 from services.auth.adapters.oauth.config import GITHUB, OIDC, OAuthProviderSettings
 from services.auth.domain.errors import ProviderError
 from services.auth.domain.models import ProviderIdentity
 from services.auth.domain.ports import IdentityProvider
+from shared.jose import Refusal, RemoteJWKS, TokenRefused, verify_signed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,6 +49,8 @@ T = TypeVar("T")
 # Asymmetric algorithms only: never `none`, never an HMAC keyed with something public.
 ID_TOKEN_ALGORITHMS = frozenset({"RS256", "ES256", "PS256"})
 CLOCK_LEEWAY = 60  # seconds of clock difference tolerated on exp / iat / nbf
+ID_TOKEN_MAX_LENGTH = 65536  # ID tokens come from the token endpoint and may carry many claims
+MAX_SUBJECT_LENGTH = 255  # OIDC Core 2: sub is at most 255 ASCII characters
 PKCE_VERIFIER_BYTES = 48  # 64 characters of base64url, within RFC 7636's 43..128
 _ERROR_CODE = re.compile(r"[a-z_]{1,64}")
 
@@ -102,58 +109,62 @@ async def _get_json(
     return body
 
 
-def _basic_auth(client_id: str, client_secret: str) -> str:
-    # RFC 6749 2.3.1: both parts form-urlencoded (UTF-8, then percent-encoded; `:` `+` `%` included)
-    # before they are joined and base64-encoded. A space goes as %20, not `+`: every form decoder
-    # reads %20 as a space, while servers that percent-decode only (authlib's) would read `+` as `+`.
-    raw = f"{quote(client_id, safe='')}:{quote(client_secret, safe='')}".encode()
-    return "Basic " + base64.b64encode(raw).decode("ascii")
-
-
-def client_authentication(
-    method: str, client_id: str, client_secret: str | None
-) -> tuple[dict[str, str], dict[str, str]]:
-    """(form fields, headers) that authenticate the client at the token endpoint by `method`.
+def client_authentication(method: str, client_id: str, client_secret: str | None) -> Any:
+    """authlib's ClientAuth that authenticates the client at the token endpoint by `method`.
 
     One method a request (RFC 6749 2.3): `client_secret_basic` sends the Authorization header only,
     `client_secret_post` client_id and client_secret in the form, `none` client_id in the form and
     never the secret.
     """
     if method == AUTH_NONE:
-        return {"client_id": client_id}, {}
+        return ClientAuth(client_id, None, AUTH_NONE)
     if client_secret is None:
         raise ProviderError(f"client authentication: {method} needs a client secret")
     if method == AUTH_BASIC:
-        return {}, {"Authorization": _basic_auth(client_id, client_secret)}
+        # RFC 6749 2.3.1: both parts form-urlencoded (UTF-8, then percent-encoded; `:` `+` `%`
+        # included) before they are joined and base64-encoded; authlib's client_secret_basic joins
+        # them as given, so it is handed them encoded. A space goes as %20, not `+`: every form
+        # decoder reads %20 as a space, while servers that percent-decode only (authlib's) would
+        # read `+` as `+`.
+        return ClientAuth(quote(client_id, safe=""), quote(client_secret, safe=""), AUTH_BASIC)
     if method == AUTH_POST:
-        return {"client_id": client_id, "client_secret": client_secret}, {}
+        return ClientAuth(client_id, client_secret, AUTH_POST)
     raise ValueError(f"unsupported client authentication method {method!r}")
 
 
+def token_request_body(*, code: str, redirect_uri: str, code_verifier: str) -> str:
+    """The form of an authorization-code token request with its PKCE verifier (RFC 6749 4.1.3)."""
+    return str(
+        prepare_token_request(
+            "authorization_code", redirect_uri=redirect_uri, code=code, code_verifier=code_verifier
+        )
+    )
+
+
 async def _token_request(
-    session: aiohttp.ClientSession,
-    url: str,
-    form: Mapping[str, str],
-    *,
-    headers: Mapping[str, str] | None = None,
+    session: aiohttp.ClientSession, url: str, body: str, client_auth: Any
 ) -> Mapping[str, Any]:
-    """POST to a token endpoint; the JSON answer, or ProviderError naming only the RFC 6749 error code."""
-    request_headers = {"Accept": "application/json", **(headers or {})}
-    async with session.post(url, data=dict(form), headers=request_headers, allow_redirects=False) as response:
-        body = await _json(response)
+    """POST to a token endpoint; the JSON answer, or ProviderError naming only the RFC 6749 error code.
+
+    The answer is read here rather than by authlib's client, which reads a requests-style response
+    and carries the provider's free-text error_description: only an RFC 6749-shaped code is kept.
+    """
+    url, headers, body = client_auth.prepare("POST", url, dict(DEFAULT_HEADERS), body)
+    async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+        answer = await _json(response)
         status = response.status
-    error = _error_code(body)
+    error = _error_code(answer)
     if error:
         # GitHub answers 200 with {"error": ...}; everyone else 400/401.
         raise ProviderError(f"token endpoint refused the code: {error}")
     if status != 200:
         raise ProviderError(f"token endpoint: HTTP {status}")
-    if not isinstance(body, Mapping):
+    if not isinstance(answer, Mapping):
         raise ProviderError("token endpoint: not a JSON object")
-    access_token = body.get("access_token")
+    access_token = answer.get("access_token")
     if not isinstance(access_token, str) or not access_token:
         raise ProviderError("token endpoint: no access_token")
-    return body
+    return answer
 
 
 def _email(value: Any) -> str | None:
@@ -264,90 +275,49 @@ def parse_metadata(document: Any, issuer: str, *, has_client_secret: bool) -> Pr
     )
 
 
-SigningKey = RSAKey | ECKey
-
-
-def parse_signing_keys(document: Any) -> tuple[dict[str, SigningKey], list[SigningKey]]:
-    """(keys by kid, every key) of a JWKS: RSA and EC signing keys; others and broken ones are skipped."""
-    if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
-        raise ProviderError("JWKS: not a key set")
-    by_kid: dict[str, SigningKey] = {}
-    every: list[SigningKey] = []
-    for entry in document["keys"]:
-        if not isinstance(entry, Mapping) or entry.get("use", "sig") != "sig":
-            continue
-        kty = entry.get("kty")
-        if kty not in ("RSA", "EC"):
-            continue
-        try:
-            key: SigningKey = (
-                RSAKey.import_key(dict(entry)) if kty == "RSA" else ECKey.import_key(dict(entry))
-            )
-        except (JoseError, ValueError, TypeError):
-            continue
-        every.append(key)
-        kid = entry.get("kid")
-        if isinstance(kid, str) and kid:
-            by_kid[kid] = key
-    return by_kid, every
-
-
-def _segment(segment: str) -> Any:
-    padded = segment + "=" * (-len(segment) % 4)
-    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-
-
-def _token_header(token: str) -> Mapping[str, Any]:
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise ProviderError("bad ID token: not a signed JWT")
-    try:
-        header = _segment(parts[0])
-    except (ValueError, binascii.Error, UnicodeEncodeError):
-        raise ProviderError("bad ID token: malformed header") from None
-    if not isinstance(header, dict):
-        raise ProviderError("bad ID token: malformed header")
-    return header
-
-
-def _is_number(value: Any) -> TypeGuard[int | float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+# How `shared.jose.verify_signed`'s refusals read in a sign-in failure.
+_ID_TOKEN_REFUSALS = {
+    Refusal.NOT_COMPACT: "not a signed JWT",
+    Refusal.MALFORMED: "malformed header",
+    Refusal.ALGORITHM: "algorithm not allowed",
+    Refusal.TYPE: "typ",
+    Refusal.NO_KID: "no kid and not exactly one signing key",
+    Refusal.UNKNOWN_KEY: "unknown signing key",
+    Refusal.SIGNATURE: "signature",
+}
 
 
 def check_id_token_claims(
-    claims: Mapping[str, Any], *, issuer: str, client_id: str, nonce: str, now: float, leeway: int
+    claims: Mapping[str, Any],
+    header: Mapping[str, Any],
+    *,
+    issuer: str,
+    client_id: str,
+    nonce: str,
+    leeway: int,
 ) -> None:
-    """OIDC Core 3.1.3.7: iss, aud (and azp), exp, iat, nbf, nonce, sub; ProviderError naming the claim."""
-    if claims.get("iss") != issuer:
-        raise ProviderError("bad ID token: iss")
-    audience = claims.get("aud")
-    audiences = [audience] if isinstance(audience, str) else audience
-    if not isinstance(audiences, list) or client_id not in audiences:
-        raise ProviderError("bad ID token: aud")
-    azp = claims.get("azp")
-    if (len(audiences) > 1 or azp is not None) and azp != client_id:
-        raise ProviderError("bad ID token: azp")
-    exp, iat, nbf = claims.get("exp"), claims.get("iat"), claims.get("nbf")
-    if not _is_number(exp) or exp <= now - leeway:
-        raise ProviderError("bad ID token: exp")
-    if not _is_number(iat) or iat > now + leeway:
-        raise ProviderError("bad ID token: iat")
-    if nbf is not None and (not _is_number(nbf) or nbf > now + leeway):
-        raise ProviderError("bad ID token: nbf")
-    sent = claims.get("nonce")
-    if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), nonce.encode()):
-        raise ProviderError("bad ID token: nonce")
-    subject = claims.get("sub")
-    if not isinstance(subject, str) or not 0 < len(subject) <= 255:
-        raise ProviderError("bad ID token: sub")
+    """OIDC Core 3.1.3.7 (authlib's CodeIDToken on joserfc's claims registry): iss, aud and azp,
+    exp, iat and nbf with `leeway`, nonce, sub; ProviderError naming the claim."""
+    options = {
+        "iss": {"essential": True, "value": issuer},
+        "aud": {"essential": True, "value": client_id},
+        "azp": {"value": client_id},  # authlib lets an empty azp pass; refused here
+        "sub": {"essential": True, "validate": lambda _claims, sub: len(sub) <= MAX_SUBJECT_LENGTH},
+    }
+    params = {"nonce": nonce, "client_id": client_id}
+    try:
+        CodeIDToken(dict(claims), dict(header), options, params).validate(leeway=leeway)
+    except ClaimError as error:
+        raise ProviderError(f"bad ID token: {error.claim}") from None
 
 
 class OIDCProvider:
     """An OpenID Connect provider found by discovery; ID tokens verified against its JWKS.
 
     The discovery document is fetched on first use and kept for `metadata_max_age` seconds (a failed
-    fetch is not cached). The JWKS is kept until an ID token names a `kid` it lacks; then it is
-    fetched again, at most once per `min_jwks_refresh` seconds.
+    fetch is not cached). The JWKS is a `shared.jose.RemoteJWKS`: fetched on first use, again when
+    an ID token names a `kid` it lacks (at most once per `min_jwks_refresh` seconds) or when older
+    than `jwks_max_age`; a failed fetch keeps the keys already known.
     """
 
     def __init__(
@@ -358,6 +328,7 @@ class OIDCProvider:
         leeway: int = CLOCK_LEEWAY,
         metadata_max_age: float = 3600.0,
         min_jwks_refresh: float = 10.0,
+        jwks_max_age: float = 300.0,
     ) -> None:
         if settings.kind != OIDC or not settings.issuer:
             raise ValueError("OIDCProvider needs an oidc provider with an issuer")
@@ -368,11 +339,10 @@ class OIDCProvider:
         self._leeway = leeway
         self._metadata_max_age = metadata_max_age
         self._min_jwks_refresh = min_jwks_refresh
+        self._jwks_max_age = jwks_max_age
         self._metadata: ProviderMetadata | None = None
         self._metadata_at = float("-inf")
-        self._keys: dict[str, SigningKey] = {}
-        self._all_keys: list[SigningKey] = []
-        self._keys_at = float("-inf")
+        self._jwks: RemoteJWKS | None = None
         self._lock = asyncio.Lock()
 
     @property
@@ -421,17 +391,19 @@ class OIDCProvider:
         self, *, redirect_uri: str, state: str, code_challenge: str, nonce: str
     ) -> str:
         metadata = await self.metadata()
-        params = [
-            ("response_type", "code"),
-            ("client_id", self._settings.client_id),
-            ("redirect_uri", redirect_uri),
-            ("scope", self._settings.scope),
-            ("state", state),
-            ("code_challenge", code_challenge),
-            ("code_challenge_method", "S256"),
-            ("nonce", nonce),
-        ]
-        return str(add_params_to_uri(metadata.authorization_endpoint, params))
+        return str(
+            prepare_grant_uri(
+                metadata.authorization_endpoint,
+                client_id=self._settings.client_id,
+                response_type="code",
+                redirect_uri=redirect_uri,
+                scope=self._settings.scope,
+                state=state,
+                code_challenge=code_challenge,
+                code_challenge_method="S256",
+                nonce=nonce,
+            )
+        )
 
     async def exchange(
         self, *, code: str, redirect_uri: str, code_verifier: str, nonce: str
@@ -442,17 +414,11 @@ class OIDCProvider:
         self, code: str, redirect_uri: str, code_verifier: str, nonce: str
     ) -> ProviderIdentity:
         metadata = await self._load_metadata()
-        form = {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": redirect_uri,
-            "code_verifier": code_verifier,
-        }
-        fields, headers = client_authentication(
+        body = token_request_body(code=code, redirect_uri=redirect_uri, code_verifier=code_verifier)
+        client_auth = client_authentication(
             metadata.client_auth, self._settings.client_id, self._settings.client_secret
         )
-        form |= fields
-        tokens = await _token_request(self._session, metadata.token_endpoint, form, headers=headers)
+        tokens = await _token_request(self._session, metadata.token_endpoint, body, client_auth)
         id_token = tokens.get("id_token")
         if not isinstance(id_token, str) or not id_token:
             raise ProviderError("token endpoint: no id_token")
@@ -464,40 +430,39 @@ class OIDCProvider:
         return ProviderIdentity(subject=subject, email=email, email_verified=verified)
 
     async def _verify_id_token(self, token: str, metadata: ProviderMetadata, nonce: str) -> Mapping[str, Any]:
-        header = _token_header(token)
-        algorithm = header.get("alg")
-        if algorithm not in metadata.algorithms:
-            raise ProviderError("bad ID token: algorithm not allowed")
-        key = await self._key_for(header.get("kid"), metadata)
+        jwks = self._jwks_for(metadata)
         try:
-            claims = jwt.decode(token, key, algorithms=[str(algorithm)]).claims
-        except (JoseError, ValueError, TypeError):
-            raise ProviderError("bad ID token: signature") from None
+            signed = await verify_signed(
+                token,
+                jwks,
+                algorithms=metadata.algorithms,
+                require_kid=False,  # allowed when the JWKS has one key: there is no choice to make
+                max_length=ID_TOKEN_MAX_LENGTH,
+            )
+        except TokenRefused as refused:
+            if refused.refusal in (Refusal.UNKNOWN_KEY, Refusal.NO_KID) and jwks.fetch_error is not None:
+                raise ProviderError(f"JWKS: {jwks.fetch_error}") from None
+            raise ProviderError(f"bad ID token: {_ID_TOKEN_REFUSALS[refused.refusal]}") from None
         check_id_token_claims(
-            claims,
+            signed.claims,
+            signed.header,
             issuer=metadata.issuer,
             client_id=self._settings.client_id,
             nonce=nonce,
-            now=time.time(),
             leeway=self._leeway,
         )
-        return claims
+        return signed.claims
 
-    async def _key_for(self, kid: Any, metadata: ProviderMetadata) -> SigningKey:
-        if not (isinstance(kid, str) and kid in self._keys):
-            never_fetched = self._keys_at == float("-inf")
-            if never_fetched or time.monotonic() - self._keys_at >= self._min_jwks_refresh:
-                document = await _get_json(self._session, metadata.jwks_uri, "JWKS")
-                self._keys, self._all_keys = parse_signing_keys(document)
-                self._keys_at = time.monotonic()
-        if isinstance(kid, str) and kid:
-            key = self._keys.get(kid)
-            if key is None:
-                raise ProviderError("bad ID token: unknown signing key")
-            return key
-        if len(self._all_keys) == 1:  # no kid: allowed only when there is no choice to make
-            return self._all_keys[0]
-        raise ProviderError("bad ID token: no kid and not exactly one signing key")
+    def _jwks_for(self, metadata: ProviderMetadata) -> RemoteJWKS:
+        if self._jwks is None or self._jwks.url != metadata.jwks_uri:
+            self._jwks = RemoteJWKS(
+                metadata.jwks_uri,
+                self._session,
+                timeout=self._timeout,
+                max_age=self._jwks_max_age,
+                min_refresh_interval=self._min_jwks_refresh,
+            )
+        return self._jwks
 
     async def _userinfo_email(
         self, metadata: ProviderMetadata, access_token: str, subject: str
@@ -555,16 +520,18 @@ class GitHubProvider:
         self, *, redirect_uri: str, state: str, code_challenge: str, nonce: str
     ) -> str:
         """GitHub has no nonce (no ID token): it is not sent."""
-        params = [
-            ("response_type", "code"),
-            ("client_id", self._settings.client_id),
-            ("redirect_uri", redirect_uri),
-            ("scope", self._settings.scope),
-            ("state", state),
-            ("code_challenge", code_challenge),
-            ("code_challenge_method", "S256"),
-        ]
-        return str(add_params_to_uri(self._authorize_url, params))
+        return str(
+            prepare_grant_uri(
+                self._authorize_url,
+                client_id=self._settings.client_id,
+                response_type="code",
+                redirect_uri=redirect_uri,
+                scope=self._settings.scope,
+                state=state,
+                code_challenge=code_challenge,
+                code_challenge_method="S256",
+            )
+        )
 
     async def exchange(
         self, *, code: str, redirect_uri: str, code_verifier: str, nonce: str
@@ -578,15 +545,10 @@ class GitHubProvider:
             raise ProviderError(f"sign-in: GitHub unreachable ({type(error).__name__})") from None
 
     async def _exchange(self, code: str, redirect_uri: str, code_verifier: str) -> ProviderIdentity:
-        form = {
-            "grant_type": "authorization_code",
-            "client_id": self._settings.client_id,
-            "client_secret": self._client_secret,
-            "code": code,
-            "redirect_uri": redirect_uri,
-            "code_verifier": code_verifier,
-        }
-        tokens = await _token_request(self._session, self._token_url, form)
+        body = token_request_body(code=code, redirect_uri=redirect_uri, code_verifier=code_verifier)
+        # GitHub takes the secret in the form.
+        client_auth = client_authentication(AUTH_POST, self._settings.client_id, self._client_secret)
+        tokens = await _token_request(self._session, self._token_url, body, client_auth)
         headers = {**GITHUB_API_HEADERS, "Authorization": f"Bearer {tokens['access_token']}"}
         user = await _get_json(self._session, f"{self._api}/user", "GitHub user", headers=headers)
         user_id = user.get("id") if isinstance(user, Mapping) else None
