@@ -50,7 +50,7 @@ from services.auth.appkeys import (
 from services.auth.domain.models import RESET_PASSWORD, VERIFY_EMAIL
 from services.auth.domain.oauth import OAuthService
 from services.auth.domain.ownership import OwnershipMail
-from services.auth.domain.services import AuthService
+from services.auth.domain.use_cases import AuthService
 from services.auth.settings import API_PREFIX, AuthSettings
 from shared.appkeys import DATABASE, HTTP_CLIENT, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
 from shared.jose import StaticKeySource

@@ -10,7 +10,7 @@ from services.auth.adapters.enrichment import EnrichmentScheduler
 from services.auth.adapters.signing import KeyRing
 from services.auth.domain.oauth import OAuthService
 from services.auth.domain.ports import EmailVerifier
-from services.auth.domain.services import AuthService
+from services.auth.domain.use_cases import AuthService
 from services.auth.settings import AuthSettings
 from shared.net import Network
 from shared.outbox import OutboxRelay

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.auth.domain.services import hash_refresh_token
+from services.auth.domain.use_cases import hash_refresh_token
 from tests.helpers import password_login, signup
 
 TOKEN = "/api/v1/auth/token"

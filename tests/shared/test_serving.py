@@ -18,8 +18,10 @@ from prometheus_client import CollectorRegistry
 
 from services.auth.settings import AuthSettings
 from services.referral.settings import ReferralSettings
+from shared.access import public
 from shared.config import SettingsError, load_settings
 from shared.serving import GracefulServer, ListenError, listen
+from shared.tokens import TokenVerifier
 from shared.web import setup_common
 from tests.helpers import KeptAliveConnection
 
@@ -51,6 +53,7 @@ class Served:
 
 
 Start = Callable[..., Awaitable[Served]]
+NO_USERS = web.AppKey("no_users", TokenVerifier)  # every route here is public
 
 
 @pytest.fixture
@@ -60,12 +63,14 @@ async def start() -> AsyncIterator[Start]:
 
     async def start(*, drain: float, shutdown_timeout: float = 5.0) -> Served:
         app = web.Application()
-        setup_common(app, CollectorRegistry())
+        setup_common(app, CollectorRegistry(), user_verifier=NO_USERS)
         release, slow_started = asyncio.Event(), asyncio.Event()
 
+        @public
         async def hello(_: web.Request) -> web.Response:
             return web.json_response({"hello": "world"})
 
+        @public
         async def slow(_: web.Request) -> web.Response:
             slow_started.set()
             await release.wait()

@@ -30,7 +30,7 @@ from services.auth.api.schemas import (
 from services.auth.appkeys import AUTH_SERVICE, KEY_RING, OAUTH_SERVICE, SETTINGS, TRUSTED_PROXIES
 from services.auth.domain.errors import invalid_request
 from services.auth.domain.models import Session, TokenPair
-from services.auth.domain.services import required
+from services.auth.domain.use_cases import required
 from services.auth.settings import API_PREFIX
 from shared.access import public
 from shared.errors import NO_STORE

@@ -29,7 +29,7 @@ from services.auth.domain.errors import (
 )
 from services.auth.domain.models import ProviderIdentity, Session, User
 from services.auth.domain.ports import IdentityProvider, OAuthStateStore
-from services.auth.domain.services import AuthService
+from services.auth.domain.use_cases import AuthService
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from services.auth.domain.models import (
 )
 from services.auth.domain.oauth import OAuthService
 from services.auth.domain.ownership import OwnershipMail
-from services.auth.domain.services import AuthService
+from services.auth.domain.use_cases import AuthService
 
 # --- the "database" ----------------------------------------------------------------------------------
 

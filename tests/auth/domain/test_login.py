@@ -7,7 +7,7 @@ import pytest
 
 from services.auth.domain.errors import UserGone
 from services.auth.domain.models import User
-from services.auth.domain.services import BAD_CREDENTIALS, hash_refresh_token
+from services.auth.domain.use_cases import BAD_CREDENTIALS, hash_refresh_token
 from shared.problems import OAuthError
 from tests.auth.domain.fakes import World
 
