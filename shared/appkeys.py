@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from aiocache import RedisCache
 from aiohttp import ClientSession, web
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
@@ -31,6 +32,7 @@ class Lifecycle:
 
 DATABASE = web.AppKey("database", Database)
 REDIS = web.AppKey("redis", Redis)
+CACHE = web.AppKey("cache", RedisCache)  # aiocache, for the plain get/set-with-TTL stores
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 READINESS_CHECKS = web.AppKey("readiness_checks", list[ReadinessCheck])
 TOKEN_VERIFIER = web.AppKey("token_verifier", TokenVerifier)

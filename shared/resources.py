@@ -1,16 +1,21 @@
-"""Cleanup contexts for the resources both services hold: the PostgreSQL pool and the Redis client."""
+"""Cleanup contexts for the resources the services hold: the PostgreSQL pool, the Redis client, the
+aiocache cache, the outgoing HTTP session."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
+from aiocache import RedisCache
+from aiocache.serializers import JsonSerializer
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from shared.appkeys import DATABASE, HTTP_CLIENT, READINESS_CHECKS, REDIS, ReadinessCheck
+from shared.appkeys import CACHE, DATABASE, HTTP_CLIENT, READINESS_CHECKS, REDIS, ReadinessCheck
 from shared.db import create_database
 
 CleanupContext = Callable[[web.Application], AsyncIterator[None]]
@@ -51,6 +56,47 @@ def redis_ctx(url: str, *, timeout: float) -> CleanupContext:
             yield
         finally:
             await client.aclose()
+
+    return ctx
+
+
+def redis_cache(url: str, *, timeout: float) -> RedisCache:
+    """An aiocache Redis cache (JSON values) for the plain get/set-with-TTL stores, on a small pool of
+    its own: aiocache 0.12 builds its client from the address, so it gets the URL's parts and the same
+    socket timeouts as the service's client. Its per-call `wait_for` is off (timeout None): the socket
+    timeouts bound a call, as they do for every other Redis command here."""
+    parts = urlsplit(url)
+    pool_options: dict[str, Any] = {"socket_timeout": timeout, "health_check_interval": 30}
+    if parts.username:
+        pool_options["username"] = unquote(parts.username)
+    return RedisCache(
+        endpoint=parts.hostname or "127.0.0.1",
+        port=parts.port or 6379,
+        db=int(parts.path.strip("/") or 0),
+        password=unquote(parts.password) if parts.password else None,
+        ssl=parts.scheme == "rediss",
+        create_connection_timeout=timeout,
+        connection_pool_kwargs=pool_options,
+        serializer=JsonSerializer(),
+        timeout=None,
+    )
+
+
+async def close_redis_cache(cache: RedisCache) -> None:
+    """aiocache's close() calls redis-py's deprecated close(); aclose() is the same, current one."""
+    await cache.client.aclose()
+
+
+def aiocache_ctx(url: str, *, timeout: float) -> CleanupContext:
+    """The aiocache cache of `redis_cache`, closed at shutdown."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        cache = redis_cache(url, timeout=timeout)
+        app[CACHE] = cache
+        try:
+            yield
+        finally:
+            await close_redis_cache(cache)
 
     return ctx
 

@@ -52,12 +52,12 @@ from services.auth.domain.oauth import OAuthService
 from services.auth.domain.ownership import OwnershipMail
 from services.auth.domain.use_cases import AuthService
 from services.auth.settings import API_PREFIX, AuthSettings
-from shared.appkeys import DATABASE, HTTP_CLIENT, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
+from shared.appkeys import CACHE, DATABASE, HTTP_CLIENT, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
 from shared.jose import StaticKeySource
 from shared.net import parse_networks
 from shared.openapi import setup_openapi
 from shared.outbox import Backoff, OutboxRelay
-from shared.resources import CleanupContext, http_client_ctx, postgres_ctx, redis_ctx
+from shared.resources import CleanupContext, aiocache_ctx, http_client_ctx, postgres_ctx, redis_ctx
 from shared.tokens import TokenVerifier
 from shared.web import setup_common
 
@@ -105,7 +105,7 @@ def _email_verifier_ctx(settings: AuthSettings) -> CleanupContext:
                 poll_interval=settings.hunter_poll_interval,
             )
             app[EMAIL_VERIFIER] = CachedEmailVerifier(
-                hunter, app[REDIS], prefix=settings.redis_prefix, ttl=settings.email_check_cache_ttl
+                hunter, app[CACHE], prefix=settings.redis_prefix, ttl=settings.email_check_cache_ttl
             )
         yield
 
@@ -256,7 +256,7 @@ def _oauth_ctx(settings: AuthSettings) -> CleanupContext:
         app[OAUTH_SERVICE] = OAuthService(
             auth=app[AUTH_SERVICE],
             providers={p.name: create_provider(p, app[HTTP_CLIENT]) for p in settings.oauth},
-            states=OAuthStateStore(app[REDIS], prefix=settings.redis_prefix, ttl=settings.oauth_state_ttl),
+            states=OAuthStateStore(app[CACHE], prefix=settings.redis_prefix, ttl=settings.oauth_state_ttl),
             redirect_uri=lambda name: (
                 f"{settings.public_base_url.rstrip('/')}{API_PREFIX}/oauth/{name}/callback"
             ),
@@ -286,6 +286,7 @@ def create_app(settings: AuthSettings) -> web.Application:
         )
     )
     app.cleanup_ctx.append(redis_ctx(settings.redis_url, timeout=settings.redis_timeout))
+    app.cleanup_ctx.append(aiocache_ctx(settings.redis_url, timeout=settings.redis_timeout))
     # Each client bounds its own calls (referral service, Hunter, enrichment, providers); this is the net.
     app.cleanup_ctx.append(http_client_ctx(timeout=30.0, user_agent=USER_AGENT))
     # Before the service that uses them; closed after it, and before the HTTP session and the pool.

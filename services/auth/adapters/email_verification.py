@@ -25,8 +25,6 @@ from typing import Any
 
 import aiohttp
 from aiocache import RedisCache
-from aiocache.serializers import JsonSerializer
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.auth.adapters.polling import Unreachable, failure_reason, poll_while_pending
@@ -136,12 +134,10 @@ class HunterEmailVerifier:
 class CachedEmailVerifier:
     """Verdicts per address in Redis for `ttl` seconds; `unchecked` is asked again next time."""
 
-    def __init__(self, verifier: EmailVerifier, redis: Redis, *, prefix: str, ttl: int) -> None:
+    def __init__(self, verifier: EmailVerifier, cache: RedisCache, *, prefix: str, ttl: int) -> None:
         self._verifier = verifier
-        # aiocache builds its own client from host/port: it gets the service's (one pool, its timeouts),
-        # and no per-call wait_for of its own (timeout=None): the client's socket timeout bounds a call.
-        self._cache = RedisCache(serializer=JsonSerializer(), namespace=f"{prefix}email-check", timeout=None)
-        self._cache.client = redis
+        self._cache = cache  # JSON values (shared.resources.aiocache_ctx)
+        self._namespace = f"{prefix}email-check"
         self._ttl = ttl
 
     @staticmethod
@@ -150,7 +146,7 @@ class CachedEmailVerifier:
 
     async def _cached(self, key: str) -> EmailCheck | None:
         try:
-            record = await self._cache.get(key)
+            record = await self._cache.get(key, namespace=self._namespace)
         except RedisError as error:
             log.warning("email check cache unavailable (%s); asking the verifier", type(error).__name__)
             return None
@@ -171,7 +167,7 @@ class CachedEmailVerifier:
         check = await self._verifier.verify(email)
         if check.checked and self._ttl > 0:
             try:
-                await self._cache.set(key, check.as_record(), ttl=self._ttl)
+                await self._cache.set(key, check.as_record(), ttl=self._ttl, namespace=self._namespace)
             except RedisError as error:
                 log.warning("email check not cached (%s)", type(error).__name__)
         return check

@@ -8,11 +8,11 @@ import hashlib
 from collections.abc import AsyncIterator
 
 import pytest
+from aiocache import RedisCache
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from services.auth.adapters.oauth.state import OAuthStateStore, StateStoreUnavailable, StoredFlow
+from shared.resources import close_redis_cache, redis_cache
 from tests.auth.oauth.helpers import free_port
 
 
@@ -26,8 +26,17 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-def store(redis: Redis, redis_prefix: str) -> OAuthStateStore:
-    return OAuthStateStore(redis, prefix=redis_prefix, ttl=600)
+async def cache(redis_url: str) -> AsyncIterator[RedisCache]:
+    cache = redis_cache(redis_url, timeout=1)
+    try:
+        yield cache
+    finally:
+        await close_redis_cache(cache)
+
+
+@pytest.fixture
+def store(cache: RedisCache, redis_prefix: str) -> OAuthStateStore:
+    return OAuthStateStore(cache, prefix=redis_prefix, ttl=600)
 
 
 async def test_round_trip(store, redis, redis_prefix):
@@ -64,10 +73,14 @@ async def test_flows_do_not_share_anything(store):
     assert first.nonce != second.nonce
 
 
-async def test_a_state_expires(redis, redis_prefix):
-    store = OAuthStateStore(redis, prefix=redis_prefix, ttl=1)
+async def test_a_state_expires(cache, redis, redis_prefix):
+    store = OAuthStateStore(cache, prefix=redis_prefix, ttl=1)
     flow = await store.create("google", referral_code=None)
-    await asyncio.sleep(1.2)
+    key = f"{redis_prefix}oauth:state:{flow.state}"
+    assert await redis.exists(key)
+    async with asyncio.timeout(5):
+        while await redis.exists(key):  # Redis expires it after its TTL
+            await asyncio.sleep(0.05)
     assert await store.consume(flow.state) is None
 
 
@@ -77,18 +90,12 @@ async def test_unknown_or_malformed_states_are_none(store, state):
 
 
 async def test_redis_down_is_a_clear_error():
-    client = Redis(
-        host="127.0.0.1",
-        port=free_port(),
-        socket_timeout=0.5,
-        socket_connect_timeout=0.5,
-        retry=Retry(NoBackoff(), 0),
-    )
-    store = OAuthStateStore(client, prefix="down:")
+    cache = redis_cache(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    store = OAuthStateStore(cache, prefix="down:")
     try:
         with pytest.raises(StateStoreUnavailable):
             await store.create("google", referral_code=None)
         with pytest.raises(StateStoreUnavailable):
             await store.consume("A" * 43)
     finally:
-        await client.aclose()
+        await close_redis_cache(cache)

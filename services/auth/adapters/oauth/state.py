@@ -14,8 +14,6 @@ import re
 import secrets
 
 from aiocache import RedisCache
-from aiocache.serializers import JsonSerializer
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.auth.adapters.oauth.providers import new_pkce
@@ -34,13 +32,11 @@ _STATE = re.compile(r"[A-Za-z0-9_-]{43}")
 class OAuthStateStore:
     """Single-use sign-in states under `<prefix>oauth:state:<state>`, each living `ttl` seconds."""
 
-    def __init__(self, redis: Redis, *, prefix: str, ttl: int = DEFAULT_TTL) -> None:
+    def __init__(self, cache: RedisCache, *, prefix: str, ttl: int = DEFAULT_TTL) -> None:
         if ttl < 1:
             raise ValueError("ttl must be at least 1 second")
-        # aiocache builds its own client from host/port: it gets the service's (one pool, its timeouts),
-        # and no per-call wait_for of its own (timeout=None): the client's socket timeout bounds a call.
-        self._cache = RedisCache(serializer=JsonSerializer(), namespace=prefix + KEY_NAMESPACE, timeout=None)
-        self._cache.client = redis
+        self._cache = cache  # JSON values (shared.resources.aiocache_ctx)
+        self._namespace = prefix + KEY_NAMESPACE
         self._ttl = ttl
 
     async def create(self, provider: str, *, referral_code: str | None) -> PendingFlow:
@@ -55,7 +51,7 @@ class OAuthStateStore:
             "referral_code": referral_code,
         }
         try:
-            await self._cache.set(state, stored, ttl=self._ttl)
+            await self._cache.set(state, stored, ttl=self._ttl, namespace=self._namespace)
         except (RedisError, OSError, TimeoutError) as error:
             raise StateStoreUnavailable(type(error).__name__) from None
         return PendingFlow(state=state, code_verifier=verifier, code_challenge=challenge, nonce=nonce)
@@ -65,7 +61,7 @@ class OAuthStateStore:
         if not _STATE.fullmatch(state):
             return None  # no state we issued looks like this: do not ask Redis
         try:
-            raw = await self._cache.raw("getdel", self._cache.build_key(state))
+            raw = await self._cache.raw("getdel", self._cache.build_key(state, self._namespace))
         except (RedisError, OSError, TimeoutError) as error:
             raise StateStoreUnavailable(type(error).__name__) from None
         if raw is None:
