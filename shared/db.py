@@ -146,8 +146,9 @@ def _translate(error: psycopg2.Error) -> BaseException:
 class Connection:
     """One pooled connection; statements are SQLAlchemy Core or (sql, params) pairs."""
 
-    def __init__(self, raw: Any, timeout: float) -> None:
-        self._raw = raw
+    def __init__(self, pooled: _Pooled, timeout: float) -> None:
+        self._raw = pooled.raw
+        self._prepared = pooled.prepared
         self._timeout = timeout
 
     async def _run(
@@ -159,7 +160,7 @@ class Connection:
             bound = {**statement.defaults, **(params or {})}
             sql = statement.sql
             if statement.execute_sql:
-                if statement.name not in self._raw.prepared_statements:
+                if statement.name not in self._prepared:
                     await self._prepare(statement)
                 sql = statement.execute_sql
         else:
@@ -189,7 +190,7 @@ class Connection:
 
     async def _prepare(self, statement: Prepared) -> None:
         """PREPARE the statement on this connection unless it already is."""
-        names: set[str] = self._raw.prepared_statements
+        names = self._prepared
         if statement.name in names:
             return
         cursor = await self._raw.cursor()
@@ -250,6 +251,24 @@ class Connection:
             cursor.close()
 
 
+class _Pooled:
+    """An aiopg connection with what the pool knows of it (kept here, not set on aiopg's object)."""
+
+    __slots__ = ("last_used", "prepared", "raw")
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.last_used = time.monotonic()
+        self.prepared: set[str] = set()  # names PREPAREd on this server connection (see Prepared)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.raw.closed)
+
+    def close(self) -> Any:
+        return self.raw.close()
+
+
 class _Pool:
     """The connections of one process: LIFO reuse, a bounded size, waiters served in order.
 
@@ -259,12 +278,12 @@ class _Pool:
     (the caller's `asyncio.timeout` and the server's `statement_timeout` bound them instead).
     """
 
-    def __init__(self, connect: Callable[[], Awaitable[Any]], *, maxsize: int, recycle: float) -> None:
+    def __init__(self, connect: Callable[[], Awaitable[_Pooled]], *, maxsize: int, recycle: float) -> None:
         self._connect = connect
         self._maxsize = maxsize
         self._recycle = recycle
-        self._free: collections.deque[Any] = collections.deque()
-        self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._free: collections.deque[_Pooled] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[_Pooled | None]] = collections.deque()
         self.size = 0  # open, or being opened
         self._closed = False
 
@@ -272,7 +291,7 @@ class _Pool:
         for _ in range(count):
             self._free.append(await self._open())
 
-    async def _open(self) -> Any:
+    async def _open(self) -> _Pooled:
         self.size += 1
         try:
             return await self._connect()
@@ -281,38 +300,40 @@ class _Pool:
             self._wake_one(None)  # the slot is free again: a waiter may open it
             raise
 
-    async def acquire(self) -> Any:
+    async def acquire(self) -> _Pooled:
         if self._closed:
             raise DatabaseUnavailable("the connection pool is closed")
         now = time.monotonic()
         while self._free:
             raw = self._free.pop()
-            if raw.closed or now - raw.last_usage_monotonic > self._recycle:
+            if raw.closed or now - raw.last_used > self._recycle:
                 self._discard(raw)
                 continue
             return raw
         if self.size < self._maxsize:
             return await self._open()
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[_Pooled | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            raw = await waiter
+            handed = await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                self.release(waiter.result())  # handed over just as the caller gave up
+            if waiter.done() and not waiter.cancelled():
+                late = waiter.result()
+                if late is not None:
+                    self.release(late)  # handed over just as the caller gave up
             raise
-        return raw if raw is not None else await self._open()
+        return handed if handed is not None else await self._open()
 
-    def release(self, raw: Any) -> None:
+    def release(self, raw: _Pooled) -> None:
         if raw.closed or self._closed:
             self._discard(raw)
             self._wake_one(None)
             return
-        raw.last_usage_monotonic = time.monotonic()
+        raw.last_used = time.monotonic()
         if not self._wake_one(raw):
             self._free.append(raw)
 
-    def _wake_one(self, raw: Any) -> bool:
+    def _wake_one(self, raw: _Pooled | None) -> bool:
         """Hand `raw` (None: a free slot) to the oldest waiter still waiting; False if there is none."""
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -321,7 +342,7 @@ class _Pool:
                 return True
         return False
 
-    def _discard(self, raw: Any) -> None:
+    def _discard(self, raw: _Pooled) -> None:
         self.size -= 1
         if not raw.closed:
             raw.close()
@@ -349,7 +370,7 @@ class Database:
     def size(self) -> int:
         return self._pool.size
 
-    async def _pick(self) -> Any:
+    async def _pick(self) -> _Pooled:
         """A pooled connection that is still open.
 
         A connection the server dropped (restart, pg_terminate_backend, network) is closed by aiopg
@@ -357,17 +378,17 @@ class Database:
         trips its own assertion on it. Such a connection has left the pool: ask again.
         """
         while True:
-            raw = await self._pool.acquire()
-            if not raw.closed:
-                return raw
-            self._pool.release(raw)
+            pooled = await self._pool.acquire()
+            if not pooled.closed:
+                return pooled
+            self._pool.release(pooled)
             await asyncio.sleep(0)
 
     @contextlib.asynccontextmanager
-    async def _acquire(self) -> AsyncIterator[Any]:
+    async def _acquire(self) -> AsyncIterator[_Pooled]:
         try:
             async with asyncio.timeout(self._timeout):
-                raw = await self._pick()
+                pooled = await self._pick()
         except TimeoutError:
             raise DatabaseUnavailable("no connection available in time") from None
         except psycopg2.Error as error:
@@ -375,30 +396,30 @@ class Database:
         except OSError as error:
             raise DatabaseUnavailable(type(error).__name__) from error
         try:
-            yield raw
+            yield pooled
         except BaseException:
             # A connection whose statement failed mid-flight may be in any state: do not reuse it
             # unless it is plainly idle.
             if (
-                not raw.closed
-                and raw.raw.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE
+                not pooled.closed
+                and pooled.raw.raw.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE
             ):
-                raw.close()
+                pooled.close()
             raise
         finally:
-            self._pool.release(raw)
+            self._pool.release(pooled)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
         """A connection in autocommit mode: each statement commits on its own."""
-        async with self._acquire() as raw:
-            yield Connection(raw, self._timeout)
+        async with self._acquire() as pooled:
+            yield Connection(pooled, self._timeout)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
         """A connection inside BEGIN ... COMMIT; any exception rolls it back."""
-        async with self._acquire() as raw:
-            conn = Connection(raw, self._timeout)
+        async with self._acquire() as pooled:
+            conn = Connection(pooled, self._timeout)
             await conn.execute("BEGIN")
             try:
                 yield conn
@@ -447,7 +468,7 @@ async def create_database(dsn: str, *, minsize: int, maxsize: int, timeout: floa
     """
     server_timeout_ms = max(1, int(timeout * 1000))
 
-    async def connect() -> Any:
+    async def connect() -> _Pooled:
         async with asyncio.timeout(timeout + CLIENT_GRACE):
             raw: Any = await aiopg.connect(
                 dsn,
@@ -457,9 +478,7 @@ async def create_database(dsn: str, *, minsize: int, maxsize: int, timeout: floa
                 enable_uuid=True,
                 options=f"-c timezone=UTC -c statement_timeout={server_timeout_ms}",
             )
-        raw.last_usage_monotonic = time.monotonic()
-        raw.prepared_statements = set()  # names PREPAREd on this connection (see Prepared)
-        return raw
+        return _Pooled(raw)
 
     pool = _Pool(connect, maxsize=maxsize, recycle=POOL_RECYCLE_SECONDS)
     try:
