@@ -312,7 +312,6 @@ def production_envs(
         "REFERRAL_HOST": HOST,
         "REFERRAL_REDIS_PREFIX": f"{redis_prefix}referral:",
         "REFERRAL_AUTH_ISSUER": gateway_url + AUTH_API,
-        "REFERRAL_TRUSTED_PROXIES": HOST,
     }
     return auth, referral
 

@@ -243,7 +243,6 @@ def referral_env(
             "REFERRAL_AUTH_JWKS_URL": f"{base_url(AUTH_PORT)}{AUTH_API}/.well-known/jwks.json",
             # The same value as the auth service's `iss` (AuthSettings.issuer).
             "REFERRAL_AUTH_ISSUER": auth_public_base_url.rstrip("/") + AUTH_API,
-            "REFERRAL_TRUSTED_PROXIES": TRUSTED_PROXIES,
         }
     )
     return env

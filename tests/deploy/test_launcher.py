@@ -95,7 +95,6 @@ def test_referral_env() -> None:
     assert referral["REDIS_URL"] == REDIS
     assert referral["REFERRAL_AUTH_JWKS_URL"] == "http://127.0.0.1:8081/api/v1/auth/.well-known/jwks.json"
     assert referral["REFERRAL_AUTH_ISSUER"] == "http://127.0.0.1:8080/api/v1/auth"
-    assert referral["REFERRAL_TRUSTED_PROXIES"] == "127.0.0.1"
     assert not any(name.startswith("AUTH_") for name in referral)
 
 
