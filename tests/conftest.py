@@ -25,7 +25,7 @@ from services.auth.settings import AuthSettings
 from services.auth.signing import generate_pem
 from shared.config import load_settings
 from shared.migrations import apply_migrations
-from tests import processes
+from tests import harness
 from tests.helpers import Mailbox, drop_redis_keys, fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +123,7 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def smtp() -> Any:
     """The SMTP server the tests' auth services send their mails to (a real one, on loopback)."""
-    return processes.harness_smtp()
+    return harness.harness_smtp()
 
 
 @pytest.fixture

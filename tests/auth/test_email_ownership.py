@@ -22,7 +22,7 @@ from tests.helpers import (
     text_of,
     verify_email,
 )
-from tests.processes import free_port
+from deploy.local.processes import free_port
 
 VERIFY = "/api/v1/auth/email/verify"
 VERIFICATION = "/api/v1/auth/email/verification"

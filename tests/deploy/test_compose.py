@@ -186,7 +186,7 @@ def effective_command(service: dict[str, Any]) -> list[str]:
 def launcher_commands() -> set[tuple[str, ...]]:
     """What `make run` starts, as `python -m services.<name> <verb>` (the interpreter is the image's)."""
     env: dict[str, str] = {}
-    planned = [*run.migrations(env, env), *run.services(env, env, env, run.DEFAULT_PORT)]
+    planned = [*run.migrations(env, env), *run.services(env, env)]
     commands = set()
     for step in planned:
         if step.command[1:3] and step.command[1] == "-m" and step.command[2].startswith("services."):

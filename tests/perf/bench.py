@@ -79,7 +79,8 @@ from tests.perf import plans as query_plans
 from tests.perf import report as reports
 from tests.perf import topology as topologies
 from tests.perf import wrk
-from tests.processes import AUTH_API, REFERRAL_API, ROOT, HarnessError, http_status, migrate
+from deploy.local.processes import AUTH_API, REFERRAL_API, ROOT, HarnessError, http_status
+from tests.harness import migrate
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -10,7 +10,8 @@ import pytest
 from services.auth.signing import generate_pem
 from tests.helpers import drop_redis_keys, fresh_database
 from tests.perf import topology
-from tests.processes import alive, http_status, migrate
+from deploy.local.processes import alive, http_status
+from tests.harness import migrate
 
 pytestmark = pytest.mark.timeout(120)
 
