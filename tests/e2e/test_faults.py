@@ -327,6 +327,11 @@ class Traffic:
     created_codes: list[str] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
+    async def flowed(self, requests: int = 12, *, what: str) -> None:
+        """Until `requests` more requests have been answered (or have failed) from now on."""
+        goal = len(self.outcomes) + requests
+        await eventually(lambda: len(self.outcomes) >= goal, seconds=15, poll=0.02, what=what)
+
     async def run(self, session: aiohttp.ClientSession, account: Account, owner: Account, code: str) -> None:
         """Every kind of request, over and over, until `stop`."""
         refresh = account.refresh_token
@@ -368,12 +373,12 @@ async def test_postgres_outage_fails_fast_with_503_and_the_pools_heal(faults: Fa
         traffic = Traffic()
         workers = [asyncio.create_task(traffic.run(gateway, account, owner, code)) for account in accounts]
         try:
-            await asyncio.sleep(0.5)
-            # Connections killed under the services' feet, three times.
+            await traffic.flowed(what="traffic before the faults")
+            # Connections killed under the services' feet, three times, with traffic in between.
             killed = 0
             for _ in range(3):
                 killed += await asyncio.to_thread(faults.terminate_backends)
-                await asyncio.sleep(0.4)
+                await traffic.flowed(what="traffic after the connections were killed")
             assert killed >= 3, killed
             # PostgreSQL unreachable: every connection cut, new ones refused.
             faults.postgres.cut()
@@ -390,14 +395,14 @@ async def test_postgres_outage_fails_fast_with_503_and_the_pools_heal(faults: Fa
                     json=signup_body(unique_email("pg-cut")),
                 )
                 assert_unavailable(during)
-                await asyncio.sleep(1.5)
+                await traffic.flowed(what="traffic while PostgreSQL is cut")
             finally:
                 faults.postgres.restore()
             # Healed by themselves: nothing restarted.
             await eventually(
                 lambda: all_ready(faults), seconds=10, what="ready again after PostgreSQL is back"
             )
-            await asyncio.sleep(1.0)
+            await traffic.flowed(what="traffic after PostgreSQL is back")
         finally:
             traffic.stop.set()
             await asyncio.gather(*workers)
