@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
 
+from deploy.local import requirements
 from deploy.local.embedded import EmbeddedServerError, start_postgres, start_redis, start_smtp
 from deploy.local.processes import HarnessError, Process, base_url, http_status, nginx_gateway, stop_all
 from deploy.nginx.render import check_trusted_proxies
@@ -356,6 +357,9 @@ def run(stop: StopRequest) -> int:
         hint = " (set PORT to move the gateway)" if port in busy else ""
         noun = "Port" if len(busy) == 1 else "Ports"
         say(f"{noun} {listed} on {HOST} already in use; stop whatever uses them{hint}.")
+        return 1
+    if absent := requirements.missing(["nginx"], environ):
+        say(requirements.advice(absent))  # `make run` installs it first
         return 1
     try:
         nginx = gateway(environ, port, trusted_proxies)
