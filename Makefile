@@ -3,6 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The programs beyond Python (deploy/local/requirements.py): installed when missing, or one line
+# saying what to run. Debian keeps nginx in /usr/sbin, which a user's PATH may lack.
+export PATH := $(PATH):/usr/sbin:/usr/local/sbin
+REQUIRE := $(PY) -m deploy.local.requirements
 
 .PHONY: help run test bench bench-smoke lint fmt typecheck audit migrate rollback clean venv
 
@@ -27,18 +31,23 @@ $(STAMP): requirements.lock
 venv: $(STAMP)
 
 run: $(STAMP)
+	@$(REQUIRE) nginx
 	$(PY) -m deploy.local.run
 
 test: $(STAMP)
+	@$(REQUIRE) nginx chromium wrk
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The benchmark (tests/perf/bench.py): a fresh database with the dataset, then nginx + the services
-# on 127.0.0.1 driven by wrk; the report under .artifacts/bench/latest/. Needs nginx and wrk, and
-# PostgreSQL/Redis at DATABASE_URL/REDIS_URL (default: the local servers). `python -m tests.perf -h`.
+# on 127.0.0.1 driven by wrk; the report under .artifacts/bench/latest/ (the last 5 runs are kept).
+# Needs nginx and wrk (installed when missing), and PostgreSQL/Redis at DATABASE_URL/REDIS_URL
+# (default: the local servers). `python -m tests.perf -h`.
 bench: $(STAMP)
+	@$(REQUIRE) nginx wrk
 	$(PY) -m tests.perf $(BENCH_ARGS)
 
 bench-smoke: $(STAMP)
+	@$(REQUIRE) nginx wrk
 	$(PY) -m tests.perf --smoke $(BENCH_ARGS)
 
 lint: $(STAMP)

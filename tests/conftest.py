@@ -19,19 +19,49 @@ import pytest
 import redis
 from aiohttp.test_utils import TestClient
 
+from deploy.local import requirements
 from services.auth.adapters.signing import generate_pem
 from services.auth.app import create_app as create_auth_app
 from services.auth.settings import PREFIX as AUTH_PREFIX
 from services.auth.settings import AuthSettings
 from shared.config import load_settings
 from shared.migrations import apply_migrations
-from tests import processes
+from tests import harness
 from tests.helpers import Mailbox, drop_redis_keys, fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH_MIGRATIONS = ROOT / "services" / "auth" / "migrations"
 REFERRAL_MIGRATIONS = ROOT / "services" / "referral" / "migrations"
 DATA_DIR = ROOT / ".data" / "test"
+# The programs beyond Python that tests need (deploy/local/requirements.py), by test file or folder.
+NEEDS = {
+    "tests/e2e/": ("nginx",),
+    "tests/e2e/test_docs_browser.py": ("chromium",),
+    "tests/e2e/test_mail_pages_browser.py": ("chromium",),
+    "tests/deploy/test_nginx.py": ("nginx",),
+    "tests/deploy/test_launcher.py": ("nginx",),
+    "tests/perf/test_topology.py": ("nginx",),
+    "tests/perf/test_wrk.py": ("wrk",),
+}
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Stop the session at once, with one line saying what to run, when a program the collected tests
+    need is missing (`make test` installs them first): never hundreds of errors, never a skip."""
+    needed: dict[str, None] = {}
+    for item in items:
+        try:
+            path = Path(str(item.path)).resolve().relative_to(ROOT).as_posix()
+        except ValueError:  # a test outside the repository
+            continue
+        for prefix, programs in NEEDS.items():
+            if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
+                needed.update(dict.fromkeys(programs))
+    absent = requirements.missing(list(needed))
+    if absent:
+        pytest.exit(requirements.advice(absent), returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture(scope="session")
@@ -123,7 +153,7 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def smtp() -> Any:
     """The SMTP server the tests' auth services send their mails to (a real one, on loopback)."""
-    return processes.harness_smtp()
+    return harness.harness_smtp()
 
 
 @pytest.fixture

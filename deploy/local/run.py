@@ -3,34 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import re
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Literal
 from urllib.parse import urlsplit
 
+from deploy.local import requirements
 from deploy.local.embedded import EmbeddedServerError, start_postgres, start_redis, start_smtp
-from deploy.nginx.render import (
-    GatewayConfig,
-    NginxConfigError,
-    check_config,
-    check_trusted_proxies,
-    nginx_command,
-    write_runtime,
-)
+from deploy.local.processes import HarnessError, Process, base_url, http_status, nginx_gateway, stop_all
+from deploy.nginx.render import check_trusted_proxies
 from services.auth.adapters.signing import generate_pem
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +28,8 @@ GATEWAY_DIR = DATA_DIR / "gateway"  # nginx's rendered configuration, pid and te
 MAIL_DIR = DATA_DIR / "mail"  # the embedded SMTP server's mails, one .eml file each
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8080  # the gateway's; PORT overrides it
+# The services' ports under `make run`: fixed, known to the developer (the harnesses of the tests and
+# the benchmark start services on port 0 instead); checked free before anything starts.
 AUTH_PORT = 8081
 REFERRAL_PORT = 8082
 AUTH_API = "/api/v1/auth"
@@ -47,34 +37,14 @@ REFERRAL_API = "/api/v1/referral"
 HEALTH_TIMEOUT = 30.0
 STOP_GRACE = 10.0
 POLL_INTERVAL = 0.2
-# Both gateways set X-Forwarded-For to their peer, so the services believe the gateway (on loopback).
+# The gateway sets X-Forwarded-For to its peer, so the auth service believes the gateway (on loopback).
 TRUSTED_PROXIES = HOST
 _PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
-
-GatewayKind = Literal["nginx", "python"]
-NGINX_INSTALL_HINT = "install it (Debian/Ubuntu: apt-get install nginx-light; macOS: brew install nginx)"
 
 
 def say(message: str) -> None:
     """Print one plain line for the developer, at once."""
     print(message, flush=True)
-
-
-@dataclass(frozen=True, slots=True)
-class Service:
-    """A process the launcher runs and watches; healthy once `health_url` (if any) answers 200."""
-
-    name: str
-    command: tuple[str, ...]
-    env: Mapping[str, str] = field(default_factory=dict)
-    health_url: str | None = None
-
-    @classmethod
-    def python(
-        cls, name: str, module: str, *args: str, env: Mapping[str, str], health_url: str | None = None
-    ) -> Service:
-        """A `python -m module args...` service run with this interpreter."""
-        return cls(name, (sys.executable, "-m", module, *args), env, health_url)
 
 
 class StopRequest:
@@ -93,55 +63,6 @@ class StopRequest:
     def wait(self, seconds: float) -> bool:
         """Sleep up to `seconds`, waking early on a stop request; return whether one came."""
         return self._event.wait(seconds)
-
-
-class Supervisor:
-    """Starts services as child processes, notices when one exits, and stops them all."""
-
-    def __init__(self, grace: float = STOP_GRACE) -> None:
-        self.grace = grace
-        self._running: list[tuple[Service, subprocess.Popen[bytes]]] = []
-
-    def start(self, service: Service) -> None:
-        """Start one service; it stops when the launcher tells it to, not on the terminal's Ctrl-C."""
-        self._running.append((service, spawn(service.command, service.env)))
-
-    def exited(self) -> tuple[Service, int] | None:
-        """The first service whose process has exited, with its exit code; None while all run."""
-        for service, process in self._running:
-            code = process.poll()
-            if code is not None:
-                return service, code
-        return None
-
-    def stop(self) -> None:
-        """SIGTERM every child (newest first), wait up to the grace period, then SIGKILL stragglers."""
-        for _, process in reversed(self._running):
-            _signal_group(process, signal.SIGTERM)
-        deadline = time.monotonic() + self.grace
-        for service, process in reversed(self._running):
-            try:
-                process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                say(f"{service.name} did not stop within {self.grace:.0f} s; killing it.")
-                _signal_group(process, signal.SIGKILL)
-                process.wait()
-            # Whatever the child left in its group (an nginx worker whose master died, say) goes too.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-        self._running.clear()
-
-
-def spawn(command: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    """Start a child in the repo root, in its own process group (Ctrl-C reaches only the launcher)."""
-    return subprocess.Popen(command, env=dict(env), cwd=REPO_ROOT, stdin=subprocess.DEVNULL, process_group=0)
-
-
-def _signal_group(process: subprocess.Popen[bytes], number: signal.Signals) -> None:
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, number)
 
 
 def mask_url(url: str) -> str:
@@ -195,11 +116,6 @@ def gateway_trusted_proxies(environ: Mapping[str, str]) -> tuple[str, ...]:
     return proxies
 
 
-def base_url(port: int) -> str:
-    """`http://127.0.0.1:port`."""
-    return f"http://{HOST}:{port}"
-
-
 def auth_env(
     environ: Mapping[str, str],
     *,
@@ -243,87 +159,53 @@ def referral_env(
             "REFERRAL_AUTH_JWKS_URL": f"{base_url(AUTH_PORT)}{AUTH_API}/.well-known/jwks.json",
             # The same value as the auth service's `iss` (AuthSettings.issuer).
             "REFERRAL_AUTH_ISSUER": auth_public_base_url.rstrip("/") + AUTH_API,
-            "REFERRAL_TRUSTED_PROXIES": TRUSTED_PROXIES,
         }
     )
     return env
 
 
-def migrations(auth: Mapping[str, str], referral: Mapping[str, str]) -> list[Service]:
-    """The one-off migration steps, in order: auth's schema, then referral's."""
+def migrations(auth: Mapping[str, str], referral: Mapping[str, str]) -> list[Process]:
+    """The one-off migration steps, in order: auth's schema, then referral's (output to the terminal)."""
     return [
-        Service.python("auth", "services.auth", "migrate", env=auth),
-        Service.python("referral", "services.referral", "migrate", env=referral),
+        Process(name, [sys.executable, "-m", f"services.{name}", "migrate"], dict(env), log_dir=None)
+        for name, env in (("auth", auth), ("referral", referral))
     ]
 
 
-def gateway_kind(environ: Mapping[str, str]) -> GatewayKind:
-    """`GATEWAY` (`nginx` or `python`) when set, else nginx when it is installed, else the Python one."""
-    wanted = environ.get("GATEWAY", "").strip().lower()
-    if wanted not in ("", "nginx", "python"):
-        raise SystemExit(f"GATEWAY must be nginx or python, got {wanted!r}")
-    found = shutil.which("nginx", path=environ.get("PATH", os.defpath)) is not None
-    if wanted == "nginx" and not found:
-        raise SystemExit(
-            f"GATEWAY=nginx, but nginx is not on PATH: {NGINX_INSTALL_HINT}, or set GATEWAY=python"
+def services(auth: Mapping[str, str], referral: Mapping[str, str]) -> list[Process]:
+    """The two services on their ports, their output on the terminal."""
+    return [
+        Process(
+            name,
+            [sys.executable, "-m", f"services.{name}", "serve"],
+            dict(env),
+            port=port,
+            port_env=f"{name.upper()}_PORT",
+            log_dir=None,
         )
-    if wanted == "python" or not found:
-        return "python"
-    return "nginx"
-
-
-def gateway_config(port: int, trusted_proxies: tuple[str, ...] = ()) -> GatewayConfig:
-    """The nginx gateway of `make run`: on 127.0.0.1:port, in front of the two local services, believing
-    the X-Forwarded-For of `trusted_proxies` (see gateway_trusted_proxies)."""
-    return GatewayConfig(
-        auth_upstreams=(f"{HOST}:{AUTH_PORT}",),
-        referral_upstreams=(f"{HOST}:{REFERRAL_PORT}",),
-        listen=f"{HOST}:{port}",
-        trusted_proxies=trusted_proxies,
-    )
-
-
-def prepare_nginx(port: int, runtime_dir: Path = GATEWAY_DIR, trusted_proxies: tuple[str, ...] = ()) -> Path:
-    """Render nginx.conf into `runtime_dir`, have nginx check it (NginxConfigError if refused); its path."""
-    conf = write_runtime(gateway_config(port, trusted_proxies), runtime_dir)
-    check_config(conf)
-    return conf
+        for name, env, port in (("auth", auth, AUTH_PORT), ("referral", referral, REFERRAL_PORT))
+    ]
 
 
 def gateway(
-    environ: Mapping[str, str], port: int, kind: GatewayKind = "python", runtime_dir: Path = GATEWAY_DIR
-) -> Service:
-    """The gateway on `port`: /api/v1/auth to the auth service, /api/v1/referral to the referral service.
-
-    nginx runs in the foreground on the configuration `prepare_nginx` wrote into `runtime_dir`; the
-    Python gateway (deploy/local/gateway.py) serves the same layout where nginx is not installed.
-    """
-    health_url = f"{base_url(port)}/healthz"
-    if kind == "nginx":
-        conf = runtime_dir.resolve() / "nginx.conf"
-        return Service("gateway", tuple(nginx_command(conf)), dict(environ), health_url)
-    routes = ((AUTH_API, AUTH_PORT), (REFERRAL_API, REFERRAL_PORT))
-    arguments = ["--host", HOST, "--port", str(port)]
-    for prefix, upstream_port in routes:
-        arguments += ["--route", f"{prefix}={base_url(upstream_port)}"]
-    return Service.python("gateway", "deploy.local.gateway", *arguments, env=environ, health_url=health_url)
-
-
-def services(
     environ: Mapping[str, str],
-    auth: Mapping[str, str],
-    referral: Mapping[str, str],
     port: int,
-    kind: GatewayKind = "python",
-) -> list[Service]:
-    """Everything `make run` starts, in start order: the two services, then the gateway on `port`."""
-    auth_health = f"{base_url(AUTH_PORT)}/healthz"
-    referral_health = f"{base_url(REFERRAL_PORT)}/healthz"
-    return [
-        Service.python("auth", "services.auth", "serve", env=auth, health_url=auth_health),
-        Service.python("referral", "services.referral", "serve", env=referral, health_url=referral_health),
-        gateway(environ, port, kind),
-    ]
+    trusted_proxies: tuple[str, ...] = (),
+    runtime_dir: Path = GATEWAY_DIR,
+) -> Process:
+    """nginx on 127.0.0.1:`port`, in the foreground on the configuration rendered into `runtime_dir`
+    (and checked with `nginx -t`: HarnessError with nginx's message if refused), in front of the two
+    services, believing the X-Forwarded-For of `trusted_proxies` (see gateway_trusted_proxies)."""
+    return nginx_gateway(
+        "gateway",
+        port,
+        [AUTH_PORT],
+        [REFERRAL_PORT],
+        runtime_dir.resolve(),
+        log_dir=None,
+        environ=environ,
+        trusted_proxies=trusted_proxies,
+    )
 
 
 def port_in_use(port: int) -> bool:
@@ -337,53 +219,45 @@ def port_in_use(port: int) -> bool:
     return False
 
 
-def run_step(command: Sequence[str], env: Mapping[str, str], stop: StopRequest) -> int | None:
+def run_step(step: Process, stop: StopRequest) -> int | None:
     """Run a one-off command to completion; its exit code, or None if a stop request cut it short."""
-    process = spawn(command, env)
+    step.start()
+    assert step.popen is not None
     try:
-        while (code := process.poll()) is None:
+        while (code := step.popen.poll()) is None:
             if stop.wait(POLL_INTERVAL):
                 return None
         return code
     finally:
-        if process.poll() is None:
-            _signal_group(process, signal.SIGTERM)
-            try:
-                process.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
-                process.wait()
+        if step.popen.poll() is None:
+            step.stop(STOP_GRACE)
 
 
-def healthy(url: str) -> bool:
-    """Whether GET `url` answers 200 right now."""
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as response:  # noqa: S310 (a fixed http:// URL)
-            status: int = response.status
-            return status == 200
-    except (urllib.error.URLError, http.client.HTTPException, OSError):
-        return False
-
-
-def wait_until_healthy(supervisor: Supervisor, pending: list[Service], stop: StopRequest) -> int | None:
-    """Poll the services' health URLs; None once all answer, else the launcher's exit code."""
+def wait_until_healthy(started: Sequence[Process], stop: StopRequest) -> int | None:
+    """Poll the processes' health URLs; None once all answer, else the launcher's exit code."""
     deadline = time.monotonic() + HEALTH_TIMEOUT
+    pending = list(started)
     while pending:
         if stop.is_set():
             return 0
-        if (gone := supervisor.exited()) is not None:
-            service, code = gone
-            say(f"{service.name} exited with code {code} before it was ready; stopping.")
+        if (gone := exited(started)) is not None:
+            code = gone.popen.returncode if gone.popen else None
+            say(f"{gone.name} exited with code {code} before it was ready; stopping.")
             return 1
-        pending = [service for service in pending if service.health_url and not healthy(service.health_url)]
+        pending = [process for process in pending if http_status(process.health_url) != 200]
         if not pending:
             break
         if time.monotonic() >= deadline:
-            names = ", ".join(service.name for service in pending)
+            names = ", ".join(process.name for process in pending)
             say(f"Not ready after {HEALTH_TIMEOUT:.0f} s: {names}; stopping.")
             return 1
         stop.wait(POLL_INTERVAL)
     return None
+
+
+def exited(started: Sequence[Process]) -> Process | None:
+    """The first process that has exited (on its own), None while all run."""
+    return next((process for process in started if not process.running), None)
 
 
 def backing_stores(stack: contextlib.ExitStack, environ: Mapping[str, str]) -> tuple[str, str]:
@@ -419,11 +293,11 @@ def mail_server(stack: contextlib.ExitStack, environ: Mapping[str, str]) -> tupl
     return smtp_url, where
 
 
-def migrate(steps: Sequence[Service], stop: StopRequest) -> int | None:
+def migrate(steps: Sequence[Process], stop: StopRequest) -> int | None:
     """Run each service's migrations in turn; None when all succeeded, else the launcher's exit code."""
     for step in steps:
         say(f"Running the {step.name} service's migrations...")
-        code = run_step(step.command, step.env, stop)
+        code = run_step(step, stop)
         if code is None:
             return 0
         if code != 0:
@@ -432,16 +306,10 @@ def migrate(steps: Sequence[Service], stop: StopRequest) -> int | None:
     return None
 
 
-GATEWAY_NAMES: dict[GatewayKind, str] = {
-    "nginx": "nginx",
-    "python": "the Python dev gateway (nginx not found or GATEWAY=python)",
-}
-
-
-def banner(port: int, kind: GatewayKind = "python", mail: str = "") -> str:
+def banner(port: int, mail: str = "") -> str:
     """What the developer reads once everything is up: each API and its docs, through the gateway, and
     where the mails go."""
-    lines = [f"Serving on {base_url(port)} through {GATEWAY_NAMES[kind]}:"]
+    lines = [f"Serving on {base_url(port)} through nginx:"]
     for name, prefix in (("auth", AUTH_API), ("referral", REFERRAL_API)):
         api = f"{base_url(port)}{prefix}/"
         lines.append(f"  {name + ' API':<13} {api} (docs: {api}docs)")
@@ -452,28 +320,30 @@ def banner(port: int, kind: GatewayKind = "python", mail: str = "") -> str:
 
 
 def supervise(
-    supervisor: Supervisor,
-    planned: list[Service],
-    port: int,
-    stop: StopRequest,
-    *,
-    kind: GatewayKind = "python",
-    mail: str = "",
+    started: list[Process], planned: Sequence[Process], port: int, stop: StopRequest, mail: str = ""
 ) -> int:
-    """Start the services, wait until they are healthy, then until a stop request or a child exits."""
-    for service in planned:
-        supervisor.start(service)
-    outcome = wait_until_healthy(supervisor, planned, stop)
+    """Start the processes, wait until they are healthy, then until a stop request or a child exits."""
+    for process in planned:
+        process.start()
+        started.append(process)
+    outcome = wait_until_healthy(started, stop)
     if outcome is not None:
         return outcome
-    say(banner(port, kind, mail))
+    say(banner(port, mail))
     while not stop.wait(POLL_INTERVAL):
-        if (gone := supervisor.exited()) is not None:
-            service, code = gone
-            say(f"{service.name} exited unexpectedly with code {code}; stopping everything.")
+        if (gone := exited(started)) is not None:
+            code = gone.popen.returncode if gone.popen else None
+            say(f"{gone.name} exited unexpectedly with code {code}; stopping everything.")
             return 1
     say("Stopping...")
     return 0
+
+
+def stop_everything(started: list[Process]) -> None:
+    """SIGTERM each process (newest first), wait, and say what went wrong (an exit code, a leftover)."""
+    for problem in stop_all(started):
+        say(problem)
+    started.clear()
 
 
 def run(stop: StopRequest) -> int:
@@ -488,18 +358,15 @@ def run(stop: StopRequest) -> int:
         noun = "Port" if len(busy) == 1 else "Ports"
         say(f"{noun} {listed} on {HOST} already in use; stop whatever uses them{hint}.")
         return 1
-    kind = gateway_kind(environ)
-    if kind == "nginx":
-        try:
-            conf = prepare_nginx(port, trusted_proxies=trusted_proxies)
-        except NginxConfigError as error:
-            say(f"nginx refused the gateway's configuration (GATEWAY=python runs the Python one):\n{error}")
-            return 1
-        say(f"Gateway: nginx, configuration {conf}")
-    else:
-        say("Gateway: the Python dev gateway (deploy/local/gateway.py)")
-        if trusted_proxies:
-            say("GATEWAY_TRUSTED_PROXIES ignored: the Python dev gateway forwards its peer's address only.")
+    if absent := requirements.missing(["nginx"], environ):
+        say(requirements.advice(absent))  # `make run` installs it first
+        return 1
+    try:
+        nginx = gateway(environ, port, trusted_proxies)
+    except HarnessError as error:
+        say(f"nginx refused the gateway's configuration:\n{error}")
+        return 1
+    say(f"Gateway: nginx, configuration {GATEWAY_DIR / 'nginx.conf'}")
     with contextlib.ExitStack() as stack:  # unwinds in reverse: services first, then embedded servers
         try:
             database_url, redis_url = backing_stores(stack, environ)
@@ -530,11 +397,9 @@ def run(stop: StopRequest) -> int:
         failed = migrate(migrations(auth, referral), stop)
         if failed is not None:
             return failed
-        supervisor = Supervisor()
-        stack.callback(supervisor.stop)
-        return supervise(
-            supervisor, services(environ, auth, referral, port, kind), port, stop, kind=kind, mail=mail_note
-        )
+        started: list[Process] = []
+        stack.callback(stop_everything, started)
+        return supervise(started, [*services(auth, referral), nginx], port, stop, mail_note)
 
 
 def main() -> int:

@@ -47,9 +47,6 @@ class ReferralSettings:
     db_timeout: float = setting(5.0, doc="seconds to wait for a connection or a statement")
     redis_timeout: float = setting(0.5, doc="seconds to wait for Redis before reading the database")
     max_body_bytes: int = setting(16 * 1024, doc="largest request body accepted")
-    trusted_proxies: tuple[str, ...] = setting(
-        ("127.0.0.1", "::1"), doc="proxies (addresses, networks) whose X-Forwarded-For is believed"
-    )
     cors_origins: tuple[str, ...] = setting((), doc="exact browser origins allowed by CORS; empty: CORS off")
     log_level: str = setting("INFO", doc="logging level")
 

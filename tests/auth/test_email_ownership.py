@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from deploy.local.embedded import start_smtp
+from deploy.local.processes import free_port
 from tests.helpers import (
     Mailbox,
     assert_problem,
@@ -22,7 +23,6 @@ from tests.helpers import (
     text_of,
     verify_email,
 )
-from tests.processes import free_port
 
 VERIFY = "/api/v1/auth/email/verify"
 VERIFICATION = "/api/v1/auth/email/verification"

@@ -186,7 +186,7 @@ def effective_command(service: dict[str, Any]) -> list[str]:
 def launcher_commands() -> set[tuple[str, ...]]:
     """What `make run` starts, as `python -m services.<name> <verb>` (the interpreter is the image's)."""
     env: dict[str, str] = {}
-    planned = [*run.migrations(env, env), *run.services(env, env, env, run.DEFAULT_PORT)]
+    planned = [*run.migrations(env, env), *run.services(env, env)]
     commands = set()
     for step in planned:
         if step.command[1:3] and step.command[1] == "-m" and step.command[2].startswith("services."):
@@ -359,11 +359,10 @@ def test_service_environments_are_valid_settings(
         assert referral.auth_issuer == auth.issuer
         assert auth.public_base_url == env_in.get("AUTH_PUBLIC_BASE_URL", "http://127.0.0.1:8080")
         assert auth.hunter_api_key is None and auth.enrichment_api_key is None and auth.oauth == ()
-        for proxies in (auth.trusted_proxies, referral.trusted_proxies):
-            networks = [ipaddress.ip_network(proxy) for proxy in proxies]
-            # Docker's default address pools.
-            assert any(ipaddress.ip_address("172.18.0.5") in network for network in networks)
-            assert any(ipaddress.ip_address("192.168.16.2") in network for network in networks)
+        networks = [ipaddress.ip_network(proxy) for proxy in auth.trusted_proxies]
+        # Docker's default address pools.
+        assert any(ipaddress.ip_address("172.18.0.5") in network for network in networks)
+        assert any(ipaddress.ip_address("192.168.16.2") in network for network in networks)
 
 
 def _seconds(duration: str) -> float:

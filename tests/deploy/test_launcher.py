@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from deploy.local import run
-from deploy.local.gateway import parse_args
 from deploy.nginx.render import nginx_command
 
 KEY = Path("/keys/dev.pem")
@@ -95,7 +94,6 @@ def test_referral_env() -> None:
     assert referral["REDIS_URL"] == REDIS
     assert referral["REFERRAL_AUTH_JWKS_URL"] == "http://127.0.0.1:8081/api/v1/auth/.well-known/jwks.json"
     assert referral["REFERRAL_AUTH_ISSUER"] == "http://127.0.0.1:8080/api/v1/auth"
-    assert referral["REFERRAL_TRUSTED_PROXIES"] == "127.0.0.1"
     assert not any(name.startswith("AUTH_") for name in referral)
 
 
@@ -125,9 +123,10 @@ def test_migrations_run_auth_then_referral() -> None:
     auth, referral = envs({})
     steps = run.migrations(auth, referral)
     assert [step.command for step in steps] == [
-        (sys.executable, "-m", "services.auth", "migrate"),
-        (sys.executable, "-m", "services.referral", "migrate"),
+        [sys.executable, "-m", "services.auth", "migrate"],
+        [sys.executable, "-m", "services.referral", "migrate"],
     ]
+    assert all(step.log_dir is None for step in steps)  # their output on the terminal
     assert steps[0].env == auth
     assert steps[1].env == referral
 
@@ -141,106 +140,51 @@ def test_the_services_trust_the_gateway() -> None:
 
     auth, referral = envs({})
     assert load_settings(AuthSettings, AUTH_PREFIX, auth).trusted_proxies == ("127.0.0.1",)
-    assert load_settings(ReferralSettings, REFERRAL_PREFIX, referral).trusted_proxies == ("127.0.0.1",)
+    assert load_settings(ReferralSettings, REFERRAL_PREFIX, referral).auth_issuer.startswith(
+        "http://127.0.0.1:"
+    )
 
 
 def test_services() -> None:
     launcher = {"HOME": "/home/dev"}
     auth, referral = envs(launcher, port=9000)
-    planned = run.services(launcher, auth, referral, 9000, "python")
+    planned = run.services(auth, referral)
     by_name = {service.name: service for service in planned}
-    assert list(by_name) == ["auth", "referral", "gateway"]
+    assert list(by_name) == ["auth", "referral"]
 
-    assert by_name["auth"].command == (sys.executable, "-m", "services.auth", "serve")
+    assert by_name["auth"].command == [sys.executable, "-m", "services.auth", "serve"]
     assert by_name["auth"].env == auth
     assert by_name["auth"].health_url == "http://127.0.0.1:8081/healthz"
+    assert by_name["auth"].port_env == "AUTH_PORT"
 
-    assert by_name["referral"].command == (sys.executable, "-m", "services.referral", "serve")
+    assert by_name["referral"].command == [sys.executable, "-m", "services.referral", "serve"]
     assert by_name["referral"].env == referral
     assert by_name["referral"].health_url == "http://127.0.0.1:8082/healthz"
-
-    gateway = by_name["gateway"]
-    assert gateway.command[:3] == (sys.executable, "-m", "deploy.local.gateway")
-    assert gateway.health_url == "http://127.0.0.1:9000/healthz"
-    assert gateway.env == launcher
-    args = parse_args(list(gateway.command[3:]))  # the gateway accepts what the launcher passes
-    assert (args.host, args.port) == ("127.0.0.1", 9000)
-    assert args.routes == {
-        "/api/v1/auth": ["http://127.0.0.1:8081"],
-        "/api/v1/referral": ["http://127.0.0.1:8082"],
-    }
+    assert by_name["referral"].port_env == "REFERRAL_PORT"
+    assert all(service.log_dir is None for service in planned)  # their output on the terminal
 
 
-def test_services_with_nginx(tmp_path: Path) -> None:
+def test_the_gateway_is_nginx_on_the_rendered_configuration(tmp_path: Path) -> None:
     launcher = {"HOME": "/home/dev"}
-    auth, referral = envs(launcher, port=9000)
-    planned = run.services(launcher, auth, referral, 9000, "nginx")
-    assert [service.name for service in planned] == ["auth", "referral", "gateway"]
-    gateway = planned[2]
-    assert gateway.command == tuple(nginx_command(run.GATEWAY_DIR / "nginx.conf"))
-    assert gateway.command[:3] == ("nginx", "-e", "stderr")
+    gateway = run.gateway(launcher, 9000, runtime_dir=tmp_path / "gateway")  # runs `nginx -t`
+    conf = (tmp_path / "gateway" / "nginx.conf").resolve()
+    assert gateway.command == [str(part) for part in nginx_command(conf)]
+    assert gateway.command[:3] == ["nginx", "-e", "stderr"]
     assert gateway.health_url == "http://127.0.0.1:9000/healthz"
     assert gateway.env == launcher
-
-    elsewhere = run.gateway(launcher, 9000, "nginx", tmp_path)
-    assert elsewhere.command == tuple(nginx_command(tmp_path / "nginx.conf"))
-
-
-def test_gateway_config() -> None:
-    config = run.gateway_config(9000)
-    assert config.listen == "127.0.0.1:9000"
-    assert config.auth_upstreams == ("127.0.0.1:8081",)
-    assert config.referral_upstreams == ("127.0.0.1:8082",)
-    assert config.trusted_proxies == ()
-    assert run.gateway_config(9000, ("10.0.0.0/8",)).trusted_proxies == ("10.0.0.0/8",)
-
-
-def test_prepare_nginx_renders_and_checks(tmp_path: Path) -> None:
-    conf = run.prepare_nginx(9000, tmp_path / "gateway")  # runs `nginx -t`: nginx must be installed
-    assert conf == (tmp_path / "gateway" / "nginx.conf").resolve()
     text = conf.read_text()
     assert "listen 127.0.0.1:9000;" in text
     assert "server 127.0.0.1:8081 " in text
     assert "server 127.0.0.1:8082 " in text
     assert "real_ip" not in text
-    behind = run.prepare_nginx(9000, tmp_path / "behind", trusted_proxies=("10.0.0.0/8", "::1")).read_text()
-    assert "set_real_ip_from 10.0.0.0/8;" in behind
-    assert "set_real_ip_from ::1;" in behind
+    run.gateway(launcher, 9000, ("10.0.0.0/8", "::1"), tmp_path / "behind")
+    text = (tmp_path / "behind" / "nginx.conf").read_text()
+    assert "set_real_ip_from 10.0.0.0/8;" in text
+    assert "set_real_ip_from ::1;" in text
 
 
-@pytest.fixture
-def bin_dirs(tmp_path: Path) -> tuple[str, str]:
-    """A PATH with an executable `nginx` in it, and one without."""
-    with_nginx, without = tmp_path / "with", tmp_path / "without"
-    with_nginx.mkdir()
-    without.mkdir()
-    fake = with_nginx / "nginx"
-    fake.write_text("#!/bin/sh\n")
-    fake.chmod(0o755)
-    return str(with_nginx), str(without)
-
-
-def test_gateway_kind(bin_dirs: tuple[str, str]) -> None:
-    found, missing = bin_dirs
-    assert run.gateway_kind({"PATH": found}) == "nginx"
-    assert run.gateway_kind({"PATH": missing}) == "python"
-    assert run.gateway_kind({"PATH": found, "GATEWAY": "python"}) == "python"
-    assert run.gateway_kind({"PATH": found, "GATEWAY": " NGINX "}) == "nginx"
-    assert run.gateway_kind({"PATH": missing, "GATEWAY": "python"}) == "python"
-    assert run.gateway_kind({"PATH": found, "GATEWAY": ""}) == "nginx"
-
-
-def test_gateway_kind_refuses(bin_dirs: tuple[str, str]) -> None:
-    found, missing = bin_dirs
-    with pytest.raises(SystemExit, match="GATEWAY=nginx, but nginx is not on PATH"):
-        run.gateway_kind({"PATH": missing, "GATEWAY": "nginx"})
-    with pytest.raises(SystemExit, match="GATEWAY must be nginx or python"):
-        run.gateway_kind({"PATH": found, "GATEWAY": "apache"})
-
-
-def test_banner_says_which_gateway_runs() -> None:
-    assert "through nginx:" in run.banner(8080, "nginx")
-    assert "Python dev gateway" in run.banner(8080, "python")
+def test_banner_says_the_gateway_is_nginx() -> None:
+    assert "through nginx:" in run.banner(8080)
 
 
 def test_banner_lists_both_apis_and_their_docs() -> None:
@@ -302,5 +246,5 @@ def test_mail_goes_to_auth_smtp_url_or_an_embedded_server(
 
 
 def test_banner_says_where_the_mails_go() -> None:
-    text = run.banner(8080, "nginx", "kept as .eml files in /repo/.data/mail (embedded SMTP server)")
+    text = run.banner(8080, "kept as .eml files in /repo/.data/mail (embedded SMTP server)")
     assert "mails         kept as .eml files in /repo/.data/mail" in text

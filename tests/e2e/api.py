@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from tests.e2e import secrets as run_secrets
+from tests.harness import harness_smtp
 from tests.helpers import Mailbox
-from tests.processes import harness_smtp
 
 AUTH = "/api/v1/auth"
 REFERRAL = "/api/v1/referral"

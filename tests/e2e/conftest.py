@@ -1,7 +1,7 @@
 """The end-to-end harness: the whole system as real processes on loopback ports, reached over HTTP.
 
 One stack for the e2e package, started before its first test and stopped after its last (all on
-127.0.0.1, each on a free port picked at start):
+127.0.0.1):
 
 - ``auth-0``, ``auth-1``: ``python -m services.auth serve`` in production mode, both with the same
   freshly generated signing key, cheap argon2 and small database pools;
@@ -18,18 +18,18 @@ failover test stops and restarts ``referral-1``, so signups with a code keep wor
 and what is tested is the gateway's failover alone. Tokens carry ``iss`` = the main gateway's URL +
 ``/api/v1/auth`` (``AUTH_PUBLIC_BASE_URL``), which both referral instances expect.
 
+Ports: the auth instances and ``referral-1`` bind port 0 and report theirs; the gateways' ports and
+``referral-0``'s are named in the services' environments before those start, so they are picked and
+then bound, and the whole start begins again with fresh picks if one was taken meanwhile
+(``deploy.local.processes.start_fresh``).
+
 The database is a fresh one for the run, migrated with the services' own CLI (``python -m
 services.<name> migrate``) and dropped afterwards; Redis keys live under a prefix of the run's own and
 are deleted afterwards. Every process writes its output to ``.artifacts/e2e/<name>.log``. At the end
 every process gets SIGTERM, and the harness asserts each exited with 0, left no child behind, and
-none had died on its own before.
-
-The processes are ``tests.processes.Process`` (start, health, SIGTERM and the checks), shared with the
-benchmark.
-
-``E2E_GATEWAY=python`` runs the Python dev gateway (``deploy.local.gateway``) instead of nginx; it has
-no rate limits, so the rate-limit tests fail under it (they test the nginx gateway). With the default
-(``nginx``), a missing nginx fails the run: it is never skipped.
+none had died on its own before. The processes are ``deploy.local.processes.Process``, the supervisor
+``make run`` and the benchmark use too. nginx must be installed: a missing one fails the run (it is
+never skipped).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,18 +46,21 @@ import aiohttp
 import psycopg2
 import pytest
 
-from services.auth.adapters.signing import generate_pem
-from tests import processes
-from tests.e2e.api import Account, client, new_account
-from tests.helpers import drop_redis_keys, fresh_database
-from tests.processes import (
+from deploy.local.processes import (
     AUTH_API,
+    Process,
     base_url,
     free_port,
     http_status,
+    launch,
+    nginx_gateway,
+    start_fresh,
+    stop_all,
 )
-from tests.processes import origin as _origin
-from tests.processes import stop_all as _stop_all
+from services.auth.adapters.signing import generate_pem
+from tests import harness
+from tests.e2e.api import Account, client, new_account
+from tests.helpers import drop_redis_keys, fresh_database
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / ".artifacts" / "e2e"
@@ -67,19 +70,11 @@ TIGHT = {"rate": "1r/s", "burst": 2}
 
 
 @dataclass
-class Process(processes.Process):
-    """A process of the e2e stack: its output in `.artifacts/e2e/<name>.log`."""
-
-    log_dir: Path = ARTIFACTS
-
-
-@dataclass
 class Stack:
     """The running system; tests reach it over HTTP, and may stop/start one referral instance."""
 
     gateway_url: str
     tight_gateway_url: str
-    gateway_kind: str
     auth: list[Process]
     referral: list[Process]
     gateways: list[Process]
@@ -92,11 +87,11 @@ class Stack:
 
     @property
     def auth_urls(self) -> list[str]:
-        return [_origin(process.health_url) for process in self.auth]
+        return [process.url for process in self.auth]
 
     @property
     def referral_urls(self) -> list[str]:
-        return [_origin(process.health_url) for process in self.referral]
+        return [process.url for process in self.referral]
 
     def stop_referral(self, index: int) -> None:
         """Stop one referral instance (SIGTERM, wait) and check its port no longer answers."""
@@ -110,18 +105,6 @@ class Stack:
         process = self.referral[index]
         process.start()
         process.wait_healthy(time.monotonic() + START_TIMEOUT)
-
-
-def _nginx_gateway(
-    name: str, port: int, auth: list[int], referral: list[int], limits: Mapping[str, Any], runtime: Path
-) -> Process:
-    built = processes.nginx_gateway(name, port, auth, referral, limits, runtime, log_dir=ARTIFACTS)
-    return Process(built.name, built.command, built.env, built.health_url)
-
-
-def _python_gateway(name: str, port: int, auth: list[int], referral: list[int]) -> Process:
-    built = processes.python_gateway(name, port, auth, referral, log_dir=ARTIFACTS)
-    return Process(built.name, built.command, built.env, built.health_url)
 
 
 @pytest.fixture(scope="package")
@@ -148,68 +131,71 @@ def stack(
     e2e_database_url: str, redis_url: str, e2e_redis_prefix: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """Migrate, start every process, wait for every /healthz; at the end stop all and check they exited."""
-    kind = os.environ.get("E2E_GATEWAY", "nginx")
-    if kind not in ("nginx", "python"):
-        pytest.fail(f"E2E_GATEWAY must be nginx or python, got {kind!r}")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("*.log"):
         old.unlink()
     pem = generate_pem()
-    gateway_port, tight_port = free_port(), free_port()
-    auth_ports = [free_port(), free_port()]
-    referral_ports = [free_port(), free_port()]
-    gateway_url = base_url(gateway_port)
-    common = processes.servers_env(e2e_database_url, redis_url)
-    auth_env, referral_env = processes.production_envs(
-        common, redis_prefix=e2e_redis_prefix, signing_pem=pem, gateway_url=gateway_url
-    )
-    auth_env |= processes.LIGHT_AUTH | {"AUTH_REFERRAL_SERVICE_URL": base_url(referral_ports[0])}
-    referral_env |= processes.LIGHT_REFERRAL
-    processes.migrate(e2e_database_url, redis_url, ARTIFACTS, timeout=60)
+    harness.migrate(e2e_database_url, redis_url, ARTIFACTS, timeout=60)
+    runtime = tmp_path_factory.mktemp("nginx")
 
-    pairs = [
-        processes.service_pair(i, auth_port, referral_port, auth_env, referral_env, Process)
-        for i, (auth_port, referral_port) in enumerate(zip(auth_ports, referral_ports, strict=True))
-    ]
-    auth = [pair[0] for pair in pairs]
-    referral = [pair[1] for pair in pairs]
-    if kind == "nginx":
-        runtime = tmp_path_factory.mktemp("nginx")
-        gateways = [
-            _nginx_gateway("gateway", gateway_port, auth_ports, referral_ports, GENEROUS, runtime / "main"),
-            _nginx_gateway("gateway-tight", tight_port, auth_ports, referral_ports, TIGHT, runtime / "tight"),
-        ]
-    else:
-        gateways = [
-            _python_gateway("gateway", gateway_port, auth_ports, referral_ports),
-            _python_gateway("gateway-tight", tight_port, auth_ports, referral_ports),
-        ]
-    started: list[Process] = []
-    system = Stack(
-        gateway_url=gateway_url,
-        tight_gateway_url=base_url(tight_port),
-        gateway_kind=kind,
-        auth=auth,
-        referral=referral,
-        gateways=gateways,
-        signing_pem=pem,
-        database_url=e2e_database_url,
-    )
-    try:
-        for process in [*auth, *referral, *gateways]:
-            process.start()
-            started.append(process)
+    def attempt(started: list[Process]) -> Stack:
+        gateway_port, tight_port, referral_port = free_port(), free_port(), free_port()
+        gateway_url = base_url(gateway_port)
+        auth_env, referral_env = harness.production_envs(
+            harness.servers_env(e2e_database_url, redis_url),
+            redis_prefix=e2e_redis_prefix,
+            signing_pem=pem,
+            gateway_url=gateway_url,
+        )
+        auth_env |= harness.LIGHT_AUTH | {"AUTH_REFERRAL_SERVICE_URL": base_url(referral_port)}
+        referral_env |= harness.LIGHT_REFERRAL
         deadline = time.monotonic() + START_TIMEOUT
-        for process in started:
-            process.wait_healthy(deadline)
+        auth: list[Process] = []
+        referral: list[Process] = []
+        for i in range(2):
+            pair = harness.service_pair(
+                i,
+                auth_env,
+                referral_env,
+                jwks_url="",  # set below, once auth-i has reported its port
+                log_dir=ARTIFACTS,
+                referral_port=referral_port if i == 0 else 0,
+            )
+            auth.append(pair[0])
+            referral.append(pair[1])
+        launch(started, auth, deadline)
+        for auth_process, referral_process in zip(auth, referral, strict=True):
+            referral_process.env["REFERRAL_AUTH_JWKS_URL"] = harness.jwks_of(auth_process)
+        launch(started, referral, deadline)
+        auth_ports = [process.port for process in auth]
+        referral_ports = [process.port for process in referral]
+        gateways = [
+            nginx_gateway(
+                name, port, auth_ports, referral_ports, runtime / name, log_dir=ARTIFACTS, limits=limits
+            )
+            for name, port, limits in (
+                ("gateway", gateway_port, GENEROUS),
+                ("gateway-tight", tight_port, TIGHT),
+            )
+        ]
+        launch(started, gateways, deadline)
         for process in [*auth, *referral]:
-            ready = _origin(process.health_url) + "/readyz"
-            assert http_status(ready) == 200, f"{process.name} is not ready:\n{process.log_tail()}"
-    except BaseException:
-        _stop_all(started)  # the start-up failure is the one to report
-        raise
+            assert http_status(process.url + "/readyz") == 200, (
+                f"{process.name} is not ready:\n{process.log_tail()}"
+            )
+        return Stack(
+            gateway_url=gateway_url,
+            tight_gateway_url=base_url(tight_port),
+            auth=auth,
+            referral=referral,
+            gateways=gateways,
+            signing_pem=pem,
+            database_url=e2e_database_url,
+        )
+
+    system, started = start_fresh(attempt)
     yield system
-    problems = _stop_all(started)
+    problems = stop_all(started)
     if problems:
         pytest.fail("the stack did not shut down cleanly:\n" + "\n".join(problems))
 

@@ -19,11 +19,9 @@ import asyncio
 import contextlib
 import os
 import secrets
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -33,6 +31,19 @@ import psycopg2.extensions
 import pytest
 import redis
 
+from deploy.local.processes import (
+    AUTH_API,
+    HOST,
+    Process,
+    base_url,
+    free_port,
+    http_status,
+    launch,
+    nginx_gateway,
+    service,
+    start_fresh,
+    stop_all,
+)
 from services.auth.adapters.signing import generate_pem
 from shared.migrations import apply_migrations
 from tests.conftest import AUTH_MIGRATIONS, REFERRAL_MIGRATIONS
@@ -48,14 +59,7 @@ from tests.e2e.api import (
     bearer,
     unique_email,
 )
-from tests.e2e.conftest import (
-    ARTIFACTS,
-    GENEROUS,
-    START_TIMEOUT,
-    Process,
-    _nginx_gateway,
-    _python_gateway,
-)
+from tests.e2e.conftest import ARTIFACTS, GENEROUS, START_TIMEOUT
 from tests.e2e.faults import (
     Blackhole,
     FakeVendor,
@@ -79,21 +83,8 @@ from tests.e2e.traffic import (
     signup_body,
     user_ids,
 )
+from tests.harness import LIGHT_AUTH, LIGHT_REFERRAL, harness_smtp, production_envs, servers_env
 from tests.helpers import Mailbox, drop_redis_keys, fresh_run_dir, query, with_database
-from tests.processes import (
-    AUTH_API,
-    HOST,
-    LIGHT_AUTH,
-    LIGHT_REFERRAL,
-    base_url,
-    free_port,
-    harness_smtp,
-    http_status,
-    production_envs,
-    servers_env,
-)
-from tests.processes import origin as _origin
-from tests.processes import stop_all as _stop_all
 
 # Per run: the e2e package may be running in another process at the same time.
 FAULT_ARTIFACTS = ARTIFACTS / "faults" / str(os.getpid())
@@ -107,20 +98,12 @@ OIDC_TIMEOUT = 1.0
 MARGIN = 1.0  # what a request that waits for a third party's timeout may take beyond it
 
 
-class FaultProcess(Process):
-    """A process of the fault stack: its log under `.artifacts/e2e/faults/<pid>/`."""
-
-    @property
-    def log_path(self) -> Path:
-        return FAULT_ARTIFACTS / f"{self.name}.log"
-
-
 @dataclass
 class FaultStack:
     gateway_url: str
-    auth: list[FaultProcess]
-    referral: FaultProcess
-    gateway: FaultProcess
+    auth: list[Process]
+    referral: Process
+    gateway: Process
     database_url: str  # direct, for the tests' own checks
     redis_url: str  # direct
     redis_prefix: str
@@ -131,11 +114,11 @@ class FaultStack:
 
     @property
     def auth_urls(self) -> list[str]:
-        return [_origin(p.health_url) for p in self.auth]
+        return [p.url for p in self.auth]
 
     @property
     def referral_url(self) -> str:
-        return _origin(self.referral.health_url)
+        return self.referral.url
 
     def query(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         """Run one statement directly on the stack's database (not through the proxy)."""
@@ -161,7 +144,7 @@ class FaultStack:
             client.close()
 
     def all_ready(self) -> bool:
-        return all(http_status(_origin(p.health_url) + "/readyz") == 200 for p in [*self.auth, self.referral])
+        return all(http_status(p.url + "/readyz") == 200 for p in [*self.auth, self.referral])
 
 
 def _proxied(runner: LoopThread, url: str, default_port: int) -> tuple[TcpProxy, str]:
@@ -202,7 +185,7 @@ def faults(
     database_url = with_database(server_database_url, name)
     runner = LoopThread()
     prefix = f"e2e-faults:{secrets.token_hex(6)}:"
-    started: list[FaultProcess] = []
+    started: list[Process] = []
     closers: list[Any] = []
     try:
         apply_migrations(database_url, "auth", AUTH_MIGRATIONS)
@@ -218,97 +201,95 @@ def faults(
         vendor.start()
         closers.append(vendor)
 
-        gateway_port = free_port()
-        auth_ports = [free_port(), free_port()]
-        referral_port = free_port()
-        gateway_url = base_url(gateway_port)
-        common = servers_env(proxied_database_url, proxied_redis_url)
-        auth_env, referral_env = production_envs(
-            common, redis_prefix=prefix, signing_pem=generate_pem(), gateway_url=gateway_url
-        )
-        auth_env |= LIGHT_AUTH | {
-            "AUTH_REFERRAL_SERVICE_URL": base_url(referral_port),
-            "AUTH_DB_TIMEOUT": str(DB_TIMEOUT),
-            "AUTH_OUTBOX_POLL_INTERVAL": "0.2",
-            "AUTH_OUTBOX_MAX_BACKOFF": "1.0",
-            "AUTH_HUNTER_API_KEY": "fake-hunter-key",
-            "AUTH_HUNTER_BASE_URL": vendor.url,
-            "AUTH_HUNTER_TIMEOUT": str(HUNTER_TIMEOUT),
-            "AUTH_HUNTER_MAX_POLLS": "1",
-            "AUTH_ENRICHMENT_API_KEY": "fake-enrichment-key",
-            "AUTH_ENRICHMENT_BASE_URL": blackhole.url,
-            "AUTH_ENRICHMENT_TIMEOUT": str(ENRICHMENT_TIMEOUT),
-            "AUTH_ENRICHMENT_MAX_ATTEMPTS": "1",
-            "AUTH_ENRICHMENT_CONCURRENCY": "64",
-            "AUTH_OAUTH_PROVIDERS": "hung,slow",
-            "AUTH_OAUTH_HUNG_ISSUER": f"{blackhole.url}/hung",
-            "AUTH_OAUTH_HUNG_CLIENT_ID": "client-hung",
-            "AUTH_OAUTH_HUNG_CLIENT_SECRET": "secret-hung",
-            "AUTH_OAUTH_HUNG_TIMEOUT": str(OIDC_TIMEOUT),
-            "AUTH_OAUTH_SLOW_ISSUER": vendor.oidc_issuer,
-            "AUTH_OAUTH_SLOW_CLIENT_ID": "client-slow",
-            "AUTH_OAUTH_SLOW_CLIENT_SECRET": "secret-slow",
-            "AUTH_OAUTH_SLOW_TIMEOUT": str(OIDC_TIMEOUT),
-        }
-        referral_env |= LIGHT_REFERRAL | {
-            "REFERRAL_PORT": str(referral_port),
-            # Through the gateway: either auth instance may be down.
-            "REFERRAL_AUTH_JWKS_URL": f"{gateway_url}{AUTH_API}/.well-known/jwks.json",
-            "REFERRAL_DB_TIMEOUT": str(DB_TIMEOUT),
-            # Stopped to be down (not to drain: test_restarts.py covers that), at once: its idle
-            # connections from the auth instances are closed without waiting for them.
-            "REFERRAL_SHUTDOWN_DRAIN": "0",
-        }
-        auth = [
-            FaultProcess(
-                f"auth-{i}",
-                [sys.executable, "-m", "services.auth", "serve"],
-                {**auth_env, "AUTH_PORT": str(port)},
-                f"{base_url(port)}/healthz",
+        def attempt(into: list[Process]) -> FaultStack:
+            gateway_port, referral_port = free_port(), free_port()
+            gateway_url = base_url(gateway_port)
+            common = servers_env(proxied_database_url, proxied_redis_url)
+            auth_env, referral_env = production_envs(
+                common, redis_prefix=prefix, signing_pem=generate_pem(), gateway_url=gateway_url
             )
-            for i, port in enumerate(auth_ports)
-        ]
-        referral = FaultProcess(
-            "referral",
-            [sys.executable, "-m", "services.referral", "serve"],
-            referral_env,
-            f"{base_url(referral_port)}/healthz",
-        )
-        if os.environ.get("E2E_GATEWAY", "nginx") == "nginx":
+            auth_env |= LIGHT_AUTH | {
+                "AUTH_REFERRAL_SERVICE_URL": base_url(referral_port),
+                "AUTH_DB_TIMEOUT": str(DB_TIMEOUT),
+                "AUTH_OUTBOX_POLL_INTERVAL": "0.2",
+                "AUTH_OUTBOX_MAX_BACKOFF": "1.0",
+                "AUTH_HUNTER_API_KEY": "fake-hunter-key",
+                "AUTH_HUNTER_BASE_URL": vendor.url,
+                "AUTH_HUNTER_TIMEOUT": str(HUNTER_TIMEOUT),
+                "AUTH_HUNTER_MAX_POLLS": "1",
+                "AUTH_ENRICHMENT_API_KEY": "fake-enrichment-key",
+                "AUTH_ENRICHMENT_BASE_URL": blackhole.url,
+                "AUTH_ENRICHMENT_TIMEOUT": str(ENRICHMENT_TIMEOUT),
+                "AUTH_ENRICHMENT_MAX_ATTEMPTS": "1",
+                "AUTH_ENRICHMENT_CONCURRENCY": "64",
+                "AUTH_OAUTH_PROVIDERS": "hung,slow",
+                "AUTH_OAUTH_HUNG_ISSUER": f"{blackhole.url}/hung",
+                "AUTH_OAUTH_HUNG_CLIENT_ID": "client-hung",
+                "AUTH_OAUTH_HUNG_CLIENT_SECRET": "secret-hung",
+                "AUTH_OAUTH_HUNG_TIMEOUT": str(OIDC_TIMEOUT),
+                "AUTH_OAUTH_SLOW_ISSUER": vendor.oidc_issuer,
+                "AUTH_OAUTH_SLOW_CLIENT_ID": "client-slow",
+                "AUTH_OAUTH_SLOW_CLIENT_SECRET": "secret-slow",
+                "AUTH_OAUTH_SLOW_TIMEOUT": str(OIDC_TIMEOUT),
+            }
+            referral_env |= LIGHT_REFERRAL | {
+                # Through the gateway: either auth instance may be down.
+                "REFERRAL_AUTH_JWKS_URL": f"{gateway_url}{AUTH_API}/.well-known/jwks.json",
+                "REFERRAL_DB_TIMEOUT": str(DB_TIMEOUT),
+                # Stopped to be down (not to drain: test_restarts.py covers that), at once: its idle
+                # connections from the auth instances are closed without waiting for them.
+                "REFERRAL_SHUTDOWN_DRAIN": "0",
+            }
+            auth = [
+                service(f"auth-{i}", "services.auth", auth_env, port_env="AUTH_PORT", log_dir=FAULT_ARTIFACTS)
+                for i in range(2)
+            ]
+            referral = service(
+                "referral",
+                "services.referral",
+                referral_env,
+                port_env="REFERRAL_PORT",
+                port=referral_port,
+                log_dir=FAULT_ARTIFACTS,
+            )
+            deadline = time.monotonic() + START_TIMEOUT
+            launch(into, [*auth, referral], deadline)
             runtime = tmp_path_factory.mktemp("faults-nginx")
-            rendered = _nginx_gateway(
-                "faults-gateway", gateway_port, auth_ports, [referral_port], GENEROUS, runtime
+            gateway = nginx_gateway(
+                "gateway",
+                gateway_port,
+                [process.port for process in auth],
+                [referral_port],
+                runtime,
+                log_dir=FAULT_ARTIFACTS,
+                limits=GENEROUS,
             )
-        else:
-            rendered = _python_gateway("faults-gateway", gateway_port, auth_ports, [referral_port])
-        gateway = FaultProcess("gateway", rendered.command, rendered.env, rendered.health_url)
-        system = FaultStack(
-            gateway_url=gateway_url,
-            auth=auth,
-            referral=referral,
-            gateway=gateway,
-            database_url=database_url,
-            redis_url=redis_url,
-            redis_prefix=prefix,
-            postgres=postgres,
-            redis=redis_proxy,
-            vendor=vendor,
-            blackhole=blackhole,
-        )
-        for process in [*auth, referral, gateway]:
-            process.start()
-            started.append(process)
-        deadline = time.monotonic() + START_TIMEOUT
-        for process in started:
-            process.wait_healthy(deadline)
-        assert system.all_ready(), "\n".join(p.log_tail() for p in started)
+            launch(into, [gateway], deadline)
+            system = FaultStack(
+                gateway_url=gateway_url,
+                auth=auth,
+                referral=referral,
+                gateway=gateway,
+                database_url=database_url,
+                redis_url=redis_url,
+                redis_prefix=prefix,
+                postgres=postgres,
+                redis=redis_proxy,
+                vendor=vendor,
+                blackhole=blackhole,
+            )
+            assert system.all_ready(), "\n".join(p.log_tail() for p in into)
+            return system
+
+        system, processes = start_fresh(attempt)
+        started.extend(processes)
         yield system
-        problems = _stop_all(list(started))
+        problems = stop_all(list(started))
         started.clear()
         if problems:
             pytest.fail("the fault stack did not shut down cleanly:\n" + "\n".join(problems))
     finally:
-        _stop_all(list(started))  # only when the start or a test failed: the failure to report is that one
+        stop_all(list(started))  # only when the start or a test failed: the failure to report is that one
         for closer in reversed(closers):
             with contextlib.suppress(Exception):
                 closer.close()
@@ -345,6 +326,11 @@ class Traffic:
     accepted: list[tuple[str, bool]] = field(default_factory=list)  # (email, with a code)
     created_codes: list[str] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def flowed(self, requests: int = 12, *, what: str) -> None:
+        """Until `requests` more requests have been answered (or have failed) from now on."""
+        goal = len(self.outcomes) + requests
+        await eventually(lambda: len(self.outcomes) >= goal, seconds=15, poll=0.02, what=what)
 
     async def run(self, session: aiohttp.ClientSession, account: Account, owner: Account, code: str) -> None:
         """Every kind of request, over and over, until `stop`."""
@@ -387,12 +373,12 @@ async def test_postgres_outage_fails_fast_with_503_and_the_pools_heal(faults: Fa
         traffic = Traffic()
         workers = [asyncio.create_task(traffic.run(gateway, account, owner, code)) for account in accounts]
         try:
-            await asyncio.sleep(0.5)
-            # Connections killed under the services' feet, three times.
+            await traffic.flowed(what="traffic before the faults")
+            # Connections killed under the services' feet, three times, with traffic in between.
             killed = 0
             for _ in range(3):
                 killed += await asyncio.to_thread(faults.terminate_backends)
-                await asyncio.sleep(0.4)
+                await traffic.flowed(what="traffic after the connections were killed")
             assert killed >= 3, killed
             # PostgreSQL unreachable: every connection cut, new ones refused.
             faults.postgres.cut()
@@ -409,14 +395,14 @@ async def test_postgres_outage_fails_fast_with_503_and_the_pools_heal(faults: Fa
                     json=signup_body(unique_email("pg-cut")),
                 )
                 assert_unavailable(during)
-                await asyncio.sleep(1.5)
+                await traffic.flowed(what="traffic while PostgreSQL is cut")
             finally:
                 faults.postgres.restore()
             # Healed by themselves: nothing restarted.
             await eventually(
                 lambda: all_ready(faults), seconds=10, what="ready again after PostgreSQL is back"
             )
-            await asyncio.sleep(1.0)
+            await traffic.flowed(what="traffic after PostgreSQL is back")
         finally:
             traffic.stop.set()
             await asyncio.gather(*workers)

@@ -15,8 +15,8 @@ from typing import Any
 
 from deploy.nginx.render import PAGES_CSP
 from tests.e2e.test_docs_browser import RENDER_TIMEOUT_MS, Trouble, browser  # noqa: F401 (the fixture)
+from tests.harness import harness_smtp
 from tests.helpers import Mailbox, text_of
-from tests.processes import harness_smtp
 
 
 def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

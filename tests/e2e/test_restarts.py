@@ -34,6 +34,17 @@ from typing import Any
 import aiohttp
 import pytest
 
+from deploy.local.processes import (
+    HOST,
+    Process,
+    base_url,
+    free_port,
+    http_status,
+    launch,
+    nginx_gateway,
+    start_fresh,
+    stop_all,
+)
 from services.auth.adapters.signing import generate_pem
 from shared.migrations import apply_migrations
 from tests.conftest import AUTH_MIGRATIONS, REFERRAL_MIGRATIONS
@@ -49,21 +60,8 @@ from tests.e2e.traffic import (
     new_user,
     signup_body,
 )
+from tests.harness import LIGHT_AUTH, LIGHT_REFERRAL, production_envs, servers_env, service_pair
 from tests.helpers import KeptAliveConnection, drop_redis_keys, fresh_database, fresh_run_dir, query
-from tests.processes import (
-    HOST,
-    LIGHT_AUTH,
-    LIGHT_REFERRAL,
-    Process,
-    base_url,
-    free_port,
-    http_status,
-    nginx_gateway,
-    production_envs,
-    servers_env,
-    service_pair,
-)
-from tests.processes import stop_all as _stop_all
 
 RESTART_ARTIFACTS = ARTIFACTS / "restarts" / str(os.getpid())
 STOPS = 30
@@ -112,59 +110,60 @@ def restarts(
             apply_migrations(database_url, "auth", AUTH_MIGRATIONS)
             apply_migrations(database_url, "referral", REFERRAL_MIGRATIONS)
             vendor.start()
-            gateway_port, internal_port = free_port(), free_port()
-            ports = [(free_port(), free_port()) for _ in range(2)]
-            gateway_url = base_url(gateway_port)
-            auth_env, referral_env = production_envs(
-                servers_env(database_url, redis_url),
-                redis_prefix=prefix,
-                signing_pem=generate_pem(),
-                gateway_url=gateway_url,
-            )
-            auth_env |= LIGHT_AUTH | {
-                "AUTH_REFERRAL_SERVICE_URL": base_url(internal_port),
-                "AUTH_OUTBOX_POLL_INTERVAL": "0.2",
-                "AUTH_OUTBOX_MAX_BACKOFF": "1.0",
-                "AUTH_HUNTER_API_KEY": "fake-hunter-key",
-                "AUTH_HUNTER_BASE_URL": vendor.url,
-                "AUTH_HUNTER_MAX_POLLS": "1",
-                "AUTH_SHUTDOWN_DRAIN": str(DRAIN),
-            }
-            referral_env |= LIGHT_REFERRAL | {"REFERRAL_SHUTDOWN_DRAIN": str(DRAIN)}
-            # Through the gateway, as a Kubernetes Service: whichever auth instance is up.
-            jwks_url = f"{gateway_url}/api/v1/auth/.well-known/jwks.json"
-            pairs = [
-                service_pair(i, a, r, auth_env, referral_env, jwks_url=jwks_url, log_dir=RESTART_ARTIFACTS)
-                for i, (a, r) in enumerate(ports)
-            ]
-            gateway = nginx_gateway(
-                "gateway",
-                gateway_port,
-                [a for a, _ in ports],
-                [r for _, r in ports],
-                GENEROUS,
-                tmp_path_factory.mktemp("restarts-nginx"),
-                log_dir=RESTART_ARTIFACTS,
-                internal_listen=f"{HOST}:{internal_port}",
-                upstream_keepalive_timeout=GATEWAY_IDLE,
-                upstream_fail_timeout=GATEWAY_FAIL,
-            )
-            auth = [pair[0] for pair in pairs]
-            referral = [pair[1] for pair in pairs]
-            stack = RestartStack(gateway_url, auth, referral, gateway, database_url, vendor)
-            for process in [*auth, *referral, gateway]:
-                process.start()
-                started.append(process)
-            deadline = time.monotonic() + START_TIMEOUT
-            for process in started:
-                process.wait_healthy(deadline)
+
+            def attempt(into: list[Process]) -> RestartStack:
+                gateway_port, internal_port = free_port(), free_port()
+                gateway_url = base_url(gateway_port)
+                auth_env, referral_env = production_envs(
+                    servers_env(database_url, redis_url),
+                    redis_prefix=prefix,
+                    signing_pem=generate_pem(),
+                    gateway_url=gateway_url,
+                )
+                auth_env |= LIGHT_AUTH | {
+                    "AUTH_REFERRAL_SERVICE_URL": base_url(internal_port),
+                    "AUTH_OUTBOX_POLL_INTERVAL": "0.2",
+                    "AUTH_OUTBOX_MAX_BACKOFF": "1.0",
+                    "AUTH_HUNTER_API_KEY": "fake-hunter-key",
+                    "AUTH_HUNTER_BASE_URL": vendor.url,
+                    "AUTH_HUNTER_MAX_POLLS": "1",
+                    "AUTH_SHUTDOWN_DRAIN": str(DRAIN),
+                }
+                referral_env |= LIGHT_REFERRAL | {"REFERRAL_SHUTDOWN_DRAIN": str(DRAIN)}
+                # Through the gateway, as a Kubernetes Service: whichever auth instance is up.
+                jwks_url = f"{gateway_url}/api/v1/auth/.well-known/jwks.json"
+                pairs = [
+                    service_pair(i, auth_env, referral_env, jwks_url=jwks_url, log_dir=RESTART_ARTIFACTS)
+                    for i in range(2)
+                ]
+                auth = [pair[0] for pair in pairs]
+                referral = [pair[1] for pair in pairs]
+                deadline = time.monotonic() + START_TIMEOUT
+                launch(into, [*auth, *referral], deadline)
+                gateway = nginx_gateway(
+                    "gateway",
+                    gateway_port,
+                    [p.port for p in auth],
+                    [p.port for p in referral],
+                    tmp_path_factory.mktemp("restarts-nginx"),
+                    log_dir=RESTART_ARTIFACTS,
+                    limits=GENEROUS,
+                    internal_listen=f"{HOST}:{internal_port}",
+                    upstream_keepalive_timeout=GATEWAY_IDLE,
+                    upstream_fail_timeout=GATEWAY_FAIL,
+                )
+                launch(into, [gateway], deadline)
+                return RestartStack(gateway_url, auth, referral, gateway, database_url, vendor)
+
+            stack, processes = start_fresh(attempt)
+            started.extend(processes)
             yield stack
-            problems = _stop_all(list(started))
+            problems = stop_all(list(started))
             started.clear()
             if problems:
                 pytest.fail("the restart stack did not shut down cleanly:\n" + "\n".join(problems))
     finally:
-        _stop_all(list(started))  # only when the start or a test failed: the failure to report is that one
+        stop_all(list(started))  # only when the start or a test failed: the failure to report is that one
         with contextlib.suppress(Exception):
             vendor.close()
         runner.close()
@@ -316,7 +315,7 @@ async def test_sigterm_under_traffic_loses_nothing_thirty_times_in_a_row(restart
             victim = restarts.auth[stop % 2]
             assert victim.popen is not None
             await in_rotation(restarts.auth)
-            kept = await KeptAliveConnection.open(HOST, int(victim.url.rsplit(":", 1)[1]))
+            kept = await KeptAliveConnection.open(HOST, victim.port)
             try:
                 ready = await kept.request("GET", "/readyz")
                 assert ready.status == 200 and not ready.closes, ready

@@ -40,8 +40,8 @@ import pytest
 
 from tests.e2e.api import AUTH, CODES, MY_CODE, PASSWORD, REFERRALS, SIGNUP, TOKEN, bearer, client, rfc3339
 from tests.e2e.conftest import ARTIFACTS
+from tests.harness import harness_smtp
 from tests.helpers import Mailbox
-from tests.processes import harness_smtp
 
 SEED = int(os.environ.get("SOAK_SEED", "20260501"))
 REQUEST_BUDGET = int(os.environ.get("SOAK_REQUESTS", "3000"))

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 import aiohttp
 
 from tests.e2e.api import CODES, PASSWORD, SIGNUP, TOKEN, Account, prove, rfc3339, unique_email
+from tests.harness import harness_smtp
 from tests.helpers import Mailbox
-from tests.processes import harness_smtp
 
 
 class Queries(Protocol):

@@ -48,6 +48,7 @@ import json
 import math
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -70,16 +71,17 @@ import psycopg2
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy.local.processes import AUTH_API, REFERRAL_API, ROOT, HarnessError, http_status
 from services.auth.adapters.signing import AccessTokenIssuer, generate_pem, parse_key_ring
 from services.auth.settings import AuthSettings
 from services.referral.settings import ReferralSettings
+from tests.harness import migrate
 from tests.helpers import drop_redis_keys, fresh_database
 from tests.perf import dataset as datasets
 from tests.perf import plans as query_plans
 from tests.perf import report as reports
 from tests.perf import topology as topologies
 from tests.perf import wrk
-from tests.processes import AUTH_API, REFERRAL_API, ROOT, HarnessError, http_status, migrate
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -1161,6 +1163,22 @@ def _masked(url: str) -> str:
     return url
 
 
+KEEP_RUNS = 5  # the runs kept under --out: this one and the 4 before it
+_RUN_NAME = re.compile(r"[0-9]{8}-[0-9]{6}(?:-[0-9]+)?")
+
+
+def prune_runs(out_root: Path, keep: int = KEEP_RUNS) -> list[Path]:
+    """Delete all but the newest `keep` run directories under `out_root` (named by their start time,
+    so the names sort by age); the ones deleted. Anything else there is left alone."""
+    runs = sorted(
+        p for p in out_root.iterdir() if p.is_dir() and not p.is_symlink() and _RUN_NAME.fullmatch(p.name)
+    )
+    old = runs[:-keep] if keep > 0 else runs
+    for run_dir in old:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return old
+
+
 def _link_latest(out_root: Path, run_dir: Path) -> None:
     latest = out_root / "latest"
     partial = out_root / f".latest.{os.getpid()}"
@@ -1203,8 +1221,9 @@ def run(options: Options) -> int:
         run_dir = run_dir.with_name(f"{run_dir.name}-{os.getpid()}")
     run_dir.mkdir(parents=True)
     _link_latest(out_root, run_dir)
+    pruned = prune_runs(out_root)
     log = Log(run_dir / "bench.log")
-    log(f"bench: output in {run_dir}")
+    log(f"bench: output in {run_dir}" + (f" ({len(pruned)} older run(s) deleted)" if pruned else ""))
     if failures := _check_servers(server_database_url, redis_url):
         for failure in failures:
             log.loud(failure)

@@ -20,7 +20,7 @@ from services.referral.adapters import repositories
 from services.referral.api.cursor import decode_cursor
 from shared.db import Prepared
 from shared.schemas import TrimmedEmail
-from tests import processes
+from tests import harness
 from tests.helpers import fresh_database
 from tests.perf.dataset import DEEP_REFERRER_MIN, Dataset, build
 from tests.perf.plans import QUERIES, explain, plan_warnings
@@ -57,7 +57,7 @@ def indexes(url: str) -> list[tuple[str, ...]]:
 
 def migrate(url: str) -> None:
     """Both services' migrations, through their own CLI (as `make migrate` does)."""
-    processes.migrate(url, os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), ARTIFACTS)
+    harness.migrate(url, os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), ARTIFACTS)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from deploy.local.processes import alive, http_status
 from services.auth.adapters.signing import generate_pem
+from tests.harness import migrate
 from tests.helpers import drop_redis_keys, fresh_database
 from tests.perf import topology
-from tests.processes import alive, http_status, migrate
 
 pytestmark = pytest.mark.timeout(120)
 

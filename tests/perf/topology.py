@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.processes import (
+from deploy.local.processes import (
     AUTH_API,
+    START_ATTEMPTS,
+    AddressInUse,
     HarnessError,
     Process,
     alive,
@@ -40,12 +42,11 @@ from tests.processes import (
     children,
     free_port,
     http_status,
+    launch,
     nginx_gateway,
-    production_envs,
-    servers_env,
-    service_pair,
     stop_all,
 )
+from tests.harness import jwks_of, production_envs, servers_env, service_pair
 
 START_TIMEOUT = 60.0
 # Per client address; wrk sends everything from 127.0.0.1. nginx counts rates per millisecond, so
@@ -62,6 +63,7 @@ class Topology:
     auth: list[Process]
     referral: list[Process]
     runtime_dir: Path
+    limits: Mapping[str, Any] = field(default_factory=dict)
     started: list[Process] = field(default_factory=list)
 
     @property
@@ -105,17 +107,26 @@ class Topology:
         ]
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start the services, then the gateway; wait for every /healthz, then each service's /readyz."""
+        """Start the auth instances (port 0, reported), the referral instances (on the ports picked in
+        `build`, which the auth instances call), then the gateway (on its picked port); wait for every
+        /healthz, then each service's /readyz. AddressInUse (all stopped) when a picked port was taken
+        meanwhile: `running` builds the topology again with fresh picks."""
         try:
-            for process in [*self.auth, *self.referral]:
-                process.start()
-                self.started.append(process)
             deadline = time.monotonic() + timeout
-            for process in self.started:
-                process.wait_healthy(deadline)
-            self.gateway.start()
-            self.started.append(self.gateway)
-            self.gateway.wait_healthy(deadline)
+            launch(self.started, self.auth, deadline)
+            for auth, referral in zip(self.auth, self.referral, strict=True):
+                referral.env["REFERRAL_AUTH_JWKS_URL"] = jwks_of(auth)
+            launch(self.started, self.referral, deadline)
+            self.gateway = nginx_gateway(
+                "gateway",
+                self.gateway.port,
+                [p.port for p in self.auth],
+                [p.port for p in self.referral],
+                self.runtime_dir,
+                log_dir=self.gateway.log_dir,
+                limits=self.limits,
+            )
+            launch(self.started, [self.gateway], deadline)
             for process in self.services:
                 while (status := http_status(process.url + "/readyz", timeout=3.0)) != 200:
                     if not process.running or time.monotonic() > deadline:
@@ -156,8 +167,6 @@ def build(
         raise ValueError(f"instances must be at least 1, got {instances}")
     log_dir.mkdir(parents=True, exist_ok=True)
     gateway_port = free_port()
-    auth_ports = [free_port() for _ in range(instances)]
-    referral_ports = [free_port() for _ in range(instances)]
     gateway_url = base_url(gateway_port)
     common = servers_env(database_url, redis_url, environ)
     auth_env, referral_env = production_envs(
@@ -165,36 +174,39 @@ def build(
     )
     auth_env.update({k: v for k, v in (settings or {}).items() if k.startswith("AUTH_")})
     referral_env.update({k: v for k, v in (settings or {}).items() if k.startswith("REFERRAL_")})
-    pairs = [
-        service_pair(
+    auth: list[Process] = []
+    referral: list[Process] = []
+    for i in range(instances):
+        referral_port = free_port()  # auth-i calls referral-i: named before referral-i starts
+        pair = service_pair(
             i,
-            auth_port,
-            referral_port,
             {**auth_env, "AUTH_REFERRAL_SERVICE_URL": base_url(referral_port)},
             referral_env,
+            jwks_url="",  # auth-i's, once it has reported its port (Topology.start)
             log_dir=log_dir,
+            referral_port=referral_port,
         )
-        for i, (auth_port, referral_port) in enumerate(zip(auth_ports, referral_ports, strict=True))
-    ]
-    auth = [pair[0] for pair in pairs]
-    referral = [pair[1] for pair in pairs]
+        auth.append(pair[0])
+        referral.append(pair[1])
+    # The gateway's port is known now (the services' issuer names it); its configuration is written
+    # once the services' ports are (Topology.start).
+    gateway = Process("gateway", [], {}, port=gateway_port, log_dir=log_dir)
     runtime = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
-    try:
-        gateway = nginx_gateway(
-            "gateway", gateway_port, auth_ports, referral_ports, limits, runtime, log_dir=log_dir
-        )
-    except BaseException:
-        shutil.rmtree(runtime, ignore_errors=True)
-        raise
-    return Topology(instances, gateway, auth, referral, runtime)
+    return Topology(instances, gateway, auth, referral, runtime, limits)
 
 
 @contextlib.contextmanager
 def running(**options: Any) -> Iterator[Topology]:
     """`build(**options)`, started; stopped on the way out (HarnessError if it did not stop cleanly,
     unless the body already raised)."""
-    topology = build(**options)
-    topology.start()
+    for attempt in range(1, START_ATTEMPTS + 1):
+        topology = build(**options)
+        try:
+            topology.start()
+            break
+        except AddressInUse:  # a picked port was taken meanwhile: everything was stopped; pick again
+            if attempt == START_ATTEMPTS:
+                raise
     try:
         yield topology
     except BaseException:

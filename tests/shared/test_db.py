@@ -265,15 +265,22 @@ async def test_a_timed_out_statement_does_not_keep_running_on_the_server(databas
     marker = f"marker_{secrets.token_hex(4)}"
     with pytest.raises(DatabaseUnavailable):
         await database.fetch_one(f"SELECT pg_sleep(3) AS {marker}")
-    await asyncio.sleep(0.5)
+    # pg_sleep(3) would still be running for about 2 s more had the client only walked away.
+    deadline = time.monotonic() + 1.5
+    while (running := _active_with(database_url, marker)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert running == 0, "the statement is still running on the server after the client gave up"
+
+
+def _active_with(database_url: str, marker: str) -> int:
+    """How many other sessions are running a statement holding `marker` right now."""
     with contextlib.closing(psycopg2.connect(database_url)) as admin, admin.cursor() as cursor:
         cursor.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s"
             " AND pid <> pg_backend_pid()",
             (f"%{marker}%",),
         )
-        (running,) = cursor.fetchone()
-    assert running == 0, "the statement is still running on the server after the client gave up"
+        return int(cursor.fetchone()[0])
 
 
 async def test_any_statement_after_a_timeout_in_a_transaction_is_database_unavailable(database):
