@@ -272,10 +272,11 @@ class _Pooled:
 class _Pool:
     """The connections of one process: LIFO reuse, a bounded size, waiters served in order.
 
-    aiopg's own pool walks every idle connection under a lock on each acquire and wraps every
-    statement in `wait_for` (a task per statement): about 40 µs of CPU per query, a third of a
-    request's. Here a connection is a `pop()` away, and statements run without aiopg's timeout
-    (the caller's `asyncio.timeout` and the server's `statement_timeout` bound them instead).
+    aiopg's own pool walks every idle connection under a lock on each acquire and schedules a task
+    on every release; here a connection is a `pop()` away. Measured against aiopg's pool back to
+    back (README, "The packages"): 24 % less service CPU per request on `/me`, 11 % on a referral
+    page. Statements run without aiopg's per-statement timeout (the caller's `asyncio.timeout` and
+    the server's `statement_timeout` bound them instead).
     """
 
     def __init__(self, connect: Callable[[], Awaitable[_Pooled]], *, maxsize: int, recycle: float) -> None:
