@@ -718,9 +718,12 @@ class Soak:
             await self.signup_plain(rng)
             return
         user = rng.choice(unproven)
+        # Taken before the first await: another worker choosing meanwhile must not pick this user and
+        # spend the same proof (one of the two would get 400, rightly). Other workers may use the user
+        # meanwhile, with the token it had.
+        user.verifying = True
         proof = await self.mailbox.token(user.email, "verify-email", timeout=SETTLE_TIMEOUT)
         self.reserve(3)
-        user.verifying = True  # other workers may use the user meanwhile, with the token it had
         record, _ = await self.call("verify", "POST", f"{AUTH}/email/verify", json={"token": proof})
         if not self.expect(record, 200):
             return  # left `verifying`: the database decides at the end
