@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from aiocache import RedisCache
 from aiocache.serializers import JsonSerializer
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -62,24 +61,17 @@ def redis_ctx(url: str, *, timeout: float) -> CleanupContext:
 
 def redis_cache(url: str, *, timeout: float) -> RedisCache:
     """An aiocache Redis cache (JSON values) for the plain get/set-with-TTL stores, on a small pool of
-    its own: aiocache 0.12 builds its client from the address, so it gets the URL's parts and the same
-    socket timeouts as the service's client. Its per-call `wait_for` is off (timeout None): the socket
-    timeouts bound a call, as they do for every other Redis command here."""
-    parts = urlsplit(url)
-    pool_options: dict[str, Any] = {"socket_timeout": timeout, "health_check_interval": 30}
-    if parts.username:
-        pool_options["username"] = unquote(parts.username)
-    return RedisCache(
-        endpoint=parts.hostname or "127.0.0.1",
-        port=parts.port or 6379,
-        db=int(parts.path.strip("/") or 0),
-        password=unquote(parts.password) if parts.password else None,
-        ssl=parts.scheme == "rediss",
-        create_connection_timeout=timeout,
-        connection_pool_kwargs=pool_options,
-        serializer=JsonSerializer(),
-        timeout=None,
-    )
+    its own with the same URL and socket timeouts as the service's client. Its per-call `wait_for` is
+    off (timeout None): the socket timeouts bound a call, as they do for every other Redis command."""
+
+    def pool(**_parts: Any) -> ConnectionPool:
+        # aiocache hands its pool class the host and port it would connect to; the URL says more
+        # (a unix socket, TLS, a user name), so the pool is made from the URL itself.
+        return ConnectionPool.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
+        )
+
+    return RedisCache(connection_pool_class=pool, serializer=JsonSerializer(), timeout=None)
 
 
 async def close_redis_cache(cache: RedisCache) -> None:

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from deploy.local.embedded import EmbeddedServer, process_alive, start_postgres, start_redis
+from shared.resources import close_redis_cache, redis_cache
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -86,3 +87,14 @@ def test_postgres_restarts_on_existing_data(tmp_path: Path) -> None:
         assert second.pid != first.pid
         assert _query(second, "SELECT value FROM kept") == [("still here",)]
     assert not second.running
+
+
+async def test_the_aiocache_stores_work_on_the_embedded_redis_socket(tmp_path: Path) -> None:
+    """`make run`'s Redis is a unix socket: the aiocache stores (OAuth states, email verdicts) use it too."""
+    with start_redis(tmp_path / "redis") as server:
+        cache = redis_cache(server.url, timeout=2)
+        try:
+            await cache.set("key", {"a": 1}, ttl=60, namespace="ns")
+            assert await cache.get("key", namespace="ns") == {"a": 1}
+        finally:
+            await close_redis_cache(cache)
