@@ -1,8 +1,8 @@
 """Signup with a referral code against a fake referral service served on loopback (a real HTTP server).
 
 The fake answers the internal contract (`POST /internal/v1/codes/{code}/reservations`, its `DELETE`,
-`POST /internal/v1/referrals`) as each test arranges, and records what it was sent. The real referral service is exercised in
-tests/integration.
+`POST /internal/v1/referrals`) as each test arranges, and records what it was sent. The real referral
+service is exercised in tests/integration.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ async def fake(aiohttp_server: Any) -> FakeReferrals:
         return web.json_response({"status": status, "code": "already_referred"}, status=status)
 
     app = web.Application()
+
     async def release(request: web.Request) -> web.Response:
         state.released.append((request.match_info["code"], request.match_info["referral_id"]))
         return web.Response(status=204)
