@@ -142,6 +142,8 @@ async def test_valid_code_sets_referrer_and_delivers_the_link_at_once(make_auth_
     assert response.status == 201, await response.text()
     user = (await response.json())["user"]
     assert user["referrer_id"] == str(OWNER)
+    assert fake.reserved_for == [user["id"]]  # the use was reserved for the id the user got
+    assert fake.released == []
     with db.cursor() as cursor:
         cursor.execute("SELECT referrer_id::text FROM auth.users WHERE id = %s", (user["id"],))
         assert cursor.fetchone() == (str(OWNER),)
