@@ -285,11 +285,14 @@ class ReferralUseCases:
                         referral = added
                 except AlreadyLinked:
                     raise AlreadyReferred() from None
-                # The use, in the link's transaction (an exhausted code rolls the link back).
+                # The use, in the link's transaction (an exhausted code rolls the link back): an
+                # activation takes one; a signup's link consumes the one its signup reserved, or takes
+                # one when it has no reservation (it expired).
+                use_of = code_id
                 if code_id is None and not await links.consume_reservation(referral_id):
                     unreserved = await self.codes.by_code(code)
-                    code_id = unreserved.id if unreserved is not None else None
-                if code_id is not None and not await links.take_use(code_id):
+                    use_of = unreserved.id if unreserved is not None else None
+                if use_of is not None and not await links.take_use(use_of):
                     raise CodeExhausted()
                 return Linked(referral, created=True)
         raise ServiceUnavailable("The referral tree is changing quickly; try again.")
