@@ -163,7 +163,10 @@ class InternalReservationSchema(Schema):
 
 
 class InternalReservationPathSchema(Schema):
-    code = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    code = fields.String(
+        required=True,
+        validate=[validate.Regexp(CODE_PATTERN, error="4 to 32 of A-Z a-z 0-9 _ -"), _whole_code],
+    )
     referral_id = fields.UUID(required=True)
 
 
