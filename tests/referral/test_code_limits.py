@@ -294,3 +294,19 @@ async def test_the_sweep_gives_back_the_uses_of_expired_reservations(system, db)
     assert code_row(db, code) == (1, 0)
     assert (await system.activate(minted_user(system, "c@example.com"), code)).status == 201
     assert code_row(db, code) == (1, 1)
+
+
+async def test_reservation_input_is_validated(system):
+    headers = system.service_headers()
+    bad_id = await system.referral.post(reservations("SOME-CODE"), json={"referral_id": "x"}, headers=headers)
+    await assert_problem(bad_id, 422, "validation_failed")
+    bad_code = await system.referral.post(
+        reservations("a%00bcd"), json={"referral_id": str(uuid.uuid4())}, headers=headers
+    )
+    await assert_problem(bad_code, 422, "validation_failed")
+    release = await system.referral.delete(f"{reservations('a%00bcd')}/{uuid.uuid4()}", headers=headers)
+    await assert_problem(release, 422, "validation_failed")
+    unknown = await system.referral.post(
+        reservations("NO-SUCH-CODE"), json={"referral_id": str(uuid.uuid4())}, headers=headers
+    )
+    await assert_problem(unknown, 404, "code_not_found")
