@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -36,6 +39,12 @@ becomes confirmed by itself then, whatever the order in which the two services h
 Tokens are the auth service's access tokens, verified here against its JWKS. Errors are
 `application/problem+json` (RFC 9457) with a stable `code`. Use **Authorize** with the OAuth2
 password flow (email as username) to call the secured endpoints from this page."""
+
+log = logging.getLogger(__name__)
+
+# How often expired code reservations give their uses back (they expire after a day: a minute late
+# changes nothing).
+RESERVATION_SWEEP_SECONDS = 60.0
 
 AUTH_TOKEN_URL = "/api/v1/auth/token"  # noqa: S105 (a path, not a secret)
 
@@ -95,6 +104,29 @@ def _use_cases_ctx(settings: ReferralSettings) -> CleanupContext:
     return ctx
 
 
+def _reservation_sweep_ctx(interval: float = RESERVATION_SWEEP_SECONDS) -> CleanupContext:
+    """Gives back the uses of expired code reservations (signups that never delivered their link)."""
+
+    async def sweep(app: web.Application) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await app[USE_CASES].release_expired_reservations()
+            except Exception:  # the next round tries again; one failure must not stop the sweep
+                log.exception("code reservation sweep failed")
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(sweep(app))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return ctx
+
+
 def create_app(settings: ReferralSettings) -> web.Application:
     """Build the referral service; resources open on startup and close on cleanup."""
     app = web.Application(client_max_size=settings.max_body_bytes)
@@ -117,6 +149,7 @@ def create_app(settings: ReferralSettings) -> web.Application:
     app.cleanup_ctx.append(http_client_ctx(timeout=5.0, user_agent="referral-system-referral"))
     app.cleanup_ctx.append(_verifiers_ctx(settings))
     app.cleanup_ctx.append(_use_cases_ctx(settings))
+    app.cleanup_ctx.append(_reservation_sweep_ctx())
     add_routes(app)
     setup_openapi(
         app,

@@ -1,8 +1,8 @@
 """Signup with a referral code against a fake referral service served on loopback (a real HTTP server).
 
-The fake answers the internal contract (`GET /internal/v1/codes/{code}`, `POST /internal/v1/referrals`)
-as each test arranges, and records what it was sent. The real referral service is exercised in
-tests/integration.
+The fake answers the internal contract (`POST /internal/v1/codes/{code}/reservations`, its `DELETE`,
+`POST /internal/v1/referrals`) as each test arranges, and records what it was sent. The real referral
+service is exercised in tests/integration.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ class FakeReferrals:
     links: list[dict[str, Any]] = field(default_factory=list)
     tokens: list[str] = field(default_factory=list)
     code_paths: list[str] = field(default_factory=list)
+    reserved_for: list[str] = field(default_factory=list)  # the referral ids of the reservations
+    released: list[tuple[str, str]] = field(default_factory=list)  # (code, referral id)
     url: str = ""
 
     def valid(self, code: str, owner: uuid.UUID = OWNER) -> None:
@@ -55,6 +57,7 @@ async def fake(aiohttp_server: Any) -> FakeReferrals:
     async def check(request: web.Request) -> web.Response:
         state.tokens.append(request.headers.get("Authorization", ""))
         state.code_paths.append(request.raw_path)
+        state.reserved_for.append((await request.json())["referral_id"])
         await asyncio.sleep(state.code_delay)
         status, body = state.codes.get(
             request.match_info["code"], (404, {"status": 404, "code": "code_not_found"})
@@ -75,7 +78,13 @@ async def fake(aiohttp_server: Any) -> FakeReferrals:
         return web.json_response({"status": status, "code": "already_referred"}, status=status)
 
     app = web.Application()
-    app.router.add_get("/internal/v1/codes/{code}", check)
+
+    async def release(request: web.Request) -> web.Response:
+        state.released.append((request.match_info["code"], request.match_info["referral_id"]))
+        return web.Response(status=204)
+
+    app.router.add_post("/internal/v1/codes/{code}/reservations", check)
+    app.router.add_delete("/internal/v1/codes/{code}/reservations/{referral_id}", release)
     app.router.add_post("/internal/v1/referrals", record)
     server = await aiohttp_server(app)
     state.url = str(server.make_url("")).rstrip("/")
@@ -133,6 +142,8 @@ async def test_valid_code_sets_referrer_and_delivers_the_link_at_once(make_auth_
     assert response.status == 201, await response.text()
     user = (await response.json())["user"]
     assert user["referrer_id"] == str(OWNER)
+    assert fake.reserved_for == [user["id"]]  # the use was reserved for the id the user got
+    assert fake.released == []
     with db.cursor() as cursor:
         cursor.execute("SELECT referrer_id::text FROM auth.users WHERE id = %s", (user["id"],))
         assert cursor.fetchone() == (str(OWNER),)
@@ -154,6 +165,7 @@ async def test_valid_code_sets_referrer_and_delivers_the_link_at_once(make_auth_
     [
         (404, "code_not_found", 404, "code_not_found"),
         (410, "code_expired", 410, "code_expired"),
+        (409, "code_exhausted", 409, "code_exhausted"),
         (422, "validation_failed", 404, "code_not_found"),  # no code can look like that
     ],
 )
@@ -176,7 +188,7 @@ async def test_the_code_is_url_encoded_in_the_path(make_auth_client, fake, db):
     assert fake.code_paths == []  # a slash cannot be in a code: refused without asking
     response = await client.post(SIGNUP, json=body("enc@example.com", "ab?c#d %é"))
     await assert_problem(response, 404, "code_not_found")
-    assert fake.code_paths == ["/internal/v1/codes/ab%3Fc%23d%20%25%C3%A9"]
+    assert fake.code_paths == ["/internal/v1/codes/ab%3Fc%23d%20%25%C3%A9/reservations"]
 
 
 @pytest.mark.parametrize("answer", [500, 502, 401, 403, 404])

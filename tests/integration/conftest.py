@@ -65,7 +65,9 @@ class Hop:
             if self.lose_link_answers > 0:
                 self.lose_link_answers -= 1
                 return web.json_response({"status": 502, "code": "bad_gateway"}, status=502)
-        if request.method == "GET" and status == 200 and self.after_code_ok is not None:
+        # The signup's code check: the reservation of a use of the code (POST .../reservations, 201).
+        is_code_check = request.method == "POST" and request.path.endswith("/reservations")
+        if is_code_check and status == 201 and self.after_code_ok is not None:
             step, self.after_code_ok = self.after_code_ok, None
             await step(request.match_info["tail"])
         return web.Response(status=status, body=payload, headers={"Content-Type": content_type})

@@ -69,7 +69,7 @@ async def test_create_answers_201_with_the_documented_body(system, db):
     assert response.status == 201, await response.text()
     assert response.content_type == "application/json"
     body = await response.json()
-    assert set(body) == {"code", "expires_at", "created_at", "owner_id"}
+    assert set(body) == {"code", "expires_at", "created_at", "owner_id", "max_uses", "uses"}
     assert body["owner_id"] == alice.id
     assert abs((assert_rfc3339(body["expires_at"]) - expires_at).total_seconds()) < 1e-3
     created = assert_rfc3339(body["created_at"])
@@ -400,7 +400,7 @@ async def test_get_my_code_answers_the_active_code(system):
     response = await system.referral.get(MY_CODE, headers=alice.headers)
     assert response.status == 200, await response.text()
     body = await response.json()
-    assert set(body) == {"code", "expires_at", "created_at", "owner_id"}
+    assert set(body) == {"code", "expires_at", "created_at", "owner_id", "max_uses", "uses"}
     assert body["code"] == "Alice_Code"
     assert body["owner_id"] == alice.id
     assert assert_rfc3339(body["expires_at"]) == datetime.fromisoformat(created["expires_at"])

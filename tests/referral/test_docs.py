@@ -120,11 +120,13 @@ async def test_every_route_of_the_app_is_in_the_spec(spec):
 async def test_request_and_response_schemas(spec):
     create = spec["paths"][f"{PREFIX}/codes"]["post"]
     body = schema_of(spec, create["requestBody"]["content"]["application/json"]["schema"])
-    assert set(body["properties"]) == {"expires_at", "code"}
+    assert set(body["properties"]) == {"expires_at", "code", "max_uses"}
     assert body.get("required") == ["expires_at"]
+    max_uses = body["properties"]["max_uses"]
+    assert (max_uses.get("minimum"), max_uses.get("maximum")) == (1, 1_000_000), max_uses
     assert body["properties"]["code"].get("pattern") == r"^[A-Za-z0-9_-]{4,32}$"
     created = schema_of(spec, create["responses"]["201"]["content"]["application/json"]["schema"])
-    assert set(created["properties"]) == {"code", "expires_at", "created_at", "owner_id"}
+    assert set(created["properties"]) == {"code", "expires_at", "created_at", "owner_id", "max_uses", "uses"}
     lookup = spec["paths"][f"{PREFIX}/codes"]["get"]
     email = [p for p in lookup.get("parameters", []) if p["name"] == "email"]
     assert email and email[0]["in"] == "query" and email[0].get("required") is True, lookup

@@ -1,5 +1,5 @@
-"""The referral service's internal API, as the auth service calls it: check a code, record a link, say a
-user's address is proven.
+"""The referral service's internal API, as the auth service calls it: reserve (and release) a use of a
+code for a signup, record a link, say a user's address is proven.
 
 Every call carries a service token the auth service signs for itself (`sub` auth-service, `aud` the
 referral service, scope `referrals:internal`), cached and reissued well before it expires, and is
@@ -22,7 +22,7 @@ import aiohttp
 from yarl import URL
 
 from services.auth.adapters.signing import AccessTokenIssuer
-from services.auth.domain.errors import InactiveCode, ReferralServiceError, UnknownCode
+from services.auth.domain.errors import ExhaustedCode, InactiveCode, ReferralServiceError, UnknownCode
 from services.auth.domain.models import ReferralCode, ReferralLink
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,13 @@ async def _problem_code(response: aiohttp.ClientResponse) -> str:
 
 def _parse_code(body: Any) -> ReferralCode:
     if not isinstance(body, dict):
-        raise ReferralServiceError("code check: the answer is not a JSON object")
+        raise ReferralServiceError("code reservation: the answer is not a JSON object")
     try:
         expires_at = datetime.fromisoformat(str(body["expires_at"]))
         owner_id = uuid.UUID(str(body["owner_id"]))
         return ReferralCode(code=str(body["code"]), owner_id=owner_id, expires_at=expires_at)
     except (KeyError, ValueError):
-        raise ReferralServiceError("code check: the answer lacks code, owner_id or expires_at") from None
+        raise ReferralServiceError("code reservation: code, owner_id or expires_at missing") from None
 
 
 class ReferralClient:
@@ -115,36 +115,58 @@ class ReferralClient:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._token.bearer()}", "Accept": "application/json"}
 
-    async def check_code(self, code: str) -> ReferralCode:
-        """The active code's owner; UnknownCode, InactiveCode, or ReferralServiceError."""
+    async def reserve_code(self, code: str, referral_id: uuid.UUID) -> ReferralCode:
+        """Take a use of the active code for the user about to be created with `referral_id`; the
+        code and its owner. UnknownCode, InactiveCode, ExhaustedCode, or ReferralServiceError."""
         if not code.strip(".") or "/" in code:
             raise UnknownCode()  # no code looks like this, and such a path would not reach the endpoint
-        url = URL(f"{self._base}/internal/v1/codes/{quote(code, safe='')}", encoded=True)
+        url = URL(f"{self._base}/internal/v1/codes/{quote(code, safe='')}/reservations", encoded=True)
+        body = {"referral_id": str(referral_id)}
         try:
             async with asyncio.timeout(self._timeout):
                 # One retry when a kept-alive connection turns out closed by the peer (a restart, an
-                # idle timeout on its side): the GET is safe to repeat, and the deadline covers both.
+                # idle timeout on its side): the reservation is idempotent by referral id, and the
+                # deadline covers both.
                 for attempt in (1, 2):
                     try:
-                        async with self._session.get(url, headers=self._headers()) as response:
-                            if response.status == 200:
+                        async with self._session.post(url, json=body, headers=self._headers()) as response:
+                            if response.status in (200, 201):
                                 return _parse_code(await response.json(content_type=None))
                             problem = await _problem_code(response)
                             # 422: the referral service says no code can look like this one.
                             if (response.status == 404 and problem == "code_not_found") or (
-                                response.status == 422
+                                response.status == 422 and problem == "validation_failed"
                             ):
                                 raise UnknownCode()
                             if response.status == 410:
                                 raise InactiveCode()
+                            if response.status == 409 and problem == "code_exhausted":
+                                raise ExhaustedCode()
                             status = f"HTTP {response.status} {problem}".strip()
-                            raise ReferralServiceError(f"code check: {status}")
+                            raise ReferralServiceError(f"code reservation: {status}")
                     except aiohttp.ServerDisconnectedError:
                         if attempt == 2:
                             raise
                 raise AssertionError("unreachable")
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            raise ReferralServiceError(f"code check: {type(error).__name__}") from None
+            raise ReferralServiceError(f"code reservation: {type(error).__name__}") from None
+
+    async def release_code(self, code: str, referral_id: uuid.UUID) -> None:
+        """Give back the use reserved for `referral_id` (idempotent); ReferralServiceError."""
+        url = URL(
+            f"{self._base}/internal/v1/codes/{quote(code, safe='')}/reservations/{referral_id}", encoded=True
+        )
+        try:
+            async with (
+                asyncio.timeout(self._timeout),
+                self._session.delete(url, headers=self._headers()) as response,
+            ):
+                if response.status in (200, 204):
+                    return
+                problem = await _problem_code(response)
+                raise ReferralServiceError(f"code release: HTTP {response.status} {problem}".strip())
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise ReferralServiceError(f"code release: {type(error).__name__}") from None
 
     async def record_referral(self, link: ReferralLink) -> bool:
         """Record the link (idempotent by referral id); True when recorded now, False when it was already.

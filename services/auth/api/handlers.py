@@ -112,9 +112,14 @@ def _token_response(tokens: TokenPair) -> web.Response:
     summary="Sign up with email and password",
     description=(
         "Creates the user and signs them in. With `referral_code`, the code is checked first: an "
-        "unknown code answers 404 `code_not_found`, an expired or deleted one 410 `code_expired`, and "
-        "when the referral service cannot be asked, 503 `referral_service_unavailable` with "
-        "Retry-After; no user is created in those cases. A valid code makes its owner the new "
+        "unknown code answers 404 `code_not_found`, an expired or deleted one 410 `code_expired`, one "
+        "whose `max_uses` are all taken 409 `code_exhausted`, and when the referral service cannot be "
+        "asked, 503 `referral_service_unavailable` with Retry-After; no user is created in those "
+        "cases. The check takes one use of the code for the new user before the user is created (and "
+        "gives it back if the signup fails), so `max_uses` holds under any concurrency and a signup "
+        "accepted with the last use keeps it: when a signup and an activation race for the last use, "
+        "whichever the referral service serves first (the code's row lock) gets it, and the other "
+        "answers 409 `code_exhausted`. A valid code makes its owner the new "
         "user's `referrer_id`, and the referral is recorded with the referral service. When an email "
         "verifier is configured, an address it judges invalid or disposable answers 422 "
         "`email_undeliverable` and creates nothing; if the verifier cannot answer, the signup goes on "
@@ -284,7 +289,8 @@ async def oauth_authorize(request: web.Request) -> web.Response:
         "`email_taken`). 400 `invalid_state` for a missing, unknown, expired or reused state; 400 "
         "`oauth_failed` when the provider refused or failed (denied consent, code exchange error, "
         "provider down, bad ID token). A referral code carried in the state answers like signup: 404 "
-        "`code_not_found`, 410 `code_expired`, 503. Nothing is created on any failure."
+        "`code_not_found`, 410 `code_expired`, 409 `code_exhausted`, 503. Nothing is created on any "
+        "failure."
     ),
     responses=problem_responses(400, 404, 409, 410, 422, 503),
 )

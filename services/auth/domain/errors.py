@@ -34,6 +34,12 @@ class ReferralCodeExpired(Problem):
     title = "The referral code has expired or was deleted"
 
 
+class ReferralCodeExhausted(Problem):
+    status = 409
+    code = "code_exhausted"
+    title = "The referral code has been used as many times as it allows"
+
+
 class ReferralServiceUnavailable(Problem):
     status = 503
     code = "referral_service_unavailable"
@@ -180,6 +186,10 @@ class UnknownCode(Exception):
 
 class InactiveCode(Exception):
     """The code exists but has expired or was deleted."""
+
+
+class ExhaustedCode(Exception):
+    """The code is active but has no use left (its `max_uses`)."""
 
 
 class ReferralServiceError(Exception):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -121,8 +122,15 @@ class OAuthService:
         if existing is not None:
             return await self._link(name, identity, existing.user)
 
-        referral = await self.auth.check_referral_code(flow.referral_code) if flow.referral_code else None
-        email_check = await self.auth.check_email(identity.email)
+        user_id = uuid.uuid4()
+        referral = (
+            await self.auth.reserve_referral_code(flow.referral_code, user_id) if flow.referral_code else None
+        )
+        try:
+            email_check = await self.auth.check_email(identity.email)
+        except BaseException:
+            await self.auth.release_referral_code(referral, user_id)
+            raise
         try:
             session = await self.auth.register(
                 identity.email,
@@ -131,6 +139,7 @@ class OAuthService:
                 email_check=email_check,
                 identity=(name, identity.subject),
                 email_verified=identity.email_verified,
+                user_id=user_id,
             )
         except IdentityAlreadyLinked:
             raise OAuthFailed("This provider account was linked at the same moment; sign in again.") from None

@@ -47,8 +47,10 @@ class UserRepository(Protocol):
         *,
         email_check: Mapping[str, Any] | None = None,
         email_verified: bool = False,
+        user_id: uuid.UUID | None = None,
     ) -> User:
-        """EmailAlreadyUsed when an account has the address."""
+        """EmailAlreadyUsed when an account has the address. `user_id`: the id to give the user
+        (one is generated when None)."""
         ...
 
     async def get(self, user_id: uuid.UUID) -> User | None: ...
@@ -238,10 +240,16 @@ class OAuthStateStore(Protocol):
 
 
 class ReferralCodes(Protocol):
-    """The referral service's view of a code."""
+    """The referral service's codes, as a signup uses them."""
 
-    async def check_code(self, code: str) -> ReferralCode:
-        """The active code; UnknownCode, InactiveCode, or ReferralServiceError."""
+    async def reserve_code(self, code: str, referral_id: uuid.UUID) -> ReferralCode:
+        """Take one use of the active code for the user about to be created with this id (idempotent
+        by that id); the code. UnknownCode, InactiveCode, ExhaustedCode, or ReferralServiceError."""
+        ...
+
+    async def release_code(self, code: str, referral_id: uuid.UUID) -> None:
+        """Give back the use reserved for this user, whose signup failed (idempotent);
+        ReferralServiceError."""
         ...
 
 

@@ -17,9 +17,11 @@ from services.auth.domain.errors import (
     EmailAlreadyVerified,
     EmailTaken,
     EmailUndeliverable,
+    ExhaustedCode,
     InactiveCode,
     MailThrottled,
     PasswordChangeThrottled,
+    ReferralCodeExhausted,
     ReferralCodeExpired,
     ReferralCodeNotFound,
     ReferralServiceError,
@@ -129,19 +131,42 @@ class AuthService:
         refresh = await self._new_refresh_token(tx, user.id, family_id, None)
         return self._pair(user, refresh, family_id)
 
-    async def check_referral_code(self, code: str) -> ReferralCode:
-        """The code as the referral service vouches for it: 404, 410, or 503 when it cannot say."""
+    async def reserve_referral_code(self, code: str, user_id: uuid.UUID) -> ReferralCode:
+        """One use of the code, taken for the user about to be created with `user_id`, as the referral
+        service grants it: 404, 410, 409 `code_exhausted`, or 503 when it cannot say.
+
+        Taken before the user exists, so a signup that would exceed the code's `max_uses` is refused
+        before anything is written, and the signup's link, delivered later, consumes this use instead
+        of competing for one (it is never refused for want of a use). Every way the signup can fail
+        after this gives the use back (`release_referral_code`).
+        """
         try:
-            return await self.referrals.check_code(code)
+            return await self.referrals.reserve_code(code, user_id)
         except UnknownCode:
             raise ReferralCodeNotFound("No referral code matches referral_code.") from None
         except InactiveCode:
             raise ReferralCodeExpired("The referral code has expired or was deleted.") from None
+        except ExhaustedCode:
+            raise ReferralCodeExhausted(
+                "The referral code has been used as many times as it allows; nothing was created."
+            ) from None
         except ReferralServiceError as error:
-            log.warning("referral code check failed: %s", error)
+            log.warning("referral code reservation failed: %s", error)
             raise ReferralServiceUnavailable(
                 "The referral service did not answer; nothing was created, retry shortly."
             ) from None
+
+    async def release_referral_code(self, code: ReferralCode | None, user_id: uuid.UUID) -> None:
+        """The signup failed before its user was created: give its reserved use back. Best effort: a
+        use not given back now is when its reservation expires (the referral service's sweep)."""
+        if code is None:
+            return
+        try:
+            await self.referrals.release_code(code.code, user_id)
+        except ReferralServiceError as error:
+            log.warning(
+                "referral code use not released (it will expire): %s", error, extra={"user_id": str(user_id)}
+            )
 
     async def check_email(self, email: str) -> dict[str, Any] | None:
         """The verifier's verdict to store as the user's `email_check`; None when no verifier is set.
@@ -168,16 +193,24 @@ class AuthService:
     async def signup(self, email: str, password: str, referral_code: str | None) -> Session:
         """Create a user with a password and sign them in; with a code, link them to its owner.
 
-        The code is checked before anything is written (404, 410, or 503 when it cannot be checked).
-        The email verifier (when configured) is asked after the cheap checks and before the costly
-        hash; an undeliverable address is 422 and creates nothing.
+        The code is checked, and a use of it reserved for the new user's id, before anything is
+        written (404, 410, 409 `code_exhausted`, or 503 when it cannot be checked). The email verifier
+        (when configured) is asked after the cheap checks and before the costly hash; an undeliverable
+        address is 422 and creates nothing (and gives the code's use back).
         """
         if await self.users.email_exists(email):
             raise EmailTaken()
-        code = await self.check_referral_code(referral_code) if referral_code is not None else None
-        email_check = await self.check_email(email)
-        password_hash = await self.hasher.hash(password)
-        return await self.register(email, password_hash=password_hash, code=code, email_check=email_check)
+        user_id = uuid.uuid4()
+        code = await self.reserve_referral_code(referral_code, user_id) if referral_code is not None else None
+        try:
+            email_check = await self.check_email(email)
+            password_hash = await self.hasher.hash(password)
+        except BaseException:
+            await self.release_referral_code(code, user_id)
+            raise
+        return await self.register(
+            email, password_hash=password_hash, code=code, email_check=email_check, user_id=user_id
+        )
 
     async def register(
         self,
@@ -188,8 +221,12 @@ class AuthService:
         email_check: dict[str, Any] | None,
         identity: tuple[str, str] | None = None,
         email_verified: bool = False,
+        user_id: uuid.UUID | None = None,
     ) -> Session:
         """Write a new user and sign them in: password and provider signups end here.
+
+        With a code, `user_id` is the id its use was reserved for (`reserve_referral_code`); if the
+        user's transaction does not commit, that use is given back.
 
         The user, their provider identity (if any), their first refresh token, the referral link to
         deliver, and the verification mail (an unproven address) or the "verified" notice (a provider
@@ -198,9 +235,10 @@ class AuthService:
         for a proven address only.
         """
         link: ReferralLink | None = None
-        if not email_verified:  # the first verification mail counts toward the address's limit
-            await self.mail_limiter.reserve(VERIFY_EMAIL, email)
+        user_id = user_id or uuid.uuid4()
         try:
+            if not email_verified:  # the first verification mail counts toward the address's limit
+                await self.mail_limiter.reserve(VERIFY_EMAIL, email)
             async with self.uow.transaction() as tx:
                 user = await tx.users.add(
                     email,
@@ -208,6 +246,7 @@ class AuthService:
                     code.owner_id if code else None,
                     email_check=email_check,
                     email_verified=email_verified,
+                    user_id=user_id,
                 )
                 if identity is not None:
                     await tx.identities.add(identity[0], identity[1], user.id, user.email)
@@ -219,8 +258,13 @@ class AuthService:
                     await self.ownership.proven(tx, user.id)
                 else:
                     await self.ownership.send_verification(tx, user)
-        except EmailAlreadyUsed:
-            raise EmailTaken() from None
+        except BaseException as error:
+            # Nothing was committed: the code's reserved use goes back (a commit whose answer was lost
+            # is the one case this misjudges; the link then takes a use again, refused if none is left).
+            await self.release_referral_code(code, user_id)
+            if isinstance(error, EmailAlreadyUsed):
+                raise EmailTaken() from None
+            raise
         self.ownership.wake()
         log.info(
             "user signed up",

@@ -72,6 +72,8 @@ def _dump(code: ReferralCode) -> dict[str, Any]:
         "expires_at": code.expires_at.isoformat(),
         "created_at": code.created_at.isoformat(),
         "deleted_at": code.deleted_at.isoformat() if code.deleted_at else None,
+        # The limit never changes; `uses` does, so it is not kept (the writes count it in the database).
+        "max_uses": code.max_uses,
     }
 
 
@@ -84,6 +86,7 @@ def _load(value: dict[str, Any]) -> ReferralCode:
         expires_at=datetime.fromisoformat(value["expires_at"]),
         created_at=datetime.fromisoformat(value["created_at"]),
         deleted_at=datetime.fromisoformat(value["deleted_at"]) if value["deleted_at"] else None,
+        max_uses=value.get("max_uses"),
     )
 
 

@@ -12,9 +12,22 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, bindparam, case, exists, func, insert, literal_column, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from services.referral.adapters.tables import code_reservations_table as reservations
 from services.referral.adapters.tables import codes_table as codes
 from services.referral.adapters.tables import referrals_table as referrals
 from services.referral.adapters.tables import verified_users_table as verified_users
@@ -25,6 +38,7 @@ from services.referral.domain.models import (
     ListedReferral,
     Referral,
     ReferralCode,
+    Reservation,
 )
 from services.referral.domain.ports import AlreadyLinked, CodeTextTaken, OpenCodeExists
 from shared.db import Connection, Database, UniqueViolation, prepare, prepare_sql
@@ -40,6 +54,8 @@ _CODE_COLUMNS = (
     codes.c.expires_at,
     codes.c.created_at,
     codes.c.deleted_at,
+    codes.c.max_uses,
+    codes.c.uses,
 )
 _REFERRAL_COLUMNS = (
     referrals.c.referrer_id,
@@ -65,6 +81,7 @@ _INSERT_CODE = prepare(
         owner_id=bindparam("owner_id"),
         owner_email=bindparam("owner_email"),
         expires_at=bindparam("expires_at"),
+        max_uses=bindparam("max_uses"),
     )
     .returning(*_CODE_COLUMNS)
 )
@@ -82,6 +99,63 @@ _ACTIVE_BY_EMAIL = prepare(
     .limit(1)
 )
 _BY_CODE = prepare(select(*_CODE_COLUMNS).where(func.lower(codes.c.code) == bindparam("code")))
+
+# --- usage limits (migration 0005) ---
+# One more use, only while one is left: the UPDATE takes the code's row lock, and a racer that waited
+# for it re-reads the row (READ COMMITTED) and finds the limit reached. Whichever statement takes the
+# lock first, an activation's or a signup's reservation, gets the use.
+_has_use_left = or_(codes.c.max_uses.is_(None), codes.c.uses < codes.c.max_uses)
+_TAKE_USE = prepare(
+    update(codes)
+    .where(codes.c.id == bindparam("code_id"), _has_use_left)
+    .values(uses=codes.c.uses + 1)
+    .returning(codes.c.id)
+)
+_TAKE_USE_OF_ACTIVE = prepare(
+    update(codes)
+    .where(codes.c.id == bindparam("code_id"), _has_use_left, *_active)
+    .values(uses=codes.c.uses + 1)
+    .returning(*_CODE_COLUMNS)
+)
+_INSERT_RESERVATION = prepare(
+    insert(reservations)
+    .values(
+        referral_id=bindparam("referral_id"),
+        code_id=bindparam("code_id"),
+        expires_at=bindparam("expires_at"),
+    )
+    .returning(reservations.c.expires_at)
+)
+_RESERVATION_OF = prepare(
+    select(*_CODE_COLUMNS, reservations.c.expires_at.label("reserved_until"))
+    .select_from(reservations.join(codes, codes.c.id == reservations.c.code_id))
+    .where(reservations.c.referral_id == bindparam("referral_id"))
+)
+_CONSUME_RESERVATION = prepare(
+    delete(reservations)
+    .where(reservations.c.referral_id == bindparam("referral_id"))
+    .returning(reservations.c.referral_id)
+)
+# A reservation removed and its use given back, in one statement.
+_RELEASE = prepare_sql("""
+WITH gone AS (
+    DELETE FROM referral.code_reservations r USING referral.codes c
+    WHERE r.referral_id = %(referral_id)s AND c.id = r.code_id AND lower(c.code) = %(code)s
+    RETURNING r.code_id
+)
+UPDATE referral.codes c SET uses = c.uses - 1 FROM gone WHERE c.id = gone.code_id RETURNING c.id
+""")
+# One sweeper at a time (two would delete the same rows in different orders and could deadlock).
+_LOCK_SWEEP = prepare_sql("SELECT pg_advisory_xact_lock(hashtextextended('referral-reservation-sweep', 0))")
+_RELEASE_EXPIRED = prepare_sql("""
+WITH gone AS (
+    DELETE FROM referral.code_reservations WHERE expires_at <= %(now)s RETURNING code_id
+), counted AS (
+    SELECT code_id, count(*) AS n FROM gone GROUP BY code_id
+)
+UPDATE referral.codes c SET uses = c.uses - counted.n FROM counted WHERE c.id = counted.code_id
+RETURNING counted.n
+""")
 
 _REFERRAL_OF = prepare(select(*_REFERRAL_COLUMNS).where(referrals.c.referral_id == bindparam("referral_id")))
 
@@ -197,6 +271,8 @@ def _code(row: Mapping[str, Any]) -> ReferralCode:
         expires_at=row["expires_at"],
         created_at=row["created_at"],
         deleted_at=row["deleted_at"],
+        max_uses=row["max_uses"],
+        uses=row["uses"],
     )
 
 
@@ -219,7 +295,12 @@ class PostgresCodeRepository:
         self._db = database
 
     async def create(
-        self, owner_id: uuid.UUID, owner_email: str, code: str, expires_at: datetime
+        self,
+        owner_id: uuid.UUID,
+        owner_email: str,
+        code: str,
+        expires_at: datetime,
+        max_uses: int | None = None,
     ) -> ReferralCode:
         """Open a code; OpenCodeExists or CodeTextTaken when a unique index refuses it."""
         try:
@@ -232,6 +313,7 @@ class PostgresCodeRepository:
                         "owner_id": owner_id,
                         "owner_email": owner_email,
                         "expires_at": expires_at,
+                        "max_uses": max_uses,
                     },
                 )
         except UniqueViolation as violation:
@@ -260,6 +342,42 @@ class PostgresCodeRepository:
         """The code with this text (any state), compared case-insensitively."""
         row = await self._db.fetch_one(_BY_CODE, {"code": code.lower()})
         return _code(row) if row else None
+
+    async def reserve(
+        self, code_id: uuid.UUID, referral_id: uuid.UUID, expires_at: datetime
+    ) -> Reservation | None:
+        """Take a use of the active code and record it for the referral, in one transaction; None when
+        the code is inactive or has no use left; the referral's reservation when it has one already."""
+        try:
+            async with self._db.transaction() as conn:
+                row = await conn.fetch_one(_TAKE_USE_OF_ACTIVE, {"code_id": code_id})
+                if row is None:
+                    return None
+                reserved = await conn.fetch_one(
+                    _INSERT_RESERVATION,
+                    {"referral_id": referral_id, "code_id": code_id, "expires_at": expires_at},
+                )
+        except UniqueViolation:  # the same referral at the same moment: its use was rolled back
+            return await self.reservation_of(referral_id)
+        assert reserved is not None
+        return Reservation(referral_id, _code(row), reserved["expires_at"])
+
+    async def reservation_of(self, referral_id: uuid.UUID) -> Reservation | None:
+        row = await self._db.fetch_one(_RESERVATION_OF, {"referral_id": referral_id})
+        return Reservation(referral_id, _code(row), row["reserved_until"]) if row else None
+
+    async def release(self, referral_id: uuid.UUID, code: str) -> bool:
+        """Remove the unconsumed reservation and give its use back; True when there was one."""
+        return (
+            await self._db.fetch_one(_RELEASE, {"referral_id": referral_id, "code": code.lower()}) is not None
+        )
+
+    async def release_expired(self, now: datetime) -> int:
+        """Give back the uses of the reservations expired at `now` (one sweeper at a time)."""
+        async with self._db.transaction() as conn:
+            await conn.execute(_LOCK_SWEEP)
+            rows = await conn.fetch_all(_RELEASE_EXPIRED, {"now": now})
+        return sum(int(row["n"]) for row in rows)
 
 
 async def _root_of(conn: Connection | Database, user_id: uuid.UUID) -> uuid.UUID:
@@ -364,6 +482,14 @@ class PostgresLinks:
             raise AlreadyLinked from None
         assert row is not None
         return _referral(row)
+
+    async def take_use(self, code_id: uuid.UUID) -> bool:
+        """One more use of the code if one is left; its row stays locked until the transaction ends."""
+        return await self._conn.fetch_one(_TAKE_USE, {"code_id": code_id}) is not None
+
+    async def consume_reservation(self, referral_id: uuid.UUID) -> bool:
+        """Remove the referral's reservation (its use becomes the link's); False when there was none."""
+        return await self._conn.fetch_one(_CONSUME_RESERVATION, {"referral_id": referral_id}) is not None
 
     async def confirm_user(self, user_id: uuid.UUID) -> bool:
         """Record that the user's address is proven and confirm their pending link, if any (one

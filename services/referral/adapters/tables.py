@@ -7,7 +7,9 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    ForeignKey,
     Index,
+    Integer,
     MetaData,
     Table,
     Text,
@@ -29,8 +31,13 @@ codes_table = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("deleted_at", DateTime(timezone=True)),
+    # The usage limit (migration 0005): NULL for none; `uses` counts links and reserved signups.
+    Column("max_uses", Integer),
+    Column("uses", Integer, nullable=False, server_default=text("0")),
     CheckConstraint("code ~ '^[A-Za-z0-9_-]{4,32}$'", name="codes_code_format"),
     CheckConstraint("expires_at > created_at", name="codes_expire_after_creation"),
+    CheckConstraint("max_uses BETWEEN 1 AND 1000000", name="codes_max_uses_range"),
+    CheckConstraint("uses >= 0 AND (max_uses IS NULL OR uses <= max_uses)", name="codes_uses_within_limit"),
 )
 Index("codes_code_lower_key", func.lower(codes_table.c.code), unique=True)
 Index(
@@ -83,3 +90,15 @@ verified_users_table = Table(
     Column("user_id", Uuid, primary_key=True),
     Column("verified_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
+
+# Uses of codes taken for signups whose link has not arrived yet (migration 0005).
+code_reservations_table = Table(
+    "code_reservations",
+    metadata,
+    Column("referral_id", Uuid, primary_key=True),
+    Column("code_id", Uuid, ForeignKey("referral.codes.id"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("expires_at > created_at", name="code_reservations_expire_after_creation"),
+)
+Index("code_reservations_by_expiry", code_reservations_table.c.expires_at)

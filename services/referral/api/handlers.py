@@ -14,6 +14,9 @@ from services.referral.api.schemas import (
     InternalCodePathSchema,
     InternalCodeSchema,
     InternalLinkRequestSchema,
+    InternalReservationPathSchema,
+    InternalReservationRequestSchema,
+    InternalReservationSchema,
     InternalUserPathSchema,
     PublicCodeSchema,
     ReferralListSchema,
@@ -22,7 +25,7 @@ from services.referral.api.schemas import (
     ReferrerPathSchema,
 )
 from services.referral.appkeys import USE_CASES
-from services.referral.domain.models import Referral, ReferralPage
+from services.referral.domain.models import Referral, ReferralPage, Reservation
 from services.referral.domain.rules import mask_email
 from services.referral.settings import API_PREFIX, INTERNAL_PREFIX
 from shared import health
@@ -38,6 +41,17 @@ INTERNAL_TAG = ["internal (service to service)"]
 _code_schema = CodeSchema()
 _referral_schema = ReferralSchema()
 _internal_code_schema = InternalCodeSchema()
+_reservation_schema = InternalReservationSchema()
+
+# How a signup and an activation racing for a code's last use are decided (both operations say it).
+LAST_USE_RACE = (
+    "`max_uses` holds under any concurrency: a code never has more links than its `max_uses`. Each "
+    "activation and each signup with the code takes one use in a single statement that checks the "
+    "limit under the code's row lock; when a signup and an activation race for the last use, whichever "
+    "statement takes that lock first gets it, and the other answers 409 `code_exhausted` (a signup "
+    "then creates nothing). A signup's use is taken before its user is created and its link later "
+    "consumes it, so a signup accepted with the last use is never refused afterwards."
+)
 
 
 def _email_of(claims: AccessClaims) -> str:
@@ -68,11 +82,30 @@ def _referral_body(referral: Referral) -> dict[str, object]:
     return dict(_referral_schema.dump(referral))
 
 
+def _reservation_body(reservation: Reservation) -> dict[str, object]:
+    code = reservation.code
+    return dict(
+        _reservation_schema.dump(
+            {
+                "referral_id": reservation.referral_id,
+                "code": code.code,
+                "owner_id": code.owner_id,
+                "expires_at": code.expires_at,
+                "max_uses": code.max_uses,
+                "uses": code.uses,
+                "reserved_until": reservation.expires_at,
+            }
+        )
+    )
+
+
 @docs(
     tags=TAG,
     summary="Create my referral code",
     description=(
-        "One active code per user. Omit `code` to get a generated one.\n\n"
+        "One active code per user. Omit `code` to get a generated one. `max_uses` (1 to 1,000,000) "
+        "limits how many users can become referrals with the code; omit it for no limit. `uses` "
+        "counts them.\n\n"
         "Only for a user whose email address is proven: the access token says `email_verified: true`, "
         "or the auth service has told this service since the token was issued. Otherwise 403 "
         "`email_unverified`, answered before the body's values are checked against the rules "
@@ -92,6 +125,7 @@ async def create_code(request: web.Request) -> web.Response:
         data["expires_at"],
         data["code"],
         email_verified=claims.email_verified,
+        max_uses=data["max_uses"],
     )
     return json_response(_code_schema.dump(code), status=201)
 
@@ -141,6 +175,8 @@ async def code_by_email(request: web.Request) -> web.Response:
         "The link's `status` is `confirmed` when the caller's email address is proven (the access "
         "token says `email_verified: true`, or the auth service has told this service), else "
         "`pending`: a pending link becomes confirmed by itself once the caller verifies the address."
+        "\n\n409 `code_exhausted`: the code's `max_uses` links exist (or are held for signups). "
+        + LAST_USE_RACE
     ),
     responses=problem_responses(400, 401, 404, 409, 410, 413, 415, 422),
 )
@@ -194,6 +230,50 @@ async def healthz(request: web.Request) -> web.Response:
 
 @docs(
     tags=INTERNAL_TAG,
+    summary="Take a use of a code for a signup about to be accepted (service token); idempotent",
+    description=(
+        "The auth service's check of a signup's code, before it creates the user whose id it chose "
+        "(`referral_id`): the code must be active and have a use left, and one use is taken for that "
+        "user now. The signup's link (`POST /internal/v1/referrals`) consumes this reservation "
+        "instead of taking a use again, so it is never refused for want of one. The same "
+        "`referral_id` again answers the same reservation and takes nothing. A signup that fails "
+        "after this gives the use back (`DELETE`); one that never tells (a crash) leaves a "
+        "reservation that expires (`reserved_until`, 24 hours) and a sweep gives its use back.\n\n"
+        "404 `code_not_found`, 410 `code_expired`, 409 `code_exhausted` (no use left). " + LAST_USE_RACE
+    ),
+    responses=problem_responses(400, 401, 403, 404, 409, 410, 415, 422),
+)
+@match_info_schema(InternalCodePathSchema, put_into="path")
+@request_schema(InternalReservationRequestSchema)
+@response_schema(InternalReservationSchema, 201, description="The reservation, with the code and its owner")
+@service
+async def internal_reserve(request: web.Request) -> web.Response:
+    reservation = await request.app[USE_CASES].reserve_use(
+        request["path"]["code"], request["data"]["referral_id"]
+    )
+    return json_response(_reservation_body(reservation), status=201)
+
+
+@docs(
+    tags=INTERNAL_TAG,
+    summary="Give back a signup's reserved use (service token); idempotent",
+    description=(
+        "The signup the reservation was taken for failed before its user was created: the use goes "
+        "back to the code. 204 every time, also when there is nothing to release (released already, "
+        "expired, or consumed by the signup's link: a consumed use stays the link's)."
+    ),
+    responses={204: {"description": "Released, or nothing to release"}, **problem_responses(401, 403, 422)},
+)
+@match_info_schema(InternalReservationPathSchema, put_into="path")
+@service
+async def internal_release(request: web.Request) -> web.Response:
+    path = request["path"]
+    await request.app[USE_CASES].release_use(path["code"], path["referral_id"])
+    return web.Response(status=204)
+
+
+@docs(
+    tags=INTERNAL_TAG,
     summary="Check a code before a signup is accepted (service token)",
     responses=problem_responses(401, 403, 404, 410, 422),
 )
@@ -208,6 +288,11 @@ async def internal_code(request: web.Request) -> web.Response:
 @docs(
     tags=INTERNAL_TAG,
     summary="Record a signup's link (service token); idempotent by referral id",
+    description=(
+        "The link consumes the use the signup reserved (`POST /internal/v1/codes/{code}/reservations`) "
+        "and is recorded even if the code was exhausted or deleted since. Without a reservation (it "
+        "expired), the link takes a use as an activation does: 409 `code_exhausted` when none is left."
+    ),
     responses={
         200: {"description": "Already recorded, the same link"},
         **problem_responses(400, 401, 403, 409, 415, 422),
@@ -253,5 +338,9 @@ def add_routes(app: web.Application) -> None:
     # answer a bare 404 instead of reaching the schema that says what is wrong with it (422).
     app.router.add_get(f"{API_PREFIX}/referrers/{{referrer_id:[^/]+}}/referrals", list_referrals)
     app.router.add_get(f"{INTERNAL_PREFIX}/codes/{{code:[^/]+}}", internal_code)
+    app.router.add_post(f"{INTERNAL_PREFIX}/codes/{{code:[^/]+}}/reservations", internal_reserve)
+    app.router.add_delete(
+        f"{INTERNAL_PREFIX}/codes/{{code:[^/]+}}/reservations/{{referral_id:[^/]+}}", internal_release
+    )
     app.router.add_post(f"{INTERNAL_PREFIX}/referrals", internal_link)
     app.router.add_post(f"{INTERNAL_PREFIX}/users/{{user_id:[^/]+}}/verified", internal_user_verified)

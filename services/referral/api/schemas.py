@@ -10,6 +10,7 @@ from services.referral.domain.models import STATUSES
 from shared.schemas import TrimmedEmail, UtcDateTime
 
 CODE_PATTERN = r"^[A-Za-z0-9_-]{4,32}$"
+MAX_USES_LIMIT = 1_000_000
 _CODE_TEXT = re.compile(r"[A-Za-z0-9_-]{4,32}")
 
 
@@ -29,6 +30,23 @@ class CreateCodeRequestSchema(Schema):
         validate=[validate.Regexp(CODE_PATTERN, error="4 to 32 of A-Z a-z 0-9 _ -"), _whole_code],
         metadata={"description": "a vanity code (case-insensitive); omitted: one is generated"},
     )
+    max_uses = fields.Integer(
+        load_default=None,
+        allow_none=True,
+        strict=True,
+        validate=validate.Range(min=1, max=MAX_USES_LIMIT),
+        metadata={
+            "description": "at most this many users can become referrals with the code (1 to 1,000,000);"
+            " omitted or null: no limit",
+            "example": 10,
+        },
+    )
+
+
+_USES_DESCRIPTION = (
+    "links made with the code, plus the uses held for signups with it whose link is on its way; never "
+    "more than `max_uses`"
+)
 
 
 class CodeSchema(Schema):
@@ -36,6 +54,10 @@ class CodeSchema(Schema):
     expires_at = fields.DateTime(required=True)
     created_at = fields.DateTime(required=True)
     owner_id = fields.UUID(required=True)
+    max_uses = fields.Integer(
+        required=True, allow_none=True, metadata={"description": "the usage limit; null: none"}
+    )
+    uses = fields.Integer(required=True, metadata={"description": _USES_DESCRIPTION})
 
 
 class PublicCodeSchema(Schema):
@@ -120,6 +142,32 @@ class InternalCodePathSchema(Schema):
         required=True,
         validate=[validate.Regexp(CODE_PATTERN, error="4 to 32 of A-Z a-z 0-9 _ -"), _whole_code],
     )
+
+
+class InternalReservationRequestSchema(Schema):
+    referral_id = fields.UUID(
+        required=True, metadata={"description": "the id of the user the auth service is about to create"}
+    )
+
+
+class InternalReservationSchema(Schema):
+    referral_id = fields.UUID(required=True)
+    code = fields.String(required=True)
+    owner_id = fields.UUID(required=True)
+    expires_at = fields.DateTime(required=True, metadata={"description": "the code's expiry"})
+    max_uses = fields.Integer(required=True, allow_none=True)
+    uses = fields.Integer(required=True, metadata={"description": "with this reservation's use"})
+    reserved_until = fields.DateTime(
+        required=True, metadata={"description": "when the use goes back if no link has consumed it"}
+    )
+
+
+class InternalReservationPathSchema(Schema):
+    code = fields.String(
+        required=True,
+        validate=[validate.Regexp(CODE_PATTERN, error="4 to 32 of A-Z a-z 0-9 _ -"), _whole_code],
+    )
+    referral_id = fields.UUID(required=True)
 
 
 class InternalLinkRequestSchema(Schema):

@@ -17,6 +17,12 @@ class CodeExpired(Problem):
     title = "The referral code has expired or was deleted"
 
 
+class CodeExhausted(Problem):
+    status = 409
+    code = "code_exhausted"
+    title = "The referral code has been used as many times as it allows"
+
+
 class ActiveCodeExists(Problem):
     status = 409
     code = "active_code_exists"

@@ -21,10 +21,21 @@ class ReferralCode:
     expires_at: datetime
     created_at: datetime
     deleted_at: datetime | None
+    max_uses: int | None = None  # None: no limit
+    uses: int = 0  # links made with the code, and uses reserved for signups not linked yet
 
     def is_active(self, now: datetime) -> bool:
         """Usable: not deleted and not yet expired."""
         return self.deleted_at is None and self.expires_at > now
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A use of a code taken for a signup before its user exists; the signup's link consumes it."""
+
+    referral_id: uuid.UUID
+    code: ReferralCode
+    expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

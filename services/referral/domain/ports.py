@@ -12,7 +12,7 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Protocol
 
-from services.referral.domain.models import Cursor, ListedReferral, Referral, ReferralCode
+from services.referral.domain.models import Cursor, ListedReferral, Referral, ReferralCode, Reservation
 
 
 class OpenCodeExists(Exception):
@@ -38,7 +38,12 @@ class CodeRepository(Protocol):
     """Referral codes; the store keeps one open code per owner and unique code texts."""
 
     async def create(
-        self, owner_id: uuid.UUID, owner_email: str, code: str, expires_at: datetime
+        self,
+        owner_id: uuid.UUID,
+        owner_email: str,
+        code: str,
+        expires_at: datetime,
+        max_uses: int | None = None,
     ) -> ReferralCode:
         """Open a code (closing the owner's expired one first); OpenCodeExists or CodeTextTaken."""
         ...
@@ -55,6 +60,25 @@ class CodeRepository(Protocol):
 
     async def by_code(self, code: str) -> ReferralCode | None:
         """The code with this text (any state), compared case-insensitively."""
+        ...
+
+    async def reserve(
+        self, code_id: uuid.UUID, referral_id: uuid.UUID, expires_at: datetime
+    ) -> Reservation | None:
+        """Take one use of the code for the referral's signup, in one step that checks, under the
+        code's lock, that it is active and has a use left (None when not); the referral's reservation
+        as it already was (nothing taken) when it has one."""
+        ...
+
+    async def reservation_of(self, referral_id: uuid.UUID) -> Reservation | None: ...
+
+    async def release(self, referral_id: uuid.UUID, code: str) -> bool:
+        """Give back the use the referral's unconsumed reservation of this code took; True when there
+        was one."""
+        ...
+
+    async def release_expired(self, now: datetime) -> int:
+        """Give back the uses of every reservation expired at `now`; how many."""
         ...
 
 
@@ -107,6 +131,15 @@ class Links(Protocol):
     ) -> Referral | None:
         """Link the user to the code's owner if the code is still active when the write runs (None if
         not); AlreadyLinked. The status as in `add`."""
+        ...
+
+    async def take_use(self, code_id: uuid.UUID) -> bool:
+        """Count one more use of the code if it has one left (False when not), holding the code's row
+        lock until the transaction ends: racers for the last use are served one at a time."""
+        ...
+
+    async def consume_reservation(self, referral_id: uuid.UUID) -> bool:
+        """Remove the referral's reservation, its use now the link's; False when there was none."""
         ...
 
     async def confirm_user(self, user_id: uuid.UUID) -> bool:

@@ -9,12 +9,13 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from services.referral.domain.codes import generate_code
 from services.referral.domain.errors import (
     ActiveCodeExists,
     AlreadyReferred,
+    CodeExhausted,
     CodeExpired,
     CodeNotFound,
     CodeTaken,
@@ -22,7 +23,7 @@ from services.referral.domain.errors import (
     ReferralCycle,
     SelfReferral,
 )
-from services.referral.domain.models import Cursor, Referral, ReferralCode, ReferralPage
+from services.referral.domain.models import Cursor, Referral, ReferralCode, ReferralPage, Reservation
 from services.referral.domain.ports import (
     ABSENT,
     AlreadyLinked,
@@ -40,6 +41,12 @@ log = logging.getLogger(__name__)
 
 GENERATION_ATTEMPTS = 5
 LINK_ATTEMPTS = 5
+# How long a use reserved for a signup waits for the signup's link. The auth service delivers the link
+# right after its commit, else its outbox retries; only a signup that never committed (a crash between
+# the reservation and the commit, a release that was lost) leaves a reservation to expire. A reservation
+# swept before a late link arrives would make that link take a use again, refused if none is left, so
+# this is generous: a day, the horizon the system gives its other deliveries.
+RESERVATION_TTL = timedelta(hours=24)
 
 
 def utc_now() -> datetime:
@@ -76,6 +83,7 @@ class ReferralUseCases:
         vanity: str | None,
         *,
         email_verified: bool,
+        max_uses: int | None = None,
     ) -> ReferralCode:
         """Open the owner's code: their vanity text or a generated one.
 
@@ -88,7 +96,9 @@ class ReferralUseCases:
         attempts = 1 if vanity else GENERATION_ATTEMPTS
         for _ in range(attempts):
             try:
-                code = await self.codes.create(owner_id, owner_email, vanity or self.new_code(), expires_at)
+                code = await self.codes.create(
+                    owner_id, owner_email, vanity or self.new_code(), expires_at, max_uses
+                )
             except OpenCodeExists:
                 raise ActiveCodeExists("Delete your active code first, or wait until it expires.") from None
             except CodeTextTaken:
@@ -140,6 +150,43 @@ class ReferralUseCases:
             raise CodeExpired()
         return code
 
+    async def reserve_use(self, text: str, referral_id: uuid.UUID) -> Reservation:
+        """The auth service's check of a code before it creates a signup's user, whose id it chose:
+        one use of the code is taken for that user now, so the signup's link, whenever it arrives, is
+        never refused for want of a use (it consumes the reservation), and a signup that would exceed
+        `max_uses` is refused before its user exists (CodeExhausted).
+
+        Idempotent by referral id: the reservation the user already has is answered again, and nothing
+        more is taken. A signup and an activation racing for the last use are decided by whichever
+        statement takes the code's row lock first; the other finds no use left.
+        """
+        existing = await self.codes.reservation_of(referral_id)
+        if existing is not None:
+            return existing
+        code = await self.usable_code(text)
+        if code.owner_id == referral_id:
+            raise SelfReferral()
+        reserved = await self.codes.reserve(code.id, referral_id, self.clock() + RESERVATION_TTL)
+        if reserved is not None:
+            return reserved
+        now = await self.codes.by_code(text)
+        if now is None or not now.is_active(self.clock()):
+            raise CodeExpired()
+        raise CodeExhausted()
+
+    async def release_use(self, text: str, referral_id: uuid.UUID) -> None:
+        """The auth service's signup failed after its reservation: the use goes back. Idempotent; a
+        reservation its link consumed already is not there to release."""
+        if await self.codes.release(referral_id, text):
+            log.info("code use released", extra={"referral_id": str(referral_id)})
+
+    async def release_expired_reservations(self) -> int:
+        """The sweep: uses reserved for signups that never delivered their link go back."""
+        released = await self.codes.release_expired(self.clock())
+        if released:
+            log.warning("expired code reservations released", extra={"released": released})
+        return released
+
     # --- links -----------------------------------------------------------------------------------
 
     async def activate(self, user_id: uuid.UUID, email: str, text: str, *, email_verified: bool) -> Referral:
@@ -162,10 +209,20 @@ class ReferralUseCases:
 
         Idempotent by referral id: the same link again answers as before. It carries no proof of the
         address: pending, unless the auth service's notice for the user arrived first.
+
+        A signup with a code took a use of it when it was accepted (`reserve_use`): the link consumes
+        that reservation. Without one (it expired, or the signup predates the limits), the link takes a
+        use as an activation would, and is refused with CodeExhausted when none is left. A link refused
+        for good gives its reservation's use back.
         """
         if referral_id == referrer_id:
+            await self.codes.release(referral_id, code)
             raise SelfReferral()
-        return await self._link(referral_id, referrer_id, email, code, code_id=None, email_verified=False)
+        try:
+            return await self._link(referral_id, referrer_id, email, code, code_id=None, email_verified=False)
+        except (AlreadyReferred, ReferralCycle):
+            await self.codes.release(referral_id, code)
+            raise
 
     async def confirm_user(self, user_id: uuid.UUID) -> None:
         """The auth service's notice: the user's address is proven. Their pending link, now or when it
@@ -228,6 +285,15 @@ class ReferralUseCases:
                         referral = added
                 except AlreadyLinked:
                     raise AlreadyReferred() from None
+                # The use, in the link's transaction (an exhausted code rolls the link back): an
+                # activation takes one; a signup's link consumes the one its signup reserved, or takes
+                # one when it has no reservation (it expired).
+                use_of = code_id
+                if code_id is None and not await links.consume_reservation(referral_id):
+                    unreserved = await self.codes.by_code(code)
+                    use_of = unreserved.id if unreserved is not None else None
+                if use_of is not None and not await links.take_use(use_of):
+                    raise CodeExhausted()
                 return Linked(referral, created=True)
         raise ServiceUnavailable("The referral tree is changing quickly; try again.")
 

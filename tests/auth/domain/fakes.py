@@ -18,6 +18,7 @@ from typing import Any
 
 from services.auth.domain.errors import (
     EmailAlreadyUsed,
+    ExhaustedCode,
     IdentityAlreadyLinked,
     ProviderError,
     StateStoreUnavailable,
@@ -141,11 +142,12 @@ class FakeUsers:
         *,
         email_check: Mapping[str, Any] | None = None,
         email_verified: bool = False,
+        user_id: uuid.UUID | None = None,
     ) -> User:
         if self._by_email(email) is not None:
             raise EmailAlreadyUsed(email)
         user = User(
-            id=uuid.uuid4(),
+            id=user_id or uuid.uuid4(),
             email=email,
             created_at=self._store.now,
             referrer_id=referrer_id,
@@ -483,24 +485,45 @@ class FakeStateStore:
 
 
 class FakeReferralCodes:
-    """Codes the referral service vouches for; `failures` maps a code to the exception it raises."""
+    """Codes the referral service vouches for, with their `max_uses` and the uses reserved for signups
+    (`reserved`: user id -> code); `failures` maps a code to the exception it raises."""
 
     def __init__(self) -> None:
         self.codes: dict[str, ReferralCode] = {}
+        self.max_uses: dict[str, int] = {}
+        self.reserved: dict[uuid.UUID, str] = {}
+        self.released: list[tuple[str, uuid.UUID]] = []
         self.failures: dict[str, Exception] = {}
+        self.release_failure: Exception | None = None
         self.asked: list[str] = []
 
-    def add(self, code: str, owner_id: uuid.UUID) -> ReferralCode:
+    def add(self, code: str, owner_id: uuid.UUID, *, max_uses: int | None = None) -> ReferralCode:
         self.codes[code] = ReferralCode(code, owner_id, datetime(2030, 1, 1, tzinfo=UTC))
+        if max_uses is not None:
+            self.max_uses[code] = max_uses
         return self.codes[code]
 
-    async def check_code(self, code: str) -> ReferralCode:
+    def uses(self, code: str) -> int:
+        return sum(taken == code for taken in self.reserved.values())
+
+    async def reserve_code(self, code: str, referral_id: uuid.UUID) -> ReferralCode:
         self.asked.append(code)
         if code in self.failures:
             raise self.failures[code]
         if code not in self.codes:
             raise UnknownCode()
+        if referral_id not in self.reserved:
+            if code in self.max_uses and self.uses(code) >= self.max_uses[code]:
+                raise ExhaustedCode()
+            self.reserved[referral_id] = code
         return self.codes[code]
+
+    async def release_code(self, code: str, referral_id: uuid.UUID) -> None:
+        self.released.append((code, referral_id))
+        if self.release_failure is not None:
+            raise self.release_failure
+        if self.reserved.get(referral_id) == code:
+            del self.reserved[referral_id]
 
 
 class FakeDelivery:

@@ -20,6 +20,7 @@ from services.referral.domain.models import (
     ListedReferral,
     Referral,
     ReferralCode,
+    Reservation,
 )
 from services.referral.domain.ports import (
     ABSENT,
@@ -56,6 +57,8 @@ class Store:
     codes: list[ReferralCode] = field(default_factory=list)
     links: dict[uuid.UUID, Referral] = field(default_factory=dict)
     verified: set[uuid.UUID] = field(default_factory=set)
+    # Uses taken for signups: referral id -> (code id, expiry).
+    reservations: dict[uuid.UUID, tuple[uuid.UUID, datetime]] = field(default_factory=dict)
     locks: list[list[uuid.UUID]] = field(default_factory=list)
     reads: list[str] = field(default_factory=list)  # repository reads, by method name
     commits: int = 0
@@ -79,13 +82,37 @@ class Store:
         self.links[referral_id] = referral
         return referral
 
+    def code_index(self, code_id: uuid.UUID) -> int:
+        return next(i for i, c in enumerate(self.codes) if c.id == code_id)
+
+    def count_use(self, code_id: uuid.UUID, change: int) -> ReferralCode | None:
+        """The code with `change` more uses, unless that breaks its CHECK (0 <= uses <= max_uses)."""
+        index = self.code_index(code_id)
+        code = self.codes[index]
+        uses = code.uses + change
+        if uses < 0 or (code.max_uses is not None and uses > code.max_uses):
+            return None
+        self.codes[index] = replace(code, uses=uses)
+        return self.codes[index]
+
+    def reservation(self, referral_id: uuid.UUID) -> Reservation | None:
+        if referral_id not in self.reservations:
+            return None
+        code_id, expires_at = self.reservations[referral_id]
+        return Reservation(referral_id, self.codes[self.code_index(code_id)], expires_at)
+
 
 class FakeCodeRepository:
     def __init__(self, store: Store) -> None:
         self._store = store
 
     async def create(
-        self, owner_id: uuid.UUID, owner_email: str, code: str, expires_at: datetime
+        self,
+        owner_id: uuid.UUID,
+        owner_email: str,
+        code: str,
+        expires_at: datetime,
+        max_uses: int | None = None,
     ) -> ReferralCode:
         store, now = self._store, self._store.clock()
         # The owner's expired code is closed first (deleted_at = its expiry), in the same transaction.
@@ -99,7 +126,7 @@ class FakeCodeRepository:
             raise OpenCodeExists
         if any(c.code.lower() == code.lower() for c in kept):
             raise CodeTextTaken
-        created = ReferralCode(uuid.uuid4(), code, owner_id, owner_email, expires_at, now, None)
+        created = ReferralCode(uuid.uuid4(), code, owner_id, owner_email, expires_at, now, None, max_uses)
         store.codes = [*kept, created]
         return created
 
@@ -125,6 +152,39 @@ class FakeCodeRepository:
     async def by_code(self, code: str) -> ReferralCode | None:
         self._store.reads.append("by_code")
         return next((c for c in self._store.codes if c.code.lower() == code.lower()), None)
+
+    async def reserve(
+        self, code_id: uuid.UUID, referral_id: uuid.UUID, expires_at: datetime
+    ) -> Reservation | None:
+        store = self._store
+        if referral_id in store.reservations:
+            return store.reservation(referral_id)
+        if not store.active(store.codes[store.code_index(code_id)]):
+            return None
+        if store.count_use(code_id, +1) is None:
+            return None
+        store.reservations[referral_id] = (code_id, expires_at)
+        return store.reservation(referral_id)
+
+    async def reservation_of(self, referral_id: uuid.UUID) -> Reservation | None:
+        return self._store.reservation(referral_id)
+
+    async def release(self, referral_id: uuid.UUID, code: str) -> bool:
+        store = self._store
+        held = store.reservation(referral_id)
+        if held is None or held.code.code.lower() != code.lower():
+            return False
+        del store.reservations[referral_id]
+        store.count_use(held.code.id, -1)
+        return True
+
+    async def release_expired(self, now: datetime) -> int:
+        store = self._store
+        expired = [rid for rid, (_, expires_at) in store.reservations.items() if expires_at <= now]
+        for referral_id in expired:
+            code_id, _ = store.reservations.pop(referral_id)
+            store.count_use(code_id, -1)
+        return len(expired)
 
 
 class FakeReferralRepository:
@@ -184,6 +244,12 @@ class FakeLinks:
             return None
         return self._store.link(referral_id, code.owner_id, referral_email, code.code, email_verified)
 
+    async def take_use(self, code_id: uuid.UUID) -> bool:
+        return self._store.count_use(code_id, +1) is not None
+
+    async def consume_reservation(self, referral_id: uuid.UUID) -> bool:
+        return self._store.reservations.pop(referral_id, None) is not None
+
     async def confirm_user(self, user_id: uuid.UUID) -> bool:
         self._store.verified.add(user_id)
         link = self._store.links.get(user_id)
@@ -200,11 +266,11 @@ class FakeUnitOfWork:
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[FakeLinks]:
         store = self._store
-        saved = (list(store.codes), dict(store.links), set(store.verified))
+        saved = (list(store.codes), dict(store.links), set(store.verified), dict(store.reservations))
         try:
             yield FakeLinks(store)
         except BaseException:
-            store.codes, store.links, store.verified = saved
+            store.codes, store.links, store.verified, store.reservations = saved
             store.rollbacks += 1
             raise
         store.commits += 1

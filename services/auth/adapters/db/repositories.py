@@ -36,6 +36,7 @@ _USER_COLUMNS = (
 _INSERT_USER = prepare(
     insert(users)
     .values(
+        id=func.coalesce(bindparam("id", type_=users.c.id.type), func.gen_random_uuid()),
         email=bindparam("email"),
         password_hash=bindparam("password_hash"),
         referrer_id=bindparam("referrer_id"),
@@ -136,9 +137,11 @@ class UserRepository:
         *,
         email_check: Mapping[str, Any] | None = None,
         email_verified: bool = False,
+        user_id: uuid.UUID | None = None,
     ) -> User:
-        """Insert a user; EmailAlreadyUsed when the email is taken."""
+        """Insert a user (with `user_id`, or a generated id); EmailAlreadyUsed when the email is taken."""
         params = {
+            "id": user_id,
             "email": email,
             "password_hash": password_hash,
             "referrer_id": referrer_id,
