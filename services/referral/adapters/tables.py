@@ -16,6 +16,8 @@ from sqlalchemy import (
     text,
 )
 
+from shared.idempotency import idempotency_keys_table as idempotency_keys_table_of
+
 SCHEMA = "referral"
 metadata = MetaData(schema=SCHEMA)
 
@@ -83,3 +85,6 @@ verified_users_table = Table(
     Column("user_id", Uuid, primary_key=True),
     Column("verified_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
+
+# Idempotency keys of code creation and activation (migration 0004; shared/idempotency.py).
+idempotency_keys_table = idempotency_keys_table_of(metadata)

@@ -27,6 +27,7 @@ from services.referral.domain.rules import mask_email
 from services.referral.settings import API_PREFIX, INTERNAL_PREFIX
 from shared import health
 from shared.access import public, service
+from shared.idempotency import by_subject, idempotent
 from shared.openapi import problem_responses
 from shared.problems import InvalidToken
 from shared.responses import json_response
@@ -68,6 +69,7 @@ def _referral_body(referral: Referral) -> dict[str, object]:
     return dict(_referral_schema.dump(referral))
 
 
+@idempotent(by_subject)
 @docs(
     tags=TAG,
     summary="Create my referral code",
@@ -134,6 +136,7 @@ async def code_by_email(request: web.Request) -> web.Response:
     return json_response({"code": code.code, "expires_at": code.expires_at.isoformat()})
 
 
+@idempotent(by_subject)
 @docs(
     tags=TAG,
     summary="Become the referral of a code's owner",
