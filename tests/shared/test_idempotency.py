@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from services.referral.adapters.tables import idempotency_keys_table
 from shared.db import Database, create_database
@@ -17,7 +18,9 @@ from shared.idempotency import (
     IdempotencyKeyReused,
     IdempotencyStore,
     fingerprint,
+    idempotency_ctx,
 )
+from shared.resources import postgres_ctx
 
 PRINT = fingerprint("POST", "/api/v1/referral/codes", b'{"code":"ABCD1234"}')
 OTHER = fingerprint("POST", "/api/v1/referral/codes", b'{"code":"WXYZ9876"}')
@@ -169,3 +172,22 @@ async def test_the_cleanup_deletes_expired_keys_a_batch_at_a_time(store, db):
     assert await store.delete_expired(limit=3) == 2
     assert await store.delete_expired(limit=3) == 0
     assert rows(db) == [("user-1", "young", "running", None)]
+
+
+async def test_the_service_deletes_expired_keys_by_itself(aiohttp_client, database_url, store, db):
+    for key in ("old", "young"):
+        claim = await store.claim("user-1", key, PRINT)
+        assert isinstance(claim, uuid.UUID)
+        await store.finish("user-1", key, claim, ANSWER)
+    with db.cursor() as cursor:
+        cursor.execute(
+            "UPDATE referral.idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'old'"
+        )
+    app = web.Application()
+    app.cleanup_ctx.append(postgres_ctx(database_url, minsize=1, maxsize=2, timeout=5))
+    app.cleanup_ctx.append(idempotency_ctx(idempotency_keys_table, cleanup_every=0.05))
+    await aiohttp_client(app)
+    deadline = asyncio.get_running_loop().time() + 10
+    while [key for _, key, _, _ in rows(db)] != ["young"]:
+        assert asyncio.get_running_loop().time() < deadline, rows(db)
+        await asyncio.sleep(0.05)
