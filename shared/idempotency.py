@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import hashlib
 import logging
@@ -64,9 +65,9 @@ log = logging.getLogger(__name__)
 KEY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 255
-# The answer's headers a replay must carry to mean the same thing; the rest (request id, Server, Date,
-# CORS) belong to each exchange.
-KEPT_HEADERS = ("Content-Type", "Location", "Cache-Control", "Pragma")
+# The answer's headers a replay must carry to mean the same thing (a problem's challenge or
+# Retry-After too); the rest (request id, Server, Date, CORS) belong to each exchange.
+KEPT_HEADERS = ("Content-Type", "Location", "Cache-Control", "Pragma", "WWW-Authenticate", "Retry-After")
 TABLE_NAME = "idempotency_keys"
 
 TTL_SECONDS = 24 * 3600.0
@@ -328,11 +329,11 @@ _ERRORS = {409: "`idempotency_key_in_use`", 422: "`idempotency_key_reused`"}
 
 def _document(apispec: dict[str, Any]) -> None:
     """The header parameter, the replay header on success answers, the 409 and 422 it may answer."""
-    apispec["parameters"].append(_KEY_PARAMETER)
+    apispec["parameters"].append(copy.deepcopy(_KEY_PARAMETER))
     responses = apispec["responses"]
     for status, response in responses.items():
         if 200 <= int(status) < 300:
-            response.setdefault("headers", {}).update(_REPLAYED)
+            response.setdefault("headers", {}).update(copy.deepcopy(_REPLAYED))
     for status, code in _ERRORS.items():
         if status not in responses:
             raise RuntimeError(f"document {status} with problem_responses() before @idempotent")

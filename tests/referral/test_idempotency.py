@@ -15,7 +15,7 @@ from services.referral.appkeys import USE_CASES
 from shared.db import DatabaseUnavailable
 from shared.idempotency import fingerprint
 from tests.helpers import assert_problem
-from tests.referral.conftest import CODES, REFERRALS, System
+from tests.referral.conftest import CODES, REFERRALS, System, auth_header, service_token
 
 SIGNUP = "/api/v1/auth/signup"
 KEY = "Idempotency-Key"
@@ -144,6 +144,25 @@ async def test_a_client_error_is_kept_and_replayed_too(system: System, db):
     assert again.headers["Content-Type"] == first.headers["Content-Type"]
     assert await again.read() == await first.read()
     assert count(db, "SELECT count(*) FROM referral.referrals") == 0
+
+
+async def test_a_kept_problem_is_replayed_with_its_headers(system: System, db):
+    # A user token without an email: the handler refuses it (401 with a challenge), a client error.
+    subject = "0b9a7c6e-4f4e-4d41-9d53-1f1c2b3a4d5e"
+    token = service_token(
+        system,
+        system.signing_pem,
+        audience=system.referral_settings.token_audience,
+        scope=(),
+        subject=subject,
+    )
+    headers, body = with_key(auth_header(token), "k-1"), code_body()
+    first = await system.referral.post(CODES, json=body, headers=headers)
+    await assert_problem(first, 401, "invalid_token")
+    again = await system.referral.post(CODES, json=body, headers=headers)
+    assert again.status == 401 and again.headers[REPLAYED] == "true"
+    assert again.headers["WWW-Authenticate"] == first.headers["WWW-Authenticate"]
+    assert count(db, "SELECT count(*) FROM referral.idempotency_keys WHERE scope = %s", subject) == 1
 
 
 async def test_the_same_key_with_another_body_is_422_and_changes_nothing(system: System, db):
