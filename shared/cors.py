@@ -5,10 +5,11 @@ preflight (`OPTIONS`) is answered like any other unsupported method (405/404 pro
 browser reads as "no". With origins configured (`AUTH_CORS_ORIGINS`, `REFERRAL_CORS_ORIGINS`):
 
 - a preflight from an allowed origin is answered 204 with that origin, the methods, the request
-  headers a client may send (`Authorization`, `Content-Type`, `X-Request-ID`) and a `Max-Age`;
+  headers a client may send (`Authorization`, `Content-Type`, `X-Request-ID`, `Idempotency-Key`) and a
+  `Max-Age`;
 - every other answer to an allowed origin, errors included, carries `Access-Control-Allow-Origin`
   (that origin, never `*`) and `Access-Control-Expose-Headers` (`X-Request-ID`, `Retry-After`,
-  `WWW-Authenticate`), so a script can read them;
+  `WWW-Authenticate`, `Idempotent-Replayed`), so a script can read them;
 - every answer carries `Vary: Origin` (it depends on the Origin), whatever the Origin; a request
   from any other origin gets no `Access-Control-*` header at all.
 
@@ -28,8 +29,8 @@ from aiohttp.typedefs import Handler, Middleware
 from shared.config import SettingsError
 
 ALLOW_METHODS = "GET, HEAD, POST, DELETE"
-ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID"
-EXPOSE_HEADERS = "X-Request-ID, Retry-After, WWW-Authenticate"
+ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID, Idempotency-Key"
+EXPOSE_HEADERS = "X-Request-ID, Retry-After, WWW-Authenticate, Idempotent-Replayed"
 MAX_AGE = 600  # seconds a browser may cache a preflight (Chromium caps it at 7200)
 
 _ORIGIN = re.compile(

@@ -19,6 +19,7 @@ from services.auth.adapters.db.outboxes import (
     VerifiedOutboxRepository,
 )
 from services.auth.adapters.db.repositories import RefreshTokenRepository, UserRepository
+from services.auth.adapters.db.tables import idempotency_keys_table
 from services.auth.adapters.db.unit_of_work import PostgresUnitOfWork
 from services.auth.adapters.email_verification import CachedEmailVerifier, HunterEmailVerifier
 from services.auth.adapters.enrichment import ClearbitPersonEnricher, EnrichmentScheduler
@@ -53,6 +54,7 @@ from services.auth.domain.ownership import OwnershipMail
 from services.auth.domain.use_cases import AuthService
 from services.auth.settings import API_PREFIX, AuthSettings
 from shared.appkeys import CACHE, DATABASE, HTTP_CLIENT, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
+from shared.idempotency import idempotency_ctx
 from shared.jose import StaticKeySource
 from shared.net import parse_networks
 from shared.openapi import setup_openapi
@@ -295,6 +297,7 @@ def create_app(settings: AuthSettings) -> web.Application:
     app.cleanup_ctx.append(_auth_service_ctx(settings))
     app.cleanup_ctx.append(_oauth_ctx(settings))
     app.cleanup_ctx.append(_relays_ctx)
+    app.cleanup_ctx.append(idempotency_ctx(idempotency_keys_table, lease=settings.idempotency_lease))
     add_routes(app)
     setup_openapi(
         app,

@@ -40,6 +40,9 @@ class AuthSettings:
     db_pool_min: int = setting(2, doc="connections opened at start")
     db_pool_max: int = setting(16, doc="most connections per process")
     db_timeout: float = setting(5.0, doc="seconds to wait for a connection or a statement")
+    idempotency_lease: float = setting(
+        60.0, doc="seconds after which a request holding an Idempotency-Key counts as abandoned"
+    )
     redis_timeout: float = setting(1.0, doc="seconds to wait for Redis")
     max_body_bytes: int = setting(64 * 1024, doc="largest request body accepted")
     argon2_time_cost: int = setting(3, doc="argon2id passes")

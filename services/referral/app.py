@@ -17,12 +17,14 @@ from services.referral.adapters.repositories import (
     PostgresReferralRepository,
     PostgresUnitOfWork,
 )
+from services.referral.adapters.tables import idempotency_keys_table
 from services.referral.api.handlers import add_routes
 from services.referral.appkeys import INTERNAL_VERIFIER, USE_CASES
 from services.referral.domain.rules import CodeRules
 from services.referral.domain.use_cases import ReferralUseCases
 from services.referral.settings import API_PREFIX, ReferralSettings
 from shared.appkeys import DATABASE, HTTP_CLIENT, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
+from shared.idempotency import idempotency_ctx
 from shared.jose import RemoteJWKS
 from shared.openapi import setup_openapi
 from shared.resources import CleanupContext, http_client_ctx, postgres_ctx, redis_ctx
@@ -150,6 +152,7 @@ def create_app(settings: ReferralSettings) -> web.Application:
     app.cleanup_ctx.append(_verifiers_ctx(settings))
     app.cleanup_ctx.append(_use_cases_ctx(settings))
     app.cleanup_ctx.append(_reservation_sweep_ctx())
+    app.cleanup_ctx.append(idempotency_ctx(idempotency_keys_table, lease=settings.idempotency_lease))
     add_routes(app)
     setup_openapi(
         app,

@@ -45,6 +45,9 @@ class ReferralSettings:
     db_pool_min: int = setting(2, doc="connections opened at start")
     db_pool_max: int = setting(16, doc="most connections per process")
     db_timeout: float = setting(5.0, doc="seconds to wait for a connection or a statement")
+    idempotency_lease: float = setting(
+        60.0, doc="seconds after which a request holding an Idempotency-Key counts as abandoned"
+    )
     redis_timeout: float = setting(0.5, doc="seconds to wait for Redis before reading the database")
     max_body_bytes: int = setting(16 * 1024, doc="largest request body accepted")
     cors_origins: tuple[str, ...] = setting((), doc="exact browser origins allowed by CORS; empty: CORS off")

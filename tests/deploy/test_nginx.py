@@ -494,6 +494,75 @@ async def test_a_post_is_not_retried_once_sent(
     assert hits == ["GET", "GET"]
 
 
+KEYED_WRITES = [f"{AUTH}/signup", f"{REFERRAL}/codes", f"{REFERRAL}/referrals"]
+
+
+def _keyed_gateway_args(path: str, first: Upstream, second: Upstream) -> tuple[list[str], list[str]]:
+    """(auth, referral) upstreams: the two instances on the side `path` belongs to."""
+    pair = [first.address, second.address]
+    return (pair, [dead_upstream()]) if path.startswith(AUTH) else ([dead_upstream()], pair)
+
+
+@pytest.mark.parametrize("path", KEYED_WRITES)
+async def test_a_post_with_an_idempotency_key_is_retried_on_another_instance_once_sent(
+    upstream: Upstreams, gateway: Gateway, session: Session, path: str
+) -> None:
+    hits: list[str] = []
+
+    async def hang_up(request: web.Request) -> web.Response:
+        hits.append(request.app[NAME])
+        assert request.transport is not None
+        request.transport.close()  # the request arrived; the answer never comes
+        return web.Response()
+
+    first = await upstream("first", {path: hang_up})
+    second = await upstream("second", {path: hang_up})
+    base = await gateway(*_keyed_gateway_args(path, first, second))
+    keyed = {"Idempotency-Key": "k-1", "Content-Type": "application/json"}
+    async with session.post(at(base, path), data=b'{"a": 1}', headers=keyed) as response:
+        await assert_problem(response, 502, "bad_gateway")  # the gateway's problem pages still apply
+        assert_gateway_headers(response)
+    assert sorted(hits) == ["first", "second"]
+    # Without the key, the same POST stays on the instance that may have started it.
+    hits.clear()
+    base = await gateway(*_keyed_gateway_args(path, first, second))
+    async with session.post(at(base, path), data=b'{"a": 1}') as response:
+        await assert_problem(response, 502, "bad_gateway")
+    assert len(hits) == 1
+
+    # The other instance answers: the request arrives there whole (path, body, the key).
+    healthy = await upstream("healthy")
+    base = await gateway(*_keyed_gateway_args(path, first, healthy))
+    for _ in range(2):  # whichever instance comes first in the rotation
+        async with session.post(at(base, path + "?q=1"), data=b'{"a": 1}', headers=keyed) as response:
+            assert response.status == 200
+            seen = await response.json()
+        assert seen["upstream"] == "healthy"
+        assert (seen["method"], seen["raw_path"], seen["body"]) == ("POST", path + "?q=1", '{"a": 1}')
+        assert header_values(seen, "Idempotency-Key") == ["k-1"]
+
+
+async def test_only_the_keyed_writes_are_retried_once_sent(
+    upstream: Upstreams, gateway: Gateway, session: Session
+) -> None:
+    hits: list[str] = []
+
+    async def hang_up(request: web.Request) -> web.Response:
+        hits.append(request.method)
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response()
+
+    for path in (f"{AUTH}/token", f"{AUTH}/password/change", f"{REFERRAL}/codes/me"):
+        first = await upstream("first", {path: hang_up})
+        second = await upstream("second", {path: hang_up})
+        hits.clear()
+        base = await gateway(*_keyed_gateway_args(path, first, second))
+        async with session.post(at(base, path), data=b"{}", headers={"Idempotency-Key": "k-1"}) as response:
+            await assert_problem(response, 502, "bad_gateway")
+        assert hits == ["POST"], path
+
+
 async def test_idle_upstream_connections_are_closed_by_nginx_after_its_keepalive_timeout(
     upstream: Upstreams, gateway: Gateway, session: Session
 ) -> None:

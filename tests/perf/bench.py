@@ -35,7 +35,9 @@ hour long. S6's refresh tokens come from real password logins through the gatewa
 uses each token once (refresh.lua chains the answers), so every run gets `--connections` fresh
 ones. S7's activators are each used once in the whole benchmark; when the dataset's are too few
 for the rate the run is expected to reach, fresh ones are added (random ids that exist only in
-their tokens: the referral service never looks a user up), and that is said loudly.
+their tokens: the referral service never looks a user up), and that is said loudly. S9 takes
+S9_KEYS more, activates each once through the gateway with an `Idempotency-Key` (201), then replays
+those same requests: every answer is the kept one (201; running the activation again would be 409).
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ S8_MIN_SECONDS = 3  # a login takes ~1 s under load: shorter S8 runs may see no 
 QUIET_WINDOW = 0.25
 QUIET_TICKS = 3
 QUIET_TIMEOUT = 60.0
+S9_KEYS = 256  # keyed activations replayed in S9, each made once (201) before the runs
 S0_COPIES = 64  # lines of S0's request file (every wrk thread needs at least one)
 # Connection slots of the PostgreSQL server kept free for everything else (this process, others).
 POOL_MARGIN = 10
@@ -128,6 +131,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("S6", "refresh grant", "auth", 200),
         Scenario("S7", "activate a code (201 each)", "referral", 201),
         Scenario("S8", "password login (argon2id, default cost)", "auth", 200),
+        Scenario("S9", "an idempotent activation replayed (201 from the kept answer)", "referral", 201),
     )
 }
 OTHER_SERVICE = {"auth": "referral", "referral": "auth"}
@@ -465,6 +469,25 @@ def _email_query(email: str) -> str:
 def _referrals_path(referrer: uuid.UUID, cursor: str | None = None) -> str:
     path = f"{REFERRAL_API}/referrers/{referrer}/referrals?limit=20"
     return path + (f"&cursor={quote(cursor, safe='')}" if cursor else "")
+
+
+def send_once(gateway_url: str, request: wrk.Request, expect: int) -> None:
+    """Send one request through the gateway (HarnessError unless it answers `expect`)."""
+    sent = urllib.request.Request(
+        gateway_url + request.path,
+        data=request.body.encode(),
+        headers=dict(request.headers),
+        method=request.method,
+    )
+    try:
+        with urllib.request.urlopen(sent, timeout=LOGIN_TIMEOUT) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, body = error.code, error.read()
+    except (urllib.error.URLError, OSError) as error:
+        raise HarnessError(f"{request.method} {request.path} failed: {error}") from error
+    if status != expect:
+        raise HarnessError(f"{request.method} {request.path} answered {status}, not {expect}: {body[:300]!r}")
 
 
 def login(gateway_url: str, email: str, password: str) -> str:
@@ -932,6 +955,8 @@ class PassContext:
             return self._activation_plan(phase, seconds)
         elif key == "S8":
             path = self._cycle_file(key, self._logins)
+        elif key == "S9":
+            path = self._cycle_file(key, self._keyed_activations)
         else:
             raise HarnessError(f"no plan for scenario {key}")
         return RunPlan(cycle, wrk.requests_args(path, mode="cycle", expect=expect))
@@ -956,6 +981,31 @@ class PassContext:
             yield wrk.Request(
                 "POST", f"{AUTH_API}/token", {"Content-Type": "application/x-www-form-urlencoded"}, body
             )
+
+    def _keyed_activations(self) -> Iterator[wrk.Request]:
+        """S9's requests: keyed activations, each sent once first (201), so the runs only replay."""
+        taken, _ = self.bench.activators.take(S9_KEYS)
+        requests = [
+            wrk.Request(
+                "POST",
+                f"{REFERRAL_API}/referrals",
+                {
+                    **_bearer(self.issuer.issue(user, email=email, email_verified=True).token),
+                    "Content-Type": "application/json",
+                    "Idempotency-Key": f"bench-{user}",
+                },
+                json.dumps({"code": code}),
+            )
+            for user, email, code in taken
+        ]
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(LOGIN_WORKERS) as pool:
+            list(pool.map(lambda request: send_once(self.topology.gateway_url, request, 201), requests))
+        self.bench.log(
+            f"{self.topology.instances}x S9: {len(requests)} keyed activations made in"
+            f" {time.monotonic() - started:.1f}s, to be replayed"
+        )
+        return iter(requests)
 
     def prepare_refresh_tokens(self) -> None:
         """`connections` refresh tokens for each run of S6, by real password logins through the gateway."""

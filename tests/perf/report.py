@@ -43,7 +43,7 @@ def _median(values: Iterable[float]) -> float | None:
 
 @dataclass
 class ScenarioResult:
-    key: str  # "S0".."S8"
+    key: str  # "S0".."S9"
     title: str
     service: str  # "referral" | "auth": whose processes' CPU is counted
     expect_status: int

@@ -33,7 +33,10 @@ def vary(response: Any) -> list[str]:
 
 def assert_granted(response: Any, origin: str) -> None:
     assert response.headers.getall("Access-Control-Allow-Origin") == [origin]
-    assert response.headers["Access-Control-Expose-Headers"] == "X-Request-ID, Retry-After, WWW-Authenticate"
+    assert (
+        response.headers["Access-Control-Expose-Headers"]
+        == "X-Request-ID, Retry-After, WWW-Authenticate, Idempotent-Replayed"
+    )
     assert "Access-Control-Allow-Credentials" not in response.headers
     assert "Origin" in vary(response)
 
@@ -104,7 +107,7 @@ async def test_a_preflight_from_an_allowed_origin_is_granted(cors_auth: TestClie
         assert cors_headers(response) == {
             "Access-Control-Allow-Origin": origin,
             "Access-Control-Allow-Methods": "GET, HEAD, POST, DELETE",
-            "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-ID",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-ID, Idempotency-Key",
             "Access-Control-Max-Age": "600",
         }
         assert vary(response) == ["Origin"]

@@ -34,6 +34,7 @@ from services.auth.domain.use_cases import required
 from services.auth.settings import API_PREFIX
 from shared.access import public
 from shared.errors import NO_STORE
+from shared.idempotency import fixed, idempotent
 from shared.net import client_address
 from shared.openapi import problem_responses
 from shared.responses import json_response
@@ -107,6 +108,7 @@ def _token_response(tokens: TokenPair) -> web.Response:
     return json_response(_token_schema.dump(body), headers=NO_STORE)
 
 
+@idempotent(fixed("signup"))
 @docs(
     tags=TAG,
     summary="Sign up with email and password",

@@ -18,6 +18,8 @@ from sqlalchemy import (
     text,
 )
 
+from shared.idempotency import idempotency_keys_table as idempotency_keys_table_of
+
 SCHEMA = "referral"
 metadata = MetaData(schema=SCHEMA)
 
@@ -102,3 +104,6 @@ code_reservations_table = Table(
     CheckConstraint("expires_at > created_at", name="code_reservations_expire_after_creation"),
 )
 Index("code_reservations_by_expiry", code_reservations_table.c.expires_at)
+
+# Idempotency keys of code creation and activation (migration 0004; shared/idempotency.py).
+idempotency_keys_table = idempotency_keys_table_of(metadata)

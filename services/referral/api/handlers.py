@@ -30,6 +30,7 @@ from services.referral.domain.rules import mask_email
 from services.referral.settings import API_PREFIX, INTERNAL_PREFIX
 from shared import health
 from shared.access import public, service
+from shared.idempotency import by_subject, idempotent
 from shared.openapi import problem_responses
 from shared.problems import InvalidToken
 from shared.responses import json_response
@@ -99,6 +100,7 @@ def _reservation_body(reservation: Reservation) -> dict[str, object]:
     )
 
 
+@idempotent(by_subject)
 @docs(
     tags=TAG,
     summary="Create my referral code",
@@ -168,6 +170,7 @@ async def code_by_email(request: web.Request) -> web.Response:
     return json_response({"code": code.code, "expires_at": code.expires_at.isoformat()})
 
 
+@idempotent(by_subject)
 @docs(
     tags=TAG,
     summary="Become the referral of a code's owner",

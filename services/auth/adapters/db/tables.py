@@ -20,6 +20,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
+from shared.idempotency import idempotency_keys_table as idempotency_keys_table_of
+
 SCHEMA = "auth"
 metadata = MetaData(schema=SCHEMA)
 
@@ -163,3 +165,6 @@ Index(
     verified_outbox_table.c.next_attempt_at,
     postgresql_where=text("delivered_at IS NULL AND failed_at IS NULL"),
 )
+
+# Idempotency keys of signup (migration 0005; shared/idempotency.py).
+idempotency_keys_table = idempotency_keys_table_of(metadata)
