@@ -34,6 +34,12 @@ class ReferralCodeExpired(Problem):
     title = "The referral code has expired or was deleted"
 
 
+class SelfReferral(Problem):
+    status = 422
+    code = "self_referral"
+    title = "You cannot use your own referral code"
+
+
 class ReferralServiceUnavailable(Problem):
     status = 503
     code = "referral_service_unavailable"

@@ -122,6 +122,8 @@ class OAuthService:
             return await self._link(name, identity, existing.user)
 
         referral = await self.auth.check_referral_code(flow.referral_code) if flow.referral_code else None
+        if referral is not None:
+            await self.auth.refuse_self_referral(referral, identity.email)
         email_check = await self.auth.check_email(identity.email)
         try:
             session = await self.auth.register(

@@ -26,6 +26,7 @@ from services.auth.domain.errors import (
     ReferralServiceUnavailable,
     ResetExpired,
     ResetInvalid,
+    SelfReferral,
     UnknownCode,
     UserGone,
     VerificationExpired,
@@ -64,6 +65,7 @@ from services.auth.domain.ports import (
     UnitOfWork,
     UserRepository,
 )
+from shared.emails import is_disposable, same_mailbox
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,8 @@ class AuthService:
     # Optional vendors: None when their API key is not configured.
     email_verifier: EmailVerifier | None = None
     enrichment: EnrichmentScheduler | None = None
+    # Refuse addresses of throwaway mail providers, verifier or not (AUTH_BLOCK_DISPOSABLE).
+    block_disposable: bool = True
 
     async def _new_refresh_token(
         self, tx: Transaction, user_id: uuid.UUID, family_id: uuid.UUID, parent_id: uuid.UUID | None
@@ -143,12 +147,24 @@ class AuthService:
                 "The referral service did not answer; nothing was created, retry shortly."
             ) from None
 
+    async def refuse_self_referral(self, code: ReferralCode, email: str) -> None:
+        """SelfReferral (422) when the address is the code owner's own under another spelling (case,
+        Gmail dots, googlemail.com, a `+tag`): the referral would be the referrer themself."""
+        owner = await self.users.get(code.owner_id)
+        if owner is not None and same_mailbox(owner.email, email):
+            raise SelfReferral()
+
     async def check_email(self, email: str) -> dict[str, Any] | None:
         """The verifier's verdict to store as the user's `email_check`; None when no verifier is set.
 
-        Raises EmailUndeliverable (422) for an invalid or disposable address. Anything else,
-        including a verifier that could not answer (`unchecked`), lets the signup proceed.
+        Raises EmailUndeliverable (422) for an invalid or disposable address: a domain on the maintained
+        list of disposable providers (or under one) is refused without asking the verifier, unless
+        `block_disposable` is off. Anything else, including a verifier that could not answer
+        (`unchecked`), lets the signup proceed.
         """
+        if self.block_disposable and is_disposable(email):
+            log.info("signup refused: disposable email domain")
+            raise EmailUndeliverable("This address belongs to a disposable mail provider.")
         if self.email_verifier is None:
             return None
         check = await self.email_verifier.verify(email)
@@ -175,6 +191,8 @@ class AuthService:
         if await self.users.email_exists(email):
             raise EmailTaken()
         code = await self.check_referral_code(referral_code) if referral_code is not None else None
+        if code is not None:
+            await self.refuse_self_referral(code, email)
         email_check = await self.check_email(email)
         password_hash = await self.hasher.hash(password)
         return await self.register(email, password_hash=password_hash, code=code, email_check=email_check)

@@ -15,14 +15,17 @@ from services.referral.api.schemas import (
     InternalCodeSchema,
     InternalLinkRequestSchema,
     InternalUserPathSchema,
+    LeaderboardQuerySchema,
+    LeaderboardSchema,
     PublicCodeSchema,
     ReferralListSchema,
     ReferralSchema,
     ReferralsQuerySchema,
     ReferrerPathSchema,
+    StatsSchema,
 )
 from services.referral.appkeys import USE_CASES
-from services.referral.domain.models import Referral, ReferralPage
+from services.referral.domain.models import Leaderboard, Referral, ReferralPage, ReferrerStats
 from services.referral.domain.rules import mask_email
 from services.referral.settings import API_PREFIX, INTERNAL_PREFIX
 from shared import health
@@ -178,6 +181,79 @@ async def list_referrals(request: web.Request) -> web.Response:
     return json_response(_page_body(page))
 
 
+def _stats_body(stats: ReferrerStats) -> dict[str, object]:
+    code = stats.code
+    return {
+        "referrer_id": str(stats.referrer_id),
+        "total": stats.total,
+        "confirmed": stats.confirmed,
+        "pending": stats.pending,
+        "levels": [
+            {"level": level.level, "total": level.total, "confirmed": level.confirmed}
+            for level in stats.levels
+        ],
+        "code": {"code": code.code, "expires_at": code.expires_at.isoformat()} if code else None,
+    }
+
+
+def _leaderboard_body(board: Leaderboard) -> dict[str, object]:
+    return {
+        "period": board.period,
+        "items": [
+            {
+                "rank": item.rank,
+                "referrer_id": str(item.referrer_id),
+                "email": item.email,
+                "confirmed": item.confirmed,
+            }
+            for item in board.items
+        ],
+    }
+
+
+@docs(
+    tags=TAG,
+    summary="A referrer's statistics by level (the referrer only)",
+    description=(
+        "`levels` has every level from 1 (direct referrals) and 2 (their referrals) to "
+        "REFERRAL_STATS_DEPTH (default 3, at most 5), zeros included; a level counts the referrals "
+        "that many links below the referrer, `confirmed` those whose own link is confirmed. `total`, "
+        "`confirmed` and `pending` add the levels up. `code` is the active code, or null. Kept by the "
+        "database as links are made and confirmed: a few rows read, whatever the number of "
+        "referrals. Anyone but the referrer gets 403 `forbidden`."
+    ),
+    responses=problem_responses(401, 403, 422),
+)
+@match_info_schema(ReferrerPathSchema, put_into="path")
+@response_schema(StatsSchema, 200, description="The statistics")
+async def referrer_stats(request: web.Request) -> web.Response:
+    claims = request[CLAIMS]
+    stats = await request.app[USE_CASES].stats(request["path"]["referrer_id"], viewer_id=claims.user_id)
+    return json_response(_stats_body(stats))
+
+
+@docs(
+    tags=TAG,
+    summary="The referrers with the most confirmed referrals in a period",
+    description=(
+        "Public. Referrers ranked by the links confirmed in the period (when each became confirmed): "
+        "`week` is the current ISO week, from Monday 00:00 UTC; `month` the current calendar month "
+        "in UTC; `all` all time. Same count: the earlier first confirmation in the period ranks "
+        "first, then the smaller referrer id. Emails are masked; an email is null when this service "
+        "never saw it (a referrer whose data was erased). Kept by the database as links are "
+        "confirmed: a read is a range scan of `limit` entries."
+    ),
+    responses=problem_responses(422),
+)
+@querystring_schema(LeaderboardQuerySchema)
+@response_schema(LeaderboardSchema, 200, description="The leaderboard")
+@public
+async def leaderboard(request: web.Request) -> web.Response:
+    query = request["querystring"]
+    board = await request.app[USE_CASES].leaderboard(query["period"], query["limit"])
+    return json_response(_leaderboard_body(board))
+
+
 @docs(
     tags=TAG,
     summary="Liveness, through the gateway",
@@ -252,6 +328,8 @@ def add_routes(app: web.Application) -> None:
     # `[^/]+`: aiohttp's default segment pattern leaves out `{` and `}`, so such an id or code would
     # answer a bare 404 instead of reaching the schema that says what is wrong with it (422).
     app.router.add_get(f"{API_PREFIX}/referrers/{{referrer_id:[^/]+}}/referrals", list_referrals)
+    app.router.add_get(f"{API_PREFIX}/referrers/{{referrer_id:[^/]+}}/stats", referrer_stats)
+    app.router.add_get(f"{API_PREFIX}/leaderboard", leaderboard)
     app.router.add_get(f"{INTERNAL_PREFIX}/codes/{{code:[^/]+}}", internal_code)
     app.router.add_post(f"{INTERNAL_PREFIX}/referrals", internal_link)
     app.router.add_post(f"{INTERNAL_PREFIX}/users/{{user_id:[^/]+}}/verified", internal_user_verified)

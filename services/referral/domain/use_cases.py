@@ -19,10 +19,20 @@ from services.referral.domain.errors import (
     CodeNotFound,
     CodeTaken,
     EmailUnverified,
+    Forbidden,
     ReferralCycle,
     SelfReferral,
 )
-from services.referral.domain.models import Cursor, Referral, ReferralCode, ReferralPage
+from services.referral.domain.models import (
+    Cursor,
+    Leaderboard,
+    LeaderboardEntry,
+    LevelCount,
+    Referral,
+    ReferralCode,
+    ReferralPage,
+    ReferrerStats,
+)
 from services.referral.domain.ports import (
     ABSENT,
     AlreadyLinked,
@@ -30,10 +40,12 @@ from services.referral.domain.ports import (
     CodeRepository,
     CodeTextTaken,
     OpenCodeExists,
+    ProgramRepository,
     ReferralRepository,
     UnitOfWork,
 )
-from services.referral.domain.rules import CodeRules
+from services.referral.domain.rules import CodeRules, mask_email
+from shared.emails import same_mailbox
 from shared.problems import ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -63,8 +75,10 @@ class ReferralUseCases:
     uow: UnitOfWork
     cache: CodeCache
     rules: CodeRules
+    program: ProgramRepository
     clock: Callable[[], datetime] = utc_now
     new_code: Callable[[], str] = generate_code
+    stats_depth: int = 3  # levels the statistics show (REFERRAL_STATS_DEPTH)
 
     # --- codes -----------------------------------------------------------------------------------
 
@@ -146,7 +160,8 @@ class ReferralUseCases:
         """The caller becomes the referral of the code's owner; the link is confirmed when the caller's
         token says their address is proven (`email_verified`) or the auth service's notice did."""
         code = await self.usable_code(text)
-        if code.owner_id == user_id:
+        # The owner's own address under another spelling (case, Gmail dots, a +tag) is the owner too.
+        if code.owner_id == user_id or same_mailbox(code.owner_email, email):
             raise SelfReferral()
         linked = await self._link(
             user_id, code.owner_id, email, code.code, code_id=code.id, email_verified=email_verified
@@ -243,3 +258,28 @@ class ReferralUseCases:
         return ReferralPage(
             referrer_id, total, confirmed, items, next_cursor, emails_visible=viewer_id == referrer_id
         )
+
+    # --- the referral program ----------------------------------------------------------------------
+
+    async def stats(self, referrer_id: uuid.UUID, *, viewer_id: uuid.UUID) -> ReferrerStats:
+        """The referrer's referrals by level (1 to `stats_depth`) and active code; theirs alone to see."""
+        if viewer_id != referrer_id:
+            raise Forbidden("Only the referrer may see their statistics.")
+        counted, code = await self.program.stats(referrer_id, self.stats_depth)
+        by_level = {count.level: count for count in counted}
+        levels = [by_level.get(level, LevelCount(level, 0, 0)) for level in range(1, self.stats_depth + 1)]
+        return ReferrerStats(referrer_id, levels, code)
+
+    async def leaderboard(self, period: str, limit: int) -> Leaderboard:
+        """The first `limit` referrers of the current period, ranked, their emails masked."""
+        ranked = await self.program.leaderboard(period, limit)
+        items = [
+            LeaderboardEntry(
+                rank,
+                entry.referrer_id,
+                mask_email(entry.email) if entry.email is not None else None,
+                entry.confirmed,
+            )
+            for rank, entry in enumerate(ranked, start=1)
+        ]
+        return Leaderboard(period, items)

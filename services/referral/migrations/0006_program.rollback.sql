@@ -1,0 +1,17 @@
+DROP TRIGGER referrals_program_on_delete ON referral.referrals;
+DROP TRIGGER referrals_program_on_update ON referral.referrals;
+DROP TRIGGER referrals_program_on_insert ON referral.referrals;
+DROP FUNCTION referral.levels_changed();
+DROP FUNCTION referral.levels_removed();
+DROP FUNCTION referral.levels_added();
+DROP FUNCTION referral.leaderboard_uncount(referral.confirmation[]);
+DROP TYPE referral.confirmation;
+DROP INDEX referral.codes_by_owner;
+DROP TABLE referral.leaderboard_counts;
+DROP FUNCTION referral.period_end(text, date);
+DROP FUNCTION referral.period_starts(timestamptz);
+DROP TABLE referral.referrer_levels;
+DROP TRIGGER referrals_confirmation_stamped ON referral.referrals;
+DROP FUNCTION referral.stamp_confirmation();
+ALTER TABLE referral.referrals DROP CONSTRAINT referrals_confirmed_at_iff_confirmed;
+ALTER TABLE referral.referrals DROP COLUMN confirmed_at;
