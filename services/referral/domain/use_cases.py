@@ -186,16 +186,24 @@ class ReferralUseCases:
         """The auth service's notice: the user's address is proven. Their pending link, now or when it
         is made, is confirmed. Idempotent.
 
-        The user's tree lock comes first, the lock a link for this user takes before it writes (the
+        The user's own lock comes first, the lock a link for this user takes before it writes (the
         user is then the root of their own tree): the notice and the link are serialized, and the one
-        that goes second sees what the first committed. A user who is already linked is not a root
-        any more, but no link for them can be written then, and their link is what the notice changes.
+        that goes second sees what the first committed. The lock of the root of the user's tree is
+        taken too: the confirmation moves the program's counters of every ancestor (migration 0006),
+        and a link that gives the tree new ancestors holds that lock while it copies the tree's
+        counts to them; without it, one of the two would miss the other's change.
         """
-        async with self.uow.begin() as links:
-            await links.lock_trees((user_id,))
-            confirmed = await links.confirm_user(user_id)
-        if confirmed:
-            log.info("referral link confirmed", extra={"referral_id": str(user_id)})
+        for _ in range(LINK_ATTEMPTS):
+            root_seen = await self.referrals.root_of(user_id)
+            async with self.uow.begin() as links:
+                await links.lock_trees((user_id, root_seen))
+                if await links.root_of(user_id) != root_seen:
+                    continue  # the tree was linked under another while we waited: lock the new root
+                confirmed = await links.confirm_user(user_id)
+            if confirmed:
+                log.info("referral link confirmed", extra={"referral_id": str(user_id)})
+            return
+        raise ServiceUnavailable("The referral tree is changing quickly; try again.")
 
     async def _link(
         self,
