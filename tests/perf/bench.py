@@ -128,6 +128,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("S6", "refresh grant", "auth", 200),
         Scenario("S7", "activate a code (201 each)", "referral", 201),
         Scenario("S8", "password login (argon2id, default cost)", "auth", 200),
+        Scenario("S-STATS", "a big referrer's statistics by level (their own token)", "referral", 200),
+        Scenario("S-LEADERBOARD", "the leaderboard: month, week, all time", "referral", 200),
     )
 }
 OTHER_SERVICE = {"auth": "referral", "referral": "auth"}
@@ -465,6 +467,12 @@ def _email_query(email: str) -> str:
 def _referrals_path(referrer: uuid.UUID, cursor: str | None = None) -> str:
     path = f"{REFERRAL_API}/referrers/{referrer}/referrals?limit=20"
     return path + (f"&cursor={quote(cursor, safe='')}" if cursor else "")
+
+
+def _leaderboard_requests() -> Iterator[wrk.Request]:
+    """The public leaderboard of each period, default limit."""
+    for n in range(S0_COPIES):
+        yield wrk.Request("GET", f"{REFERRAL_API}/leaderboard?period={('month', 'week', 'all')[n % 3]}")
 
 
 def login(gateway_url: str, email: str, password: str) -> str:
@@ -932,6 +940,10 @@ class PassContext:
             return self._activation_plan(phase, seconds)
         elif key == "S8":
             path = self._cycle_file(key, self._logins)
+        elif key == "S-STATS":
+            path = self._cycle_file(key, self._stats_requests)
+        elif key == "S-LEADERBOARD":
+            path = self._cycle_file(key, _leaderboard_requests)
         else:
             raise HarnessError(f"no plan for scenario {key}")
         return RunPlan(cycle, wrk.requests_args(path, mode="cycle", expect=expect))
@@ -946,6 +958,18 @@ class PassContext:
             referrer = referrers[n % len(referrers)]
             cursor = dataset.deep_cursors[referrer] if deep else None
             yield wrk.Request("GET", _referrals_path(referrer, cursor), _bearer(token))
+
+    def _stats_requests(self) -> Iterator[wrk.Request]:
+        """Each big referrer asks for their own statistics (anyone else gets 403)."""
+        referrers = self.bench.dataset.big_referrers
+        if not referrers:
+            raise HarnessError("the dataset has no big referrers")
+        tokens = [self.issuer.issue(r, email=None, email_verified=True).token for r in referrers]
+        for n in range(S0_COPIES):
+            referrer = referrers[n % len(referrers)]
+            yield wrk.Request(
+                "GET", f"{REFERRAL_API}/referrers/{referrer}/stats", _bearer(tokens[n % len(tokens)])
+            )
 
     def _logins(self) -> Iterator[wrk.Request]:
         dataset = self.bench.dataset

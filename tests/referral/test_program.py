@@ -11,6 +11,9 @@ import pytest
 
 from services.auth.adapters.signing import AccessTokenIssuer, parse_key_ring
 from services.auth.app import create_app as create_auth_app
+from services.referral.settings import PREFIX as REFERRAL_PREFIX
+from services.referral.settings import ReferralSettings
+from shared.config import SettingsError, load_settings
 from tests.helpers import User, assert_problem
 
 LEADERBOARD = "/api/v1/referral/leaderboard"
@@ -300,3 +303,14 @@ async def test_disposable_domains_are_allowed_when_blocking_is_off(aiohttp_clien
         "/api/v1/auth/signup", json={"email": "someone@mailinator.com", "password": "correct horse"}
     )
     assert response.status == 201, await response.text()
+
+
+@pytest.mark.parametrize("depth", ["0", "6"])
+def test_the_stats_depth_is_within_the_counted_levels(referral_settings, depth):
+    environ = {
+        "DATABASE_URL": referral_settings.database_url,
+        "REDIS_URL": referral_settings.redis_url,
+        f"{REFERRAL_PREFIX}STATS_DEPTH": depth,
+    }
+    with pytest.raises(SettingsError, match="STATS_DEPTH"):
+        load_settings(ReferralSettings, REFERRAL_PREFIX, environ)

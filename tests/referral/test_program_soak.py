@@ -163,4 +163,20 @@ async def test_counters_equal_a_recursive_count_after_a_concurrent_soak(make_sys
             (gone,),
         )
     assert _kept_counts(db) == _expected_counts(db)
+    # Links given other referrers in place, in one statement (new ones: no cycle), and some turned
+    # back to pending (the service never does either; the counters follow anyway).
+    moved = rng.sample(sorted(parent), len(parent) // 5)
+    newcomers = [str(uuid.uuid4()) for _ in range(3)]
+    with db.cursor() as cursor:
+        cursor.execute(
+            "UPDATE referral.referrals"
+            " SET referrer_id = (%s::uuid[])[1 + abs(hashtext(referral_id::text)) %% 3]"
+            " WHERE referral_id::text = ANY(%s)",
+            (newcomers, moved),
+        )
+        cursor.execute(
+            "UPDATE referral.referrals SET status = 'pending' WHERE referral_id::text = ANY(%s)",
+            (rng.sample(sorted(parent), len(parent) // 5),),
+        )
+    assert _kept_counts(db) == _expected_counts(db)
     assert Counter(r for _, _, r, _, _ in _kept_counts(db)[1])  # the leaderboard is not empty

@@ -16,15 +16,16 @@ UPDATE referral.referrals SET confirmed_at = created_at WHERE status = 'confirme
 ALTER TABLE referral.referrals ADD CONSTRAINT referrals_confirmed_at_iff_confirmed
     CHECK ((status = 'confirmed') = (confirmed_at IS NOT NULL));
 
--- A link written or turned confirmed without a time gets the transaction's time.
+-- A link written or turned confirmed without a time gets the transaction's time; one turned back to
+-- pending (the service never does) loses its time.
 CREATE FUNCTION referral.stamp_confirmation() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    NEW.confirmed_at := now();
+    NEW.confirmed_at := CASE WHEN NEW.status = 'confirmed' THEN now() END;
     RETURN NEW;
 END
 $$;
-CREATE TRIGGER referrals_confirmation_stamped BEFORE INSERT OR UPDATE OF status ON referral.referrals
-    FOR EACH ROW WHEN (NEW.status = 'confirmed' AND NEW.confirmed_at IS NULL)
+CREATE TRIGGER referrals_confirmation_stamped BEFORE INSERT OR UPDATE ON referral.referrals
+    FOR EACH ROW WHEN ((NEW.status = 'confirmed') <> (NEW.confirmed_at IS NOT NULL))
     EXECUTE FUNCTION referral.stamp_confirmation();
 
 CREATE TABLE referral.referrer_levels (
@@ -185,21 +186,84 @@ BEGIN
 END
 $$;
 
--- Links changed in place: a status that became confirmed counts at every level above the link, and a
--- confirmation that appeared, moved or went moves the leaderboard. A link keeps its referral and its
--- referrer (a new referrer is a new link: delete and insert), so the levels above it do not move.
+-- Links changed in place. A link given another referrer (or referral) is moved: taken out as a delete
+-- would, from the links as they are without the moved ones (referral.levels_remove), then put back as
+-- an insert would (referral.levels_add). Then a status changed on a link that stayed moves the
+-- confirmed counts of its ancestors as they are now. The leaderboard loses the confirmations that
+-- went (or moved to another referrer or time) and gains the ones that came.
+CREATE TYPE referral.link AS (referral_id uuid, referrer_id uuid, status text);
+
+CREATE FUNCTION referral.levels_remove(links referral.link[], hidden uuid[]) RETURNS void
+LANGUAGE sql AS $$
+    WITH RECURSIVE up(link, ancestor, distance) AS (
+        SELECT g.referral_id, g.referrer_id, 1 FROM unnest(links) AS g
+        UNION ALL
+        SELECT up.link, r.referrer_id, up.distance + 1
+        FROM up JOIN referral.referrals r ON r.referral_id = up.ancestor AND r.referral_id <> ALL (hidden)
+        WHERE up.distance < 5
+    ), below(link, depth, total, confirmed) AS (
+        SELECT g.referral_id, 0, 1::bigint, (g.status = 'confirmed')::int::bigint FROM unnest(links) AS g
+        UNION ALL
+        SELECT g.referral_id, l.level, l.total, l.confirmed
+        FROM unnest(links) AS g JOIN referral.referrer_levels l ON l.referrer_id = g.referral_id AND l.level < 5
+    ), gone AS (
+        SELECT up.ancestor, up.distance + below.depth AS level, sum(below.total) AS total,
+               sum(below.confirmed) AS confirmed
+        FROM up JOIN below ON below.link = up.link AND up.distance + below.depth <= 5
+        GROUP BY 1, 2
+    )
+    UPDATE referral.referrer_levels AS t
+    SET total = t.total - gone.total, confirmed = t.confirmed - gone.confirmed
+    FROM gone WHERE t.referrer_id = gone.ancestor AND t.level = gone.level;
+$$;
+
+CREATE FUNCTION referral.levels_add(links referral.link[]) RETURNS void LANGUAGE sql AS $$
+    WITH RECURSIVE up(link, ancestor, distance) AS (
+        SELECT g.referral_id, g.referrer_id, 1 FROM unnest(links) AS g
+        UNION ALL
+        SELECT up.link, r.referrer_id, up.distance + 1
+        FROM up JOIN referral.referrals r ON r.referral_id = up.ancestor
+        WHERE up.distance < 5
+    ), below(link, depth, total, confirmed) AS (
+        SELECT g.referral_id, 0, 1::bigint, (g.status = 'confirmed')::int::bigint FROM unnest(links) AS g
+        UNION ALL
+        SELECT g.referral_id, l.level, l.total, l.confirmed
+        FROM unnest(links) AS g JOIN referral.referrer_levels l ON l.referrer_id = g.referral_id AND l.level < 5
+    )
+    INSERT INTO referral.referrer_levels AS t (referrer_id, level, total, confirmed)
+    SELECT up.ancestor, up.distance + below.depth, sum(below.total), sum(below.confirmed)
+    FROM up JOIN below ON below.link = up.link AND up.distance + below.depth <= 5
+    GROUP BY 1, 2
+    ON CONFLICT (referrer_id, level) DO UPDATE
+        SET total = t.total + excluded.total, confirmed = t.confirmed + excluded.confirmed;
+$$;
+
 CREATE FUNCTION referral.levels_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    moved_out referral.link[];
+    moved_in referral.link[];
 BEGIN
-    IF EXISTS (
-        SELECT 1 FROM changed c LEFT JOIN previous p ON p.referral_id = c.referral_id
-        WHERE p.referral_id IS NULL OR p.referrer_id <> c.referrer_id
-    ) THEN
-        RAISE EXCEPTION 'a link keeps its referral and referrer: delete it and insert the new one';
+    SELECT array_agg((p.referral_id, p.referrer_id, p.status)::referral.link) INTO moved_out
+    FROM previous p
+    WHERE NOT EXISTS (
+        SELECT 1 FROM changed c WHERE c.referral_id = p.referral_id AND c.referrer_id = p.referrer_id
+    );
+    SELECT array_agg((c.referral_id, c.referrer_id, c.status)::referral.link) INTO moved_in
+    FROM changed c
+    WHERE NOT EXISTS (
+        SELECT 1 FROM previous p WHERE p.referral_id = c.referral_id AND p.referrer_id = c.referrer_id
+    );
+    IF moved_out IS NOT NULL OR moved_in IS NOT NULL THEN
+        PERFORM referral.levels_remove(
+            coalesce(moved_out, '{}'),
+            coalesce(ARRAY(SELECT (m).referral_id FROM unnest(moved_in) AS m), '{}')
+        );
+        PERFORM referral.levels_add(coalesce(moved_in, '{}'));
     END IF;
 
     WITH RECURSIVE up(ancestor, distance, confirmed) AS (
         SELECT c.referrer_id, 1, (c.status = 'confirmed')::int - (p.status = 'confirmed')::int
-        FROM changed c JOIN previous p ON p.referral_id = c.referral_id
+        FROM changed c JOIN previous p ON p.referral_id = c.referral_id AND p.referrer_id = c.referrer_id
         WHERE c.status <> p.status
         UNION ALL
         SELECT r.referrer_id, up.distance + 1, up.confirmed
@@ -211,15 +275,22 @@ BEGIN
     WHERE t.referrer_id = moved.ancestor AND t.level = moved.distance AND moved.confirmed <> 0;
 
     PERFORM referral.leaderboard_uncount(array_agg((p.referrer_id, p.confirmed_at)::referral.confirmation))
-    FROM previous p JOIN changed c ON c.referral_id = p.referral_id
-    WHERE p.confirmed_at IS NOT NULL AND p.confirmed_at IS DISTINCT FROM c.confirmed_at
+    FROM previous p
+    WHERE p.confirmed_at IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM changed c
+        WHERE c.referral_id = p.referral_id AND c.referrer_id = p.referrer_id
+          AND c.confirmed_at IS NOT DISTINCT FROM p.confirmed_at
+    )
     HAVING count(*) > 0;
 
     INSERT INTO referral.leaderboard_counts AS t (period, period_start, referrer_id, confirmed, first_at)
-    SELECT p.period, p.period_start, c.referrer_id, count(*), min(c.confirmed_at)
-    FROM changed c JOIN previous o ON o.referral_id = c.referral_id
-    CROSS JOIN LATERAL referral.period_starts(c.confirmed_at) AS p
-    WHERE c.confirmed_at IS NOT NULL AND c.confirmed_at IS DISTINCT FROM o.confirmed_at
+    SELECT w.period, w.period_start, c.referrer_id, count(*), min(c.confirmed_at)
+    FROM changed c CROSS JOIN LATERAL referral.period_starts(c.confirmed_at) AS w
+    WHERE c.confirmed_at IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM previous p
+        WHERE p.referral_id = c.referral_id AND p.referrer_id = c.referrer_id
+          AND p.confirmed_at IS NOT DISTINCT FROM c.confirmed_at
+    )
     GROUP BY 1, 2, 3
     ON CONFLICT (period, period_start, referrer_id) DO UPDATE
         SET confirmed = t.confirmed + excluded.confirmed, first_at = least(t.first_at, excluded.first_at);
