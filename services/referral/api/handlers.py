@@ -143,7 +143,9 @@ async def code_by_email(request: web.Request) -> web.Response:
     description=(
         "The link's `status` is `confirmed` when the caller's email address is proven (the access "
         "token says `email_verified: true`, or the auth service has told this service), else "
-        "`pending`: a pending link becomes confirmed by itself once the caller verifies the address."
+        "`pending`: a pending link becomes confirmed by itself once the caller verifies the address. "
+        "422 `self_referral` for the code's owner, also under another spelling of the owner's "
+        "address: case, the dots of a Gmail or Googlemail local part, a `+tag` on any domain."
     ),
     responses=problem_responses(400, 401, 404, 409, 410, 413, 415, 422),
 )
