@@ -134,7 +134,8 @@ def db(database_url: str) -> Iterator[Any]:
     with conn.cursor() as cursor:
         cursor.execute(
             "TRUNCATE auth.users, auth.refresh_tokens, referral.codes, referral.referrals,"
-            " referral.referrer_totals, referral.verified_users CASCADE"
+            " referral.referrer_totals, referral.verified_users, referral.referrer_levels,"
+            " referral.leaderboard_counts CASCADE"
         )
     try:
         yield conn

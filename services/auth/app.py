@@ -242,6 +242,7 @@ def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
             ),
             email_verifier=app.get(EMAIL_VERIFIER),
             enrichment=app.get(ENRICHMENT_SCHEDULER),
+            block_disposable=settings.block_disposable,
         )
         try:
             yield

@@ -102,6 +102,9 @@ class AuthSettings:
     oauth: tuple[OAuthProviderSettings, ...] = setting(
         (), derived=True, doc="AUTH_OAUTH_PROVIDERS and AUTH_OAUTH_<NAME>_*"
     )
+    block_disposable: bool = setting(
+        True, doc="refuse signups from disposable-address domains (a maintained list), verifier or not"
+    )
     log_level: str = setting("INFO", doc="logging level")
 
     def __post_init__(self) -> None:

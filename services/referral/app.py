@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from services.referral.adapters.code_cache import CodeCacheSettings, RedisCodeCache
 from services.referral.adapters.repositories import (
     PostgresCodeRepository,
+    PostgresProgramRepository,
     PostgresReferralRepository,
     PostgresUnitOfWork,
 )
@@ -96,6 +97,8 @@ def _use_cases_ctx(settings: ReferralSettings) -> CleanupContext:
                 min_lifetime=timedelta(seconds=settings.code_min_lifetime),
                 max_lifetime=timedelta(days=settings.code_max_lifetime_days),
             ),
+            program=PostgresProgramRepository(database),
+            stats_depth=settings.stats_depth,
         )
         cache.near.start()
         try:

@@ -51,6 +51,7 @@ class ReferralSettings:
     redis_timeout: float = setting(0.5, doc="seconds to wait for Redis before reading the database")
     max_body_bytes: int = setting(16 * 1024, doc="largest request body accepted")
     cors_origins: tuple[str, ...] = setting((), doc="exact browser origins allowed by CORS; empty: CORS off")
+    stats_depth: int = setting(3, doc="levels of referrals a referrer's statistics show (1 to 5)")
     log_level: str = setting("INFO", doc="logging level")
 
     def __post_init__(self) -> None:
@@ -66,3 +67,6 @@ class ReferralSettings:
         if self.near_cache_size < 0 or self.near_cache_ttl <= 0:
             raise SettingsError(f"{PREFIX}NEAR_CACHE_SIZE must be >= 0 and {PREFIX}NEAR_CACHE_TTL > 0")
         check_origins(self.cors_origins, f"{PREFIX}CORS_ORIGINS")
+        # The database counts levels 1 to 5 (migration 0006): a deeper setting would show zeros.
+        if not 1 <= self.stats_depth <= 5:
+            raise SettingsError(f"{PREFIX}STATS_DEPTH must be 1 to 5")

@@ -132,6 +132,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("S7", "activate a code (201 each)", "referral", 201),
         Scenario("S8", "password login (argon2id, default cost)", "auth", 200),
         Scenario("S9", "an idempotent activation replayed (201 from the kept answer)", "referral", 201),
+        Scenario("S-STATS", "a big referrer's statistics by level (their own token)", "referral", 200),
+        Scenario("S-LEADERBOARD", "the leaderboard: month, week, all time", "referral", 200),
     )
 }
 OTHER_SERVICE = {"auth": "referral", "referral": "auth"}
@@ -488,6 +490,12 @@ def send_once(gateway_url: str, request: wrk.Request, expect: int) -> None:
         raise HarnessError(f"{request.method} {request.path} failed: {error}") from error
     if status != expect:
         raise HarnessError(f"{request.method} {request.path} answered {status}, not {expect}: {body[:300]!r}")
+
+
+def _leaderboard_requests() -> Iterator[wrk.Request]:
+    """The public leaderboard of each period, default limit."""
+    for n in range(S0_COPIES):
+        yield wrk.Request("GET", f"{REFERRAL_API}/leaderboard?period={('month', 'week', 'all')[n % 3]}")
 
 
 def login(gateway_url: str, email: str, password: str) -> str:
@@ -957,6 +965,10 @@ class PassContext:
             path = self._cycle_file(key, self._logins)
         elif key == "S9":
             path = self._cycle_file(key, self._keyed_activations)
+        elif key == "S-STATS":
+            path = self._cycle_file(key, self._stats_requests)
+        elif key == "S-LEADERBOARD":
+            path = self._cycle_file(key, _leaderboard_requests)
         else:
             raise HarnessError(f"no plan for scenario {key}")
         return RunPlan(cycle, wrk.requests_args(path, mode="cycle", expect=expect))
@@ -971,6 +983,18 @@ class PassContext:
             referrer = referrers[n % len(referrers)]
             cursor = dataset.deep_cursors[referrer] if deep else None
             yield wrk.Request("GET", _referrals_path(referrer, cursor), _bearer(token))
+
+    def _stats_requests(self) -> Iterator[wrk.Request]:
+        """Each big referrer asks for their own statistics (anyone else gets 403)."""
+        referrers = self.bench.dataset.big_referrers
+        if not referrers:
+            raise HarnessError("the dataset has no big referrers")
+        tokens = [self.issuer.issue(r, email=None, email_verified=True).token for r in referrers]
+        for n in range(S0_COPIES):
+            referrer = referrers[n % len(referrers)]
+            yield wrk.Request(
+                "GET", f"{REFERRAL_API}/referrers/{referrer}/stats", _bearer(tokens[n % len(tokens)])
+            )
 
     def _logins(self) -> Iterator[wrk.Request]:
         dataset = self.bench.dataset

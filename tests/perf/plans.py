@@ -45,6 +45,8 @@ QUERIES = (
     Query(
         "S4", "_NEXT_PAGE", "the page after a cursor ~90% deep in that referrer's list, with the total", True
     ),
+    Query("S-STATS", "_STATS", "a big referrer's counts by level and active code (referrer_levels)"),
+    Query("S-LEADERBOARD", "_LEADERBOARD", "the month's first 10 referrers (leaderboard_ranked)"),
 )
 
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
@@ -65,6 +67,8 @@ def _values(dataset: Dataset) -> dict[str, dict[str, Any]]:
         "S1": {"email": dataset.code_emails[0].lower()},
         "S2": {"email": dataset.unknown_emails[0].lower()},
         "S3": {"referrer_id": referrer, "limit": PAGE_LIMIT},
+        "S-STATS": {"referrer_id": referrer, "depth": 3},
+        "S-LEADERBOARD": {"period": "month", "limit": 10},
         "S4": {
             "referrer_id": referrer,
             "limit": PAGE_LIMIT,

@@ -25,7 +25,11 @@ EXPECTED_PUBLIC = {
         "POST /api/v1/auth/password/reset",
         "GET /api/v1/auth/pages/{name}",
     },
-    "referral": {"GET /api/v1/referral/codes", "GET /api/v1/referral/healthz"},
+    "referral": {
+        "GET /api/v1/referral/codes",
+        "GET /api/v1/referral/healthz",
+        "GET /api/v1/referral/leaderboard",
+    },
 }
 # Probes, metrics and the documentation pages of each service are public too.
 COMMON_PUBLIC = re.compile(

@@ -27,6 +27,7 @@ TYPE_FAMILIES = (
     sqltypes.Uuid,
     sqltypes.String,  # Text is a String
     sqltypes.DateTime,
+    sqltypes.Date,
     sqltypes.LargeBinary,
     sqltypes.JSON,
     sqltypes.Integer,

@@ -122,12 +122,16 @@ def _token_response(tokens: TokenPair) -> web.Response:
         "accepted with the last use keeps it: when a signup and an activation race for the last use, "
         "whichever the referral service serves first (the code's row lock) gets it, and the other "
         "answers 409 `code_exhausted`. A valid code makes its owner the new "
-        "user's `referrer_id`, and the referral is recorded with the referral service. When an email "
+        "user's `referrer_id`, and the referral is recorded with the referral service; an address that "
+        "is the code owner's own under another spelling (case, dots of a Gmail or Googlemail local "
+        "part, a `+tag` on any domain) answers 422 `self_referral`. An address of a disposable-mail "
+        "domain (a maintained list, subdomains included; `AUTH_BLOCK_DISPOSABLE=false` turns this "
+        "off) answers 422 `email_undeliverable`, with or without an email verifier. When an email "
         "verifier is configured, an address it judges invalid or disposable answers 422 "
-        "`email_undeliverable` and creates nothing; if the verifier cannot answer, the signup goes on "
-        "and its verdict (or `unchecked`) shows as `email_check` on `/me`. Profile enrichment, when "
-        "configured, runs after the answer and fills `profile` on `/me` later. The gateway limits "
-        "how often one client may sign up (429 with Retry-After)."
+        "`email_undeliverable` too; nothing is created in those cases. If the verifier cannot "
+        "answer, the signup goes on and its verdict (or `unchecked`) shows as `email_check` on "
+        "`/me`. Profile enrichment, when configured, runs after the answer and fills `profile` on "
+        "`/me` later. The gateway limits how often one client may sign up (429 with Retry-After)."
     ),
     responses=problem_responses(400, 404, 409, 410, 413, 415, 422, 429, 503),
 )

@@ -40,6 +40,12 @@ class ReferralCodeExhausted(Problem):
     title = "The referral code has been used as many times as it allows"
 
 
+class SelfReferral(Problem):
+    status = 422
+    code = "self_referral"
+    title = "You cannot use your own referral code"
+
+
 class ReferralServiceUnavailable(Problem):
     status = 503
     code = "referral_service_unavailable"

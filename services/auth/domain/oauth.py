@@ -127,6 +127,8 @@ class OAuthService:
             await self.auth.reserve_referral_code(flow.referral_code, user_id) if flow.referral_code else None
         )
         try:
+            if referral is not None:
+                await self.auth.refuse_self_referral(referral, identity.email)
             email_check = await self.auth.check_email(identity.email)
         except BaseException:
             await self.auth.release_referral_code(referral, user_id)

@@ -28,6 +28,7 @@ from services.auth.domain.errors import (
     ReferralServiceUnavailable,
     ResetExpired,
     ResetInvalid,
+    SelfReferral,
     UnknownCode,
     UserGone,
     VerificationExpired,
@@ -66,6 +67,7 @@ from services.auth.domain.ports import (
     UnitOfWork,
     UserRepository,
 )
+from shared.emails import is_disposable, same_mailbox
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,8 @@ class AuthService:
     # Optional vendors: None when their API key is not configured.
     email_verifier: EmailVerifier | None = None
     enrichment: EnrichmentScheduler | None = None
+    # Refuse addresses of throwaway mail providers, verifier or not (AUTH_BLOCK_DISPOSABLE).
+    block_disposable: bool = True
 
     async def _new_refresh_token(
         self, tx: Transaction, user_id: uuid.UUID, family_id: uuid.UUID, parent_id: uuid.UUID | None
@@ -168,12 +172,24 @@ class AuthService:
                 "referral code use not released (it will expire): %s", error, extra={"user_id": str(user_id)}
             )
 
+    async def refuse_self_referral(self, code: ReferralCode, email: str) -> None:
+        """SelfReferral (422) when the address is the code owner's own under another spelling (case,
+        Gmail dots, googlemail.com, a `+tag`): the referral would be the referrer themself."""
+        owner = await self.users.get(code.owner_id)
+        if owner is not None and same_mailbox(owner.email, email):
+            raise SelfReferral()
+
     async def check_email(self, email: str) -> dict[str, Any] | None:
         """The verifier's verdict to store as the user's `email_check`; None when no verifier is set.
 
-        Raises EmailUndeliverable (422) for an invalid or disposable address. Anything else,
-        including a verifier that could not answer (`unchecked`), lets the signup proceed.
+        Raises EmailUndeliverable (422) for an invalid or disposable address: a domain on the maintained
+        list of disposable providers (or under one) is refused without asking the verifier, unless
+        `block_disposable` is off. Anything else, including a verifier that could not answer
+        (`unchecked`), lets the signup proceed.
         """
+        if self.block_disposable and is_disposable(email):
+            log.info("signup refused: disposable email domain")
+            raise EmailUndeliverable("This address belongs to a disposable mail provider.")
         if self.email_verifier is None:
             return None
         check = await self.email_verifier.verify(email)
@@ -203,6 +219,8 @@ class AuthService:
         user_id = uuid.uuid4()
         code = await self.reserve_referral_code(referral_code, user_id) if referral_code is not None else None
         try:
+            if code is not None:
+                await self.refuse_self_referral(code, email)
             email_check = await self.check_email(email)
             password_hash = await self.hasher.hash(password)
         except BaseException:

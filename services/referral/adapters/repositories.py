@@ -35,7 +35,9 @@ from services.referral.domain.models import (
     CONFIRMED,
     PENDING,
     Cursor,
+    LevelCount,
     ListedReferral,
+    Ranked,
     Referral,
     ReferralCode,
     Reservation,
@@ -509,3 +511,61 @@ class PostgresUnitOfWork:
     async def begin(self) -> AsyncIterator[PostgresLinks]:
         async with self._db.transaction() as conn:
             yield PostgresLinks(conn)
+
+
+# --- the referral program: counters kept by the triggers of migration 0006 ---------------------------
+
+# A referrer's levels and active code in one statement (one snapshot): the levels' primary key range
+# and the one open code, whatever the number of referrals. No level row yet: one row of NULL levels.
+_STATS = prepare_sql("""
+SELECT l.level, l.total, l.confirmed,
+       c.id, c.code, c.owner_id, c.owner_email, c.expires_at, c.created_at, c.deleted_at,
+       c.max_uses, c.uses
+FROM (SELECT 1) AS one
+LEFT JOIN referral.referrer_levels AS l ON l.referrer_id = %(referrer_id)s AND l.level <= %(depth)s
+LEFT JOIN LATERAL (
+    SELECT id, code, owner_id, owner_email, expires_at, created_at, deleted_at, max_uses, uses
+    FROM referral.codes
+    WHERE owner_id = %(referrer_id)s AND deleted_at IS NULL AND expires_at > now()
+) AS c ON true
+ORDER BY l.level
+""")
+# The first `limit` entries of the current period: a range scan of leaderboard_ranked. The email is
+# the one of the referrer's newest code (codes_by_owner), else of their own link; NULL when the
+# referral service never saw it (a referrer links only through a code, so only an erased one).
+_LEADERBOARD = prepare_sql("""
+SELECT b.referrer_id, b.confirmed,
+       coalesce(
+           (SELECT c.owner_email FROM referral.codes c WHERE c.owner_id = b.referrer_id
+            ORDER BY c.created_at DESC LIMIT 1),
+           (SELECT r.referral_email FROM referral.referrals r WHERE r.referral_id = b.referrer_id)
+       ) AS email
+FROM referral.leaderboard_counts AS b
+WHERE b.period = %(period)s
+  AND b.period_start = (
+      SELECT p.period_start FROM referral.period_starts(now()) AS p WHERE p.period = %(period)s
+  )
+ORDER BY b.confirmed DESC, b.first_at, b.referrer_id
+LIMIT %(limit)s
+""")
+
+
+class PostgresProgramRepository:
+    """The referral program's counters (the ProgramRepository port)."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def stats(self, referrer_id: uuid.UUID, depth: int) -> tuple[list[LevelCount], ReferralCode | None]:
+        rows = await self._db.fetch_all(_STATS, {"referrer_id": referrer_id, "depth": depth})
+        levels = [
+            LevelCount(int(row["level"]), int(row["total"]), int(row["confirmed"]))
+            for row in rows
+            if row["level"] is not None
+        ]
+        code = _code(rows[0]) if rows and rows[0]["id"] is not None else None
+        return levels, code
+
+    async def leaderboard(self, period: str, limit: int) -> list[Ranked]:
+        rows = await self._db.fetch_all(_LEADERBOARD, {"period": period, "limit": limit})
+        return [Ranked(row["referrer_id"], row["email"], int(row["confirmed"])) for row in rows]

@@ -6,11 +6,14 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Column,
+    Date,
     DateTime,
     ForeignKey,
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
     Table,
     Text,
     Uuid,
@@ -63,8 +66,13 @@ referrals_table = Table(
     # 'pending' until the referral's address is proven, then 'confirmed' (migration 0003). The service
     # always writes it; the default only covers rows written by other means.
     Column("status", Text, nullable=False, server_default=text("'pending'")),
+    # When the link became confirmed; stamped by the database (migration 0006).
+    Column("confirmed_at", DateTime(timezone=True)),
     CheckConstraint("referrer_id <> referral_id", name="referrals_not_self"),
     CheckConstraint("status IN ('pending', 'confirmed')", name="referrals_status_known"),
+    CheckConstraint(
+        "(status = 'confirmed') = (confirmed_at IS NOT NULL)", name="referrals_confirmed_at_iff_confirmed"
+    ),
 )
 Index(
     "referrals_by_referrer",
@@ -107,3 +115,44 @@ Index("code_reservations_by_expiry", code_reservations_table.c.expires_at)
 
 # Idempotency keys of code creation and activation (migration 0004; shared/idempotency.py).
 idempotency_keys_table = idempotency_keys_table_of(metadata)
+
+# --- the referral program (migration 0006), kept by triggers on referrals --------------------------
+
+Index("codes_by_owner", codes_table.c.owner_id, codes_table.c.created_at.desc())
+
+# Per referrer and level (1: direct referrals, 2: theirs, ... 5), the referrals and the confirmed ones.
+referrer_levels_table = Table(
+    "referrer_levels",
+    metadata,
+    Column("referrer_id", Uuid, nullable=False),
+    Column("level", SmallInteger, nullable=False),
+    Column("total", BigInteger, nullable=False),
+    Column("confirmed", BigInteger, nullable=False),
+    PrimaryKeyConstraint("referrer_id", "level"),
+    CheckConstraint("level BETWEEN 1 AND 5", name="referrer_levels_level_range"),
+    CheckConstraint("total >= 0", name="referrer_levels_total_not_negative"),
+    CheckConstraint("confirmed BETWEEN 0 AND total", name="referrer_levels_confirmed_range"),
+)
+
+# Per leaderboard period (week, month, all; `period_start` its first day, UTC) and referrer: the links
+# confirmed in it and the first of those confirmations.
+leaderboard_counts_table = Table(
+    "leaderboard_counts",
+    metadata,
+    Column("period", Text, nullable=False),
+    Column("period_start", Date, nullable=False),
+    Column("referrer_id", Uuid, nullable=False),
+    Column("confirmed", BigInteger, nullable=False),
+    Column("first_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("period", "period_start", "referrer_id"),
+    CheckConstraint("period IN ('week', 'month', 'all')", name="leaderboard_counts_period_known"),
+    CheckConstraint("confirmed >= 0", name="leaderboard_counts_confirmed_not_negative"),
+)
+Index(
+    "leaderboard_ranked",
+    leaderboard_counts_table.c.period,
+    leaderboard_counts_table.c.period_start,
+    leaderboard_counts_table.c.confirmed.desc(),
+    leaderboard_counts_table.c.first_at,
+    leaderboard_counts_table.c.referrer_id,
+)

@@ -18,14 +18,17 @@ from services.referral.api.schemas import (
     InternalReservationRequestSchema,
     InternalReservationSchema,
     InternalUserPathSchema,
+    LeaderboardQuerySchema,
+    LeaderboardSchema,
     PublicCodeSchema,
     ReferralListSchema,
     ReferralSchema,
     ReferralsQuerySchema,
     ReferrerPathSchema,
+    StatsSchema,
 )
 from services.referral.appkeys import USE_CASES
-from services.referral.domain.models import Referral, ReferralPage, Reservation
+from services.referral.domain.models import Leaderboard, Referral, ReferralPage, ReferrerStats, Reservation
 from services.referral.domain.rules import mask_email
 from services.referral.settings import API_PREFIX, INTERNAL_PREFIX
 from shared import health
@@ -177,7 +180,9 @@ async def code_by_email(request: web.Request) -> web.Response:
     description=(
         "The link's `status` is `confirmed` when the caller's email address is proven (the access "
         "token says `email_verified: true`, or the auth service has told this service), else "
-        "`pending`: a pending link becomes confirmed by itself once the caller verifies the address."
+        "`pending`: a pending link becomes confirmed by itself once the caller verifies the address. "
+        "422 `self_referral` for the code's owner, also under another spelling of the owner's "
+        "address: case, the dots of a Gmail or Googlemail local part, a `+tag` on any domain."
         "\n\n409 `code_exhausted`: the code's `max_uses` links exist (or are held for signups). "
         + LAST_USE_RACE
     ),
@@ -215,6 +220,88 @@ async def list_referrals(request: web.Request) -> web.Response:
         referrer_id, query["limit"], after, viewer_id=claims.user_id
     )
     return json_response(_page_body(page))
+
+
+def _stats_body(stats: ReferrerStats) -> dict[str, object]:
+    code = stats.code
+    return {
+        "referrer_id": str(stats.referrer_id),
+        "total": stats.total,
+        "confirmed": stats.confirmed,
+        "pending": stats.pending,
+        "levels": [
+            {"level": level.level, "total": level.total, "confirmed": level.confirmed}
+            for level in stats.levels
+        ],
+        "code": (
+            {
+                "code": code.code,
+                "expires_at": code.expires_at.isoformat(),
+                "max_uses": code.max_uses,
+                "uses": code.uses,
+            }
+            if code
+            else None
+        ),
+    }
+
+
+def _leaderboard_body(board: Leaderboard) -> dict[str, object]:
+    return {
+        "period": board.period,
+        "items": [
+            {
+                "rank": item.rank,
+                "referrer_id": str(item.referrer_id),
+                "email": item.email,
+                "confirmed": item.confirmed,
+            }
+            for item in board.items
+        ],
+    }
+
+
+@docs(
+    tags=TAG,
+    summary="A referrer's statistics by level (the referrer only)",
+    description=(
+        "`levels` has every level from 1 (direct referrals) and 2 (their referrals) to "
+        "REFERRAL_STATS_DEPTH (default 3, at most 5), zeros included; a level counts the referrals "
+        "that many links below the referrer, `confirmed` those whose own link is confirmed. `total`, "
+        "`confirmed` and `pending` add the levels up. `code` is the active code, or null. Kept by the "
+        "database as links are made and confirmed: a few rows read, whatever the number of "
+        "referrals. Anyone but the referrer gets 403 `forbidden`."
+    ),
+    responses=problem_responses(401, 403, 422),
+)
+@match_info_schema(ReferrerPathSchema, put_into="path")
+@response_schema(StatsSchema, 200, description="The statistics")
+async def referrer_stats(request: web.Request) -> web.Response:
+    claims = request[CLAIMS]
+    stats = await request.app[USE_CASES].stats(request["path"]["referrer_id"], viewer_id=claims.user_id)
+    return json_response(_stats_body(stats))
+
+
+@docs(
+    tags=TAG,
+    summary="The referrers with the most confirmed referrals in a period",
+    description=(
+        "Public. Referrers ranked by the links confirmed in the period (when each became confirmed): "
+        "`week` is the current ISO week, from Monday 00:00 UTC; `month` the current calendar month "
+        "in UTC; `all` all time. Same count: the earlier first confirmation in the period ranks "
+        "first, then the smaller referrer id. Emails are masked; an email is null when this service "
+        "never saw it (a referrer whose data was erased). Kept by the database as links are "
+        "confirmed: a read is a range scan of `limit` entries."
+    ),
+    responses=problem_responses(422),
+)
+@querystring_schema(LeaderboardQuerySchema)
+@response_schema(LeaderboardSchema, 200, description="The leaderboard")
+@public
+async def leaderboard(request: web.Request) -> web.Response:
+    query = request["querystring"]
+    board = await request.app[USE_CASES].leaderboard(query["period"], query["limit"])
+    return json_response(_leaderboard_body(board))
 
 
 @docs(
@@ -340,6 +427,8 @@ def add_routes(app: web.Application) -> None:
     # `[^/]+`: aiohttp's default segment pattern leaves out `{` and `}`, so such an id or code would
     # answer a bare 404 instead of reaching the schema that says what is wrong with it (422).
     app.router.add_get(f"{API_PREFIX}/referrers/{{referrer_id:[^/]+}}/referrals", list_referrals)
+    app.router.add_get(f"{API_PREFIX}/referrers/{{referrer_id:[^/]+}}/stats", referrer_stats)
+    app.router.add_get(f"{API_PREFIX}/leaderboard", leaderboard)
     app.router.add_get(f"{INTERNAL_PREFIX}/codes/{{code:[^/]+}}", internal_code)
     app.router.add_post(f"{INTERNAL_PREFIX}/codes/{{code:[^/]+}}/reservations", internal_reserve)
     app.router.add_delete(

@@ -6,7 +6,7 @@ import re
 
 from marshmallow import Schema, ValidationError, fields, validate
 
-from services.referral.domain.models import STATUSES
+from services.referral.domain.models import PERIODS, STATUSES
 from shared.schemas import TrimmedEmail, UtcDateTime
 
 CODE_PATTERN = r"^[A-Za-z0-9_-]{4,32}$"
@@ -179,3 +179,70 @@ class InternalLinkRequestSchema(Schema):
 
 class InternalUserPathSchema(Schema):
     user_id = fields.UUID(required=True)
+
+
+# --- the referral program --------------------------------------------------------------------------
+
+
+class LevelSchema(Schema):
+    level = fields.Integer(required=True, metadata={"description": "1: direct referrals, 2: theirs, ..."})
+    total = fields.Integer(required=True, metadata={"description": "referrals at this level"})
+    confirmed = fields.Integer(required=True, metadata={"description": "those of them that are confirmed"})
+
+
+class StatsCodeSchema(Schema):
+    code = fields.String(required=True)
+    expires_at = fields.DateTime(required=True)
+    max_uses = fields.Integer(
+        required=True, allow_none=True, metadata={"description": "the usage limit; null: none"}
+    )
+    uses = fields.Integer(required=True, metadata={"description": _USES_DESCRIPTION})
+
+
+class StatsSchema(Schema):
+    referrer_id = fields.UUID(required=True)
+    total = fields.Integer(required=True, metadata={"description": "referrals at every level shown"})
+    confirmed = fields.Integer(required=True, metadata={"description": "those of them that are confirmed"})
+    pending = fields.Integer(required=True, metadata={"description": "those of them that are pending"})
+    levels = fields.List(
+        fields.Nested(LevelSchema),
+        required=True,
+        metadata={"description": "every level from 1 to REFERRAL_STATS_DEPTH (default 3), zeros included"},
+    )
+    code = fields.Nested(
+        StatsCodeSchema, required=True, allow_none=True, metadata={"description": "the active code, or null"}
+    )
+
+
+class LeaderboardQuerySchema(Schema):
+    period = fields.String(
+        load_default="month",
+        validate=validate.OneOf(PERIODS),
+        metadata={
+            "description": (
+                "`week`: the current ISO week, from Monday 00:00 UTC; `month`: the current calendar "
+                "month in UTC; `all`: all time"
+            )
+        },
+    )
+    limit = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100))
+
+
+class LeaderboardItemSchema(Schema):
+    rank = fields.Integer(required=True, metadata={"description": "1 for the first; no two share one"})
+    referrer_id = fields.UUID(required=True)
+    email = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": (
+                "masked (`j***@example.com`); null when this service never saw the referrer's email"
+            )
+        },
+    )
+    confirmed = fields.Integer(required=True, metadata={"description": "links confirmed in the period"})
+
+
+class LeaderboardSchema(Schema):
+    period = fields.String(required=True, validate=validate.OneOf(PERIODS))
+    items = fields.List(fields.Nested(LeaderboardItemSchema), required=True)

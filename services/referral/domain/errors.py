@@ -57,3 +57,9 @@ class EmailUnverified(Problem):
     status = 403
     code = "email_unverified"
     title = "Verify your email address first"
+
+
+class Forbidden(Problem):
+    status = 403
+    code = "forbidden"
+    title = "Only the referrer may see this"

@@ -74,3 +74,66 @@ class ReferralPage:
     items: list[ListedReferral]
     next_cursor: Cursor | None
     emails_visible: bool  # the viewer is the referrer; others see the emails masked
+
+
+# --- the referral program: statistics by level and the leaderboard -------------------------------
+
+# Leaderboard periods, in UTC: the current ISO week (from Monday 00:00), the current calendar month,
+# and all time.
+WEEK = "week"
+MONTH = "month"
+ALL_TIME = "all"
+PERIODS = (WEEK, MONTH, ALL_TIME)
+# The deepest level the database counts (migration 0006); REFERRAL_STATS_DEPTH is at most this.
+MAX_STATS_DEPTH = 5
+
+
+@dataclass(frozen=True, slots=True)
+class LevelCount:
+    """A referrer's referrals at one level (1: direct, 2: theirs, ...), and the confirmed ones."""
+
+    level: int
+    total: int
+    confirmed: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReferrerStats:
+    referrer_id: uuid.UUID
+    levels: list[LevelCount]  # every level from 1 to the configured depth, zeros included
+    code: ReferralCode | None  # the referrer's active code
+
+    @property
+    def total(self) -> int:
+        return sum(level.total for level in self.levels)
+
+    @property
+    def confirmed(self) -> int:
+        return sum(level.confirmed for level in self.levels)
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.confirmed
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """A referrer's place in a period, as the store ranks them; `email` None when unknown here."""
+
+    referrer_id: uuid.UUID
+    email: str | None
+    confirmed: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderboardEntry:
+    rank: int
+    referrer_id: uuid.UUID
+    email: str | None  # masked
+    confirmed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Leaderboard:
+    period: str
+    items: list[LeaderboardEntry]

@@ -12,7 +12,15 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Protocol
 
-from services.referral.domain.models import Cursor, ListedReferral, Referral, ReferralCode, Reservation
+from services.referral.domain.models import (
+    Cursor,
+    LevelCount,
+    ListedReferral,
+    Ranked,
+    Referral,
+    ReferralCode,
+    Reservation,
+)
 
 
 class OpenCodeExists(Exception):
@@ -98,6 +106,20 @@ class ReferralRepository(Protocol):
 
     async def is_verified(self, user_id: uuid.UUID) -> bool:
         """Whether the auth service told us the user's address is proven."""
+        ...
+
+
+class ProgramRepository(Protocol):
+    """The referral program's counters (kept as links change, never a walk of the links)."""
+
+    async def stats(self, referrer_id: uuid.UUID, depth: int) -> tuple[list[LevelCount], ReferralCode | None]:
+        """The referrer's counts at levels 1 to `depth` (levels without referrals left out) and their
+        active code, as of one moment."""
+        ...
+
+    async def leaderboard(self, period: str, limit: int) -> list[Ranked]:
+        """The first `limit` referrers of the current `period` (PERIODS), by confirmed links in it,
+        then the earlier first confirmation in it, then the referrer id."""
         ...
 
 

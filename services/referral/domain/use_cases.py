@@ -20,10 +20,21 @@ from services.referral.domain.errors import (
     CodeNotFound,
     CodeTaken,
     EmailUnverified,
+    Forbidden,
     ReferralCycle,
     SelfReferral,
 )
-from services.referral.domain.models import Cursor, Referral, ReferralCode, ReferralPage, Reservation
+from services.referral.domain.models import (
+    Cursor,
+    Leaderboard,
+    LeaderboardEntry,
+    LevelCount,
+    Referral,
+    ReferralCode,
+    ReferralPage,
+    ReferrerStats,
+    Reservation,
+)
 from services.referral.domain.ports import (
     ABSENT,
     AlreadyLinked,
@@ -31,10 +42,12 @@ from services.referral.domain.ports import (
     CodeRepository,
     CodeTextTaken,
     OpenCodeExists,
+    ProgramRepository,
     ReferralRepository,
     UnitOfWork,
 )
-from services.referral.domain.rules import CodeRules
+from services.referral.domain.rules import CodeRules, mask_email
+from shared.emails import same_mailbox
 from shared.problems import ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -70,8 +83,10 @@ class ReferralUseCases:
     uow: UnitOfWork
     cache: CodeCache
     rules: CodeRules
+    program: ProgramRepository
     clock: Callable[[], datetime] = utc_now
     new_code: Callable[[], str] = generate_code
+    stats_depth: int = 3  # levels the statistics show (REFERRAL_STATS_DEPTH)
 
     # --- codes -----------------------------------------------------------------------------------
 
@@ -193,7 +208,8 @@ class ReferralUseCases:
         """The caller becomes the referral of the code's owner; the link is confirmed when the caller's
         token says their address is proven (`email_verified`) or the auth service's notice did."""
         code = await self.usable_code(text)
-        if code.owner_id == user_id:
+        # The owner's own address under another spelling (case, Gmail dots, a +tag) is the owner too.
+        if code.owner_id == user_id or same_mailbox(code.owner_email, email):
             raise SelfReferral()
         linked = await self._link(
             user_id, code.owner_id, email, code.code, code_id=code.id, email_verified=email_verified
@@ -228,16 +244,24 @@ class ReferralUseCases:
         """The auth service's notice: the user's address is proven. Their pending link, now or when it
         is made, is confirmed. Idempotent.
 
-        The user's tree lock comes first, the lock a link for this user takes before it writes (the
+        The user's own lock comes first, the lock a link for this user takes before it writes (the
         user is then the root of their own tree): the notice and the link are serialized, and the one
-        that goes second sees what the first committed. A user who is already linked is not a root
-        any more, but no link for them can be written then, and their link is what the notice changes.
+        that goes second sees what the first committed. The lock of the root of the user's tree is
+        taken too: the confirmation moves the program's counters of every ancestor (migration 0006),
+        and a link that gives the tree new ancestors holds that lock while it copies the tree's
+        counts to them; without it, one of the two would miss the other's change.
         """
-        async with self.uow.begin() as links:
-            await links.lock_trees((user_id,))
-            confirmed = await links.confirm_user(user_id)
-        if confirmed:
-            log.info("referral link confirmed", extra={"referral_id": str(user_id)})
+        for _ in range(LINK_ATTEMPTS):
+            root_seen = await self.referrals.root_of(user_id)
+            async with self.uow.begin() as links:
+                await links.lock_trees((user_id, root_seen))
+                if await links.root_of(user_id) != root_seen:
+                    continue  # the tree was linked under another while we waited: lock the new root
+                confirmed = await links.confirm_user(user_id)
+            if confirmed:
+                log.info("referral link confirmed", extra={"referral_id": str(user_id)})
+            return
+        raise ServiceUnavailable("The referral tree is changing quickly; try again.")
 
     async def _link(
         self,
@@ -309,3 +333,28 @@ class ReferralUseCases:
         return ReferralPage(
             referrer_id, total, confirmed, items, next_cursor, emails_visible=viewer_id == referrer_id
         )
+
+    # --- the referral program ----------------------------------------------------------------------
+
+    async def stats(self, referrer_id: uuid.UUID, *, viewer_id: uuid.UUID) -> ReferrerStats:
+        """The referrer's referrals by level (1 to `stats_depth`) and active code; theirs alone to see."""
+        if viewer_id != referrer_id:
+            raise Forbidden("Only the referrer may see their statistics.")
+        counted, code = await self.program.stats(referrer_id, self.stats_depth)
+        by_level = {count.level: count for count in counted}
+        levels = [by_level.get(level, LevelCount(level, 0, 0)) for level in range(1, self.stats_depth + 1)]
+        return ReferrerStats(referrer_id, levels, code)
+
+    async def leaderboard(self, period: str, limit: int) -> Leaderboard:
+        """The first `limit` referrers of the current period, ranked, their emails masked."""
+        ranked = await self.program.leaderboard(period, limit)
+        items = [
+            LeaderboardEntry(
+                rank,
+                entry.referrer_id,
+                mask_email(entry.email) if entry.email is not None else None,
+                entry.confirmed,
+            )
+            for rank, entry in enumerate(ranked, start=1)
+        ]
+        return Leaderboard(period, items)

@@ -1,6 +1,6 @@
 -- Codes with a usage limit: `max_uses` (NULL: no limit) and `uses`, the links made with the code plus
 -- the uses reserved for signups not yet linked; and those reservations.
--- depends: 0003_email_verification
+-- depends: 0004_idempotency
 
 -- `uses` only moves in statements that check the limit under the code's row lock (activation, a
 -- signup's reservation) or give a reserved use back; the CHECK is the backstop: no interleaving can

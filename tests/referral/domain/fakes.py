@@ -17,7 +17,9 @@ from services.referral.domain.models import (
     CONFIRMED,
     PENDING,
     Cursor,
+    LevelCount,
     ListedReferral,
+    Ranked,
     Referral,
     ReferralCode,
     Reservation,
@@ -212,6 +214,40 @@ class FakeReferralRepository:
         return user_id in self._store.verified
 
 
+class FakeProgramRepository:
+    """The program's counters, computed from the links (the database keeps them by triggers)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def stats(self, referrer_id: uuid.UUID, depth: int) -> tuple[list[LevelCount], ReferralCode | None]:
+        counts: dict[int, list[int]] = {}
+        for link in self._store.links.values():
+            level, above = 1, link.referrer_id
+            while level <= depth:
+                if above == referrer_id:
+                    entry = counts.setdefault(level, [0, 0])
+                    entry[0] += 1
+                    entry[1] += link.status == CONFIRMED
+                    break
+                if above not in self._store.links:
+                    break
+                above, level = self._store.links[above].referrer_id, level + 1
+        active = [c for c in self._store.codes if c.owner_id == referrer_id and self._store.active(c)]
+        code = active[0] if active else None
+        return [LevelCount(level, *counts[level]) for level in sorted(counts)], code
+
+    async def leaderboard(self, period: str, limit: int) -> list[Ranked]:
+        # Every confirmed link counts, whatever the period: the periods are the database's to test.
+        confirmed: dict[uuid.UUID, int] = {}
+        for link in self._store.links.values():
+            if link.status == CONFIRMED:
+                confirmed[link.referrer_id] = confirmed.get(link.referrer_id, 0) + 1
+        emails = {code.owner_id: code.owner_email for code in self._store.codes}
+        ranked = sorted(confirmed.items(), key=lambda item: (-item[1], item[0]))[:limit]
+        return [Ranked(referrer, emails.get(referrer), count) for referrer, count in ranked]
+
+
 class FakeLinks:
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -330,6 +366,7 @@ def make_world() -> World:
         uow=FakeUnitOfWork(store),
         cache=cache,
         rules=RULES,
+        program=FakeProgramRepository(store),
         clock=clock,
     )
     return World(clock, store, cache, use_cases)
