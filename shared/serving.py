@@ -20,9 +20,12 @@ A stop happens in three steps (README, "Guarantees"):
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import signal
 import socket
+import struct
+import sys
 from typing import Protocol
 
 from aiohttp import hdrs, web
@@ -98,6 +101,31 @@ def listen(host: str, port: int, *, backlog: int = BACKLOG) -> list[socket.socke
             sock.close()
         raise ListenError(f"cannot listen on {host}:{port}: {error}") from error
     return sockets
+
+
+_SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>
+# One classic BPF instruction, BPF_RET | BPF_K with 0: keep nothing of the packet, i.e. drop it.
+_DROP_EVERYTHING = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+
+def _drop_new_connections(sock: socket.socket) -> None:
+    """From now on, drop every connection attempt `sock` receives (Linux: a socket filter).
+
+    Closing a listening socket resets every connection the kernel completed but nobody accepted, and
+    a client (nginx) that had already sent its request on one cannot tell that reset from a crash
+    mid-request, so it may not retry a POST elsewhere. With the filter on, no connection completes
+    between taking the backlog and closing: a new client's SYN is dropped, its retransmission meets
+    a closed port and is refused, and a refused connection is retried on another instance. Where the
+    filter cannot be set (not Linux), the window is the few microseconds of `GracefulServer.stop`.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    program = ctypes.create_string_buffer(_DROP_EVERYTHING)
+    fprog = struct.pack("HL", 1, ctypes.addressof(program))  # struct sock_fprog {len; filter *}
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError as error:
+        log.warning("could not stop new connections before closing the listener: %s", error)
 
 
 def _accept_pending(sock: socket.socket) -> list[socket.socket]:
@@ -182,6 +210,8 @@ class GracefulServer:
         if self.stopping:
             return
         self._lifecycle.stopping = True
+        for sock in self._sockets:
+            _drop_new_connections(sock)
         pending = [conn for sock in self._sockets for conn in _accept_pending(sock)]
         for listener in self._listeners:
             listener.close()

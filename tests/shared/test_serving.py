@@ -20,7 +20,7 @@ from services.auth.settings import AuthSettings
 from services.referral.settings import ReferralSettings
 from shared.access import public
 from shared.config import SettingsError, load_settings
-from shared.serving import GracefulServer, ListenError, listen
+from shared.serving import GracefulServer, ListenError, _drop_new_connections, listen
 from shared.tokens import TokenVerifier
 from shared.web import setup_common
 from tests.helpers import KeptAliveConnection
@@ -223,3 +223,26 @@ def test_shutdown_settings_are_bounded(settings: type, prefix: str, name: str, v
     }
     with pytest.raises(SettingsError, match=f"{prefix}SHUTDOWN_DRAIN"):
         load_settings(settings, prefix, environ)
+
+
+def test_at_the_stop_new_connections_never_complete_so_none_is_reset_after_its_request() -> None:
+    """Between taking the backlog and closing the listener, a connection the kernel completed would be
+    reset with its request already sent (a POST nginx may not retry): the filter set first drops the
+    new SYN instead, and once the socket is closed the client is refused (retried anywhere)."""
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    before = socket.create_connection((HOST, port), timeout=1)
+    try:
+        _drop_new_connections(listener)
+        with pytest.raises(TimeoutError):
+            socket.create_connection((HOST, port), timeout=0.3)  # its SYN dropped: nothing completes
+        accepted, _ = listener.accept()  # the one completed before is still there to serve
+        accepted.close()
+        listener.close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((HOST, port), timeout=1)
+    finally:
+        before.close()
+        listener.close()
