@@ -530,23 +530,11 @@ LEFT JOIN LATERAL (
 ) AS c ON true
 ORDER BY l.level
 """)
-# The first `limit` entries of the current period: a range scan of leaderboard_ranked. The email is
-# the one of the referrer's newest code (codes_by_owner), else of their own link; NULL when the
-# referral service never saw it (a referrer links only through a code, so only an erased one).
+# The first `limit` entries of the current period: a range scan of leaderboard_ranked, each with the
+# referrer's email, in a function that runs it on a generic plan (migration 0007_leaderboard_read says
+# why: as a plain prepared statement it was planned afresh on every read).
 _LEADERBOARD = prepare_sql("""
-SELECT b.referrer_id, b.confirmed,
-       coalesce(
-           (SELECT c.owner_email FROM referral.codes c WHERE c.owner_id = b.referrer_id
-            ORDER BY c.created_at DESC LIMIT 1),
-           (SELECT r.referral_email FROM referral.referrals r WHERE r.referral_id = b.referrer_id)
-       ) AS email
-FROM referral.leaderboard_counts AS b
-WHERE b.period = %(period)s
-  AND b.period_start = (
-      SELECT p.period_start FROM referral.period_starts(now()) AS p WHERE p.period = %(period)s
-  )
-ORDER BY b.confirmed DESC, b.first_at, b.referrer_id
-LIMIT %(limit)s
+SELECT referrer_id, confirmed, email FROM referral.leaderboard_top(%(period)s, %(limit)s)
 """)
 
 

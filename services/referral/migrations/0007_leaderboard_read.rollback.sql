@@ -1,0 +1,1 @@
+DROP FUNCTION referral.leaderboard_top(text, integer);
