@@ -123,7 +123,7 @@ class Layout:
 
 
 def port_setting(environ: Mapping[str, str], name: str, default: int) -> int:
-    """The TCP port in the launcher's variable `name`, else `default`; SystemExit with one line if malformed."""
+    """The TCP port in the launcher's variable `name`, else `default`; SystemExit (one line) if malformed."""
     raw = environ.get(name, "").strip()
     if not raw:
         return default
@@ -234,17 +234,18 @@ def migrations(auth: Mapping[str, str], referral: Mapping[str, str]) -> list[Pro
 
 
 def services(auth: Mapping[str, str], referral: Mapping[str, str]) -> list[Process]:
-    """The two services on the ports their environments name, their output on the terminal."""
+    """The two services on the ports their environments name (else 8081 and 8082), their output on the
+    terminal."""
     return [
         Process(
             name,
             [sys.executable, "-m", f"services.{name}", "serve"],
             dict(env),
-            port=int(env[f"{name.upper()}_PORT"]),
+            port=int(env.get(f"{name.upper()}_PORT", default)),
             port_env=f"{name.upper()}_PORT",
             log_dir=None,
         )
-        for name, env in (("auth", auth), ("referral", referral))
+        for name, env, default in (("auth", auth, AUTH_PORT), ("referral", referral, REFERRAL_PORT))
     ]
 
 
@@ -253,6 +254,7 @@ def gateway(
     port: int,
     trusted_proxies: tuple[str, ...] = (),
     runtime_dir: Path = GATEWAY_DIR,
+    *,
     auth_port: int = AUTH_PORT,
     referral_port: int = REFERRAL_PORT,
 ) -> Process:
@@ -434,7 +436,14 @@ def run(stop: StopRequest) -> int:
         say(requirements.advice(absent))  # `make run` installs it first
         return 1
     try:
-        nginx = gateway(environ, port, trusted_proxies, where.gateway_dir, where.auth_port, where.referral_port)
+        nginx = gateway(
+            environ,
+            port,
+            trusted_proxies,
+            where.gateway_dir,
+            auth_port=where.auth_port,
+            referral_port=where.referral_port,
+        )
     except HarnessError as error:
         say(f"nginx refused the gateway's configuration:\n{error}")
         return 1

@@ -310,7 +310,9 @@ def test_the_services_and_the_gateway_take_the_layouts_ports(tmp_path: Path) -> 
     assert referral["REFERRAL_AUTH_ISSUER"] == "http://127.0.0.1:9000/api/v1/auth"
     health = [service.health_url for service in run.services(auth, referral)]
     assert health == ["http://127.0.0.1:9001/healthz", "http://127.0.0.1:9002/healthz"]
-    nginx = run.gateway({}, where.port, (), tmp_path / "gateway", where.auth_port, where.referral_port)
+    nginx = run.gateway(
+        {}, where.port, (), tmp_path / "gateway", auth_port=where.auth_port, referral_port=where.referral_port
+    )
     text = (tmp_path / "gateway" / "nginx.conf").read_text()
     assert nginx.health_url == "http://127.0.0.1:9000/healthz"
     assert "server 127.0.0.1:9001 " in text

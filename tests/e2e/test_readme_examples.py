@@ -41,7 +41,15 @@ from pathlib import Path
 
 import pytest
 
-from deploy.local.processes import AddressInUse, HarnessError, Process, base_url, free_port, start_fresh, stop_all
+from deploy.local.processes import (
+    AddressInUse,
+    HarnessError,
+    Process,
+    base_url,
+    free_port,
+    start_fresh,
+    stop_all,
+)
 from tests.harness import inherited
 from tests.helpers import drop_redis_keys, fresh_database
 
@@ -80,7 +88,7 @@ def runnable_blocks(markdown: str) -> list[Block]:
     body: list[str] = []
     for number, line in enumerate(lines, start=1):
         stripped = line.strip()
-        if fence is not None:  # inside a block, which a run of its fence's character, as long or longer, closes
+        if fence is not None:  # inside a block: a run of its fence's character, as long or longer, ends it
             if re.fullmatch(rf"{re.escape(fence[0])}{{{len(fence)},}}", stripped):
                 if marked:
                     blocks.append(Block(language, "\n".join(body), opened))
@@ -93,7 +101,9 @@ def runnable_blocks(markdown: str) -> list[Block]:
             fence, language, opened = opening.group(1), opening.group(2), number
             marked = number > 1 and lines[number - 2].strip() == MARK
             if marked and language not in LANGUAGES:
-                raise ReadmeError(f"README.md:{number}: a {MARK} block must be one of {LANGUAGES}, not {language!r}")
+                raise ReadmeError(
+                    f"README.md:{number}: a {MARK} block is {' or '.join(LANGUAGES)}, not {language!r}"
+                )
             continue
         if number > 1 and lines[number - 2].strip() == MARK:
             raise ReadmeError(f"README.md:{number - 1}: {MARK} must be the line right above a block's fence")
@@ -159,7 +169,8 @@ def wait_ready(launcher: Process, deadline: float) -> None:
         if launcher.popen.poll() is not None:
             if "already in use" in launcher.output():
                 raise AddressInUse(f"{launcher.name}: a port was taken between its pick and its bind")
-            raise HarnessError(f"{launcher.name} exited with {launcher.popen.returncode}:\n{launcher.log_tail(60)}")
+            code = launcher.popen.returncode
+            raise HarnessError(f"{launcher.name} exited with {code}:\n{launcher.log_tail(60)}")
         if time.monotonic() > deadline:
             raise HarnessError(f"{launcher.name} not ready in time:\n{launcher.log_tail(60)}")
         time.sleep(0.1)
@@ -178,11 +189,14 @@ def readme_stack(
         env = launcher_env(data_dir, database_url, redis_url, prefix)
 
         def attempt(started: list[Process]) -> Stack:
-            port, auth_port, referral_port = free_port(), free_port(), free_port()
+            port = free_port()
+            ports = {"PORT": str(port)} | {
+                name: str(free_port()) for name in ("RUN_AUTH_PORT", "RUN_REFERRAL_PORT")
+            }
             launcher = Process(
                 "make-run",
                 [sys.executable, "-m", "deploy.local.run"],
-                env | {"PORT": str(port), "RUN_AUTH_PORT": str(auth_port), "RUN_REFERRAL_PORT": str(referral_port)},
+                env | ports,
                 port=port,
                 log_dir=ARTIFACTS,
             )
@@ -256,7 +270,8 @@ def test_the_readme_has_runnable_walkthroughs_that_take_the_stack_from_variables
     defaults): a hard-coded address would pass here against a developer's `make run`, not ours."""
     blocks = runnable_blocks(README.read_text())
     text = "\n".join(block.text for block in blocks)
-    for needed in ("/signup", "/email/verify", "/referral/codes", "/leaderboard", "/password/reset", "Idempotency-Key"):
+    needs = ("/signup", "/email/verify", "/referral/codes", "/stats", "/leaderboard", "/password/reset")
+    for needed in (*needs, "Idempotency-Key"):
         assert needed in text, f"no runnable README block uses {needed}"
     assert {block.language for block in blocks} == {"sh", "python"}
     assert blocks[0].text.startswith("BASE=${BASE:-http://127.0.0.1:8080}\n") or blocks[0].text.startswith(
@@ -300,14 +315,14 @@ def test_the_convention_runs_only_marked_sh_and_python_blocks() -> None:
     script = session_script(blocks)
     assert script.startswith("set -euo pipefail\n")
     assert "make run" not in script and "not" not in script
-    assert f"\"$README_PYTHON\" - <<'{PYTHON_END}'\nprint(\"two\")" in script
+    assert f'"$README_PYTHON" - <<\'{PYTHON_END}\'\nprint("two")' in script
 
 
 @pytest.mark.parametrize(
     ("markdown", "message"),
     [
-        ("<!-- run -->\n```json\n{}\n```\n", "must be one of"),
-        ("<!-- run -->\n```\nls\n```\n", "must be one of"),
+        ("<!-- run -->\n```json\n{}\n```\n", "block is sh or python"),
+        ("<!-- run -->\n```\nls\n```\n", "block is sh or python"),
         ("<!-- run -->\n\n```sh\nls\n```\n", "right above"),
         ("text\n<!-- run -->\n", "right above"),
         ("<!-- run -->\n```sh\nls\n", "no closing fence"),
@@ -319,13 +334,15 @@ def test_a_mark_that_cannot_run_is_refused(markdown: str, message: str) -> None:
 
 
 def test_the_session_fails_on_the_first_failing_command_and_names_the_block(tmp_path: Path) -> None:
-    blocks = [Block("sh", "echo first", 3), Block("sh", "false\necho never", 9), Block("sh", "echo after", 20)]
+    blocks = [Block("sh", "echo first", 3), Block("sh", "false\necho never", 9), Block("sh", "echo ok", 20)]
     script = tmp_path / "s.sh"
     script.write_text(session_script(blocks))
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=False)
     assert done.returncode == 1
     assert done.stdout == f"{BLOCK_HEADER}3\nfirst\n{BLOCK_HEADER}9\n"
     assert silent_blocks(done.stdout) == [9]
-    for failing in ("echo $UNSET_VARIABLE", "false | cat", 'x=$(false)'):
+    for failing in ("echo $UNSET_VARIABLE", "false | cat", "x=$(false)"):
         script.write_text(session_script([Block("sh", f"{failing}\necho reached", 1)]))
-        assert subprocess.run(["bash", str(script)], capture_output=True, check=False).returncode != 0, failing
+        done = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=False)
+        assert done.returncode != 0, failing
+        assert "reached" not in done.stdout
