@@ -3,7 +3,7 @@
 `python3 -m deploy.local.mail a@example.com` prints the newest mail to that address (its subject and
 plain text); `--link verify-email` prints only the link to that page in it, `--token verify-email`
 only the link's token. A mail leaves a moment after the request that caused it, so it waits up to
-`--wait` seconds (5) for one. Standard library only, so the system's python3 runs it.
+`--wait` seconds (15) for one. Standard library only, so the system's python3 runs it.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dir", type=Path, default=MAIL_DIR, help=f"where the mails are (default {MAIL_DIR})"
     )
-    parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for a mail (default 5)")
+    parser.add_argument("--wait", type=float, default=15.0, help="seconds to wait for a mail (default 15)")
     args = parser.parse_args(argv)
     page = args.link or args.token
     deadline = time.monotonic() + args.wait

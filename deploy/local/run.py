@@ -1,4 +1,10 @@
-"""Run the whole system locally in the foreground until Ctrl-C: `python -m deploy.local.run` (`make run`)."""
+"""Run the whole system locally in the foreground until Ctrl-C: `python -m deploy.local.run` (`make run`).
+
+Its defaults are fixed and known to the developer: the gateway on 127.0.0.1:8080, the auth service on
+8081, the referral service on 8082, everything it keeps under `.data/`. `PORT`, `RUN_AUTH_PORT`,
+`RUN_REFERRAL_PORT` and `RUN_DATA_DIR` move them (the README's examples are run by a test against a
+launcher started this way, on free ports and a temporary folder: tests/e2e/test_readme_examples.py).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
@@ -22,14 +29,14 @@ from deploy.nginx.render import check_trusted_proxies
 from services.auth.adapters.signing import generate_pem
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DATA_DIR = REPO_ROOT / ".data"
-SIGNING_KEY_FILE = DATA_DIR / "dev" / "jwt-signing-key.pem"
+DATA_DIR = REPO_ROOT / ".data"  # RUN_DATA_DIR overrides it
 GATEWAY_DIR = DATA_DIR / "gateway"  # nginx's rendered configuration, pid and temporary files
 MAIL_DIR = DATA_DIR / "mail"  # the embedded SMTP server's mails, one .eml file each
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8080  # the gateway's; PORT overrides it
 # The services' ports under `make run`: fixed, known to the developer (the harnesses of the tests and
 # the benchmark start services on port 0 instead); checked free before anything starts.
+# RUN_AUTH_PORT and RUN_REFERRAL_PORT override them.
 AUTH_PORT = 8081
 REFERRAL_PORT = 8082
 AUTH_API = "/api/v1/auth"
@@ -91,17 +98,63 @@ def ensure_signing_key(path: Path) -> bool:
     return True
 
 
-def gateway_port(environ: Mapping[str, str]) -> int:
-    """The gateway's port: `PORT` from the launcher's environment, else 8080 (not a service's port)."""
-    raw = environ.get("PORT", "").strip()
+@dataclass(frozen=True)
+class Layout:
+    """Where the launcher puts the system: the gateway's and the services' ports on 127.0.0.1, and
+    the folder it keeps everything in (the embedded servers' data, the mails, the dev signing key,
+    nginx's runtime files)."""
+
+    port: int = DEFAULT_PORT
+    auth_port: int = AUTH_PORT
+    referral_port: int = REFERRAL_PORT
+    data_dir: Path = DATA_DIR
+
+    @property
+    def signing_key(self) -> Path:
+        return self.data_dir / "dev" / "jwt-signing-key.pem"
+
+    @property
+    def gateway_dir(self) -> Path:
+        return self.data_dir / "gateway"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+
+def port_setting(environ: Mapping[str, str], name: str, default: int) -> int:
+    """The TCP port in the launcher's variable `name`, else `default`; SystemExit (one line) if malformed."""
+    raw = environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_PORT
+        return default
     if not raw.isdigit() or not 0 < int(raw) < 65536:
-        raise SystemExit(f"PORT must be a TCP port number, got {raw!r}")
-    port = int(raw)
-    if port in (AUTH_PORT, REFERRAL_PORT):
-        raise SystemExit(f"PORT must not be {AUTH_PORT} or {REFERRAL_PORT}: the services listen there")
+        raise SystemExit(f"{name} must be a TCP port number, got {raw!r}")
+    return int(raw)
+
+
+def gateway_port(environ: Mapping[str, str], services: tuple[int, int] = (AUTH_PORT, REFERRAL_PORT)) -> int:
+    """The gateway's port: `PORT` from the launcher's environment, else 8080 (not a service's port)."""
+    port = port_setting(environ, "PORT", DEFAULT_PORT)
+    if port in services:
+        raise SystemExit(f"PORT must not be {services[0]} or {services[1]}: the services listen there")
     return port
+
+
+def layout(environ: Mapping[str, str]) -> Layout:
+    """The launcher's ports and folder: `PORT` (the gateway, 8080), `RUN_AUTH_PORT` (8081),
+    `RUN_REFERRAL_PORT` (8082) and `RUN_DATA_DIR` (`.data/` in the repository) from its environment;
+    SystemExit with one line for a malformed value or two ports alike."""
+    auth_port = port_setting(environ, "RUN_AUTH_PORT", AUTH_PORT)
+    referral_port = port_setting(environ, "RUN_REFERRAL_PORT", REFERRAL_PORT)
+    if auth_port == referral_port:
+        raise SystemExit(f"RUN_AUTH_PORT and RUN_REFERRAL_PORT must differ, both are {auth_port}")
+    raw_dir = environ.get("RUN_DATA_DIR", "").strip()
+    return Layout(
+        port=gateway_port(environ, (auth_port, referral_port)),
+        auth_port=auth_port,
+        referral_port=referral_port,
+        data_dir=Path(raw_dir).resolve() if raw_dir else DATA_DIR,
+    )
 
 
 def gateway_trusted_proxies(environ: Mapping[str, str]) -> tuple[str, ...]:
@@ -124,6 +177,8 @@ def auth_env(
     gateway_port: int,
     signing_key: Path,
     smtp_url: str,
+    auth_port: int = AUTH_PORT,
+    referral_port: int = REFERRAL_PORT,
 ) -> dict[str, str]:
     """The auth service's environment: the launcher's, plus the dev settings."""
     env = dict(environ)
@@ -131,11 +186,11 @@ def auth_env(
         {
             "AUTH_ENV": "dev",
             "AUTH_HOST": HOST,
-            "AUTH_PORT": str(AUTH_PORT),
+            "AUTH_PORT": str(auth_port),
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "AUTH_JWT_PRIVATE_KEYS_FILE": str(signing_key),
-            "AUTH_REFERRAL_SERVICE_URL": base_url(REFERRAL_PORT),
+            "AUTH_REFERRAL_SERVICE_URL": base_url(referral_port),
             "AUTH_TRUSTED_PROXIES": TRUSTED_PROXIES,
             "AUTH_SMTP_URL": smtp_url,
         }
@@ -145,7 +200,13 @@ def auth_env(
 
 
 def referral_env(
-    environ: Mapping[str, str], *, database_url: str, redis_url: str, auth_public_base_url: str
+    environ: Mapping[str, str],
+    *,
+    database_url: str,
+    redis_url: str,
+    auth_public_base_url: str,
+    auth_port: int = AUTH_PORT,
+    referral_port: int = REFERRAL_PORT,
 ) -> dict[str, str]:
     """The referral service's environment: the launcher's, plus the dev settings (auth's JWKS and issuer)."""
     env = dict(environ)
@@ -153,10 +214,10 @@ def referral_env(
         {
             "REFERRAL_ENV": "dev",
             "REFERRAL_HOST": HOST,
-            "REFERRAL_PORT": str(REFERRAL_PORT),
+            "REFERRAL_PORT": str(referral_port),
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
-            "REFERRAL_AUTH_JWKS_URL": f"{base_url(AUTH_PORT)}{AUTH_API}/.well-known/jwks.json",
+            "REFERRAL_AUTH_JWKS_URL": f"{base_url(auth_port)}{AUTH_API}/.well-known/jwks.json",
             # The same value as the auth service's `iss` (AuthSettings.issuer).
             "REFERRAL_AUTH_ISSUER": auth_public_base_url.rstrip("/") + AUTH_API,
         }
@@ -173,17 +234,18 @@ def migrations(auth: Mapping[str, str], referral: Mapping[str, str]) -> list[Pro
 
 
 def services(auth: Mapping[str, str], referral: Mapping[str, str]) -> list[Process]:
-    """The two services on their ports, their output on the terminal."""
+    """The two services on the ports their environments name (else 8081 and 8082), their output on the
+    terminal."""
     return [
         Process(
             name,
             [sys.executable, "-m", f"services.{name}", "serve"],
             dict(env),
-            port=port,
+            port=int(env.get(f"{name.upper()}_PORT", default)),
             port_env=f"{name.upper()}_PORT",
             log_dir=None,
         )
-        for name, env, port in (("auth", auth, AUTH_PORT), ("referral", referral, REFERRAL_PORT))
+        for name, env, default in (("auth", auth, AUTH_PORT), ("referral", referral, REFERRAL_PORT))
     ]
 
 
@@ -192,6 +254,9 @@ def gateway(
     port: int,
     trusted_proxies: tuple[str, ...] = (),
     runtime_dir: Path = GATEWAY_DIR,
+    *,
+    auth_port: int = AUTH_PORT,
+    referral_port: int = REFERRAL_PORT,
 ) -> Process:
     """nginx on 127.0.0.1:`port`, in the foreground on the configuration rendered into `runtime_dir`
     (and checked with `nginx -t`: HarnessError with nginx's message if refused), in front of the two
@@ -199,8 +264,8 @@ def gateway(
     return nginx_gateway(
         "gateway",
         port,
-        [AUTH_PORT],
-        [REFERRAL_PORT],
+        [auth_port],
+        [referral_port],
         runtime_dir.resolve(),
         log_dir=None,
         environ=environ,
@@ -260,33 +325,38 @@ def exited(started: Sequence[Process]) -> Process | None:
     return next((process for process in started if not process.running), None)
 
 
-def backing_stores(stack: contextlib.ExitStack, environ: Mapping[str, str]) -> tuple[str, str]:
-    """The database and Redis URLs: from the environment, else from embedded servers `stack` will stop."""
+def backing_stores(
+    stack: contextlib.ExitStack, environ: Mapping[str, str], data_dir: Path = DATA_DIR
+) -> tuple[str, str]:
+    """The database and Redis URLs: from the environment, else from embedded servers `stack` will stop
+    (their data under `data_dir`)."""
     database_url = environ.get("DATABASE_URL") or ""
     if database_url:
         say(f"Database: {mask_url(database_url)} (from DATABASE_URL)")
     else:
-        postgres = stack.enter_context(start_postgres(DATA_DIR / "postgres"))
+        postgres = stack.enter_context(start_postgres(data_dir / "postgres"))
         database_url = postgres.url
         say(f"Database: {database_url} (embedded PostgreSQL, data in {postgres.data_dir})")
     redis_url = environ.get("REDIS_URL") or ""
     if redis_url:
         say(f"Redis: {mask_url(redis_url)} (from REDIS_URL)")
     else:
-        redis = stack.enter_context(start_redis(DATA_DIR / "redis"))
+        redis = stack.enter_context(start_redis(data_dir / "redis"))
         redis_url = redis.url
         say(f"Redis: {redis_url} (embedded Redis, data in {redis.data_dir})")
     return database_url, redis_url
 
 
-def mail_server(stack: contextlib.ExitStack, environ: Mapping[str, str]) -> tuple[str, str]:
+def mail_server(
+    stack: contextlib.ExitStack, environ: Mapping[str, str], mail_dir: Path = MAIL_DIR
+) -> tuple[str, str]:
     """The SMTP URL the auth service sends with (`AUTH_SMTP_URL`, else an embedded server `stack`
-    stops), and where the mails go, in words."""
+    stops, keeping the mails in `mail_dir`), and where the mails go, in words."""
     smtp_url = environ.get("AUTH_SMTP_URL") or ""
     if smtp_url:
         where = f"sent through {mask_url(smtp_url)} (AUTH_SMTP_URL)"
     else:
-        server = stack.enter_context(start_smtp(MAIL_DIR))
+        server = stack.enter_context(start_smtp(mail_dir))
         smtp_url = str(server.url)
         where = f"kept as .eml files in {server.mail_dir} (embedded SMTP server)"
     say(f"Mail: {where}")
@@ -349,12 +419,16 @@ def stop_everything(started: list[Process]) -> None:
 def run(stop: StopRequest) -> int:
     """Start everything, serve until a stop request or a child's exit, stop everything; the exit code."""
     environ = os.environ
-    port = gateway_port(environ)
+    where = layout(environ)
+    port = where.port
     trusted_proxies = gateway_trusted_proxies(environ)
-    busy = [number for number in (port, AUTH_PORT, REFERRAL_PORT) if port_in_use(number)]
+    busy = [number for number in (port, where.auth_port, where.referral_port) if port_in_use(number)]
     if busy:
         listed = ", ".join(str(number) for number in busy)
-        hint = " (set PORT to move the gateway)" if port in busy else ""
+        hints = ["set PORT to move the gateway"] if port in busy else []
+        if set(busy) - {port}:
+            hints.append("RUN_AUTH_PORT and RUN_REFERRAL_PORT move the services")
+        hint = f" ({'; '.join(hints)})"
         noun = "Port" if len(busy) == 1 else "Ports"
         say(f"{noun} {listed} on {HOST} already in use; stop whatever uses them{hint}.")
         return 1
@@ -362,15 +436,22 @@ def run(stop: StopRequest) -> int:
         say(requirements.advice(absent))  # `make run` installs it first
         return 1
     try:
-        nginx = gateway(environ, port, trusted_proxies)
+        nginx = gateway(
+            environ,
+            port,
+            trusted_proxies,
+            where.gateway_dir,
+            auth_port=where.auth_port,
+            referral_port=where.referral_port,
+        )
     except HarnessError as error:
         say(f"nginx refused the gateway's configuration:\n{error}")
         return 1
-    say(f"Gateway: nginx, configuration {GATEWAY_DIR / 'nginx.conf'}")
+    say(f"Gateway: nginx, configuration {where.gateway_dir / 'nginx.conf'}")
     with contextlib.ExitStack() as stack:  # unwinds in reverse: services first, then embedded servers
         try:
-            database_url, redis_url = backing_stores(stack, environ)
-            smtp_url, mail_note = mail_server(stack, environ)
+            database_url, redis_url = backing_stores(stack, environ, where.data_dir)
+            smtp_url, mail_note = mail_server(stack, environ, where.mail_dir)
         except EmbeddedServerError as error:
             if stop.is_set():  # Ctrl-C reached initdb or pg_ctl too
                 return 0
@@ -378,21 +459,25 @@ def run(stop: StopRequest) -> int:
             return 1
         if stop.is_set():
             return 0
-        created = ensure_signing_key(SIGNING_KEY_FILE)
-        say(f"JWT signing key: {SIGNING_KEY_FILE} ({'created' if created else 'existing'})")
+        created = ensure_signing_key(where.signing_key)
+        say(f"JWT signing key: {where.signing_key} ({'created' if created else 'existing'})")
         auth = auth_env(
             environ,
             database_url=database_url,
             redis_url=redis_url,
             gateway_port=port,
-            signing_key=SIGNING_KEY_FILE,
+            signing_key=where.signing_key,
             smtp_url=smtp_url,
+            auth_port=where.auth_port,
+            referral_port=where.referral_port,
         )
         referral = referral_env(
             environ,
             database_url=database_url,
             redis_url=redis_url,
             auth_public_base_url=auth["AUTH_PUBLIC_BASE_URL"],
+            auth_port=where.auth_port,
+            referral_port=where.referral_port,
         )
         failed = migrate(migrations(auth, referral), stop)
         if failed is not None:

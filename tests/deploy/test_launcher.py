@@ -224,16 +224,15 @@ def test_mask_url(url: str, masked: str) -> None:
 
 
 def test_mail_goes_to_auth_smtp_url_or_an_embedded_server(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with contextlib.ExitStack() as stack:
         given = "smtp://mailer:s3cret@mail.example.com:587"
         url, where = run.mail_server(stack, {"AUTH_SMTP_URL": given})
         assert url == given and "s3cret" not in where
         assert "s3cret" not in capsys.readouterr().out
-    monkeypatch.setattr(run, "MAIL_DIR", tmp_path / "mail")
     with contextlib.ExitStack() as stack:
-        url, where = run.mail_server(stack, {})
+        url, where = run.mail_server(stack, {}, tmp_path / "mail")
         assert url.startswith("smtp://127.0.0.1:") and url.endswith("?starttls=off")
         assert where == f"kept as .eml files in {tmp_path / 'mail'} (embedded SMTP server)"
         assert f"in {tmp_path / 'mail'}" in capsys.readouterr().out
@@ -248,3 +247,73 @@ def test_mail_goes_to_auth_smtp_url_or_an_embedded_server(
 def test_banner_says_where_the_mails_go() -> None:
     text = run.banner(8080, "kept as .eml files in /repo/.data/mail (embedded SMTP server)")
     assert "mails         kept as .eml files in /repo/.data/mail" in text
+
+
+def test_the_layout_defaults_to_make_runs_ports_and_folder() -> None:
+    where = run.layout({})
+    assert (where.port, where.auth_port, where.referral_port) == (8080, 8081, 8082)
+    assert where.data_dir == run.DATA_DIR
+    assert where.signing_key == run.DATA_DIR / "dev" / "jwt-signing-key.pem"
+    assert where.gateway_dir == run.GATEWAY_DIR
+    assert where.mail_dir == run.MAIL_DIR
+
+
+def test_the_layout_moves_with_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    where = run.layout(
+        {"PORT": "9000", "RUN_AUTH_PORT": " 9001", "RUN_REFERRAL_PORT": "9002 ", "RUN_DATA_DIR": "data"}
+    )
+    assert (where.port, where.auth_port, where.referral_port) == (9000, 9001, 9002)
+    assert where.data_dir == tmp_path / "data"  # a relative folder is taken from where it was given
+    assert where.mail_dir == tmp_path / "data" / "mail"
+    assert where.gateway_dir == tmp_path / "data" / "gateway"
+    assert run.layout({"PORT": "8081", "RUN_AUTH_PORT": "9001"}).port == 8081  # 8081 is free then
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"RUN_AUTH_PORT": "auth"}, "RUN_AUTH_PORT must be a TCP port number"),
+        ({"RUN_REFERRAL_PORT": "70000"}, "RUN_REFERRAL_PORT must be a TCP port number"),
+        ({"RUN_AUTH_PORT": "9001", "RUN_REFERRAL_PORT": "9001"}, "must differ"),
+        ({"RUN_AUTH_PORT": "9001", "PORT": "9001"}, "PORT must not be 9001 or 8082"),
+    ],
+)
+def test_the_layout_refuses(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        run.layout(environ)
+
+
+def test_the_services_and_the_gateway_take_the_layouts_ports(tmp_path: Path) -> None:
+    where = run.layout({"PORT": "9000", "RUN_AUTH_PORT": "9001", "RUN_REFERRAL_PORT": "9002"})
+    common = {"database_url": DB, "redis_url": REDIS}
+    auth = run.auth_env(
+        {},
+        **common,
+        gateway_port=where.port,
+        signing_key=where.signing_key,
+        smtp_url=SMTP,
+        auth_port=where.auth_port,
+        referral_port=where.referral_port,
+    )
+    referral = run.referral_env(
+        {},
+        **common,
+        auth_public_base_url=auth["AUTH_PUBLIC_BASE_URL"],
+        auth_port=where.auth_port,
+        referral_port=where.referral_port,
+    )
+    assert auth["AUTH_PORT"] == "9001"
+    assert auth["AUTH_REFERRAL_SERVICE_URL"] == "http://127.0.0.1:9002"
+    assert referral["REFERRAL_PORT"] == "9002"
+    assert referral["REFERRAL_AUTH_JWKS_URL"] == "http://127.0.0.1:9001/api/v1/auth/.well-known/jwks.json"
+    assert referral["REFERRAL_AUTH_ISSUER"] == "http://127.0.0.1:9000/api/v1/auth"
+    health = [service.health_url for service in run.services(auth, referral)]
+    assert health == ["http://127.0.0.1:9001/healthz", "http://127.0.0.1:9002/healthz"]
+    nginx = run.gateway(
+        {}, where.port, (), tmp_path / "gateway", auth_port=where.auth_port, referral_port=where.referral_port
+    )
+    text = (tmp_path / "gateway" / "nginx.conf").read_text()
+    assert nginx.health_url == "http://127.0.0.1:9000/healthz"
+    assert "server 127.0.0.1:9001 " in text
+    assert "server 127.0.0.1:9002 " in text
