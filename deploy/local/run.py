@@ -196,6 +196,8 @@ def auth_env(
         }
     )
     env.setdefault("AUTH_PUBLIC_BASE_URL", base_url(gateway_port))
+    # Webhook receivers of a local run are local too (AUTH_WEBHOOK_URLS, if the launcher's env sets it).
+    env.setdefault("AUTH_WEBHOOK_ALLOW_PRIVATE", "true")
     return env
 
 
@@ -222,6 +224,7 @@ def referral_env(
             "REFERRAL_AUTH_ISSUER": auth_public_base_url.rstrip("/") + AUTH_API,
         }
     )
+    env.setdefault("REFERRAL_WEBHOOK_ALLOW_PRIVATE", "true")  # local receivers, as for the auth service
     return env
 
 

@@ -19,7 +19,7 @@ from services.auth.adapters.db.outboxes import (
     VerifiedOutboxRepository,
 )
 from services.auth.adapters.db.repositories import RefreshTokenRepository, UserRepository
-from services.auth.adapters.db.tables import idempotency_keys_table
+from services.auth.adapters.db.tables import idempotency_keys_table, webhook_outbox_table
 from services.auth.adapters.db.unit_of_work import PostgresUnitOfWork
 from services.auth.adapters.email_verification import CachedEmailVerifier, HunterEmailVerifier
 from services.auth.adapters.enrichment import ClearbitPersonEnricher, EnrichmentScheduler
@@ -62,6 +62,7 @@ from shared.outbox import Backoff, OutboxRelay
 from shared.resources import CleanupContext, aiocache_ctx, http_client_ctx, postgres_ctx, redis_ctx
 from shared.tokens import TokenVerifier
 from shared.web import setup_common
+from shared.webhooks import webhooks_ctx
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,9 @@ def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
             log.warning("no AUTH_SMTP_URL (dev mode): mails stay in auth.mail_outbox, unsent")
         app[RELAYS] = relays
         app[AUTH_SERVICE] = AuthService(
-            uow=PostgresUnitOfWork(database, referral_lease=relay.lease),
+            uow=PostgresUnitOfWork(
+                database, referral_lease=relay.lease, webhook_endpoints=settings.webhook_urls
+            ),
             users=UserRepository(database),
             refresh_tokens=RefreshTokenRepository(database),
             identities=IdentityRepository(database),
@@ -298,6 +301,9 @@ def create_app(settings: AuthSettings) -> web.Application:
     app.cleanup_ctx.append(_auth_service_ctx(settings))
     app.cleanup_ctx.append(_oauth_ctx(settings))
     app.cleanup_ctx.append(_relays_ctx)
+    app.cleanup_ctx.append(
+        webhooks_ctx(settings, webhook_outbox_table, metric_prefix="auth", user_agent=USER_AGENT)
+    )
     app.cleanup_ctx.append(idempotency_ctx(idempotency_keys_table, lease=settings.idempotency_lease))
     add_routes(app)
     setup_openapi(

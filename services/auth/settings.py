@@ -10,6 +10,7 @@ from services.auth.adapters.oauth.config import OAuthProviderSettings, load_oaut
 from shared.config import DEV, SettingsError, load_settings, setting
 from shared.cors import check_origins
 from shared.serving import check_shutdown
+from shared.webhooks import check_webhook_settings
 
 PREFIX = "AUTH_"
 API_PREFIX = "/api/v1/auth"
@@ -105,6 +106,20 @@ class AuthSettings:
     block_disposable: bool = setting(
         True, doc="refuse signups from disposable-address domains (a maintained list), verifier or not"
     )
+    webhook_urls: tuple[str, ...] = setting(
+        (), sensitive=True, doc="comma-separated webhook endpoints; none: no event is written"
+    )
+    webhook_secret: str | None = setting(
+        None, sensitive=True, doc="the Standard Webhooks signing secret (whsec_ + base64); required with URLs"
+    )
+    webhook_allow_private: bool = setting(
+        False, doc="allow webhook targets on loopback, private or link-local addresses"
+    )
+    webhook_timeout: float = setting(10.0, doc="seconds a webhook endpoint has to answer 2xx")
+    webhook_max_backoff: float = setting(
+        3600.0, doc="longest wait between two attempts of one webhook, seconds"
+    )
+    webhook_poll_interval: float = setting(1.0, doc="seconds between two looks at the webhook outbox")
     log_level: str = setting("INFO", doc="logging level")
 
     def __post_init__(self) -> None:
@@ -145,6 +160,7 @@ class AuthSettings:
         if not 30 <= self.oauth_state_ttl <= 3600:
             raise SettingsError(f"{PREFIX}OAUTH_STATE_TTL must be 30..3600 seconds")
         check_origins(self.cors_origins, f"{PREFIX}CORS_ORIGINS")
+        check_webhook_settings(PREFIX, self)
         self._check_vendors()
 
     def _check_vendors(self) -> None:

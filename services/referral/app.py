@@ -18,7 +18,7 @@ from services.referral.adapters.repositories import (
     PostgresReferralRepository,
     PostgresUnitOfWork,
 )
-from services.referral.adapters.tables import idempotency_keys_table
+from services.referral.adapters.tables import idempotency_keys_table, webhook_outbox_table
 from services.referral.api.handlers import add_routes
 from services.referral.appkeys import INTERNAL_VERIFIER, USE_CASES
 from services.referral.domain.rules import CodeRules
@@ -31,6 +31,7 @@ from shared.openapi import setup_openapi
 from shared.resources import CleanupContext, http_client_ctx, postgres_ctx, redis_ctx
 from shared.tokens import TokenVerifier
 from shared.web import setup_common
+from shared.webhooks import webhooks_ctx
 
 DESCRIPTION = """Referral codes (one active per user), their public lookup by email, and who referred whom.
 
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 # changes nothing).
 RESERVATION_SWEEP_SECONDS = 60.0
 
+USER_AGENT = "referral-system-referral"
 AUTH_TOKEN_URL = "/api/v1/auth/token"  # noqa: S105 (a path, not a secret)
 
 
@@ -91,7 +93,7 @@ def _use_cases_ctx(settings: ReferralSettings) -> CleanupContext:
         app[USE_CASES] = ReferralUseCases(
             codes=PostgresCodeRepository(database),
             referrals=PostgresReferralRepository(database),
-            uow=PostgresUnitOfWork(database),
+            uow=PostgresUnitOfWork(database, webhook_endpoints=settings.webhook_urls),
             cache=cache,
             rules=CodeRules(
                 min_lifetime=timedelta(seconds=settings.code_min_lifetime),
@@ -151,10 +153,13 @@ def create_app(settings: ReferralSettings) -> web.Application:
         )
     )
     app.cleanup_ctx.append(redis_ctx(settings.redis_url, timeout=settings.redis_timeout))
-    app.cleanup_ctx.append(http_client_ctx(timeout=5.0, user_agent="referral-system-referral"))
+    app.cleanup_ctx.append(http_client_ctx(timeout=5.0, user_agent=USER_AGENT))
     app.cleanup_ctx.append(_verifiers_ctx(settings))
     app.cleanup_ctx.append(_use_cases_ctx(settings))
     app.cleanup_ctx.append(_reservation_sweep_ctx())
+    app.cleanup_ctx.append(
+        webhooks_ctx(settings, webhook_outbox_table, metric_prefix="referral", user_agent=USER_AGENT)
+    )
     app.cleanup_ctx.append(idempotency_ctx(idempotency_keys_table, lease=settings.idempotency_lease))
     add_routes(app)
     setup_openapi(

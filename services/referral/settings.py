@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from shared.config import DEV, SettingsError, setting
 from shared.cors import check_origins
 from shared.serving import check_shutdown
+from shared.webhooks import check_webhook_settings
 
 PREFIX = "REFERRAL_"
 API_PREFIX = "/api/v1/referral"
@@ -52,6 +53,20 @@ class ReferralSettings:
     max_body_bytes: int = setting(16 * 1024, doc="largest request body accepted")
     cors_origins: tuple[str, ...] = setting((), doc="exact browser origins allowed by CORS; empty: CORS off")
     stats_depth: int = setting(3, doc="levels of referrals a referrer's statistics show (1 to 5)")
+    webhook_urls: tuple[str, ...] = setting(
+        (), sensitive=True, doc="comma-separated webhook endpoints; none: no event is written"
+    )
+    webhook_secret: str | None = setting(
+        None, sensitive=True, doc="the Standard Webhooks signing secret (whsec_ + base64); required with URLs"
+    )
+    webhook_allow_private: bool = setting(
+        False, doc="allow webhook targets on loopback, private or link-local addresses"
+    )
+    webhook_timeout: float = setting(10.0, doc="seconds a webhook endpoint has to answer 2xx")
+    webhook_max_backoff: float = setting(
+        3600.0, doc="longest wait between two attempts of one webhook, seconds"
+    )
+    webhook_poll_interval: float = setting(1.0, doc="seconds between two looks at the webhook outbox")
     log_level: str = setting("INFO", doc="logging level")
 
     def __post_init__(self) -> None:
@@ -70,3 +85,4 @@ class ReferralSettings:
         # The database counts levels 1 to 5 (migration 0006): a deeper setting would show zeros.
         if not 1 <= self.stats_depth <= 5:
             raise SettingsError(f"{PREFIX}STATS_DEPTH must be 1 to 5")
+        check_webhook_settings(PREFIX, self)

@@ -227,7 +227,7 @@ async def test_keys_are_scoped_to_the_caller(system: System, db):
 
 
 class FailingOnce:
-    """The real code repository, whose first `create` finds the database unreachable."""
+    """The real unit of work, whose first transaction (a code's creation) finds the database unreachable."""
 
     def __init__(self, real: Any) -> None:
         self.real = real
@@ -236,17 +236,17 @@ class FailingOnce:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
-    async def create(self, *args: Any) -> Any:
+    def begin(self) -> Any:
         if self.failures:
             self.failures -= 1
             raise DatabaseUnavailable("connection refused")
-        return await self.real.create(*args)
+        return self.real.begin()
 
 
 async def test_a_server_error_is_not_kept_so_the_retry_runs(system: System, db, monkeypatch):
     owner = await system.user("owner@example.com")
     use_cases = system.referral.app[USE_CASES]
-    monkeypatch.setattr(use_cases, "codes", FailingOnce(use_cases.codes))
+    monkeypatch.setattr(use_cases, "uow", FailingOnce(use_cases.uow))
     body = code_body("RETRY123")
     first = await system.referral.post(CODES, json=body, headers=with_key(owner.headers, "k-1"))
     await assert_problem(first, 503, "database_unavailable")

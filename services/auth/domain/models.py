@@ -14,6 +14,10 @@ UNCHECKED = "unchecked"
 # What a mailed token proves (and the kind of mail that carries it).
 VERIFY_EMAIL = "verify_email"
 RESET_PASSWORD = "reset_password"  # noqa: S105 (a purpose, not a password)
+# Events out (API.md "Events out: webhooks"), published with `tx.events.publish(type, data)`.
+USER_CREATED = "user.created"  # {user_id, email_verified, referrer_id, created_at}
+USER_EMAIL_VERIFIED = "user.email_verified"  # {user_id}
+USER_DELETED = "user.deleted"  # {user_id}
 
 
 @dataclass(frozen=True, slots=True)

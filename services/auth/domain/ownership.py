@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from services.auth.domain.models import RESET_PASSWORD, VERIFY_EMAIL, User
+from services.auth.domain.models import RESET_PASSWORD, USER_EMAIL_VERIFIED, VERIFY_EMAIL, User
 from services.auth.domain.ports import OutboxWaker, Transaction
 
 MAIL_TOKEN_BYTES = 32  # 256 random bits (API.md: at least 256)
@@ -63,9 +63,12 @@ class OwnershipMail:
             email=email, token_hash=digest, ttl=self.reset_ttl, link=self.link(RESET_PASSWORD, token)
         )
 
-    async def proven(self, tx: Transaction, user_id: uuid.UUID) -> None:
-        """The user's address is proven: the referral service is told (their pending link confirms)."""
-        await tx.verified_outbox.add(user_id)
+    async def proven(self, tx: Transaction, user_id: uuid.UUID, *, announce: bool = True) -> None:
+        """The user's address is proven: the referral service is told (their pending link confirms),
+        and, the first time and with `announce`, the `user.email_verified` event is published (a signup
+        proven from the start says so in its `user.created` instead)."""
+        if await tx.verified_outbox.add(user_id) and announce:
+            await tx.events.publish(USER_EMAIL_VERIFIED, {"user_id": user_id})
 
     def wake(self) -> None:
         """After the commit: send what was written without waiting for the relays' next look."""

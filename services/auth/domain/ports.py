@@ -140,13 +140,25 @@ class ReferralOutbox(Protocol):
 class VerifiedOutbox(Protocol):
     """Users whose address became proven, to tell the referral service (once per user)."""
 
-    async def add(self, user_id: uuid.UUID) -> None: ...
+    async def add(self, user_id: uuid.UUID) -> bool:
+        """Whether this is the first time for the user (False: told already)."""
+        ...
 
 
 class MailOutbox(Protocol):
     """Mails to send, written in the transaction that made the token their link carries."""
 
     async def add(self, *, user_id: uuid.UUID, recipient: str, kind: str, link: str) -> None: ...
+
+
+class EventPublisher(Protocol):
+    """Events out (API.md "Events out: webhooks"), written in the transaction of the change they report:
+    `await tx.events.publish(USER_DELETED, {"user_id": user_id})`. Nothing is written when no webhook
+    endpoint is configured."""
+
+    async def publish(self, event_type: str, data: Mapping[str, Any]) -> None:
+        """`data` is the event's JSON object (UUIDs and datetimes allowed); see the event types in models."""
+        ...
 
 
 class Transaction(Protocol):
@@ -166,6 +178,8 @@ class Transaction(Protocol):
     def verified_outbox(self) -> VerifiedOutbox: ...
     @property
     def mail_outbox(self) -> MailOutbox: ...
+    @property
+    def events(self) -> EventPublisher: ...
 
 
 class UnitOfWork(Protocol):

@@ -41,6 +41,7 @@ from services.auth.domain.errors import (
 )
 from services.auth.domain.models import (
     RESET_PASSWORD,
+    USER_CREATED,
     VERIFY_EMAIL,
     ReferralCode,
     ReferralLink,
@@ -268,12 +269,21 @@ class AuthService:
                 )
                 if identity is not None:
                     await tx.identities.add(identity[0], identity[1], user.id, user.email)
+                await tx.events.publish(
+                    USER_CREATED,
+                    {
+                        "user_id": user.id,
+                        "email_verified": user.email_verified,
+                        "referrer_id": user.referrer_id,
+                        "created_at": user.created_at,
+                    },
+                )
                 tokens = await self._login(tx, user)
                 if code is not None:
                     link = ReferralLink(user.id, code.owner_id, user.email, code.code)
                     await tx.referral_outbox.add(link)
                 if email_verified:
-                    await self.ownership.proven(tx, user.id)
+                    await self.ownership.proven(tx, user.id, announce=False)
                 else:
                     await self.ownership.send_verification(tx, user)
         except BaseException as error:

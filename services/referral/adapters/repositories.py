@@ -7,7 +7,7 @@ The repositories and the unit of work implement the ports of domain/ports.py ove
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -31,6 +31,7 @@ from services.referral.adapters.tables import code_reservations_table as reserva
 from services.referral.adapters.tables import codes_table as codes
 from services.referral.adapters.tables import referrals_table as referrals
 from services.referral.adapters.tables import verified_users_table as verified_users
+from services.referral.adapters.tables import webhook_outbox_table
 from services.referral.domain.models import (
     CONFIRMED,
     PENDING,
@@ -44,6 +45,7 @@ from services.referral.domain.models import (
 )
 from services.referral.domain.ports import AlreadyLinked, CodeTextTaken, OpenCodeExists
 from shared.db import Connection, Database, UniqueViolation, prepare, prepare_sql
+from shared.webhooks import WebhookEvents
 
 ONE_OPEN_PER_OWNER = "codes_one_open_per_owner"
 CODE_UNIQUE = "codes_code_lower_key"
@@ -290,50 +292,13 @@ def _referral(row: Mapping[str, Any]) -> Referral:
 
 
 class PostgresCodeRepository:
-    """Referral codes (the CodeRepository port); the database keeps one open code per owner and unique
-    code texts."""
+    """Referral codes read on a pooled connection, and their uses reserved (the CodeRepository port)."""
 
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    async def create(
-        self,
-        owner_id: uuid.UUID,
-        owner_email: str,
-        code: str,
-        expires_at: datetime,
-        max_uses: int | None = None,
-    ) -> ReferralCode:
-        """Open a code; OpenCodeExists or CodeTextTaken when a unique index refuses it."""
-        try:
-            async with self._db.transaction() as conn:
-                await conn.execute(_CLOSE_EXPIRED, {"owner_id": owner_id})
-                row = await conn.fetch_one(
-                    _INSERT_CODE,
-                    {
-                        "code": code,
-                        "owner_id": owner_id,
-                        "owner_email": owner_email,
-                        "expires_at": expires_at,
-                        "max_uses": max_uses,
-                    },
-                )
-        except UniqueViolation as violation:
-            if violation.constraint == ONE_OPEN_PER_OWNER:
-                raise OpenCodeExists from None
-            if violation.constraint == CODE_UNIQUE:
-                raise CodeTextTaken from None
-            raise
-        assert row is not None
-        return _code(row)
-
     async def active_of(self, owner_id: uuid.UUID) -> ReferralCode | None:
         row = await self._db.fetch_one(_ACTIVE_BY_OWNER, {"owner_id": owner_id})
-        return _code(row) if row else None
-
-    async def delete_active(self, owner_id: uuid.UUID) -> ReferralCode | None:
-        """Delete the owner's active code; the deleted code, or None when there was none."""
-        row = await self._db.fetch_one(_DELETE_ACTIVE, {"owner_id": owner_id})
         return _code(row) if row else None
 
     async def active_by_email(self, email: str) -> ReferralCode | None:
@@ -419,10 +384,48 @@ class PostgresReferralRepository:
 
 
 class PostgresLinks:
-    """Who referred whom, on the connection of one transaction (the Links port)."""
+    """Who referred whom, the codes opened and deleted, and the events published, on the connection of
+    one transaction (the Links port)."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, webhook_endpoints: Sequence[str] = ()) -> None:
         self._conn = conn
+        self.events = WebhookEvents(conn, webhook_outbox_table, webhook_endpoints)
+
+    async def open_code(
+        self,
+        owner_id: uuid.UUID,
+        owner_email: str,
+        code: str,
+        expires_at: datetime,
+        max_uses: int | None = None,
+    ) -> ReferralCode:
+        """Open a code; OpenCodeExists or CodeTextTaken when a unique index refuses it (the database
+        keeps one open code per owner and unique code texts)."""
+        await self._conn.execute(_CLOSE_EXPIRED, {"owner_id": owner_id})
+        try:
+            row = await self._conn.fetch_one(
+                _INSERT_CODE,
+                {
+                    "code": code,
+                    "owner_id": owner_id,
+                    "owner_email": owner_email,
+                    "expires_at": expires_at,
+                    "max_uses": max_uses,
+                },
+            )
+        except UniqueViolation as violation:
+            if violation.constraint == ONE_OPEN_PER_OWNER:
+                raise OpenCodeExists from None
+            if violation.constraint == CODE_UNIQUE:
+                raise CodeTextTaken from None
+            raise
+        assert row is not None
+        return _code(row)
+
+    async def delete_active_code(self, owner_id: uuid.UUID) -> ReferralCode | None:
+        """Delete the owner's active code; the deleted code, or None when there was none."""
+        row = await self._conn.fetch_one(_DELETE_ACTIVE, {"owner_id": owner_id})
+        return _code(row) if row else None
 
     async def lock_trees(self, roots: Iterable[uuid.UUID]) -> None:
         """Transaction-scoped advisory locks on the trees rooted at `roots`, always in the same order."""
@@ -493,24 +496,26 @@ class PostgresLinks:
         """Remove the referral's reservation (its use becomes the link's); False when there was none."""
         return await self._conn.fetch_one(_CONSUME_RESERVATION, {"referral_id": referral_id}) is not None
 
-    async def confirm_user(self, user_id: uuid.UUID) -> bool:
+    async def confirm_user(self, user_id: uuid.UUID) -> uuid.UUID | None:
         """Record that the user's address is proven and confirm their pending link, if any (one
-        statement, idempotent); True when a link was confirmed now. Call it with the user's tree
-        locked (`lock_trees`): see `_STATUS`."""
-        return await self._conn.fetch_one(_CONFIRM_USER, {"user_id": user_id}) is not None
+        statement, idempotent); the referrer of the link confirmed now, else None. Call it with the
+        user's tree locked (`lock_trees`): see `_STATUS`."""
+        row = await self._conn.fetch_one(_CONFIRM_USER, {"user_id": user_id})
+        return row["referrer_id"] if row else None
 
 
 class PostgresUnitOfWork:
     """One PostgreSQL transaction per `begin()` (the UnitOfWork port): committed when the block ends,
     rolled back when it raises."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, webhook_endpoints: Sequence[str] = ()) -> None:
         self._db = database
+        self._webhook_endpoints = tuple(webhook_endpoints)
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[PostgresLinks]:
         async with self._db.transaction() as conn:
-            yield PostgresLinks(conn)
+            yield PostgresLinks(conn, self._webhook_endpoints)
 
 
 # --- the referral program: counters kept by the triggers of migration 0006 ---------------------------

@@ -22,6 +22,7 @@ from sqlalchemy import (
 )
 
 from shared.idempotency import idempotency_keys_table as idempotency_keys_table_of
+from shared.webhooks import webhook_outbox_table as webhook_outbox_table_of
 
 SCHEMA = "referral"
 metadata = MetaData(schema=SCHEMA)
@@ -156,3 +157,6 @@ Index(
     leaderboard_counts_table.c.first_at,
     leaderboard_counts_table.c.referrer_id,
 )
+
+# Webhook events to send, one row per (event, endpoint) (migration 0007; shared/webhooks.py).
+webhook_outbox_table = webhook_outbox_table_of(metadata)

@@ -11,6 +11,12 @@ PENDING = "pending"
 CONFIRMED = "confirmed"
 STATUSES = (PENDING, CONFIRMED)
 
+# Events out (API.md "Events out: webhooks"), published in the transaction of the change.
+CODE_CREATED = "code.created"  # {code, owner_id, expires_at, max_uses}
+CODE_DELETED = "code.deleted"  # {code, owner_id, expires_at, max_uses}
+REFERRAL_CREATED = "referral.created"  # {referrer_id, referral_id, status, created_at}
+REFERRAL_CONFIRMED = "referral.confirmed"  # {referrer_id, referral_id}
+
 
 @dataclass(frozen=True, slots=True)
 class ReferralCode:

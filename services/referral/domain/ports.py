@@ -7,10 +7,10 @@ exceptions live here too; the use cases map them to domain errors.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.referral.domain.models import (
     Cursor,
@@ -43,24 +43,10 @@ ABSENT = Absent()
 
 
 class CodeRepository(Protocol):
-    """Referral codes; the store keeps one open code per owner and unique code texts."""
-
-    async def create(
-        self,
-        owner_id: uuid.UUID,
-        owner_email: str,
-        code: str,
-        expires_at: datetime,
-        max_uses: int | None = None,
-    ) -> ReferralCode:
-        """Open a code (closing the owner's expired one first); OpenCodeExists or CodeTextTaken."""
-        ...
+    """Referral codes, read (and their uses reserved) outside a unit of work; they are opened and
+    deleted in one (`Links.open_code`, `Links.delete_active_code`)."""
 
     async def active_of(self, owner_id: uuid.UUID) -> ReferralCode | None: ...
-
-    async def delete_active(self, owner_id: uuid.UUID) -> ReferralCode | None:
-        """Delete the owner's active code; the deleted code, or None when there was none."""
-        ...
 
     async def active_by_email(self, email: str) -> ReferralCode | None:
         """The active code of the owner of this email, compared case-insensitively."""
@@ -123,8 +109,37 @@ class ProgramRepository(Protocol):
         ...
 
 
+class EventPublisher(Protocol):
+    """Events out (API.md "Events out: webhooks"), written in the transaction of the change they report;
+    nothing is written when no webhook endpoint is configured."""
+
+    async def publish(self, event_type: str, data: Mapping[str, Any]) -> None:
+        """`data` is the event's JSON object (UUIDs and datetimes allowed)."""
+        ...
+
+
 class Links(Protocol):
-    """Who referred whom, inside one transaction of a unit of work."""
+    """The writes of one transaction of a unit of work: who referred whom, the codes opened and
+    deleted, and the events these changes publish (`events`)."""
+
+    @property
+    def events(self) -> EventPublisher: ...
+
+    async def open_code(
+        self,
+        owner_id: uuid.UUID,
+        owner_email: str,
+        code: str,
+        expires_at: datetime,
+        max_uses: int | None = None,
+    ) -> ReferralCode:
+        """Open a code (closing the owner's expired one first); OpenCodeExists or CodeTextTaken (the
+        transaction is then unusable: let the exception end it)."""
+        ...
+
+    async def delete_active_code(self, owner_id: uuid.UUID) -> ReferralCode | None:
+        """Delete the owner's active code; the deleted code, or None when there was none."""
+        ...
 
     async def lock_trees(self, roots: Iterable[uuid.UUID]) -> None:
         """Locks, held until the transaction ends, on the trees rooted at `roots`, always taken in
@@ -164,9 +179,9 @@ class Links(Protocol):
         """Remove the referral's reservation, its use now the link's; False when there was none."""
         ...
 
-    async def confirm_user(self, user_id: uuid.UUID) -> bool:
-        """Record that the user's address is proven and confirm their pending link, if any; True when
-        a link was confirmed now."""
+    async def confirm_user(self, user_id: uuid.UUID) -> uuid.UUID | None:
+        """Record that the user's address is proven and confirm their pending link, if any; the
+        referrer of the link confirmed now (None when none was)."""
         ...
 
 

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from services.referral.domain.codes import generate_code
 from services.referral.domain.errors import (
@@ -25,6 +26,10 @@ from services.referral.domain.errors import (
     SelfReferral,
 )
 from services.referral.domain.models import (
+    CODE_CREATED,
+    CODE_DELETED,
+    REFERRAL_CONFIRMED,
+    REFERRAL_CREATED,
     Cursor,
     Leaderboard,
     LeaderboardEntry,
@@ -64,6 +69,16 @@ RESERVATION_TTL = timedelta(hours=24)
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def code_event(code: ReferralCode) -> dict[str, Any]:
+    """The data of `code.created` and `code.deleted`."""
+    return {
+        "code": code.code,
+        "owner_id": code.owner_id,
+        "expires_at": code.expires_at,
+        "max_uses": code.max_uses,
+    }
 
 
 @dataclass(frozen=True)
@@ -111,9 +126,11 @@ class ReferralUseCases:
         attempts = 1 if vanity else GENERATION_ATTEMPTS
         for _ in range(attempts):
             try:
-                code = await self.codes.create(
-                    owner_id, owner_email, vanity or self.new_code(), expires_at, max_uses
-                )
+                async with self.uow.begin() as tx:
+                    code = await tx.open_code(
+                        owner_id, owner_email, vanity or self.new_code(), expires_at, max_uses
+                    )
+                    await tx.events.publish(CODE_CREATED, code_event(code))
             except OpenCodeExists:
                 raise ActiveCodeExists("Delete your active code first, or wait until it expires.") from None
             except CodeTextTaken:
@@ -131,7 +148,10 @@ class ReferralUseCases:
         return code
 
     async def delete_my_code(self, owner_id: uuid.UUID) -> None:
-        code = await self.codes.delete_active(owner_id)
+        async with self.uow.begin() as tx:
+            code = await tx.delete_active_code(owner_id)
+            if code is not None:
+                await tx.events.publish(CODE_DELETED, code_event(code))
         if code is None:
             raise CodeNotFound("You have no active referral code.")
         await self.cache.code_deleted(code)
@@ -257,8 +277,12 @@ class ReferralUseCases:
                 await links.lock_trees((user_id, root_seen))
                 if await links.root_of(user_id) != root_seen:
                     continue  # the tree was linked under another while we waited: lock the new root
-                confirmed = await links.confirm_user(user_id)
-            if confirmed:
+                referrer_id = await links.confirm_user(user_id)
+                if referrer_id is not None:
+                    await links.events.publish(
+                        REFERRAL_CONFIRMED, {"referrer_id": referrer_id, "referral_id": user_id}
+                    )
+            if referrer_id is not None:
                 log.info("referral link confirmed", extra={"referral_id": str(user_id)})
             return
         raise ServiceUnavailable("The referral tree is changing quickly; try again.")
@@ -318,6 +342,15 @@ class ReferralUseCases:
                     use_of = unreserved.id if unreserved is not None else None
                 if use_of is not None and not await links.take_use(use_of):
                     raise CodeExhausted()
+                await links.events.publish(
+                    REFERRAL_CREATED,
+                    {
+                        "referrer_id": referral.referrer_id,
+                        "referral_id": referral.referral_id,
+                        "status": referral.status,
+                        "created_at": referral.created_at,
+                    },
+                )
                 return Linked(referral, created=True)
         raise ServiceUnavailable("The referral tree is changing quickly; try again.")
 

@@ -95,6 +95,7 @@ class Tables:
     referral_outbox: list[ReferralLink] = field(default_factory=list)
     verified_outbox: list[uuid.UUID] = field(default_factory=list)
     mail_outbox: list[Mail] = field(default_factory=list)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 @dataclass
@@ -324,9 +325,11 @@ class FakeVerifiedOutbox:
     def __init__(self, store: FakeStore) -> None:
         self._store = store
 
-    async def add(self, user_id: uuid.UUID) -> None:
-        if user_id not in self._store.tables.verified_outbox:  # once per user
-            self._store.tables.verified_outbox.append(user_id)
+    async def add(self, user_id: uuid.UUID) -> bool:
+        if user_id in self._store.tables.verified_outbox:  # once per user
+            return False
+        self._store.tables.verified_outbox.append(user_id)
+        return True
 
 
 class FakeMailOutbox:
@@ -335,6 +338,14 @@ class FakeMailOutbox:
 
     async def add(self, *, user_id: uuid.UUID, recipient: str, kind: str, link: str) -> None:
         self._store.tables.mail_outbox.append(Mail(user_id, recipient, kind, link))
+
+
+class FakeEvents:
+    def __init__(self, store: FakeStore) -> None:
+        self._store = store
+
+    async def publish(self, event_type: str, data: Mapping[str, Any]) -> None:
+        self._store.tables.events.append((event_type, dict(data)))
 
 
 class FakeTransaction:
@@ -346,6 +357,7 @@ class FakeTransaction:
         self.referral_outbox = FakeReferralOutbox(store)
         self.verified_outbox = FakeVerifiedOutbox(store)
         self.mail_outbox = FakeMailOutbox(store)
+        self.events = FakeEvents(store)
 
 
 class FakeUnitOfWork:

@@ -8,10 +8,11 @@ writers overwrite, fills only fill gaps. `make_use_cases` wires them like app.py
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from services.referral.domain.models import (
     CONFIRMED,
@@ -63,6 +64,7 @@ class Store:
     reservations: dict[uuid.UUID, tuple[uuid.UUID, datetime]] = field(default_factory=dict)
     locks: list[list[uuid.UUID]] = field(default_factory=list)
     reads: list[str] = field(default_factory=list)  # repository reads, by method name
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     commits: int = 0
     rollbacks: int = 0
 
@@ -108,41 +110,9 @@ class FakeCodeRepository:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    async def create(
-        self,
-        owner_id: uuid.UUID,
-        owner_email: str,
-        code: str,
-        expires_at: datetime,
-        max_uses: int | None = None,
-    ) -> ReferralCode:
-        store, now = self._store, self._store.clock()
-        # The owner's expired code is closed first (deleted_at = its expiry), in the same transaction.
-        kept = [
-            replace(c, deleted_at=c.expires_at)
-            if c.owner_id == owner_id and c.deleted_at is None and c.expires_at <= now
-            else c
-            for c in store.codes
-        ]
-        if any(c.owner_id == owner_id and c.deleted_at is None for c in kept):
-            raise OpenCodeExists
-        if any(c.code.lower() == code.lower() for c in kept):
-            raise CodeTextTaken
-        created = ReferralCode(uuid.uuid4(), code, owner_id, owner_email, expires_at, now, None, max_uses)
-        store.codes = [*kept, created]
-        return created
-
     async def active_of(self, owner_id: uuid.UUID) -> ReferralCode | None:
         self._store.reads.append("active_of")
         return next((c for c in self._store.codes if c.owner_id == owner_id and self._store.active(c)), None)
-
-    async def delete_active(self, owner_id: uuid.UUID) -> ReferralCode | None:
-        store = self._store
-        for index, code in enumerate(store.codes):
-            if code.owner_id == owner_id and store.active(code):
-                store.codes[index] = replace(code, deleted_at=store.clock())
-                return store.codes[index]
-        return None
 
     async def active_by_email(self, email: str) -> ReferralCode | None:
         self._store.reads.append("active_by_email")
@@ -248,9 +218,50 @@ class FakeProgramRepository:
         return [Ranked(referrer, emails.get(referrer), count) for referrer, count in ranked]
 
 
+class FakeEvents:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def publish(self, event_type: str, data: Mapping[str, Any]) -> None:
+        self._store.events.append((event_type, dict(data)))
+
+
 class FakeLinks:
     def __init__(self, store: Store) -> None:
         self._store = store
+        self.events = FakeEvents(store)
+
+    async def open_code(
+        self,
+        owner_id: uuid.UUID,
+        owner_email: str,
+        code: str,
+        expires_at: datetime,
+        max_uses: int | None = None,
+    ) -> ReferralCode:
+        store, now = self._store, self._store.clock()
+        # The owner's expired code is closed first (deleted_at = its expiry), in the same transaction.
+        kept = [
+            replace(c, deleted_at=c.expires_at)
+            if c.owner_id == owner_id and c.deleted_at is None and c.expires_at <= now
+            else c
+            for c in store.codes
+        ]
+        if any(c.owner_id == owner_id and c.deleted_at is None for c in kept):
+            raise OpenCodeExists
+        if any(c.code.lower() == code.lower() for c in kept):
+            raise CodeTextTaken
+        created = ReferralCode(uuid.uuid4(), code, owner_id, owner_email, expires_at, now, None, max_uses)
+        store.codes = [*kept, created]
+        return created
+
+    async def delete_active_code(self, owner_id: uuid.UUID) -> ReferralCode | None:
+        store = self._store
+        for index, code in enumerate(store.codes):
+            if code.owner_id == owner_id and store.active(code):
+                store.codes[index] = replace(code, deleted_at=store.clock())
+                return store.codes[index]
+        return None
 
     async def lock_trees(self, roots: Iterable[uuid.UUID]) -> None:
         self._store.locks.append(sorted(set(roots)))
@@ -286,13 +297,13 @@ class FakeLinks:
     async def consume_reservation(self, referral_id: uuid.UUID) -> bool:
         return self._store.reservations.pop(referral_id, None) is not None
 
-    async def confirm_user(self, user_id: uuid.UUID) -> bool:
+    async def confirm_user(self, user_id: uuid.UUID) -> uuid.UUID | None:
         self._store.verified.add(user_id)
         link = self._store.links.get(user_id)
         if link is None or link.status != PENDING:
-            return False
+            return None
         self._store.links[user_id] = replace(link, status=CONFIRMED)
-        return True
+        return link.referrer_id
 
 
 class FakeUnitOfWork:
@@ -302,11 +313,17 @@ class FakeUnitOfWork:
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[FakeLinks]:
         store = self._store
-        saved = (list(store.codes), dict(store.links), set(store.verified), dict(store.reservations))
+        saved = (
+            list(store.codes),
+            dict(store.links),
+            set(store.verified),
+            dict(store.reservations),
+            list(store.events),
+        )
         try:
             yield FakeLinks(store)
         except BaseException:
-            store.codes, store.links, store.verified, store.reservations = saved
+            store.codes, store.links, store.verified, store.reservations, store.events = saved
             store.rollbacks += 1
             raise
         store.commits += 1

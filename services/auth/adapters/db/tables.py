@@ -21,6 +21,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 
 from shared.idempotency import idempotency_keys_table as idempotency_keys_table_of
+from shared.outbox_store import delivery_columns
+from shared.webhooks import webhook_outbox_table as webhook_outbox_table_of
 
 SCHEMA = "auth"
 metadata = MetaData(schema=SCHEMA)
@@ -122,21 +124,6 @@ Index(
 )
 
 
-def _delivery_columns(table: str) -> list[Column[object] | CheckConstraint]:
-    """The columns and checks every outbox has: attempts, the lease, the outcome, the last error."""
-    return [
-        Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-        Column("attempts", Integer, nullable=False, server_default=text("0")),
-        Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-        Column("delivered_at", DateTime(timezone=True)),
-        Column("failed_at", DateTime(timezone=True)),
-        Column("last_error", Text),
-        CheckConstraint("attempts >= 0", name=f"{table}_attempts_not_negative"),
-        CheckConstraint("char_length(last_error) <= 200", name=f"{table}_last_error_length"),
-        CheckConstraint("delivered_at IS NULL OR failed_at IS NULL", name=f"{table}_one_outcome"),
-    ]
-
-
 mail_outbox_table = Table(
     "mail_outbox",
     metadata,
@@ -145,7 +132,7 @@ mail_outbox_table = Table(
     Column("recipient", Text, nullable=False),
     Column("kind", Text, nullable=False),
     Column("link", Text),
-    *_delivery_columns("mail_outbox"),
+    *delivery_columns("mail_outbox"),
     CheckConstraint("kind IN ('verify_email', 'reset_password')", name="mail_outbox_kind"),
 )
 Index(
@@ -158,7 +145,7 @@ verified_outbox_table = Table(
     "verified_outbox",
     metadata,
     Column("user_id", Uuid, ForeignKey("auth.users.id", ondelete="CASCADE"), primary_key=True),
-    *_delivery_columns("verified_outbox"),
+    *delivery_columns("verified_outbox"),
 )
 Index(
     "verified_outbox_pending_idx",
@@ -168,3 +155,6 @@ Index(
 
 # Idempotency keys of signup (migration 0005; shared/idempotency.py).
 idempotency_keys_table = idempotency_keys_table_of(metadata)
+
+# Webhook events to send, one row per (event, endpoint) (migration 0006; shared/webhooks.py).
+webhook_outbox_table = webhook_outbox_table_of(metadata)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
@@ -14,13 +14,17 @@ from services.auth.adapters.db.outboxes import (
     VerifiedOutboxRepository,
 )
 from services.auth.adapters.db.repositories import RefreshTokenRepository, UserRepository
+from services.auth.adapters.db.tables import webhook_outbox_table
 from shared.db import Connection, Database
+from shared.webhooks import WebhookEvents
 
 
 class PostgresTransaction:
     """Every repository the use cases write through, on one transaction's connection."""
 
-    def __init__(self, conn: Connection, *, referral_lease: timedelta) -> None:
+    def __init__(
+        self, conn: Connection, *, referral_lease: timedelta, webhook_endpoints: Sequence[str] = ()
+    ) -> None:
         self.users = UserRepository(conn)
         self.refresh_tokens = RefreshTokenRepository(conn)
         self.identities = IdentityRepository(conn)
@@ -28,20 +32,27 @@ class PostgresTransaction:
         self.referral_outbox = ReferralOutboxRepository(conn, lease=referral_lease)
         self.verified_outbox = VerifiedOutboxRepository(conn)
         self.mail_outbox = MailOutboxRepository(conn)
+        self.events = WebhookEvents(conn, webhook_outbox_table, webhook_endpoints)
 
 
 class PostgresUnitOfWork:
     """`transaction()`: committed when the block ends, rolled back when it raises.
 
     `referral_lease` is how long a referral link written by a signup stays claimed by that signup (its
-    immediate delivery) before the relay may take it: the relay's own lease.
+    immediate delivery) before the relay may take it: the relay's own lease. `webhook_endpoints`: where
+    the events published in a transaction go (`tx.events`); none: events are not written.
     """
 
-    def __init__(self, database: Database, *, referral_lease: timedelta) -> None:
+    def __init__(
+        self, database: Database, *, referral_lease: timedelta, webhook_endpoints: Sequence[str] = ()
+    ) -> None:
         self._database = database
         self._referral_lease = referral_lease
+        self._webhook_endpoints = tuple(webhook_endpoints)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PostgresTransaction]:
         async with self._database.transaction() as conn:
-            yield PostgresTransaction(conn, referral_lease=self._referral_lease)
+            yield PostgresTransaction(
+                conn, referral_lease=self._referral_lease, webhook_endpoints=self._webhook_endpoints
+            )
