@@ -1,7 +1,7 @@
 -- Webhooks out (API.md "Events out: webhooks"; shared/webhooks.py): the events to send, written in the
 -- transaction of the change they report, one row per (event, configured endpoint) so each endpoint is
 -- retried on its own. No endpoint configured: no row is written.
--- depends: 0006_program
+-- depends: 0007_leaderboard_read
 
 CREATE TABLE referral.webhook_outbox (
     id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
