@@ -261,7 +261,8 @@ WITH RECURSIVE chain(user_id, depth) AS (
 SELECT user_id FROM chain ORDER BY depth DESC LIMIT 1
 """)
 # A user's data export (the internal export endpoint): one snapshot, read only.
-_EXPORT_SNAPSHOT = prepare_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+# Plain text: a SET cannot be a prepared statement.
+_EXPORT_SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 _CODES_OF_OWNER = prepare(
     select(*_CODE_COLUMNS)
     .where(codes.c.owner_id == bindparam("user_id"))
