@@ -18,10 +18,10 @@ from typing import Any
 
 from services.auth.domain.errors import (
     EmailAlreadyUsed,
-    ReferralServiceError,
     ExhaustedCode,
     IdentityAlreadyLinked,
     ProviderError,
+    ReferralServiceError,
     StateStoreUnavailable,
     UnknownCode,
 )
@@ -247,10 +247,16 @@ class FakeRefreshTokens:
         return self._revoke([r for r in self._rows.values() if r.family_id == family_id])
 
     def _live(self) -> list[RefreshRow]:
-        return [r for r in self._rows.values() if not r.revoked and not r.rotated and r.expires_at > self._store.now]
+        return [
+            r
+            for r in self._rows.values()
+            if not r.revoked and not r.rotated and r.expires_at > self._store.now
+        ]
 
     async def live_sessions(self, user_id: uuid.UUID) -> list[LoginSession]:
-        live = sorted((r for r in self._live() if r.user_id == user_id), key=lambda r: r.created_at, reverse=True)
+        live = sorted(
+            (r for r in self._live() if r.user_id == user_id), key=lambda r: r.created_at, reverse=True
+        )
         return [
             LoginSession(
                 r.family_id,
