@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.e2e.api import AUTH, bearer, create_code, jwt_parts, token
+from tests.e2e.api import AUTH, bearer, create_code, jwt_parts, record_issued_tokens, token
 from tests.helpers import assert_problem
 
 SESSIONS = f"{AUTH}/sessions"
@@ -19,6 +19,7 @@ async def test_sessions_and_export_through_the_gateway(gateway, make_account):
     form = {"grant_type": "password", "username": user.email, "password": user.password}
     response = await gateway.post(f"{AUTH}/token", data=form, headers={"User-Agent": "E2E-Phone/1.0"})
     assert response.status == 200, await response.text()
+    await record_issued_tokens(response)  # the log scan looks for them
     phone = await response.json()
     sid = jwt_parts(phone["access_token"])[1]["sid"]
 
