@@ -233,6 +233,7 @@ def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
             ),
             refresh_ttl=timedelta(seconds=settings.refresh_token_ttl),
             referrals=referrals,
+            referral_exports=referrals,
             referral_delivery=ImmediateReferralDelivery(relay),
             ownership=OwnershipMail(
                 app_url=settings.pages_url,

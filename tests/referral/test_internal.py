@@ -137,3 +137,31 @@ async def test_service_tokens_are_refused_on_user_endpoints(system, signing_pem)
     user_audience = service_token(system, signing_pem, audience=system.referral_settings.token_audience)
     response = await system.referral.get("/api/v1/referral/codes/me", headers=auth_header(user_audience))
     assert response.status == 401
+
+
+async def test_user_export_answers_a_service_token_only(system, signing_pem, db):
+    ann = await system.user("ann@example.com")
+    headers = auth_header(service_token(system, signing_pem))
+    code = (await (await system.create_code(ann, "Ann-Export")).json())["code"]
+    response = await system.referral.get(f"/internal/v1/users/{ann.id}/export", headers=headers)
+    assert response.status == 200, await response.text()
+    assert response.headers["Cache-Control"] == "no-store"
+    body = await response.json()
+    assert body["user_id"] == ann.id and body["referrer"] is None and body["referrals"] == []
+    assert [(c["code"], c["status"], c["deleted_at"], c["uses"]) for c in body["codes"]] == [
+        (code, "active", None, 0)
+    ]
+    # Nobody this service has heard of: the same document, empty.
+    stranger = str(uuid.uuid4())
+    empty = await (await system.referral.get(f"/internal/v1/users/{stranger}/export", headers=headers)).json()
+    assert empty == {
+        "user_id": stranger,
+        "email_verified_at": None,
+        "codes": [],
+        "referrer": None,
+        "referrals": [],
+    }
+    bad = await system.referral.get("/internal/v1/users/not-a-uuid/export", headers=headers)
+    assert bad.status == 422
+    refused = await system.referral.get(f"/internal/v1/users/{ann.id}/export", headers=ann.headers)
+    assert refused.status in (401, 403)

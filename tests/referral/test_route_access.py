@@ -86,3 +86,21 @@ async def test_the_spec_of_each_operation_says_what_its_route_asks(system: Syste
                 else:
                     assert operation["security"], f"{method} {path}"
                     assert "401" in operation["responses"], f"{method} {path} does not document its 401"
+
+
+# The data-rights routes (API.md "Data rights"): a user's own, and the export's internal call.
+EXPECTED_PROTECTED = {
+    "auth": {
+        ("GET", "/api/v1/auth/sessions"): Access.USER,
+        ("DELETE", "/api/v1/auth/sessions/{session_id}"): Access.USER,
+        ("GET", "/api/v1/auth/me/export"): Access.USER,
+    },
+    "referral": {("GET", "/internal/v1/users/{user_id}/export"): Access.SERVICE},
+}
+
+
+async def test_the_data_rights_routes_ask_for_the_right_token(system: System) -> None:
+    for name, client in (("auth", system.auth), ("referral", system.referral)):
+        routes = {(method, path): access for method, path, access in _routes(client.app)}
+        for route, access in EXPECTED_PROTECTED[name].items():
+            assert routes.get(route) is access, f"{name}: {route} asks for {routes.get(route)}"

@@ -1,5 +1,5 @@
 """The referral service's internal API, as the auth service calls it: reserve (and release) a use of a
-code for a signup, record a link, say a user's address is proven.
+code for a signup, record a link, say a user's address is proven, read a user's records for the export.
 
 Every call carries a service token the auth service signs for itself (`sub` auth-service, `aud` the
 referral service, scope `referrals:internal`), cached and reissued well before it expires, and is
@@ -23,7 +23,13 @@ from yarl import URL
 
 from services.auth.adapters.signing import AccessTokenIssuer
 from services.auth.domain.errors import ExhaustedCode, InactiveCode, ReferralServiceError, UnknownCode
-from services.auth.domain.models import ReferralCode, ReferralLink
+from services.auth.domain.models import (
+    ExportedCode,
+    ExportedLink,
+    ReferralCode,
+    ReferralLink,
+    ReferralRecords,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +105,70 @@ def _parse_code(body: Any) -> ReferralCode:
         return ReferralCode(code=str(body["code"]), owner_id=owner_id, expires_at=expires_at)
     except (KeyError, ValueError):
         raise ReferralServiceError("code reservation: code, owner_id or expires_at missing") from None
+
+
+def _time(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise ValueError("a time is not text")
+    return datetime.fromisoformat(value)
+
+
+def _optional_time(value: Any) -> datetime | None:
+    return None if value is None else _time(value)
+
+
+def _optional_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError("not an integer")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("not text")
+    return value
+
+
+def _parse_link(body: Any) -> ExportedLink:
+    email = body["email"]
+    return ExportedLink(
+        referrer_id=uuid.UUID(_text(body["referrer_id"])),
+        referral_id=uuid.UUID(_text(body["referral_id"])),
+        email=None if email is None else _text(email),
+        code=_text(body["code"]),
+        status=_text(body["status"]),
+        created_at=_time(body["created_at"]),
+        confirmed_at=_optional_time(body["confirmed_at"]),
+    )
+
+
+def _parse_code_record(body: Any) -> ExportedCode:
+    uses = _optional_int(body["uses"])
+    return ExportedCode(
+        code=_text(body["code"]),
+        status=_text(body["status"]),
+        created_at=_time(body["created_at"]),
+        expires_at=_time(body["expires_at"]),
+        deleted_at=_optional_time(body["deleted_at"]),
+        max_uses=_optional_int(body["max_uses"]),
+        uses=uses if uses is not None else 0,
+    )
+
+
+def _parse_records(body: Any) -> ReferralRecords:
+    """The export's JSON, checked field by field; ReferralServiceError for anything else."""
+    try:
+        referrer = body["referrer"]
+        return ReferralRecords(
+            codes=[_parse_code_record(code) for code in body["codes"]],
+            referrer=None if referrer is None else _parse_link(referrer),
+            referrals=[_parse_link(link) for link in body["referrals"]],
+            email_verified_at=_optional_time(body["email_verified_at"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ReferralServiceError("user export: the answer is not the expected document") from None
 
 
 class ReferralClient:
@@ -210,3 +280,20 @@ class ReferralClient:
                 raise ReferralServiceError(f"HTTP {response.status} {problem}".strip())
         except (aiohttp.ClientError, TimeoutError) as error:
             raise ReferralServiceError(type(error).__name__) from None
+
+    async def export_user(self, user_id: uuid.UUID) -> ReferralRecords:
+        """Everything the referral service holds about the user; ReferralServiceError when it cannot
+        answer (unreachable, timeout, any status but 200, an unexpected document)."""
+        url = f"{self._base}/internal/v1/users/{user_id}/export"
+        try:
+            async with (
+                asyncio.timeout(self._timeout),
+                self._session.get(url, headers=self._headers()) as response,
+            ):
+                if response.status != 200:
+                    problem = await _problem_code(response)
+                    raise ReferralServiceError(f"user export: HTTP {response.status} {problem}".strip())
+                body = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError) as error:
+            raise ReferralServiceError(f"user export: {type(error).__name__}") from None
+        return _parse_records(body)

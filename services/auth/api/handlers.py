@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from services.auth.api.schemas import (
     AuthorizeQuerySchema,
     CallbackQuerySchema,
     ChangePasswordSchema,
+    DataExportSchema,
     DiscoverySchema,
     ForgotPasswordSchema,
     JwksSchema,
@@ -21,6 +23,7 @@ from services.auth.api.schemas import (
     OAuthErrorSchema,
     ProviderPathSchema,
     ResetPasswordSchema,
+    SessionListSchema,
     SignupRequestSchema,
     SignupResponseSchema,
     TokenResponseSchema,
@@ -28,8 +31,15 @@ from services.auth.api.schemas import (
     VerifiedUserSchema,
 )
 from services.auth.appkeys import AUTH_SERVICE, KEY_RING, OAUTH_SERVICE, SETTINGS, TRUSTED_PROXIES
-from services.auth.domain.errors import invalid_request
-from services.auth.domain.models import Session, TokenPair
+from services.auth.domain.errors import SessionNotFound, invalid_request
+from services.auth.domain.models import (
+    Client,
+    DataExport,
+    ExportedLink,
+    LoginSession,
+    Session,
+    TokenPair,
+)
 from services.auth.domain.use_cases import required
 from services.auth.settings import API_PREFIX
 from shared.access import public
@@ -98,6 +108,11 @@ async def _form(request: web.Request) -> dict[str, str]:
     return params
 
 
+def _client(request: web.Request) -> Client:
+    """The client a login records: its User-Agent and its address (trusted-proxy aware)."""
+    return Client.of(request.headers.get("User-Agent"), client_address(request, request.app[TRUSTED_PROXIES]))
+
+
 def _token_response(tokens: TokenPair) -> web.Response:
     body = {
         "access_token": tokens.access_token,
@@ -140,7 +155,9 @@ def _token_response(tokens: TokenPair) -> web.Response:
 @public
 async def signup(request: web.Request) -> web.Response:
     data = request["data"]
-    session = await request.app[AUTH_SERVICE].signup(data["email"], data["password"], data["referral_code"])
+    session = await request.app[AUTH_SERVICE].signup(
+        data["email"], data["password"], data["referral_code"], _client(request)
+    )
     return _session_response(session, status=201)
 
 
@@ -185,7 +202,8 @@ def _session_response(session: Session, *, status: int) -> web.Response:
 async def token(request: web.Request) -> web.Response:
     params = await _form(request)
     address = client_address(request, request.app[TRUSTED_PROXIES])
-    return _token_response(await request.app[AUTH_SERVICE].token(params, address))
+    user_agent = request.headers.get("User-Agent")
+    return _token_response(await request.app[AUTH_SERVICE].token(params, address, user_agent=user_agent))
 
 
 @docs(
@@ -308,7 +326,11 @@ async def oauth_authorize(request: web.Request) -> web.Response:
 async def oauth_callback(request: web.Request) -> web.Response:
     query = request["querystring"]
     result = await request.app[OAUTH_SERVICE].finish(
-        request["path"]["provider"], code=query["code"], state=query["state"], error=query["error"]
+        request["path"]["provider"],
+        code=query["code"],
+        state=query["state"],
+        error=query["error"],
+        client=_client(request),
     )
     return _session_response(result.session, status=201 if result.created else 200)
 
@@ -383,7 +405,9 @@ async def forgot_password(request: web.Request) -> web.Response:
 @public
 async def reset_password(request: web.Request) -> web.Response:
     data = request["data"]
-    session = await request.app[AUTH_SERVICE].reset_password(data["token"], data["password"])
+    session = await request.app[AUTH_SERVICE].reset_password(
+        data["token"], data["password"], _client(request)
+    )
     return _session_response(session, status=200)
 
 
@@ -419,6 +443,150 @@ async def change_password(request: web.Request) -> web.Response:
 async def sign_out_everywhere(request: web.Request) -> web.Response:
     await request.app[AUTH_SERVICE].sign_out_everywhere(request[CLAIMS].user_id)
     return web.Response(status=204)
+
+
+def _session_body(session: LoginSession) -> dict[str, object]:
+    return {
+        "id": str(session.id),
+        "created_at": session.created_at.isoformat(),
+        "last_used_at": session.last_used_at.isoformat(),
+        "user_agent": session.user_agent,
+        "address": session.address,
+        "current": session.current,
+    }
+
+
+SESSION_FIELDS = (
+    "A session is one login (password, signup, provider sign-in or password reset) with the refresh "
+    "tokens it has rotated through; its `id` is the `sid` claim of its access tokens, and `current` "
+    "marks the session of the token that asks (a token without `sid` has none). `user_agent` and "
+    "`address` are those of the login, then of each refresh: they say where the session was last used "
+    "from. `Cache-Control: no-store`."
+)
+
+
+@docs(
+    tags=TAG,
+    summary="My live sessions",
+    description=(
+        "Every login of mine that can still refresh (not revoked, not expired, not ended by reuse of a "
+        "rotated token), the most recently used first. " + SESSION_FIELDS
+    ),
+    responses=problem_responses(401),
+)
+@response_schema(SessionListSchema, 200, description="The live sessions")
+async def list_sessions(request: web.Request) -> web.Response:
+    claims = request[CLAIMS]
+    sessions = await request.app[AUTH_SERVICE].sessions(claims.user_id, claims.session_id)
+    return json_response({"items": [_session_body(s) for s in sessions]}, headers=NO_STORE)
+
+
+@docs(
+    tags=TAG,
+    summary="End one of my sessions",
+    description=(
+        "Revokes every refresh token of that login, also one a refresh is issuing at this moment: its "
+        "refresh token then answers `invalid_grant`; its access tokens live on until they expire (15 "
+        "minutes by default). Ending the caller's own session is allowed. 404 `session_not_found` for "
+        "an id that is not one of the caller's live sessions: unknown, already ended, another user's, "
+        "or not a UUID at all (no session has such an id, so it is not a validation error)."
+    ),
+    parameters=[
+        {
+            "in": "path",
+            "name": "session_id",
+            "required": True,
+            "schema": {"type": "string", "format": "uuid"},
+            "description": "the session's `id` (from the list)",
+        }
+    ],
+    responses={204: {"description": "Ended"}, **problem_responses(401, 404)},
+)
+async def end_session(request: web.Request) -> web.Response:
+    claims = request[CLAIMS]
+    try:
+        session_id = uuid.UUID(request.match_info["session_id"])
+    except ValueError:
+        raise SessionNotFound("You have no live session with this id.") from None
+    await request.app[AUTH_SERVICE].end_session(claims.user_id, session_id)
+    return web.Response(status=204, headers=NO_STORE)
+
+
+def _link_body(link: ExportedLink) -> dict[str, object]:
+    return {
+        "referrer_id": str(link.referrer_id),
+        "referral_id": str(link.referral_id),
+        "email": link.email,
+        "code": link.code,
+        "status": link.status,
+        "created_at": link.created_at.isoformat(),
+        "confirmed_at": link.confirmed_at.isoformat() if link.confirmed_at else None,
+    }
+
+
+def _export_body(export: DataExport) -> dict[str, object]:
+    user, referral = export.user, export.referral
+    verified_at = referral.email_verified_at
+    return {
+        "exported_at": export.exported_at.isoformat(),
+        "account": {
+            "id": str(user.id),
+            "email": user.email,
+            "email_verified": user.email_verified,
+            "created_at": user.created_at.isoformat(),
+            "referrer_id": str(user.referrer_id) if user.referrer_id else None,
+            "has_password": export.has_password,
+            "email_verified_at": verified_at.isoformat() if verified_at else None,
+        },
+        "identities": [
+            {
+                "provider": identity.provider,
+                "subject": identity.subject,
+                "email": identity.email,
+                "created_at": identity.created_at.isoformat(),
+            }
+            for identity in export.identities
+        ],
+        "email_check": user.email_check,
+        "profile": user.profile,
+        "sessions": [_session_body(s) for s in export.sessions],
+        "codes": [
+            {
+                "code": code.code,
+                "status": code.status,
+                "created_at": code.created_at.isoformat(),
+                "expires_at": code.expires_at.isoformat(),
+                "deleted_at": code.deleted_at.isoformat() if code.deleted_at else None,
+                "max_uses": code.max_uses,
+                "uses": code.uses,
+            }
+            for code in referral.codes
+        ],
+        "referrer": _link_body(referral.referrer) if referral.referrer else None,
+        "referrals": [_link_body(link) for link in referral.referrals],
+    }
+
+
+@docs(
+    tags=TAG,
+    summary="Export everything held about me",
+    description=(
+        "One JSON document with what both services hold about the caller: the account (no password "
+        "or hash: only whether there is one), the linked provider identities, the email check, the "
+        "enriched profile, the live sessions, and from the referral service every referral code the "
+        "caller ever had (deleted and expired ones too, with `uses` and `max_uses`), the caller's own "
+        "link (`referrer`: who referred them) and the links of the users they referred (emails "
+        "unmasked). No token, digest or mailed link is in it. When the referral service cannot answer, "
+        "503 `referral_service_unavailable` with Retry-After: no partial export. "
+        "`Cache-Control: no-store`."
+    ),
+    responses=problem_responses(401, 503),
+)
+@response_schema(DataExportSchema, 200, description="The export")
+async def export_me(request: web.Request) -> web.Response:
+    claims = request[CLAIMS]
+    export = await request.app[AUTH_SERVICE].export(claims.user_id, claims.session_id)
+    return json_response(_export_body(export), headers=NO_STORE)
 
 
 PAGES_DIR = Path(__file__).resolve().parents[1] / "pages"
@@ -459,4 +627,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{API_PREFIX}/password/reset", reset_password)
     app.router.add_post(f"{API_PREFIX}/password/change", change_password)
     app.router.add_delete(f"{API_PREFIX}/sessions", sign_out_everywhere)
+    app.router.add_get(f"{API_PREFIX}/sessions", list_sessions)
+    # `[^/]+`: any segment reaches the handler, which answers 404 for one that is not a session id.
+    app.router.add_delete(f"{API_PREFIX}/sessions/{{session_id:[^/]+}}", end_session)
+    app.router.add_get(f"{API_PREFIX}/me/export", export_me)
     app.router.add_get(f"{API_PREFIX}/pages/{{name}}", page)

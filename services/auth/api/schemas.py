@@ -159,3 +159,131 @@ class DiscoverySchema(Schema):
         required=True,
         metadata={"description": "the external providers one can sign up or in with"},
     )
+
+
+# --- data rights: sessions and the export ----------------------------------------------------------
+
+
+class SessionSchema(Schema):
+    id = fields.UUID(
+        required=True,
+        metadata={"description": "the login (its refresh-token family); the `sid` of its access tokens"},
+    )
+    created_at = fields.DateTime(required=True, metadata={"description": "when the login happened"})
+    last_used_at = fields.DateTime(
+        required=True, metadata={"description": "the login, or its latest refresh (token rotation)"}
+    )
+    user_agent = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "the User-Agent of the login or latest refresh (printable characters, at most "
+            "256); null when none was sent"
+        },
+    )
+    address = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "the client's address at the login or latest refresh, as the edge saw it "
+            "(`X-Forwarded-For` believed only from trusted proxies)"
+        },
+    )
+    current = fields.Boolean(
+        required=True,
+        metadata={"description": "the session of the access token that asked (its `sid` claim)"},
+    )
+
+
+class SessionListSchema(Schema):
+    items = fields.List(
+        fields.Nested(SessionSchema),
+        required=True,
+        metadata={"description": "the live logins, the most recently used first"},
+    )
+
+
+class ExportedAccountSchema(UserSchema):
+    has_password = fields.Boolean(
+        required=True,
+        metadata={"description": "whether the account has a password (never the password or its hash)"},
+    )
+    email_verified_at = fields.DateTime(
+        required=True,
+        allow_none=True,
+        metadata={"description": "when the referral service was told the address is proven; null: not (yet)"},
+    )
+
+
+class IdentitySchema(Schema):
+    provider = fields.String(required=True)
+    subject = fields.String(required=True, metadata={"description": "the provider's id of the account"})
+    email = fields.String(required=True, metadata={"description": "the email the provider gave"})
+    created_at = fields.DateTime(required=True, metadata={"description": "when it was linked"})
+
+
+class ExportedCodeSchema(Schema):
+    code = fields.String(required=True)
+    status = fields.String(
+        required=True,
+        validate=validate.OneOf(("active", "expired", "deleted")),
+        metadata={"description": "`active`; `expired`; `deleted` (by its owner, before it expired)"},
+    )
+    created_at = fields.DateTime(required=True)
+    expires_at = fields.DateTime(required=True)
+    deleted_at = fields.DateTime(
+        required=True,
+        allow_none=True,
+        metadata={"description": "when it stopped being usable (deleted, or closed at its expiry)"},
+    )
+    max_uses = fields.Integer(required=True, allow_none=True, metadata={"description": "null: no limit"})
+    uses = fields.Integer(required=True, metadata={"description": "users who became referrals with it"})
+
+
+class ExportedLinkSchema(Schema):
+    referrer_id = fields.UUID(required=True)
+    referral_id = fields.UUID(required=True)
+    email = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "the referral's email (unmasked: it is the referrer's to see)"},
+    )
+    code = fields.String(required=True, metadata={"description": "the code the link was made with"})
+    status = fields.String(required=True, validate=validate.OneOf(("pending", "confirmed")))
+    created_at = fields.DateTime(required=True)
+    confirmed_at = fields.DateTime(required=True, allow_none=True)
+
+
+class DataExportSchema(Schema):
+    exported_at = fields.DateTime(required=True)
+    account = fields.Nested(ExportedAccountSchema, required=True)
+    identities = fields.List(
+        fields.Nested(IdentitySchema),
+        required=True,
+        metadata={"description": "sign-in providers linked to the account, oldest first"},
+    )
+    email_check = fields.Raw(
+        required=True, allow_none=True, metadata={"description": "the email verifier's verdict, if any"}
+    )
+    profile = fields.Raw(required=True, allow_none=True, metadata={"description": "enriched profile, if any"})
+    sessions = fields.List(
+        fields.Nested(SessionSchema), required=True, metadata={"description": "live logins"}
+    )
+    codes = fields.List(
+        fields.Nested(ExportedCodeSchema),
+        required=True,
+        metadata={
+            "description": "every referral code the user ever had, deleted and expired ones too, oldest first"
+        },
+    )
+    referrer = fields.Nested(
+        ExportedLinkSchema,
+        required=True,
+        allow_none=True,
+        metadata={"description": "the user's own referral link (who referred them); null: nobody"},
+    )
+    referrals = fields.List(
+        fields.Nested(ExportedLinkSchema),
+        required=True,
+        metadata={"description": "the users this user referred, oldest first"},
+    )

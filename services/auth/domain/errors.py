@@ -55,6 +55,18 @@ class ReferralServiceUnavailable(Problem):
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
+class ReferralDataUnavailable(ReferralServiceUnavailable):
+    """The data export needs the referral service's part, and it cannot answer (the same stable code)."""
+
+    title = "The referral service cannot answer right now; retry shortly"
+
+
+class SessionNotFound(Problem):
+    status = 404
+    code = "session_not_found"
+    title = "No such session"
+
+
 class UnknownProvider(Problem):
     status = 404
     code = "unknown_provider"

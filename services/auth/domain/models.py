@@ -135,11 +135,13 @@ class IssuedAccessToken:
 
 @dataclass(frozen=True, slots=True)
 class Rotated:
-    """The presented refresh token was live and is now rotated; `token_id` is the new token's parent."""
+    """The presented refresh token was live and is now rotated; `token_id` is the new token's parent,
+    `login_at` when its login (the family) began."""
 
     token_id: uuid.UUID
     user_id: uuid.UUID
     family_id: uuid.UUID
+    login_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,3 +193,109 @@ class StoredFlow:
     code_verifier: str
     nonce: str
     referral_code: str | None
+
+
+# --- sessions and the data export ------------------------------------------------------------------
+
+# What a session keeps of its client: a User-Agent cut to this length, an address (an IP address as
+# text; IPv6 with a zone fits) at most this long.
+USER_AGENT_MAX = 256
+ADDRESS_MAX = 64
+
+
+def _printable(text: str | None, limit: int) -> str | None:
+    """Only printable characters (no control characters, no lone surrogates), at most `limit`."""
+    if text is None:
+        return None
+    kept = "".join(ch for ch in text if ch.isprintable())[:limit].strip()
+    return kept or None
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Who signs in or refreshes: the User-Agent they sent and their address as the edge saw it.
+
+    Built with `Client.of`, which makes any header storable: printable characters only, cut short.
+    """
+
+    user_agent: str | None = None
+    address: str | None = None
+
+    @classmethod
+    def of(cls, user_agent: str | None, address: str | None) -> Client:
+        return cls(_printable(user_agent, USER_AGENT_MAX), _printable(address, ADDRESS_MAX))
+
+
+@dataclass(frozen=True, slots=True)
+class LoginSession:
+    """One live login (a refresh-token family): `id` is the family, the `sid` of its access tokens.
+
+    `last_used_at` is the login or its latest refresh; `user_agent` and `address` are the client's at
+    that moment. `current`: the session of the access token that asked.
+    """
+
+    id: uuid.UUID
+    created_at: datetime
+    last_used_at: datetime
+    user_agent: str | None
+    address: str | None
+    current: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LinkedIdentity:
+    """A provider identity linked to a user, as stored."""
+
+    provider: str
+    subject: str
+    email: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedCode:
+    """One of the user's referral codes, whatever became of it: `status` is active, expired or deleted."""
+
+    code: str
+    status: str
+    created_at: datetime
+    expires_at: datetime
+    deleted_at: datetime | None
+    max_uses: int | None
+    uses: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedLink:
+    """A referral link as the referral service keeps it; `email` is the referral's, unmasked."""
+
+    referrer_id: uuid.UUID
+    referral_id: uuid.UUID
+    email: str | None
+    code: str
+    status: str
+    created_at: datetime
+    confirmed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReferralRecords:
+    """What the referral service holds about a user: their codes, their own link (who referred them),
+    their referrals, and when it learnt their address was proven."""
+
+    codes: list[ExportedCode]
+    referrer: ExportedLink | None
+    referrals: list[ExportedLink]
+    email_verified_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class DataExport:
+    """Everything both services hold about a user (no secret: no password hash, no token digest)."""
+
+    exported_at: datetime
+    user: User
+    has_password: bool
+    identities: list[LinkedIdentity]
+    sessions: list[LoginSession]
+    referral: ReferralRecords

@@ -28,7 +28,7 @@ from services.auth.domain.errors import (
     StateStoreUnavailable,
     UnknownProvider,
 )
-from services.auth.domain.models import ProviderIdentity, Session, User
+from services.auth.domain.models import Client, ProviderIdentity, Session, User
 from services.auth.domain.ports import IdentityProvider, OAuthStateStore
 from services.auth.domain.use_cases import AuthService
 
@@ -80,9 +80,18 @@ class OAuthService:
             raise OAuthFailed("The provider cannot be reached; try again later.") from None
 
     async def finish(
-        self, name: str, *, code: str | None, state: str | None, error: str | None
+        self,
+        name: str,
+        *,
+        code: str | None,
+        state: str | None,
+        error: str | None,
+        client: Client | None = None,
     ) -> ProviderSignIn:
-        """Complete the flow the provider sent the user back from; nothing is created on failure."""
+        """Complete the flow the provider sent the user back from; nothing is created on failure.
+
+        The login it makes records `client` (User-Agent, address) as its session's.
+        """
         provider = self._provider(name)
         if error:
             # Denied consent and the like: some providers leave `state` out of an error answer; when
@@ -116,11 +125,11 @@ class OAuthService:
         user_id = await self.auth.identities.user_for(name, identity.subject)
         if user_id is not None:
             user = await self.auth.current_user(user_id)
-            return ProviderSignIn(await self.auth.sign_in(user), created=False)
+            return ProviderSignIn(await self.auth.sign_in(user, client=client), created=False)
 
         existing = await self.auth.users.credentials(identity.email)
         if existing is not None:
-            return await self._link(name, identity, existing.user)
+            return await self._link(name, identity, existing.user, client)
 
         user_id = uuid.uuid4()
         referral = (
@@ -142,12 +151,15 @@ class OAuthService:
                 identity=(name, identity.subject),
                 email_verified=identity.email_verified,
                 user_id=user_id,
+                client=client,
             )
         except IdentityAlreadyLinked:
             raise OAuthFailed("This provider account was linked at the same moment; sign in again.") from None
         return ProviderSignIn(session, created=True)
 
-    async def _link(self, name: str, identity: ProviderIdentity, user: User) -> ProviderSignIn:
+    async def _link(
+        self, name: str, identity: ProviderIdentity, user: User, client: Client | None
+    ) -> ProviderSignIn:
         """A new provider identity whose email has an account: linked only when the provider vouches."""
         if not identity.email_verified:
             # An email the provider does not vouch for never links to, or matches, an account.
@@ -157,10 +169,12 @@ class OAuthService:
             )
         try:
             if user.email_verified:
-                session = await self.auth.sign_in(user, link_identity=(name, identity.subject))
+                session = await self.auth.sign_in(user, link_identity=(name, identity.subject), client=client)
             else:
                 # The provider's proof wins over an unproven account: whoever squatted it loses it.
-                session = await self.auth.take_over(user, provider=name, subject=identity.subject)
+                session = await self.auth.take_over(
+                    user, provider=name, subject=identity.subject, client=client
+                )
         except IdentityAlreadyLinked:
             raise OAuthFailed("This provider account was linked at the same moment; sign in again.") from None
         log.info("provider identity linked", extra={"user_id": str(user.id), "provider": name})

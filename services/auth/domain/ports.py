@@ -12,17 +12,21 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from services.auth.domain.models import (
+    Client,
     Credentials,
     EmailCheck,
     IssuedAccessToken,
+    LinkedIdentity,
+    LoginSession,
     PendingFlow,
     ProviderIdentity,
     ReferralCode,
     ReferralLink,
+    ReferralRecords,
     ReusedToken,
     Rotated,
     StoredFlow,
@@ -81,7 +85,11 @@ class RefreshTokenRepository(Protocol):
         family_id: uuid.UUID,
         parent_id: uuid.UUID | None,
         ttl: timedelta,
-    ) -> None: ...
+        client: Client | None = None,
+        login_at: datetime | None = None,
+    ) -> None:
+        """A new token of the family, made for `client`; `login_at` None: a login's first token."""
+        ...
 
     async def rotate(self, token_hash: bytes) -> Rotated | ReusedToken | None:
         """Mark a live token rotated; say so when it was rotated before; None when unknown or dead."""
@@ -95,6 +103,15 @@ class RefreshTokenRepository(Protocol):
 
     async def revoke_family(self, family_id: uuid.UUID) -> int: ...
 
+    async def live_sessions(self, user_id: uuid.UUID) -> list[LoginSession]:
+        """The user's live logins (families with a live token), the most recently used first."""
+        ...
+
+    async def revoke_session(self, user_id: uuid.UUID, family_id: uuid.UUID) -> bool:
+        """Revoke the user's live login `family_id`, also a token a refresh is making for it right now;
+        False when it is not a live login of this user. Call it in a transaction."""
+        ...
+
 
 class IdentityRepository(Protocol):
     """(provider, subject) -> user id; a subject names at most one user."""
@@ -106,6 +123,10 @@ class IdentityRepository(Protocol):
         ...
 
     async def remove_all(self, user_id: uuid.UUID) -> int: ...
+
+    async def of_user(self, user_id: uuid.UUID) -> list[LinkedIdentity]:
+        """The user's identities, oldest first."""
+        ...
 
 
 class MailTokenRepository(Protocol):
@@ -264,6 +285,14 @@ class ReferralCodes(Protocol):
     async def release_code(self, code: str, referral_id: uuid.UUID) -> None:
         """Give back the use reserved for this user, whose signup failed (idempotent);
         ReferralServiceError."""
+        ...
+
+
+class ReferralExports(Protocol):
+    """The referral service's records of a user, for the data export."""
+
+    async def export_user(self, user_id: uuid.UUID) -> ReferralRecords:
+        """Everything it holds about the user; ReferralServiceError when it cannot answer."""
         ...
 
 

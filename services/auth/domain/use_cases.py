@@ -1,5 +1,6 @@
-"""Use cases of the auth service: signup, the two OAuth2 grants, revocation, the current user, and
-proving an address (verification mail, password reset and change, signing out everywhere)."""
+"""Use cases of the auth service: signup, the two OAuth2 grants, revocation, the current user,
+proving an address (verification mail, password reset and change, signing out everywhere), and the
+user's data rights (their sessions, the export of their data)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import logging
 import secrets
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.auth.domain.errors import (
@@ -24,11 +25,13 @@ from services.auth.domain.errors import (
     ReferralCodeExhausted,
     ReferralCodeExpired,
     ReferralCodeNotFound,
+    ReferralDataUnavailable,
     ReferralServiceError,
     ReferralServiceUnavailable,
     ResetExpired,
     ResetInvalid,
     SelfReferral,
+    SessionNotFound,
     UnknownCode,
     UserGone,
     VerificationExpired,
@@ -43,6 +46,9 @@ from services.auth.domain.models import (
     RESET_PASSWORD,
     USER_CREATED,
     VERIFY_EMAIL,
+    Client,
+    DataExport,
+    LoginSession,
     ReferralCode,
     ReferralLink,
     ReusedToken,
@@ -62,6 +68,7 @@ from services.auth.domain.ports import (
     MailLimiter,
     PasswordHasher,
     ReferralCodes,
+    ReferralExports,
     ReferralLinkDelivery,
     RefreshTokenRepository,
     Transaction,
@@ -105,6 +112,7 @@ class AuthService:
     referral_delivery: ReferralLinkDelivery
     ownership: OwnershipMail
     mail_limiter: MailLimiter
+    referral_exports: ReferralExports
     # Optional vendors: None when their API key is not configured.
     email_verifier: EmailVerifier | None = None
     enrichment: EnrichmentScheduler | None = None
@@ -112,8 +120,16 @@ class AuthService:
     block_disposable: bool = True
 
     async def _new_refresh_token(
-        self, tx: Transaction, user_id: uuid.UUID, family_id: uuid.UUID, parent_id: uuid.UUID | None
+        self,
+        tx: Transaction,
+        user_id: uuid.UUID,
+        family_id: uuid.UUID,
+        parent_id: uuid.UUID | None,
+        *,
+        client: Client | None,
+        login_at: datetime | None = None,
     ) -> str:
+        """A refresh token of the family, recording the client it was made for (the session's last use)."""
         token = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
         await tx.refresh_tokens.add(
             token_hash=hash_refresh_token(token),
@@ -121,6 +137,8 @@ class AuthService:
             family_id=family_id,
             parent_id=parent_id,
             ttl=self.refresh_ttl,
+            client=client,
+            login_at=login_at,
         )
         return token
 
@@ -130,10 +148,11 @@ class AuthService:
         )
         return TokenPair(access.token, refresh_token, access.expires_in)
 
-    async def _login(self, tx: Transaction, user: User) -> TokenPair:
-        """A new login: a refresh-token family of its own, in the caller's transaction."""
+    async def _login(self, tx: Transaction, user: User, client: Client | None) -> TokenPair:
+        """A new login: a refresh-token family of its own (the session, the access token's `sid`), in
+        the caller's transaction."""
         family_id = uuid.uuid4()
-        refresh = await self._new_refresh_token(tx, user.id, family_id, None)
+        refresh = await self._new_refresh_token(tx, user.id, family_id, None, client=client)
         return self._pair(user, refresh, family_id)
 
     async def reserve_referral_code(self, code: str, user_id: uuid.UUID) -> ReferralCode:
@@ -207,7 +226,9 @@ class AuthService:
         if self.enrichment is not None and user.email_verified:
             self.enrichment.schedule(user.id, user.email)
 
-    async def signup(self, email: str, password: str, referral_code: str | None) -> Session:
+    async def signup(
+        self, email: str, password: str, referral_code: str | None, client: Client | None = None
+    ) -> Session:
         """Create a user with a password and sign them in; with a code, link them to its owner.
 
         The code is checked, and a use of it reserved for the new user's id, before anything is
@@ -228,7 +249,12 @@ class AuthService:
             await self.release_referral_code(code, user_id)
             raise
         return await self.register(
-            email, password_hash=password_hash, code=code, email_check=email_check, user_id=user_id
+            email,
+            password_hash=password_hash,
+            code=code,
+            email_check=email_check,
+            user_id=user_id,
+            client=client,
         )
 
     async def register(
@@ -241,6 +267,7 @@ class AuthService:
         identity: tuple[str, str] | None = None,
         email_verified: bool = False,
         user_id: uuid.UUID | None = None,
+        client: Client | None = None,
     ) -> Session:
         """Write a new user and sign them in: password and provider signups end here.
 
@@ -278,7 +305,7 @@ class AuthService:
                         "created_at": user.created_at,
                     },
                 )
-                tokens = await self._login(tx, user)
+                tokens = await self._login(tx, user, client)
                 if code is not None:
                     link = ReferralLink(user.id, code.owner_id, user.email, code.code)
                     await tx.referral_outbox.add(link)
@@ -307,7 +334,9 @@ class AuthService:
             await self.referral_delivery.deliver_now(link)
         return Session(user, tokens)
 
-    async def sign_in(self, user: User, *, link_identity: tuple[str, str] | None = None) -> Session:
+    async def sign_in(
+        self, user: User, *, link_identity: tuple[str, str] | None = None, client: Client | None = None
+    ) -> Session:
         """A new login (a refresh-token family of its own) for an existing user.
 
         With `link_identity`, the provider identity is attached to the user in the same transaction.
@@ -315,10 +344,12 @@ class AuthService:
         async with self.uow.transaction() as tx:
             if link_identity is not None:
                 await tx.identities.add(link_identity[0], link_identity[1], user.id, user.email)
-            tokens = await self._login(tx, user)
+            tokens = await self._login(tx, user, client)
         return Session(user, tokens)
 
-    async def take_over(self, user: User, *, provider: str, subject: str) -> Session:
+    async def take_over(
+        self, user: User, *, provider: str, subject: str, client: Client | None = None
+    ) -> Session:
         """A provider vouches for the address of an unproven account: its proof wins (API.md).
 
         Whoever made the account loses it: its password and other identities are removed and every
@@ -334,7 +365,7 @@ class AuthService:
                 await tx.mail_tokens.void(user.id, purpose)
             await tx.identities.add(provider, subject, user.id, user.email)
             await self.ownership.proven(tx, user.id)
-            tokens = await self._login(tx, owned)
+            tokens = await self._login(tx, owned, client)
         self.ownership.wake()
         await self.throttle.clear(owned.email)
         log.warning(
@@ -344,17 +375,26 @@ class AuthService:
         self.enrich_later(owned)
         return Session(owned, tokens)
 
-    async def token(self, params: Mapping[str, str], client_address: str) -> TokenPair:
-        """The token endpoint (RFC 6749): the password grant or the refresh_token grant, by `grant_type`."""
+    async def token(
+        self, params: Mapping[str, str], client_address: str, *, user_agent: str | None = None
+    ) -> TokenPair:
+        """The token endpoint (RFC 6749): the password grant or the refresh_token grant, by `grant_type`.
+
+        The client (its address and User-Agent) is recorded on the session the grant signs in or uses.
+        """
         grant_type = required(params, "grant_type")
         if grant_type == "password":
             username, password = required(params, "username"), required(params, "password")
-            return await self.password_grant(username, password, client_address)
+            return await self.password_grant(username, password, client_address, user_agent=user_agent)
         if grant_type == "refresh_token":
-            return await self.refresh_grant(required(params, "refresh_token"))
+            return await self.refresh_grant(
+                required(params, "refresh_token"), Client.of(user_agent, client_address)
+            )
         raise unsupported_grant_type(grant_type)
 
-    async def password_grant(self, username: str, password: str, client_address: str) -> TokenPair:
+    async def password_grant(
+        self, username: str, password: str, client_address: str, *, user_agent: str | None = None
+    ) -> TokenPair:
         """RFC 6749 section 4.3; the same answer, in about the same time, for unknown and wrong."""
         if "\x00" in username:  # no account's email holds U+0000 (and PostgreSQL text cannot)
             raise invalid_grant(BAD_CREDENTIALS)
@@ -377,16 +417,25 @@ class AuthService:
         user = credentials.user
         if self.hasher.needs_rehash(password_hash):
             await self.users.set_password_hash(user.id, await self.hasher.hash(password))
-        return (await self.sign_in(user)).tokens
+        return (await self.sign_in(user, client=Client.of(user_agent, client_address))).tokens
 
-    async def refresh_grant(self, refresh_token: str) -> TokenPair:
-        """RFC 6749 section 6 with rotation; a rotated token presented again revokes its family."""
+    async def refresh_grant(self, refresh_token: str, client: Client | None = None) -> TokenPair:
+        """RFC 6749 section 6 with rotation; a rotated token presented again revokes its family.
+
+        The new token keeps its login's time and records `client`: the session's last use, and where
+        from (the same statements as without sessions: the rotation returns the login's time).
+        """
         token_hash = hash_refresh_token(refresh_token)
         async with self.uow.transaction() as tx:
             outcome = await tx.refresh_tokens.rotate(token_hash)
             if isinstance(outcome, Rotated):
                 refresh = await self._new_refresh_token(
-                    tx, outcome.user_id, outcome.family_id, outcome.token_id
+                    tx,
+                    outcome.user_id,
+                    outcome.family_id,
+                    outcome.token_id,
+                    client=client,
+                    login_at=outcome.login_at,
                 )
         if isinstance(outcome, ReusedToken):
             revoked = await self.refresh_tokens.revoke_family(outcome.family_id)
@@ -454,7 +503,7 @@ class AuthService:
             await self.ownership.send_reset(tx, email)
         self.ownership.wake()
 
-    async def reset_password(self, token: str, password: str) -> Session:
+    async def reset_password(self, token: str, password: str, client: Client | None = None) -> Session:
         """Set a new password with a reset link (once): the address becomes proven, every other login is
         revoked, every reset link dies, and the account's login throttles are cleared; a new login."""
         digest = hash_mail_token(token)
@@ -483,7 +532,7 @@ class AuthService:
             await tx.refresh_tokens.revoke_all(user.id)
             if not before.email_verified:
                 await self.ownership.proven(tx, user.id)
-            tokens = await self._login(tx, user)
+            tokens = await self._login(tx, user, client)
         self.ownership.wake()
         await self.throttle.clear(user.email)
         log.info("password reset", extra={"user_id": str(user.id)})
@@ -528,3 +577,41 @@ class AuthService:
         """Revoke every login of the user (their access tokens live on until they expire)."""
         revoked = await self.refresh_tokens.revoke_all(user_id)
         log.info("signed out everywhere", extra={"user_id": str(user_id), "tokens_revoked": revoked})
+
+    # --- data rights: sessions and the export ------------------------------------------------------
+
+    async def sessions(self, user_id: uuid.UUID, current: uuid.UUID | None) -> list[LoginSession]:
+        """The user's live logins, the most recently used first; `current` (the asking token's `sid`)
+        marks its own."""
+        found = await self.refresh_tokens.live_sessions(user_id)
+        return [replace(session, current=session.id == current) for session in found]
+
+    async def end_session(self, user_id: uuid.UUID, session_id: uuid.UUID) -> None:
+        """Revoke one of the user's live logins (its access tokens live on until they expire);
+        SessionNotFound (404) when it is not one: unknown, ended, or another user's."""
+        async with self.uow.transaction() as tx:
+            ended = await tx.refresh_tokens.revoke_session(user_id, session_id)
+        if not ended:
+            raise SessionNotFound("You have no live session with this id.")
+        log.info("session ended", extra={"user_id": str(user_id), "family_id": str(session_id)})
+
+    async def export(self, user_id: uuid.UUID, current: uuid.UUID | None) -> DataExport:
+        """Everything both services hold about the user, secrets left out; ReferralDataUnavailable
+        (503) when the referral service cannot give its part (no partial export)."""
+        user = await self.current_user(user_id)
+        try:
+            referral = await self.referral_exports.export_user(user.id)
+        except ReferralServiceError as error:
+            log.warning("data export: the referral service did not answer: %s", error)
+            raise ReferralDataUnavailable(
+                "The referral service did not answer, so the export would be incomplete; retry shortly."
+            ) from None
+        credentials = await self.users.credentials(user.email)
+        return DataExport(
+            exported_at=datetime.now(UTC),
+            user=user,
+            has_password=credentials is not None and credentials.password_hash is not None,
+            identities=await self.identities.of_user(user.id),
+            sessions=await self.sessions(user.id, current),
+            referral=referral,
+        )

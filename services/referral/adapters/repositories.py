@@ -42,6 +42,7 @@ from services.referral.domain.models import (
     Referral,
     ReferralCode,
     Reservation,
+    UserRecords,
 )
 from services.referral.domain.ports import AlreadyLinked, CodeTextTaken, OpenCodeExists
 from shared.db import Connection, Database, UniqueViolation, prepare, prepare_sql
@@ -261,6 +262,27 @@ WITH RECURSIVE chain(user_id, depth) AS (
 )
 SELECT user_id FROM chain ORDER BY depth DESC LIMIT 1
 """)
+# A user's data export (the internal export endpoint): one snapshot, read only.
+# Plain text: a SET cannot be a prepared statement.
+_EXPORT_SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+_CODES_OF_OWNER = prepare(
+    select(*_CODE_COLUMNS)
+    .where(codes.c.owner_id == bindparam("user_id"))
+    .order_by(codes.c.created_at, codes.c.id)
+)
+_LINK_OF = prepare(
+    select(*_REFERRAL_COLUMNS, referrals.c.confirmed_at).where(
+        referrals.c.referral_id == bindparam("user_id")
+    )
+)
+_LINKS_OF_REFERRER = prepare(
+    select(*_REFERRAL_COLUMNS, referrals.c.confirmed_at)
+    .where(referrals.c.referrer_id == bindparam("user_id"))
+    .order_by(referrals.c.created_at, referrals.c.referral_id)
+)
+_VERIFIED_AT = prepare(
+    select(verified_users.c.verified_at).where(verified_users.c.user_id == bindparam("user_id"))
+)
 _LOCK_TREE = prepare_sql(
     "SELECT pg_advisory_xact_lock(hashtextextended('referral-tree:' || %(user_id)s::text, 0))"
 )
@@ -288,6 +310,7 @@ def _referral(row: Mapping[str, Any]) -> Referral:
         code=row["code"],
         created_at=row["created_at"],
         status=row["status"],
+        confirmed_at=row.get("confirmed_at"),
     )
 
 
@@ -381,6 +404,23 @@ class PostgresReferralRepository:
     async def is_verified(self, user_id: uuid.UUID) -> bool:
         """Whether the auth service told us the user's address is proven."""
         return await self._db.fetch_one(_IS_VERIFIED, {"user_id": user_id}) is not None
+
+    async def records_of(self, user_id: uuid.UUID) -> UserRecords:
+        """The user's codes, link, referrals and proof, read in one repeatable-read snapshot."""
+        params = {"user_id": user_id}
+        async with self._db.transaction() as conn:
+            await conn.execute(_EXPORT_SNAPSHOT)
+            owned = await conn.fetch_all(_CODES_OF_OWNER, params)
+            link = await conn.fetch_one(_LINK_OF, params)
+            referred = await conn.fetch_all(_LINKS_OF_REFERRER, params)
+            verified = await conn.fetch_one(_VERIFIED_AT, params)
+        return UserRecords(
+            user_id=user_id,
+            codes=[_code(row) for row in owned],
+            referrer=_referral(link) if link else None,
+            referrals=[_referral(row) for row in referred],
+            email_verified_at=verified["verified_at"] if verified else None,
+        )
 
 
 class PostgresLinks:

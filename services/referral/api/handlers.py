@@ -17,6 +17,7 @@ from services.referral.api.schemas import (
     InternalReservationPathSchema,
     InternalReservationRequestSchema,
     InternalReservationSchema,
+    InternalUserExportSchema,
     InternalUserPathSchema,
     LeaderboardQuerySchema,
     LeaderboardSchema,
@@ -28,7 +29,14 @@ from services.referral.api.schemas import (
     StatsSchema,
 )
 from services.referral.appkeys import USE_CASES
-from services.referral.domain.models import Leaderboard, Referral, ReferralPage, ReferrerStats, Reservation
+from services.referral.domain.models import (
+    Leaderboard,
+    Referral,
+    ReferralPage,
+    ReferrerStats,
+    Reservation,
+    UserExport,
+)
 from services.referral.domain.rules import mask_email
 from services.referral.settings import API_PREFIX, INTERNAL_PREFIX
 from shared import health
@@ -416,6 +424,59 @@ async def internal_user_verified(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def _exported_link(link: Referral) -> dict[str, object]:
+    return {
+        "referrer_id": str(link.referrer_id),
+        "referral_id": str(link.referral_id),
+        "email": link.referral_email,
+        "code": link.code,
+        "status": link.status,
+        "created_at": link.created_at.isoformat(),
+        "confirmed_at": link.confirmed_at.isoformat() if link.confirmed_at else None,
+    }
+
+
+def _export_body(export: UserExport) -> dict[str, object]:
+    return {
+        "user_id": str(export.user_id),
+        "email_verified_at": export.email_verified_at.isoformat() if export.email_verified_at else None,
+        "codes": [
+            {
+                "code": record.code.code,
+                "status": record.state,
+                "created_at": record.code.created_at.isoformat(),
+                "expires_at": record.code.expires_at.isoformat(),
+                "deleted_at": record.code.deleted_at.isoformat() if record.code.deleted_at else None,
+                "max_uses": record.code.max_uses,
+                "uses": record.code.uses,
+            }
+            for record in export.codes
+        ],
+        "referrer": _exported_link(export.referrer) if export.referrer else None,
+        "referrals": [_exported_link(link) for link in export.referrals],
+    }
+
+
+@docs(
+    tags=INTERNAL_TAG,
+    summary="Everything this service holds about a user, for their data export (service token)",
+    description=(
+        "The auth service's `GET /api/v1/auth/me/export` asks for this. Every code the user ever had "
+        "(deleted and expired ones too, with `uses` and `max_uses`), their own link (`referrer`: who "
+        "referred them, null if nobody), the links of the users they referred (emails unmasked: they "
+        "are the referrer), and when the user's address was said to be proven. Read in one snapshot. "
+        "A user this service knows nothing of answers 200 with empty lists. `Cache-Control: no-store`."
+    ),
+    responses=problem_responses(401, 403, 422),
+)
+@match_info_schema(InternalUserPathSchema, put_into="path")
+@response_schema(InternalUserExportSchema, 200, description="The user's records")
+@service
+async def internal_user_export(request: web.Request) -> web.Response:
+    export = await request.app[USE_CASES].export_user(request["path"]["user_id"])
+    return json_response(_export_body(export), headers={"Cache-Control": "no-store"})
+
+
 def add_routes(app: web.Application) -> None:
     """Every public route under /api/v1/referral, and the internal ones under /internal/v1."""
     app.router.add_get(f"{API_PREFIX}/healthz", healthz)
@@ -436,3 +497,4 @@ def add_routes(app: web.Application) -> None:
     )
     app.router.add_post(f"{INTERNAL_PREFIX}/referrals", internal_link)
     app.router.add_post(f"{INTERNAL_PREFIX}/users/{{user_id:[^/]+}}/verified", internal_user_verified)
+    app.router.add_get(f"{INTERNAL_PREFIX}/users/{{user_id:[^/]+}}/export", internal_user_export)

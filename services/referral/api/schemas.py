@@ -6,7 +6,7 @@ import re
 
 from marshmallow import Schema, ValidationError, fields, validate
 
-from services.referral.domain.models import PERIODS, STATUSES
+from services.referral.domain.models import CODE_STATES, PERIODS, STATUSES
 from shared.schemas import TrimmedEmail, UtcDateTime
 
 CODE_PATTERN = r"^[A-Za-z0-9_-]{4,32}$"
@@ -179,6 +179,66 @@ class InternalLinkRequestSchema(Schema):
 
 class InternalUserPathSchema(Schema):
     user_id = fields.UUID(required=True)
+
+
+class ExportedCodeSchema(Schema):
+    code = fields.String(required=True)
+    status = fields.String(
+        required=True,
+        validate=validate.OneOf(CODE_STATES),
+        metadata={
+            "description": "`active`; `expired` (its expiry passed); `deleted` (by its owner before it "
+            "expired)"
+        },
+    )
+    created_at = fields.DateTime(required=True)
+    expires_at = fields.DateTime(required=True)
+    deleted_at = fields.DateTime(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "when it stopped being usable (deleted, or closed at its expiry); null: open"
+        },
+    )
+    max_uses = fields.Integer(required=True, allow_none=True, metadata={"description": "null: no limit"})
+    uses = fields.Integer(required=True, metadata={"description": _USES_DESCRIPTION})
+
+
+class ExportedLinkSchema(Schema):
+    referrer_id = fields.UUID(required=True)
+    referral_id = fields.UUID(required=True)
+    email = fields.String(
+        required=True, allow_none=True, metadata={"description": "the referral's email, unmasked"}
+    )
+    code = fields.String(required=True, metadata={"description": "the code the link was made with"})
+    status = fields.String(required=True, validate=validate.OneOf(STATUSES))
+    created_at = fields.DateTime(required=True)
+    confirmed_at = fields.DateTime(required=True, allow_none=True)
+
+
+class InternalUserExportSchema(Schema):
+    user_id = fields.UUID(required=True)
+    email_verified_at = fields.DateTime(
+        required=True,
+        allow_none=True,
+        metadata={"description": "when the auth service said the user's address is proven; null: never"},
+    )
+    codes = fields.List(
+        fields.Nested(ExportedCodeSchema),
+        required=True,
+        metadata={"description": "every code the user ever had, oldest first"},
+    )
+    referrer = fields.Nested(
+        ExportedLinkSchema,
+        required=True,
+        allow_none=True,
+        metadata={"description": "the user's own link (who referred them); null: nobody"},
+    )
+    referrals = fields.List(
+        fields.Nested(ExportedLinkSchema),
+        required=True,
+        metadata={"description": "the users the user referred, oldest first"},
+    )
 
 
 # --- the referral program --------------------------------------------------------------------------

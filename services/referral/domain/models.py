@@ -10,6 +10,11 @@ from datetime import datetime
 PENDING = "pending"
 CONFIRMED = "confirmed"
 STATUSES = (PENDING, CONFIRMED)
+# What became of a code, as the data export says it.
+ACTIVE = "active"
+EXPIRED = "expired"
+DELETED = "deleted"
+CODE_STATES = (ACTIVE, EXPIRED, DELETED)
 
 # Events out (API.md "Events out: webhooks"), published in the transaction of the change.
 CODE_CREATED = "code.created"  # {code, owner_id, expires_at, max_uses}
@@ -34,6 +39,13 @@ class ReferralCode:
         """Usable: not deleted and not yet expired."""
         return self.deleted_at is None and self.expires_at > now
 
+    def state(self, now: datetime) -> str:
+        """ACTIVE, EXPIRED (an expired code closed when its owner made the next one: `deleted_at` is its
+        expiry), or DELETED (by its owner, before it expired)."""
+        if self.deleted_at is not None and self.deleted_at < self.expires_at:
+            return DELETED
+        return ACTIVE if self.is_active(now) else EXPIRED
+
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
@@ -52,6 +64,40 @@ class Referral:
     code: str
     created_at: datetime
     status: str  # PENDING or CONFIRMED
+    confirmed_at: datetime | None = None  # when it became confirmed (read where it is shown)
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecords:
+    """Everything this service holds about a user, for their data export: every code they ever had
+    (deleted and expired ones too), their own link (who referred them), their referrals (emails
+    unmasked: they are the referrer), and when the auth service said their address was proven."""
+
+    user_id: uuid.UUID
+    codes: list[ReferralCode]
+    referrer: Referral | None
+    referrals: list[Referral]
+    email_verified_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CodeRecord:
+    """One of a user's codes in their export, with what became of it (CODE_STATES)."""
+
+    code: ReferralCode
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserExport:
+    """The export's answer: the user's records, each code with its state as of `as_of`."""
+
+    user_id: uuid.UUID
+    as_of: datetime
+    codes: list[CodeRecord]
+    referrer: Referral | None
+    referrals: list[Referral]
+    email_verified_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

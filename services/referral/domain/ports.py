@@ -20,6 +20,7 @@ from services.referral.domain.models import (
     Referral,
     ReferralCode,
     Reservation,
+    UserRecords,
 )
 
 
@@ -92,6 +93,11 @@ class ReferralRepository(Protocol):
 
     async def is_verified(self, user_id: uuid.UUID) -> bool:
         """Whether the auth service told us the user's address is proven."""
+        ...
+
+    async def records_of(self, user_id: uuid.UUID) -> UserRecords:
+        """Everything held about the user (codes of every state, oldest first; their link; their
+        referrals, oldest first; their proof), as of one moment."""
         ...
 
 

@@ -30,6 +30,7 @@ from services.referral.domain.models import (
     CODE_DELETED,
     REFERRAL_CONFIRMED,
     REFERRAL_CREATED,
+    CodeRecord,
     Cursor,
     Leaderboard,
     LeaderboardEntry,
@@ -39,6 +40,7 @@ from services.referral.domain.models import (
     ReferralPage,
     ReferrerStats,
     Reservation,
+    UserExport,
 )
 from services.referral.domain.ports import (
     ABSENT,
@@ -365,6 +367,20 @@ class ReferralUseCases:
         next_cursor = Cursor(items[-1].joined_at, uuid.UUID(items[-1].referral_id)) if more else None
         return ReferralPage(
             referrer_id, total, confirmed, items, next_cursor, emails_visible=viewer_id == referrer_id
+        )
+
+    async def export_user(self, user_id: uuid.UUID) -> UserExport:
+        """The auth service's data export: everything this service holds about the user, each code
+        with what became of it (active, expired, deleted)."""
+        records = await self.referrals.records_of(user_id)
+        now = self.clock()
+        return UserExport(
+            user_id=user_id,
+            as_of=now,
+            codes=[CodeRecord(code, code.state(now)) for code in records.codes],
+            referrer=records.referrer,
+            referrals=records.referrals,
+            email_verified_at=records.email_verified_at,
         )
 
     # --- the referral program ----------------------------------------------------------------------

@@ -21,18 +21,23 @@ from services.auth.domain.errors import (
     ExhaustedCode,
     IdentityAlreadyLinked,
     ProviderError,
+    ReferralServiceError,
     StateStoreUnavailable,
     UnknownCode,
 )
 from services.auth.domain.models import (
     RESET_PASSWORD,
+    Client,
     Credentials,
     EmailCheck,
     IssuedAccessToken,
+    LinkedIdentity,
+    LoginSession,
     PendingFlow,
     ProviderIdentity,
     ReferralCode,
     ReferralLink,
+    ReferralRecords,
     ReusedToken,
     Rotated,
     StoredFlow,
@@ -62,6 +67,9 @@ class RefreshRow:
     expires_at: datetime
     rotated: bool = False
     revoked: bool = False
+    created_at: datetime | None = None
+    login_at: datetime | None = None
+    client: Client | None = None
 
 
 @dataclass
@@ -91,6 +99,8 @@ class Tables:
     users: dict[uuid.UUID, UserRow] = field(default_factory=dict)
     refresh_tokens: dict[bytes, RefreshRow] = field(default_factory=dict)
     identities: dict[tuple[str, str], uuid.UUID] = field(default_factory=dict)
+    # (provider, subject) -> (email, linked at)
+    identity_details: dict[tuple[str, str], tuple[str, datetime]] = field(default_factory=dict)
     mail_tokens: dict[bytes, MailTokenRow] = field(default_factory=dict)
     referral_outbox: list[ReferralLink] = field(default_factory=list)
     verified_outbox: list[uuid.UUID] = field(default_factory=list)
@@ -196,10 +206,20 @@ class FakeRefreshTokens:
         family_id: uuid.UUID,
         parent_id: uuid.UUID | None,
         ttl: timedelta,
+        client: Client | None = None,
+        login_at: datetime | None = None,
     ) -> None:
         assert token_hash not in self._rows
+        now = self._store.now
         self._rows[token_hash] = RefreshRow(
-            uuid.uuid4(), user_id, family_id, parent_id, self._store.now + ttl
+            uuid.uuid4(),
+            user_id,
+            family_id,
+            parent_id,
+            now + ttl,
+            created_at=now,
+            login_at=login_at or now,
+            client=client,
         )
 
     async def rotate(self, token_hash: bytes) -> Rotated | ReusedToken | None:
@@ -208,7 +228,7 @@ class FakeRefreshTokens:
             return None
         if not row.rotated and not row.revoked and row.expires_at > self._store.now:
             row.rotated = True
-            return Rotated(row.id, row.user_id, row.family_id)
+            return Rotated(row.id, row.user_id, row.family_id, row.login_at)
         return ReusedToken(row.family_id) if row.rotated else None
 
     async def family_of(self, token_hash: bytes) -> uuid.UUID | None:
@@ -226,6 +246,34 @@ class FakeRefreshTokens:
 
     async def revoke_family(self, family_id: uuid.UUID) -> int:
         return self._revoke([r for r in self._rows.values() if r.family_id == family_id])
+
+    def _live(self) -> list[RefreshRow]:
+        return [
+            r
+            for r in self._rows.values()
+            if not r.revoked and not r.rotated and r.expires_at > self._store.now
+        ]
+
+    async def live_sessions(self, user_id: uuid.UUID) -> list[LoginSession]:
+        live = sorted(
+            (r for r in self._live() if r.user_id == user_id), key=lambda r: r.created_at, reverse=True
+        )
+        return [
+            LoginSession(
+                r.family_id,
+                r.login_at or self._store.now,
+                r.created_at or self._store.now,
+                r.client.user_agent if r.client else None,
+                r.client.address if r.client else None,
+            )
+            for r in live
+        ]
+
+    async def revoke_session(self, user_id: uuid.UUID, family_id: uuid.UUID) -> bool:
+        if not any(r.user_id == user_id and r.family_id == family_id for r in self._live()):
+            return False
+        self._revoke([r for r in self._rows.values() if r.family_id == family_id])
+        return True
 
     def live_families(self, user_id: uuid.UUID) -> set[uuid.UUID]:
         """Families of the user with a token that still works (test helper)."""
@@ -251,6 +299,15 @@ class FakeIdentities:
         if (provider, subject) in self._rows or (provider, subject) in self._store.linked_meanwhile:
             raise IdentityAlreadyLinked(provider, subject)
         self._rows[(provider, subject)] = user_id
+        self._store.tables.identity_details[(provider, subject)] = (email, self._store.now)
+
+    async def of_user(self, user_id: uuid.UUID) -> list[LinkedIdentity]:
+        details = self._store.tables.identity_details
+        return [
+            LinkedIdentity(provider, subject, *details[(provider, subject)])
+            for (provider, subject), owner in self._rows.items()
+            if owner == user_id
+        ]
 
     async def remove_all(self, user_id: uuid.UUID) -> int:
         mine = [key for key, owner in self._rows.items() if owner == user_id]
@@ -538,6 +595,19 @@ class FakeReferralCodes:
             del self.reserved[referral_id]
 
 
+class FakeReferralExports:
+    """The referral service's records of users; `down` makes it fail as an unreachable service."""
+
+    def __init__(self) -> None:
+        self.records: dict[uuid.UUID, ReferralRecords] = {}
+        self.down = False
+
+    async def export_user(self, user_id: uuid.UUID) -> ReferralRecords:
+        if self.down:
+            raise ReferralServiceError("user export: ClientConnectorError")
+        return self.records.get(user_id, ReferralRecords([], None, [], None))
+
+
 class FakeDelivery:
     def __init__(self) -> None:
         self.delivered: list[ReferralLink] = []
@@ -610,6 +680,7 @@ class World:
     throttle: FakeThrottle = field(default_factory=FakeThrottle)
     mail_limiter: FakeMailLimiter = field(default_factory=FakeMailLimiter)
     referrals: FakeReferralCodes = field(default_factory=FakeReferralCodes)
+    exports: FakeReferralExports = field(default_factory=FakeReferralExports)
     delivery: FakeDelivery = field(default_factory=FakeDelivery)
     relay: FakeWaker = field(default_factory=FakeWaker)
     enrichment: FakeEnrichment = field(default_factory=FakeEnrichment)
@@ -631,6 +702,7 @@ class World:
             throttle=self.throttle,
             refresh_ttl=timedelta(days=30),
             referrals=self.referrals,
+            referral_exports=self.exports,
             referral_delivery=self.delivery,
             ownership=OwnershipMail(
                 app_url="https://app.example/",

@@ -9,6 +9,7 @@ from sqlalchemy import bindparam, delete, insert, select
 from services.auth.adapters.db.repositories import Executor
 from services.auth.adapters.db.tables import identities_table as identities
 from services.auth.domain.errors import IdentityAlreadyLinked
+from services.auth.domain.models import LinkedIdentity
 from shared.db import UniqueViolation, prepare
 
 IDENTITY_KEY = "identities_pkey"
@@ -28,6 +29,11 @@ _INSERT_IDENTITY = prepare(
 )
 
 
+_OF_USER = prepare(
+    select(identities.c.provider, identities.c.subject, identities.c.email, identities.c.created_at)
+    .where(identities.c.user_id == bindparam("user_id"))
+    .order_by(identities.c.created_at, identities.c.provider, identities.c.subject)
+)
 _REMOVE_ALL = prepare(delete(identities).where(identities.c.user_id == bindparam("user_id")))
 
 
@@ -52,6 +58,11 @@ class IdentityRepository:
             if violation.constraint == IDENTITY_KEY:
                 raise IdentityAlreadyLinked(provider, subject) from None
             raise
+
+    async def of_user(self, user_id: uuid.UUID) -> list[LinkedIdentity]:
+        """The user's identities, oldest first."""
+        rows = await self._db.fetch_all(_OF_USER, {"user_id": user_id})
+        return [LinkedIdentity(r["provider"], r["subject"], r["email"], r["created_at"]) for r in rows]
 
     async def remove_all(self, user_id: uuid.UUID) -> int:
         """Unlink every identity of the user; how many there were."""

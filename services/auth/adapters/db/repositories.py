@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, func, insert, select, update
@@ -15,7 +15,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from services.auth.adapters.db.tables import refresh_tokens_table as rt
 from services.auth.adapters.db.tables import users_table as users
 from services.auth.domain.errors import EmailAlreadyUsed
-from services.auth.domain.models import Credentials, ReusedToken, Rotated, User
+from services.auth.domain.models import Client, Credentials, LoginSession, ReusedToken, Rotated, User
 from shared.db import Connection, Database, UniqueViolation, prepare
 
 # Where a repository runs its statements: the pool (each its own transaction) or one transaction.
@@ -74,6 +74,10 @@ _INSERT_REFRESH = prepare(
         family_id=bindparam("family_id"),
         parent_id=bindparam("parent_id"),
         expires_at=func.now() + bindparam("ttl"),
+        # A login's first token: now (the transaction's time, its created_at too); a rotation copies it.
+        login_at=func.coalesce(bindparam("login_at", type_=rt.c.login_at.type), func.now()),
+        user_agent=bindparam("user_agent"),
+        address=bindparam("address"),
     )
 )
 # Rotation claims the presented token atomically: only a live token is marked rotated, once.
@@ -86,7 +90,7 @@ _ROTATE = prepare(
         rt.c.expires_at > func.now(),
     )
     .values(rotated_at=func.now())
-    .returning(rt.c.id, rt.c.user_id, rt.c.family_id)
+    .returning(rt.c.id, rt.c.user_id, rt.c.family_id, rt.c.login_at)
 )
 _TOKEN_STATE = prepare(
     select(rt.c.family_id, rt.c.rotated_at, rt.c.revoked_at).where(rt.c.token_hash == bindparam("token_hash"))
@@ -106,6 +110,32 @@ _REVOKE_FAMILY = prepare(
     .where(rt.c.family_id == bindparam("family_id"), rt.c.revoked_at.is_(None))
     .values(revoked_at=func.now())
 )
+
+# The sessions: each live family's one live token (not rotated, not revoked, not expired) carries them.
+_live = (rt.c.rotated_at.is_(None), rt.c.revoked_at.is_(None), rt.c.expires_at > func.now())
+_LIVE_SESSIONS = prepare(
+    select(rt.c.family_id, rt.c.login_at, rt.c.created_at, rt.c.user_agent, rt.c.address)
+    .where(rt.c.user_id == bindparam("user_id"), *_live)
+    .order_by(rt.c.created_at.desc(), rt.c.family_id)
+)
+# The session's live token, locked. A refresh that is rotating it holds its lock until it commits: this
+# waits for that, then finds the token rotated and skips it (the next attempt sees its successor).
+_LOCK_SESSION = prepare(
+    select(rt.c.id)
+    .where(rt.c.family_id == bindparam("family_id"), rt.c.user_id == bindparam("user_id"), *_live)
+    .with_for_update()
+)
+_REVOKE_USER_FAMILY = prepare(
+    update(rt)
+    .where(
+        rt.c.family_id == bindparam("family_id"),
+        rt.c.user_id == bindparam("user_id"),
+        rt.c.revoked_at.is_(None),
+    )
+    .values(revoked_at=func.now())
+)
+# How often a session's revocation looks again for its live token when a refresh rotated it meanwhile.
+SESSION_REVOKE_ATTEMPTS = 3
 
 
 def _user(row: Mapping[str, Any]) -> User:
@@ -197,7 +227,10 @@ class RefreshTokenRepository:
         family_id: uuid.UUID,
         parent_id: uuid.UUID | None,
         ttl: timedelta,
+        client: Client | None = None,
+        login_at: datetime | None = None,
     ) -> None:
+        """A new token of the family; `login_at` None: a login's first token (now)."""
         await self._db.execute(
             _INSERT_REFRESH,
             {
@@ -206,6 +239,9 @@ class RefreshTokenRepository:
                 "family_id": family_id,
                 "parent_id": parent_id,
                 "ttl": ttl,
+                "login_at": login_at,
+                "user_agent": client.user_agent if client else None,
+                "address": client.address if client else None,
             },
         )
 
@@ -213,7 +249,7 @@ class RefreshTokenRepository:
         """Mark a live token rotated; say so when it was rotated before; None when unknown or dead."""
         row = await self._db.fetch_one(_ROTATE, {"token_hash": token_hash})
         if row is not None:
-            return Rotated(row["id"], row["user_id"], row["family_id"])
+            return Rotated(row["id"], row["user_id"], row["family_id"], row["login_at"])
         state = await self._db.fetch_one(_TOKEN_STATE, {"token_hash": token_hash})
         if state is not None and state["rotated_at"] is not None:
             return ReusedToken(state["family_id"])
@@ -231,3 +267,30 @@ class RefreshTokenRepository:
     async def revoke_family(self, family_id: uuid.UUID) -> int:
         """Revoke every token of the family still standing; return how many."""
         return await self._db.execute(_REVOKE_FAMILY, {"family_id": family_id})
+
+    async def live_sessions(self, user_id: uuid.UUID) -> list[LoginSession]:
+        """The user's live logins, the most recently used first."""
+        rows = await self._db.fetch_all(_LIVE_SESSIONS, {"user_id": user_id})
+        return [
+            LoginSession(
+                id=row["family_id"],
+                created_at=row["login_at"],
+                last_used_at=row["created_at"],
+                user_agent=row["user_agent"],
+                address=row["address"],
+            )
+            for row in rows
+        ]
+
+    async def revoke_session(self, user_id: uuid.UUID, family_id: uuid.UUID) -> bool:
+        """Revoke the user's live login `family_id`; False when it is not one (another user's, ended).
+
+        Run inside a transaction: the live token is locked first, so no refresh rotates it before the
+        family is revoked, and a refresh already rotating it is waited for and its new token revoked.
+        """
+        params = {"user_id": user_id, "family_id": family_id}
+        for _ in range(SESSION_REVOKE_ATTEMPTS):
+            if await self._db.fetch_one(_LOCK_SESSION, params) is not None:
+                await self._db.execute(_REVOKE_USER_FAMILY, params)
+                return True
+        return False

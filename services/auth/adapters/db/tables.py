@@ -55,7 +55,13 @@ refresh_tokens_table = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Column("rotated_at", DateTime(timezone=True)),
     Column("revoked_at", DateTime(timezone=True)),
+    # The session (migration 0007): when its login happened, and the client that made this token.
+    Column("login_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("user_agent", Text),
+    Column("address", Text),
     CheckConstraint("octet_length(token_hash) = 32", name="refresh_tokens_hash_length"),
+    CheckConstraint("char_length(user_agent) <= 256", name="refresh_tokens_user_agent_length"),
+    CheckConstraint("char_length(address) <= 64", name="refresh_tokens_address_length"),
 )
 Index("refresh_tokens_family_idx", refresh_tokens_table.c.family_id)
 Index("refresh_tokens_user_idx", refresh_tokens_table.c.user_id)
