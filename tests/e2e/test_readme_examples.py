@@ -64,6 +64,8 @@ SESSION_TIMEOUT = 60.0
 BLOCK_HEADER = "### README.md line "
 PYTHON_END = "README_PYTHON_BLOCK_END"
 JWT = re.compile(r"eyJ[\w-]+\.eyJ[\w-]+\.")
+# The try-it-out webhook secret the README starts make run with (a test of its own checks it is there).
+WEBHOOK_SECRET = "whsec_dHJ5LWl0LW91dC1vbmx5LW5vdC1hLXNlY3JldCEh"
 
 
 class ReadmeError(AssertionError):
@@ -145,6 +147,7 @@ class Stack:
     base: str
     data_dir: Path
     launcher: Process
+    webhook_port: int  # where the README's webhook receiver listens (AUTH_WEBHOOK_URLS names it)
 
 
 def launcher_env(data_dir: Path, database_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
@@ -152,6 +155,8 @@ def launcher_env(data_dir: Path, database_url: str, redis_url: str, redis_prefix
     env = inherited(os.environ)
     env.pop("GATEWAY_TRUSTED_PROXIES", None)
     env.pop("AUTH_SMTP_URL", None)  # the embedded mail server, as under make run
+    for name in [name for name in env if "_WEBHOOK_" in name]:
+        env.pop(name)  # the README's webhook settings only (readme_stack)
     return env | {
         "RUN_DATA_DIR": str(data_dir),
         "DATABASE_URL": database_url,
@@ -193,17 +198,24 @@ def readme_stack(
             ports = {"PORT": str(port)} | {
                 name: str(free_port()) for name in ("RUN_AUTH_PORT", "RUN_REFERRAL_PORT")
             }
+            # The README starts make run with a webhook endpoint for its receiver (section "Webhooks"):
+            # the same settings, on a free port instead of 9000.
+            webhook_port = free_port()
+            webhooks = {
+                "AUTH_WEBHOOK_URLS": f"http://127.0.0.1:{webhook_port}/webhooks",
+                "AUTH_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            }
             launcher = Process(
                 "make-run",
                 [sys.executable, "-m", "deploy.local.run"],
-                env | ports,
+                env | ports | webhooks,
                 port=port,
                 log_dir=ARTIFACTS,
             )
             launcher.start()
             started.append(launcher)
             wait_ready(launcher, time.monotonic() + START_TIMEOUT)
-            return Stack(base_url(port), data_dir, launcher)
+            return Stack(base_url(port), data_dir, launcher, webhook_port)
 
         try:
             stack, started = start_fresh(attempt)
@@ -223,6 +235,8 @@ def run_session(stack: Stack, blocks: list[Block], tmp_path: Path) -> str:
     env = inherited(os.environ) | {
         "BASE": stack.base,
         "MAIL_DIR": str(stack.data_dir / "mail"),
+        "WEBHOOK_PORT": str(stack.webhook_port),
+        "WEBHOOK_SECRET": WEBHOOK_SECRET,
         "README_PYTHON": sys.executable,
         "TMPDIR": str(tmp_path),
     }
@@ -271,7 +285,7 @@ def test_the_readme_has_runnable_walkthroughs_that_take_the_stack_from_variables
     blocks = runnable_blocks(README.read_text())
     text = "\n".join(block.text for block in blocks)
     needs = ("/signup", "/email/verify", "/referral/codes", "/stats", "/leaderboard", "/password/reset")
-    for needed in (*needs, "Idempotency-Key"):
+    for needed in (*needs, "Idempotency-Key", "Webhook(SECRET).verify"):
         assert needed in text, f"no runnable README block uses {needed}"
     assert {block.language for block in blocks} == {"sh", "python"}
     assert blocks[0].text.startswith("BASE=${BASE:-http://127.0.0.1:8080}\n") or blocks[0].text.startswith(
@@ -279,6 +293,8 @@ def test_the_readme_has_runnable_walkthroughs_that_take_the_stack_from_variables
     )
     assert "MAIL_DIR=${MAIL_DIR:-.data/mail}" in blocks[0].text
     rest = text.replace("${BASE:-http://127.0.0.1:8080}", "").replace("${MAIL_DIR:-.data/mail}", "")
+    # The webhook receiver listens on loopback, where make run's AUTH_WEBHOOK_URLS points.
+    rest = rest.replace('ThreadingHTTPServer(("127.0.0.1", PORT), Receiver)', "")
     assert "127.0.0.1" not in rest and "localhost" not in rest
     assert ".data/" not in rest
     assert "2030-" not in text  # dates are computed, never fixed
@@ -346,3 +362,12 @@ def test_the_session_fails_on_the_first_failing_command_and_names_the_block(tmp_
         done = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=False)
         assert done.returncode != 0, failing
         assert "reached" not in done.stdout
+
+
+def test_the_webhook_walkthrough_starts_make_run_with_the_settings_this_test_gives_it() -> None:
+    """The README's make run command for the receiver names the secret and the endpoint this test
+    hands the launcher (on another port): the walk-through a reader follows is the one run here."""
+    text = README.read_text()
+    assert f"AUTH_WEBHOOK_SECRET={WEBHOOK_SECRET} make run" in text
+    assert "AUTH_WEBHOOK_URLS=http://127.0.0.1:9000/webhooks" in text
+    assert 'os.environ.get("WEBHOOK_PORT", "9000")' in text
