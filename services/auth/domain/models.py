@@ -187,3 +187,14 @@ class StoredFlow:
     code_verifier: str
     nonce: str
     referral_code: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """An erased account's part to carry to the referral service: the user's id, and the random id
+    their place in the referral trees takes (`email`: the erased address, only at the erasure)."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    replacement_id: uuid.UUID
+    email: str | None

@@ -12,12 +12,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from services.auth.domain.models import (
     Credentials,
     EmailCheck,
+    Erasure,
     IssuedAccessToken,
     PendingFlow,
     ProviderIdentity,
@@ -149,6 +150,18 @@ class MailOutbox(Protocol):
     async def add(self, *, user_id: uuid.UUID, recipient: str, kind: str, link: str) -> None: ...
 
 
+class ErasureRepository(Protocol):
+    """Account erasure, in the caller's transaction."""
+
+    async def erase(
+        self, user_id: uuid.UUID, replacement_id: uuid.UUID, tokens_expire_at: datetime
+    ) -> Erasure | None:
+        """Remove the user and everything personal of theirs; queue the referral service's part
+        (re-keying the person to `replacement_id`), claimed by the caller; record the subject as denied
+        until `tokens_expire_at`. None when the user is gone already."""
+        ...
+
+
 class Transaction(Protocol):
     """Repositories bound to one database transaction."""
 
@@ -166,6 +179,8 @@ class Transaction(Protocol):
     def verified_outbox(self) -> VerifiedOutbox: ...
     @property
     def mail_outbox(self) -> MailOutbox: ...
+    @property
+    def erasures(self) -> ErasureRepository: ...
 
 
 class UnitOfWork(Protocol):
@@ -182,6 +197,24 @@ class ReferralLinkDelivery(Protocol):
 
     async def deliver_now(self, link: ReferralLink) -> None:
         """Never raises: a failed attempt is left to the relay."""
+        ...
+
+
+class ErasureDelivery(Protocol):
+    """Carries an erasure the caller just committed to the referral service, at once (the relay
+    retries it until the referral service has done its part)."""
+
+    async def deliver_now(self, erasure: Erasure) -> None:
+        """Never raises: a failed attempt is left to the relay."""
+        ...
+
+
+class DenyList(Protocol):
+    """Subjects whose access tokens every process of both services refuses (shared/denylist.py)."""
+
+    async def deny(self, subject: uuid.UUID, expires_at: datetime) -> bool:
+        """Refuse the subject's tokens everywhere before returning; False when only the database
+        holds the entry (Redis could not be written)."""
         ...
 
 

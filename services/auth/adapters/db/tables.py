@@ -20,6 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
+from shared.denylist import erased_subjects_table as erased_subjects_table_of
 from shared.idempotency import idempotency_keys_table as idempotency_keys_table_of
 
 SCHEMA = "auth"
@@ -168,3 +169,26 @@ Index(
 
 # Idempotency keys of signup (migration 0005; shared/idempotency.py).
 idempotency_keys_table = idempotency_keys_table_of(metadata)
+
+# Account erasures to carry to the referral service (migration 0008): no foreign key to users (the
+# user is deleted in the transaction that writes the row); the user id is cleared once delivered.
+erasure_outbox_table = Table(
+    "erasure_outbox",
+    metadata,
+    Column("id", Uuid, primary_key=True, server_default=text("gen_random_uuid()")),
+    Column("user_id", Uuid),
+    Column("replacement_id", Uuid),
+    *_delivery_columns("erasure_outbox"),
+    CheckConstraint(
+        "delivered_at IS NOT NULL OR (user_id IS NOT NULL AND replacement_id IS NOT NULL)",
+        name="erasure_outbox_pending_has_user",
+    ),
+)
+Index(
+    "erasure_outbox_pending_idx",
+    erasure_outbox_table.c.next_attempt_at,
+    postgresql_where=text("delivered_at IS NULL AND failed_at IS NULL"),
+)
+
+# Erased subjects whose tokens are refused (migration 0008; shared/denylist.py).
+erased_subjects_table = erased_subjects_table_of(metadata)
