@@ -62,7 +62,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from shared.db import Connection, Database, DatabaseUnavailable, Prepared, prepare
+from shared.db import Connection, Database, DatabaseUnavailable, prepare
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,9 @@ class DenyListStatements:
                 table.c.subject_digest == bindparam("digest"), table.c.tokens_expire_at > func.now()
             )
         )
-        self.ever = prepare(select(table.c.subject_digest).where(table.c.subject_digest == bindparam("digest")))
+        self.ever = prepare(
+            select(table.c.subject_digest).where(table.c.subject_digest == bindparam("digest"))
+        )
 
     async def record_in(self, conn: Connection, subject: str | uuid.UUID, expires_at: datetime) -> None:
         """Record the subject in the caller's transaction (idempotent; a later expiry wins)."""
@@ -208,7 +210,9 @@ class DenyList:
                 )
                 await asyncio.sleep(max(0.0, deadline - time.monotonic()))
         except _REDIS_ERRORS as error:
-            log.warning("deny-list: Redis not written (%s); the database keeps the entry", type(error).__name__)
+            log.warning(
+                "deny-list: Redis not written (%s); the database keeps the entry", type(error).__name__
+            )
             return False
         finally:
             with contextlib.suppress(*_REDIS_ERRORS):

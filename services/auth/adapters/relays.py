@@ -1,6 +1,7 @@
 """The auth service's outbox relays (shared/outbox.py): toward the referral service, the links of
 signups with a code, the "verified" notices (a user's address is proven: their pending link becomes
-confirmed) and the erasures of accounts (the referral service erases its part); toward the mail server, the verification and reset mails.
+confirmed) and the erasures of accounts (the referral service erases its part); toward the mail
+server, the verification and reset mails.
 
 A signup with a code writes its link to `auth.referral_outbox` in the signup's transaction, already
 claimed by that signup, which then tries to deliver it once (`deliver_now`); whatever that attempt

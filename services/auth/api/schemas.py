@@ -77,7 +77,7 @@ class EraseAccountSchema(Schema):
         validate=validate.Length(min=1, max=PASSWORD_MAX),
         metadata={
             "format": "password",
-            "description": "the account's password; required when it has one (not for provider-only accounts)",
+            "description": "the account's password; required when it has one (not for provider-only ones)",
         },
     )
 

@@ -59,8 +59,8 @@ from services.auth.domain.ports import (
     AccessTokenIssuer,
     DenyList,
     EmailVerifier,
-    ErasureDelivery,
     EnrichmentScheduler,
+    ErasureDelivery,
     IdentityRepository,
     LoginThrottle,
     MailLimiter,
@@ -560,7 +560,10 @@ class AuthService:
             await self._check_password(user.email, password_hash, password, client_address)
         else:
             now = datetime.now(UTC).timestamp()
-            if token_issued_at is None or now - token_issued_at > self.reauthentication_window.total_seconds():
+            if (
+                token_issued_at is None
+                or now - token_issued_at > self.reauthentication_window.total_seconds()
+            ):
                 raise ReauthenticationRequired()
         tokens_expire_at = datetime.now(UTC) + self.deny_for
         async with self.uow.transaction() as tx:
@@ -576,7 +579,9 @@ class AuthService:
         if self.erasure_delivery is not None:
             await self.erasure_delivery.deliver_now(erasure)
 
-    async def _check_password(self, email: str, password_hash: str, password: str, client_address: str) -> None:
+    async def _check_password(
+        self, email: str, password_hash: str, password: str, client_address: str
+    ) -> None:
         """The password of a signed-in user's sensitive request: a wrong one is a failed login (403
         `wrong_password`), and past the login throttle's limit the request is refused unchecked (429)."""
         retry_after = await self.throttle.reserve(email, client_address)

@@ -21,6 +21,7 @@ from sqlalchemy import (
     text,
 )
 
+from shared.denylist import erased_subjects_table as erased_subjects_table_of
 from shared.idempotency import idempotency_keys_table as idempotency_keys_table_of
 
 SCHEMA = "referral"
@@ -156,3 +157,6 @@ Index(
     leaderboard_counts_table.c.first_at,
     leaderboard_counts_table.c.referrer_id,
 )
+
+# Erased users, as digests of their ids (migration 0008; shared/denylist.py).
+erased_subjects_table = erased_subjects_table_of(metadata)
