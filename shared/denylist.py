@@ -41,7 +41,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -124,6 +124,11 @@ class DenyListStatements:
     async def was_erased(self, conn: Connection | Database, subject: str | uuid.UUID) -> bool:
         """Whether the subject was ever erased here (expired entries too)."""
         return await conn.fetch_one(self.ever, {"digest": subject_digest(subject)}) is not None
+
+
+async def _close(pubsub: PubSub) -> None:
+    close: Callable[[], Awaitable[None]] = pubsub.aclose  # redis-py leaves it unannotated
+    await close()
 
 
 def _score(when: datetime) -> float:
@@ -216,7 +221,7 @@ class DenyList:
             return False
         finally:
             with contextlib.suppress(*_REDIS_ERRORS):
-                await acks.reset()
+                await _close(acks)
         return True
 
     # --- the mirror ---------------------------------------------------------------------------------
@@ -249,7 +254,7 @@ class DenyList:
             finally:
                 self._valid_until = float("-inf")
                 with contextlib.suppress(*_REDIS_ERRORS):
-                    await pubsub.reset()
+                    await _close(pubsub)
             await asyncio.sleep(RETRY_SECONDS)
 
     async def _load(self) -> None:
