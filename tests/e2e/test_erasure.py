@@ -39,7 +39,7 @@ from tests.e2e.api import (
 )
 from tests.e2e.conftest import Stack
 from tests.e2e.faults import eventually
-from tests.integration.test_erasure import PERSONAL, _columns, _holding, _levels
+from tests.integration.test_erasure import columns_holding, counted_and_kept_levels, unclassified
 
 LEADERBOARD = f"{REFERRAL}/leaderboard"
 HITS = 6  # requests per check through the gateway: round-robin reaches both instances several times
@@ -168,15 +168,12 @@ async def test_erasure_while_the_referral_service_is_down_completes_when_it_is_b
 
     # Nothing of the person in either schema, in any column that can hold personal data (the
     # classification is the integration test's: every column of both schemas is in it).
-    columns = _columns(db)
-    assert set(columns) == set(PERSONAL), "a table of auth/referral is not classified"
-    for table, personal in PERSONAL.items():
-        assert personal <= columns[table], table
-    assert _holding(db, [erased.id, erased.email]) == []
+    assert unclassified(db) == {}
+    assert columns_holding(db, [erased.id, erased.email]) == []
 
     # Statistics exact: the counters equal the recursive count of the trees, and the top referrer
     # keeps every level (the erased person's place stays, under a random id).
-    counted, kept = _levels(db)
+    counted, kept = counted_and_kept_levels(db)
     assert counted == kept
     assert await _levels_of(gateway, top) == expected
     top_counted = sorted(

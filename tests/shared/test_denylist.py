@@ -34,7 +34,8 @@ async def test_an_entry_is_refused_by_every_process_when_deny_returns(database_u
         assert [await d.is_denied(str(subject)) for d in lists] == [True, True, True]
         assert [await d.is_denied(str(other)) for d in lists] == [False, False, False]
         # A process that starts later loads the set.
-        late = DenyList(Redis.from_url(redis_url), database, DENY_LIST, prefix=f"{redis_prefix}deny:")
+        clients.append(Redis.from_url(redis_url))  # closed with the others
+        late = DenyList(clients[-1], database, DENY_LIST, prefix=f"{redis_prefix}deny:")
         assert await late.is_denied(str(subject))  # not mirrored yet: asks Redis
         late.start()
         await _mirrored(late)
