@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +95,7 @@ class TokenVerifier:
         cache_size: int = VERIFIED_CACHE_SIZE,
     ) -> None:
         self._keys = keys
+        self._denied: Callable[[str], Awaitable[bool]] | None = None
         self._verified: dict[str, tuple[AccessClaims, str | None, PublicKey]] = {}
         self._cache_size = cache_size
         self._algorithms = tuple(algorithms)
@@ -110,12 +111,23 @@ class TokenVerifier:
             iat={"essential": True},
         )
 
+    def refuse_subjects(self, denied: Callable[[str], Awaitable[bool]]) -> None:
+        """Refuse the tokens of every subject `denied` names (erased accounts: shared/denylist.py)."""
+        self._denied = denied
+
     async def verify(self, token: str) -> AccessClaims:
         """The token's claims, or InvalidToken saying (briefly, without secrets) what was wrong."""
+        claims = await self._verify_cached(token)
+        if self._denied is not None and await self._denied(claims.subject):
+            raise InvalidToken("the account was erased")
+        return claims
+
+    async def _verify_cached(self, token: str) -> AccessClaims:
         known = self._verified.get(token)
         if known is not None:
             claims, kid, key = known
-            # Only time and the key set change a verdict: a withdrawn or replaced key, or expiry.
+            # Only time and the key set change a verdict: a withdrawn or replaced key, or expiry
+            # (and the deny-list of erased subjects, checked by `verify` on every call).
             if claims.expires_at + self._leeway > time.time() and await self._keys.key_for(kid) is key:
                 return claims
             # Another request with this token may have dropped it while the key was looked up.

@@ -173,6 +173,7 @@ def auth_settings(
         "REDIS_URL": redis_url,
         f"{AUTH_PREFIX}ENV": "production",
         f"{AUTH_PREFIX}REDIS_PREFIX": redis_prefix,
+        f"{AUTH_PREFIX}DENY_LIST_PREFIX": f"{redis_prefix}deny:",
         f"{AUTH_PREFIX}JWT_PRIVATE_KEYS": signing_pem,
         f"{AUTH_PREFIX}ARGON2_TIME_COST": "1",
         f"{AUTH_PREFIX}ARGON2_MEMORY_KIB": "8192",

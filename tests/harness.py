@@ -113,6 +113,7 @@ def production_envs(
         "AUTH_ENV": "production",
         "AUTH_HOST": HOST,
         "AUTH_REDIS_PREFIX": f"{redis_prefix}auth:",
+        "AUTH_DENY_LIST_PREFIX": f"{redis_prefix}deny:",
         "AUTH_JWT_PRIVATE_KEYS": signing_pem,
         "AUTH_PUBLIC_BASE_URL": gateway_url,
         "AUTH_TRUSTED_PROXIES": HOST,
@@ -123,6 +124,7 @@ def production_envs(
         "REFERRAL_ENV": "production",
         "REFERRAL_HOST": HOST,
         "REFERRAL_REDIS_PREFIX": f"{redis_prefix}referral:",
+        "REFERRAL_DENY_LIST_PREFIX": f"{redis_prefix}deny:",
         "REFERRAL_AUTH_ISSUER": gateway_url + AUTH_API,
     }
     return auth, referral

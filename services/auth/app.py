@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from services.auth.adapters.db.erasure import DENY_LIST, ErasureOutboxRepository
 from services.auth.adapters.db.identities import IdentityRepository
 from services.auth.adapters.db.outboxes import (
     MailOutboxRepository,
@@ -29,7 +30,9 @@ from services.auth.adapters.oauth.state import OAuthStateStore
 from services.auth.adapters.passwords import PasswordHasher, lower_thread_priority
 from services.auth.adapters.referral_client import ReferralClient, ServiceToken
 from services.auth.adapters.relays import (
+    ImmediateErasureDelivery,
     ImmediateReferralDelivery,
+    erasure_relay,
     mail_relay,
     referral_link_relay,
     verified_notice_relay,
@@ -54,6 +57,7 @@ from services.auth.domain.ownership import OwnershipMail
 from services.auth.domain.use_cases import AuthService
 from services.auth.settings import API_PREFIX, AuthSettings
 from shared.appkeys import CACHE, DATABASE, HTTP_CLIENT, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
+from shared.denylist import DenyList
 from shared.idempotency import idempotency_ctx
 from shared.jose import StaticKeySource
 from shared.net import parse_networks
@@ -190,6 +194,18 @@ def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
             registry=app[METRICS_REGISTRY],
         )
         relays.append(notice_relay)
+        erasures = erasure_relay(
+            ErasureOutboxRepository(database),
+            referrals,
+            backoff=backoff,
+            poll_interval=settings.outbox_poll_interval,
+            call_timeout=settings.referral_timeout,
+            registry=app[METRICS_REGISTRY],
+        )
+        relays.append(erasures)
+        deny_list = DenyList(app[REDIS], database, DENY_LIST, prefix=settings.deny_list_prefix)
+        app[TOKEN_VERIFIER].refuse_subjects(deny_list.is_denied)
+        deny_list.start()
         woken: list[OutboxRelay[Any]] = [notice_relay]  # after each commit that writes to their outbox
         if settings.smtp_url:
             mailer = SmtpMailer(parse_smtp_url(settings.smtp_url, timeout=settings.smtp_timeout))
@@ -247,10 +263,15 @@ def _auth_service_ctx(settings: AuthSettings) -> CleanupContext:
             email_verifier=app.get(EMAIL_VERIFIER),
             enrichment=app.get(ENRICHMENT_SCHEDULER),
             block_disposable=settings.block_disposable,
+            deny_list=deny_list,
+            erasure_delivery=ImmediateErasureDelivery(erasures),
+            # The longest access token, the verifiers' clock leeway, and a margin for clocks apart.
+            deny_for=timedelta(seconds=settings.access_token_ttl + 30 + 90),
         )
         try:
             yield
         finally:
+            await deny_list.stop()
             executor.shutdown(wait=True, cancel_futures=True)
 
     return ctx

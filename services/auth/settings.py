@@ -30,6 +30,9 @@ class AuthSettings:
     database_url: str = setting(sensitive=True, env="DATABASE_URL", doc="PostgreSQL URL (schema auth)")
     redis_url: str = setting(sensitive=True, env="REDIS_URL", doc="Redis URL")
     redis_prefix: str = setting("auth:", doc="prefix of every Redis key this service writes")
+    deny_list_prefix: str = setting(
+        "deny-list:", doc="prefix of the erased subjects' Redis key and channel: the same in both services"
+    )
     public_base_url: str = setting("http://127.0.0.1:8080", doc="the gateway's public URL, for iss")
     jwt_private_keys: str | None = setting(
         None, sensitive=True, doc="PEM text: the signing key first, then older keys"

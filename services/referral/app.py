@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from services.referral.adapters.code_cache import CodeCacheSettings, RedisCodeCache
 from services.referral.adapters.repositories import (
+    DENY_LIST,
     PostgresCodeRepository,
     PostgresProgramRepository,
     PostgresReferralRepository,
@@ -25,6 +26,7 @@ from services.referral.domain.rules import CodeRules
 from services.referral.domain.use_cases import ReferralUseCases
 from services.referral.settings import API_PREFIX, ReferralSettings
 from shared.appkeys import DATABASE, HTTP_CLIENT, METRICS_REGISTRY, REDIS, TOKEN_VERIFIER
+from shared.denylist import DenyList
 from shared.idempotency import idempotency_ctx
 from shared.jose import RemoteJWKS
 from shared.openapi import setup_openapi
@@ -90,6 +92,8 @@ def _use_cases_ctx(settings: ReferralSettings) -> CleanupContext:
             ),
             registry=app[METRICS_REGISTRY],
         )
+        deny_list = DenyList(app[REDIS], database, DENY_LIST, prefix=settings.deny_list_prefix)
+        app[TOKEN_VERIFIER].refuse_subjects(deny_list.is_denied)
         app[USE_CASES] = ReferralUseCases(
             codes=PostgresCodeRepository(database),
             referrals=PostgresReferralRepository(database),
@@ -101,11 +105,15 @@ def _use_cases_ctx(settings: ReferralSettings) -> CleanupContext:
             ),
             program=PostgresProgramRepository(database),
             stats_depth=settings.stats_depth,
+            deny_for=timedelta(seconds=settings.deny_list_ttl),
+            deny_list=deny_list,
         )
         cache.near.start()
+        deny_list.start()
         try:
             yield
         finally:
+            await deny_list.stop()
             await cache.near.stop()
 
     return ctx

@@ -28,6 +28,12 @@ class ReferralSettings:
     database_url: str = setting(sensitive=True, env="DATABASE_URL", doc="PostgreSQL URL (schema referral)")
     redis_url: str = setting(sensitive=True, env="REDIS_URL", doc="Redis URL")
     redis_prefix: str = setting("referral:", doc="prefix of every Redis key this service writes")
+    deny_list_prefix: str = setting(
+        "deny-list:", doc="prefix of the erased subjects' Redis key and channel: the same in both services"
+    )
+    deny_list_ttl: int = setting(
+        1020, doc="seconds an erased user's tokens stay refused: at least the longest access token's life"
+    )
     auth_jwks_url: str = setting(
         "http://127.0.0.1:8081/api/v1/auth/.well-known/jwks.json", doc="the auth service's JWKS"
     )

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.auth.fakes import FakeHunter
+from tests.auth.fakes import FakeErasures, FakeHunter
 
 
 @pytest.fixture
@@ -29,5 +29,27 @@ async def hunter(aiohttp_server: Any) -> FakeHunter:
     app.router.add_get("/v2/email-verifier", verify)
     # No access log: the fake would log the query string, key included, as the real Hunter may.
     server = await aiohttp_server(app, access_log=None)
+    state.url = str(server.make_url("")).rstrip("/")
+    return state
+
+
+@pytest.fixture
+async def erasures(aiohttp_server: Any) -> FakeErasures:
+    """A fake referral service on loopback that answers the erasure of a user and records it."""
+    state = FakeErasures()
+
+    async def erase(request: web.Request) -> web.Response:
+        state.erased.append(
+            (
+                request.match_info["user_id"],
+                request.query.get("replacement_id", ""),
+                request.headers.get("Authorization", ""),
+            )
+        )
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_delete("/internal/v1/users/{user_id}", erase)
+    server = await aiohttp_server(app)
     state.url = str(server.make_url("")).rstrip("/")
     return state

@@ -32,3 +32,16 @@ class FakeHunter:
 
     def calls_for(self, email: str) -> int:
         return sum(1 for call in self.calls if call.get("email") == email)
+
+
+@dataclass
+class FakeErasures:
+    """The referral service's `DELETE /internal/v1/users/{id}` (always 204): each call recorded as
+    (user id, replacement id, Authorization header)."""
+
+    erased: list[tuple[str, str, str]] = field(default_factory=list)
+    url: str = ""
+
+    def of(self, user_id: str) -> list[tuple[str, str]]:
+        """The erasures of this user it was sent: (replacement id, Authorization header) each."""
+        return [(replacement, auth) for erased, replacement, auth in self.erased if erased == user_id]

@@ -163,6 +163,7 @@ async def cluster(
         "REDIS_URL": redis_url,
         f"{REFERRAL_PREFIX}ENV": "production",
         f"{REFERRAL_PREFIX}REDIS_PREFIX": f"{redis_prefix}ref:",
+        f"{REFERRAL_PREFIX}DENY_LIST_PREFIX": f"{redis_prefix}deny:",
         f"{REFERRAL_PREFIX}AUTH_JWKS_URL": f"{auth_url}/api/v1/auth/.well-known/jwks.json",
         f"{REFERRAL_PREFIX}AUTH_ISSUER": auth_settings.issuer,
         f"{REFERRAL_PREFIX}PORT": str(referral_port),

@@ -1,5 +1,6 @@
 """The referral service's internal API, as the auth service calls it: reserve (and release) a use of a
-code for a signup, record a link, say a user's address is proven, read a user's records for the export.
+code for a signup, record a link, say a user's address is proven, read a user's records for the export,
+erase a user's data there.
 
 Every call carries a service token the auth service signs for itself (`sub` auth-service, `aud` the
 referral service, scope `referrals:internal`), cached and reissued well before it expires, and is
@@ -297,3 +298,21 @@ class ReferralClient:
         except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeDecodeError) as error:
             raise ReferralServiceError(f"user export: {type(error).__name__}") from None
         return _parse_records(body)
+
+    async def erase_user(self, user_id: uuid.UUID, replacement_id: uuid.UUID) -> None:
+        """Have the referral service erase the user, re-keying their place in the referral trees to
+        `replacement_id` (idempotent); ReferralServiceError for anything but 204."""
+        url = URL(f"{self._base}/internal/v1/users/{user_id}", encoded=True).with_query(
+            replacement_id=str(replacement_id)
+        )
+        try:
+            async with (
+                asyncio.timeout(self._timeout),
+                self._session.delete(url, headers=self._headers()) as response,
+            ):
+                if response.status == 204:
+                    return
+                problem = await _problem_code(response)
+                raise ReferralServiceError(f"erasure: HTTP {response.status} {problem}".strip())
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise ReferralServiceError(f"erasure: {type(error).__name__}") from None

@@ -1,6 +1,7 @@
 """The auth service's outbox relays (shared/outbox.py): toward the referral service, the links of
-signups with a code and the "verified" notices (a user's address is proven: their pending link becomes
-confirmed); toward the mail server, the verification and reset mails.
+signups with a code, the "verified" notices (a user's address is proven: their pending link becomes
+confirmed) and the erasures of accounts (the referral service erases its part); toward the mail
+server, the verification and reset mails.
 
 A signup with a code writes its link to `auth.referral_outbox` in the signup's transaction, already
 claimed by that signup, which then tries to deliver it once (`deliver_now`); whatever that attempt
@@ -16,6 +17,7 @@ from datetime import timedelta
 
 from prometheus_client import CollectorRegistry
 
+from services.auth.adapters.db.erasure import ErasureOutboxRepository
 from services.auth.adapters.db.outboxes import (
     MailOutboxRepository,
     OutgoingMail,
@@ -26,7 +28,7 @@ from services.auth.adapters.mail.messages import compose
 from services.auth.adapters.mail.smtp import MailDeliveryError, SmtpMailer
 from services.auth.adapters.referral_client import LinkRefused, ReferralClient
 from services.auth.domain.errors import ReferralServiceError
-from services.auth.domain.models import ReferralLink
+from services.auth.domain.models import Erasure, ReferralLink
 from shared.outbox import Backoff, Claimed, OutboxRelay, PermanentFailure, TemporaryFailure
 
 ReferralOutboxRelay = OutboxRelay[ReferralLink]
@@ -104,6 +106,51 @@ def verified_notice_relay(
         registry=registry,
         metric="auth_verified_notices",
         describe=lambda user_id: {"user_id": str(user_id)},
+    )
+
+
+ErasureRelay = OutboxRelay[Erasure]
+
+
+class ImmediateErasureDelivery:
+    """The erasure's own attempt at the row it just committed, already claimed (attempt 1)."""
+
+    def __init__(self, relay: ErasureRelay) -> None:
+        self._relay = relay
+
+    async def deliver_now(self, erasure: Erasure) -> None:
+        await self._relay.deliver_now(Claimed(erasure, erasure.id, 1))
+
+
+def erasure_relay(
+    outbox: ErasureOutboxRepository,
+    client: ReferralClient,
+    *,
+    backoff: Backoff,
+    poll_interval: float,
+    call_timeout: float,
+    registry: CollectorRegistry,
+) -> ErasureRelay:
+    """The relay of `auth.erasure_outbox`, retried until the referral service has erased its part (it is
+    idempotent); `/metrics` counts its attempts as auth_erasure_deliveries."""
+
+    async def deliver(erasure: Erasure) -> str:
+        try:
+            await client.erase_user(erasure.user_id, erasure.replacement_id)
+        except ReferralServiceError as error:
+            raise TemporaryFailure(str(error)) from None
+        return "delivered"
+
+    return OutboxRelay(
+        "erasure",
+        outbox,
+        deliver,
+        backoff=backoff,
+        poll_interval=poll_interval,
+        call_timeout=call_timeout,
+        registry=registry,
+        metric="auth_erasure_deliveries",
+        describe=lambda erasure: {"erasure_id": str(erasure.id)},
     )
 
 

@@ -16,6 +16,7 @@ from services.auth.api.schemas import (
     ChangePasswordSchema,
     DataExportSchema,
     DiscoverySchema,
+    EraseAccountSchema,
     ForgotPasswordSchema,
     JwksSchema,
     MailTokenSchema,
@@ -589,6 +590,36 @@ async def export_me(request: web.Request) -> web.Response:
     return json_response(_export_body(export), headers=NO_STORE)
 
 
+@docs(
+    tags=TAG,
+    summary="Erase my account",
+    description=(
+        "Removes the account and everything personal of it: every login, identities, mailed tokens "
+        "and pending mails, the email check and profile. The referral service's part follows over an "
+        "outbox (so it completes even when that service is down now): the user's codes are deleted "
+        "(their texts are never issued again) and the person is removed from every link, while "
+        "referrers keep their counts. Both services refuse the user's access tokens from the 204 on "
+        "(401), on every instance.\n\n"
+        "Re-authentication: JSON `{password}` for an account with a password (a wrong one answers 403 "
+        "`wrong_password` and counts as a failed login of this account from this address, 429 past the "
+        "limit; a missing one 422). An account without a password (provider sign-in only) sends `{}` "
+        "with an access token issued in the last 5 minutes, else 403 `reauthentication_required`."
+    ),
+    responses={204: {"description": "Erased"}, **problem_responses(400, 401, 403, 413, 415, 422, 429)},
+)
+@request_schema(EraseAccountSchema)
+async def erase_account(request: web.Request) -> web.Response:
+    data, claims = request["data"], request[CLAIMS]
+    issued_at = claims.raw.get("iat")
+    await request.app[AUTH_SERVICE].erase_account(
+        claims.user_id,
+        password=data.get("password"),
+        token_issued_at=int(issued_at) if isinstance(issued_at, int | float) else None,
+        client_address=client_address(request, request.app[TRUSTED_PROXIES]),
+    )
+    return web.Response(status=204)
+
+
 PAGES_DIR = Path(__file__).resolve().parents[1] / "pages"
 # The pages mail links open (API.md): static files, read once; their script is a file of its own, so the
 # gateway's Content-Security-Policy needs no inline script for them.
@@ -617,6 +648,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{API_PREFIX}/token", token)
     app.router.add_post(f"{API_PREFIX}/revoke", revoke)
     app.router.add_get(f"{API_PREFIX}/me", me)
+    app.router.add_delete(f"{API_PREFIX}/me", erase_account)
     app.router.add_get(f"{API_PREFIX}/.well-known/jwks.json", jwks)
     app.router.add_get(f"{API_PREFIX}/.well-known/openid-configuration", discovery)
     app.router.add_get(f"{API_PREFIX}/oauth/{{provider}}/authorize", oauth_authorize)

@@ -72,6 +72,16 @@ class ChangePasswordSchema(Schema):
     new_password = _password("8 to 128 characters")
 
 
+class EraseAccountSchema(Schema):
+    password = fields.String(
+        validate=validate.Length(min=1, max=PASSWORD_MAX),
+        metadata={
+            "format": "password",
+            "description": "the account's password; required when it has one (not for provider-only ones)",
+        },
+    )
+
+
 class VerifiedUserSchema(Schema):
     user = fields.Nested(UserSchema, required=True)
 

@@ -157,6 +157,22 @@ class WrongPassword(Problem):
     title = "The current password is not right"
 
 
+class ReauthenticationRequired(Problem):
+    status = 403
+    code = "reauthentication_required"
+    title = "Sign in again: this needs an access token issued in the last 5 minutes"
+
+
+class PasswordRequired(Problem):
+    status = 422
+    code = "validation_failed"
+    title = "The request is not valid"
+
+    def __init__(self) -> None:
+        detail = "An account with a password is erased only with its password."
+        super().__init__(detail, errors={"password": [detail]})
+
+
 class PasswordChangeThrottled(Problem):
     status = 429
     code = "too_many_requests"

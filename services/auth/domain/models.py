@@ -299,3 +299,14 @@ class DataExport:
     identities: list[LinkedIdentity]
     sessions: list[LoginSession]
     referral: ReferralRecords
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """An erased account's part to carry to the referral service: the user's id, and the random id
+    their place in the referral trees takes (`email`: the erased address, only at the erasure)."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    replacement_id: uuid.UUID
+    email: str | None

@@ -19,6 +19,7 @@ from services.auth.domain.models import (
     Client,
     Credentials,
     EmailCheck,
+    Erasure,
     IssuedAccessToken,
     LinkedIdentity,
     LoginSession,
@@ -179,6 +180,17 @@ class EventPublisher(Protocol):
 
     async def publish(self, event_type: str, data: Mapping[str, Any]) -> None:
         """`data` is the event's JSON object (UUIDs and datetimes allowed); see the event types in models."""
+
+
+class ErasureRepository(Protocol):
+    """Account erasure, in the caller's transaction."""
+
+    async def erase(
+        self, user_id: uuid.UUID, replacement_id: uuid.UUID, tokens_expire_at: datetime
+    ) -> Erasure | None:
+        """Remove the user and everything personal of theirs; queue the referral service's part
+        (re-keying the person to `replacement_id`), claimed by the caller; record the subject as denied
+        until `tokens_expire_at`. None when the user is gone already."""
         ...
 
 
@@ -201,6 +213,8 @@ class Transaction(Protocol):
     def mail_outbox(self) -> MailOutbox: ...
     @property
     def events(self) -> EventPublisher: ...
+    @property
+    def erasures(self) -> ErasureRepository: ...
 
 
 class UnitOfWork(Protocol):
@@ -217,6 +231,24 @@ class ReferralLinkDelivery(Protocol):
 
     async def deliver_now(self, link: ReferralLink) -> None:
         """Never raises: a failed attempt is left to the relay."""
+        ...
+
+
+class ErasureDelivery(Protocol):
+    """Carries an erasure the caller just committed to the referral service, at once (the relay
+    retries it until the referral service has done its part)."""
+
+    async def deliver_now(self, erasure: Erasure) -> None:
+        """Never raises: a failed attempt is left to the relay."""
+        ...
+
+
+class DenyList(Protocol):
+    """Subjects whose access tokens every process of both services refuses (shared/denylist.py)."""
+
+    async def deny(self, subject: uuid.UUID, expires_at: datetime) -> bool:
+        """Refuse the subject's tokens everywhere before returning; False when only the database
+        holds the entry (Redis could not be written)."""
         ...
 
 

@@ -1,6 +1,6 @@
 """Use cases of the auth service: signup, the two OAuth2 grants, revocation, the current user,
 proving an address (verification mail, password reset and change, signing out everywhere), and the
-user's data rights (their sessions, the export of their data)."""
+user's data rights (their sessions, the export of their data, erasing the account)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from services.auth.domain.errors import (
     InactiveCode,
     MailThrottled,
     PasswordChangeThrottled,
+    PasswordRequired,
+    ReauthenticationRequired,
     ReferralCodeExhausted,
     ReferralCodeExpired,
     ReferralCodeNotFound,
@@ -45,6 +47,7 @@ from services.auth.domain.errors import (
 from services.auth.domain.models import (
     RESET_PASSWORD,
     USER_CREATED,
+    USER_DELETED,
     VERIFY_EMAIL,
     Client,
     DataExport,
@@ -61,8 +64,10 @@ from services.auth.domain.models import (
 from services.auth.domain.ownership import OwnershipMail, hash_mail_token
 from services.auth.domain.ports import (
     AccessTokenIssuer,
+    DenyList,
     EmailVerifier,
     EnrichmentScheduler,
+    ErasureDelivery,
     IdentityRepository,
     LoginThrottle,
     MailLimiter,
@@ -118,6 +123,13 @@ class AuthService:
     enrichment: EnrichmentScheduler | None = None
     # Refuse addresses of throwaway mail providers, verifier or not (AUTH_BLOCK_DISPOSABLE).
     block_disposable: bool = True
+    # Erasure: the deny-list of erased subjects, the delivery of the referral service's part, how long
+    # an erased subject stays denied (the longest access token's life, leeway and a margin), and how
+    # recent an account without a password needs its token to be.
+    deny_list: DenyList | None = None
+    erasure_delivery: ErasureDelivery | None = None
+    deny_for: timedelta = timedelta(minutes=17)
+    reauthentication_window: timedelta = timedelta(minutes=5)
 
     async def _new_refresh_token(
         self,
@@ -615,3 +627,68 @@ class AuthService:
             sessions=await self.sessions(user.id, current),
             referral=referral,
         )
+
+    # --- erasure ------------------------------------------------------------------------------------
+
+    async def erase_account(
+        self,
+        user_id: uuid.UUID,
+        *,
+        password: str | None,
+        token_issued_at: int | None,
+        client_address: str,
+    ) -> None:
+        """Erase the account (DELETE /me), after re-authentication.
+
+        An account with a password needs it (403 `wrong_password`, counted as a failed login, 429 past
+        the limit); one without needs an access token issued in the last `reauthentication_window`
+        (403 `reauthentication_required`). Then, in one transaction, the user and everything personal
+        of theirs go, the referral service's part is queued (re-keying the person to a random id there,
+        so referrers keep their counts), and the subject is recorded as erased; after the commit the
+        subject is denied on every process (its access tokens refused at once), and the referral
+        service's part is delivered at once, else by the relay.
+        """
+        user = await self.current_user(user_id)
+        credentials = await self.users.credentials(user.email)
+        password_hash = credentials.password_hash if credentials is not None else None
+        if password_hash is not None:
+            if password is None:
+                raise PasswordRequired()
+            await self._check_password(user.email, password_hash, password, client_address)
+        else:
+            now = datetime.now(UTC).timestamp()
+            if (
+                token_issued_at is None
+                or now - token_issued_at > self.reauthentication_window.total_seconds()
+            ):
+                raise ReauthenticationRequired()
+        tokens_expire_at = datetime.now(UTC) + self.deny_for
+        async with self.uow.transaction() as tx:
+            erasure = await tx.erasures.erase(user.id, uuid.uuid4(), tokens_expire_at)
+            if erasure is not None:
+                await tx.events.publish(USER_DELETED, {"user_id": user.id})
+        if erasure is None:
+            raise UserGone()
+        if self.deny_list is not None:
+            await self.deny_list.deny(user.id, tokens_expire_at)
+        await self.throttle.clear(user.email)
+        log.warning("account erased", extra={"user_id": str(user.id)})
+        if self.erasure_delivery is not None:
+            await self.erasure_delivery.deliver_now(erasure)
+
+    async def _check_password(
+        self, email: str, password_hash: str, password: str, client_address: str
+    ) -> None:
+        """The password of a signed-in user's sensitive request: a wrong one is a failed login (403
+        `wrong_password`), and past the login throttle's limit the request is refused unchecked (429)."""
+        retry_after = await self.throttle.reserve(email, client_address)
+        if retry_after is not None:
+            raise PasswordChangeThrottled(retry_after)
+        try:
+            right = await self.hasher.verify(password_hash, password)
+        except Exception:
+            await self.throttle.undecided(email, client_address)
+            raise
+        if not right:
+            raise WrongPassword()
+        await self.throttle.succeeded(email, client_address)

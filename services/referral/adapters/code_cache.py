@@ -33,6 +33,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -300,3 +301,13 @@ class RedisCodeCache:
         await self._write(
             self._email_key(code.owner_email), {"absent": True}, self._settings.ttl, overwrite=True
         )
+
+    async def user_erased(self, codes: Iterable[ReferralCode], emails: Iterable[str]) -> None:
+        # The texts keep their (now anonymous, deleted) codes; the addresses an "absent" tombstone that
+        # outlives any fill racing the erasure, for the short negative TTL only: the key names the address.
+        for code in codes:
+            await self._write(self._code_key(code.code), _dump(code), self._settings.ttl, overwrite=True)
+        for email in emails:
+            await self._write(
+                self._email_key(email), {"absent": True}, self._settings.negative_ttl, overwrite=True
+            )

@@ -6,6 +6,7 @@ The repositories and the unit of work implement the ports of domain/ports.py ove
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -29,9 +30,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from services.referral.adapters.tables import code_reservations_table as reservations
 from services.referral.adapters.tables import codes_table as codes
+from services.referral.adapters.tables import erased_subjects_table, webhook_outbox_table
 from services.referral.adapters.tables import referrals_table as referrals
 from services.referral.adapters.tables import verified_users_table as verified_users
-from services.referral.adapters.tables import webhook_outbox_table
 from services.referral.domain.models import (
     CONFIRMED,
     PENDING,
@@ -46,7 +47,10 @@ from services.referral.domain.models import (
 )
 from services.referral.domain.ports import AlreadyLinked, CodeTextTaken, OpenCodeExists
 from shared.db import Connection, Database, UniqueViolation, prepare, prepare_sql
+from shared.denylist import DenyListStatements
 from shared.webhooks import WebhookEvents
+
+DENY_LIST = DenyListStatements(erased_subjects_table)
 
 ONE_OPEN_PER_OWNER = "codes_one_open_per_owner"
 CODE_UNIQUE = "codes_code_lower_key"
@@ -536,12 +540,120 @@ class PostgresLinks:
         """Remove the referral's reservation (its use becomes the link's); False when there was none."""
         return await self._conn.fetch_one(_CONSUME_RESERVATION, {"referral_id": referral_id}) is not None
 
+    async def was_erased(self, user_id: uuid.UUID) -> bool:
+        """Whether the user was erased here (their id may only come back in a late delivery)."""
+        return await DENY_LIST.was_erased(self._conn, user_id)
+
+    async def erase(
+        self, user_id: uuid.UUID, replacement_id: uuid.UUID, tokens_expire_at: datetime
+    ) -> tuple[list[ReferralCode], set[str]]:
+        """Remove the person: their codes stay deleted under `replacement_id` without their address, every
+        link of theirs is re-keyed to `replacement_id` (their own without their address), their own
+        counters move with them, their reservation and proof go, stored answers naming them go; the
+        subject is recorded as erased. Call it with the trees locked. The codes as they were, and the
+        addresses the person had here (for the cache)."""
+        params = {"id": user_id, "replacement": replacement_id}
+        before = await self._conn.fetch_all(_ERASED_CODES_BEFORE, params)
+        emails = {row["owner_email"] for row in before}
+        erased_codes = await self._conn.fetch_all(_ERASE_CODES, params)
+        links = await self._conn.fetch_all(_TAKE_OUT_LINKS, params)
+        await self._conn.execute(_DROP_COUNTERS, params)
+        put_back = []
+        for link in links:
+            mine = link["referral_id"] == user_id
+            if mine:
+                emails.add(link["referral_email"])
+            put_back.append(
+                {
+                    "referral_id": str(replacement_id if mine else link["referral_id"]),
+                    "referrer_id": str(
+                        replacement_id if link["referrer_id"] == user_id else link["referrer_id"]
+                    ),
+                    "referral_email": "" if mine else link["referral_email"],
+                    "code": link["code"],
+                    "created_at": link["created_at"].isoformat(),
+                    "status": link["status"],
+                    "confirmed_at": link["confirmed_at"].isoformat() if link["confirmed_at"] else None,
+                }
+            )
+        if put_back:
+            await self._conn.execute(_PUT_BACK_LINKS, {"links": json.dumps(put_back)})
+        await self._conn.execute(_RELEASE_OWN_RESERVATION, params)
+        await self._conn.execute(_FORGET_VERIFIED, params)
+        emails.discard("")
+        await self._conn.execute(
+            _DELETE_IDEMPOTENT_ANSWERS,
+            {"id": str(user_id), "emails": [f"%{_escape_like(e.lower())}%" for e in sorted(emails)]},
+        )
+        await DENY_LIST.record_in(self._conn, user_id, tokens_expire_at)
+        return [_code(row) for row in erased_codes], emails
+
     async def confirm_user(self, user_id: uuid.UUID) -> uuid.UUID | None:
         """Record that the user's address is proven and confirm their pending link, if any (one
         statement, idempotent); the referrer of the link confirmed now, else None. Call it with the
         user's tree locked (`lock_trees`): see `_STATUS`."""
         row = await self._conn.fetch_one(_CONFIRM_USER, {"user_id": user_id})
         return row["referrer_id"] if row else None
+
+
+# --- erasure (migration 0009): the person goes, their place in the trees stays under a random id ----
+
+_ERASED_CODES_BEFORE = prepare(
+    select(codes.c.code, codes.c.owner_email).where(codes.c.owner_id == bindparam("id"))
+)
+# The codes stay, deleted, under the replacement id and without the address: their texts keep their
+# place in the unique index (a text once given out is never given out again).
+_ERASE_CODES = prepare(
+    update(codes)
+    .where(codes.c.owner_id == bindparam("id"))
+    .values(
+        owner_id=bindparam("replacement"),
+        owner_email="",
+        deleted_at=func.coalesce(codes.c.deleted_at, func.least(func.now(), codes.c.expires_at)),
+    )
+    .returning(*_CODE_COLUMNS)
+)
+# The links are taken out and put back re-keyed in two statements, as any delete and insert: the
+# statement triggers of 0002, 0003 and 0006 keep every counter exact through them (a pair of ancestor
+# and descendant is uncounted once and counted once again), with no trigger of their own to trust.
+_TAKE_OUT_LINKS = prepare_sql("""
+DELETE FROM referral.referrals WHERE referral_id = %(id)s OR referrer_id = %(id)s
+RETURNING referral_id, referrer_id, referral_email, code, created_at, status, confirmed_at
+""")
+_PUT_BACK_LINKS = prepare_sql("""
+INSERT INTO referral.referrals
+    (referral_id, referrer_id, referral_email, code, created_at, status, confirmed_at)
+SELECT referral_id, referrer_id, referral_email, code, created_at, status, confirmed_at
+FROM jsonb_to_recordset(%(links)s::jsonb) AS r(
+    referral_id uuid, referrer_id uuid, referral_email text, code text, created_at timestamptz,
+    status text, confirmed_at timestamptz
+)
+""")
+# After the take-out the person's own counters are all zero: their rows go.
+_DROP_COUNTERS = prepare_sql("""
+WITH levels AS (DELETE FROM referral.referrer_levels WHERE referrer_id = %(id)s),
+     totals AS (DELETE FROM referral.referrer_totals WHERE referrer_id = %(id)s)
+DELETE FROM referral.leaderboard_counts WHERE referrer_id = %(id)s
+""")
+# A use reserved for the person's own signup whose link will never come: given back.
+_RELEASE_OWN_RESERVATION = prepare_sql("""
+WITH gone AS (DELETE FROM referral.code_reservations WHERE referral_id = %(id)s RETURNING code_id)
+UPDATE referral.codes c SET uses = c.uses - 1 FROM gone WHERE c.id = gone.code_id
+""")
+_FORGET_VERIFIED = prepare(delete(verified_users).where(verified_users.c.user_id == bindparam("id")))
+# Stored answers of the person's keyed requests, and of others' that name them (a link to their code).
+_DELETE_IDEMPOTENT_ANSWERS = prepare_sql("""
+DELETE FROM referral.idempotency_keys
+WHERE scope = %(id)s
+   OR (body IS NOT NULL AND (
+       position(convert_to(%(id)s, 'UTF8') IN body) > 0
+       OR lower(convert_from(body, 'UTF8')) LIKE ANY (%(emails)s)
+   ))
+""")
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class PostgresUnitOfWork:

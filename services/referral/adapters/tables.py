@@ -21,6 +21,7 @@ from sqlalchemy import (
     text,
 )
 
+from shared.denylist import erased_subjects_table as erased_subjects_table_of
 from shared.idempotency import idempotency_keys_table as idempotency_keys_table_of
 from shared.webhooks import webhook_outbox_table as webhook_outbox_table_of
 
@@ -160,3 +161,5 @@ Index(
 
 # Webhook events to send, one row per (event, endpoint) (migration 0007; shared/webhooks.py).
 webhook_outbox_table = webhook_outbox_table_of(metadata)
+# Erased users, as digests of their ids (migration 0009; shared/denylist.py).
+erased_subjects_table = erased_subjects_table_of(metadata)

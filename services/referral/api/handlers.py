@@ -13,6 +13,7 @@ from services.referral.api.schemas import (
     CreateCodeRequestSchema,
     InternalCodePathSchema,
     InternalCodeSchema,
+    InternalErasureQuerySchema,
     InternalLinkRequestSchema,
     InternalReservationPathSchema,
     InternalReservationRequestSchema,
@@ -477,6 +478,30 @@ async def internal_user_export(request: web.Request) -> web.Response:
     return json_response(_export_body(export), headers={"Cache-Control": "no-store"})
 
 
+@docs(
+    tags=INTERNAL_TAG,
+    summary="Erase a user's data here (service token); idempotent",
+    description=(
+        "The auth service erased the account. The user's codes are deleted and keep no owner or address; "
+        "their texts are never issued again. Every link of the user is re-keyed to `replacement_id`, "
+        "their own without their address: referrers keep their counts at every level (statistics and "
+        "the leaderboard stay exact), the user's referrals keep their place, and nothing points at the "
+        "person. Their access tokens are refused from now on, and a link or notice for them that "
+        "arrives later is refused (410 `user_erased`) or ignored. 204 every time, also when there is "
+        "nothing (left) to erase."
+    ),
+    responses={204: {"description": "Erased"}, **problem_responses(401, 403, 422)},
+)
+@match_info_schema(InternalUserPathSchema, put_into="path")
+@querystring_schema(InternalErasureQuerySchema, put_into="query")
+@service
+async def internal_erase_user(request: web.Request) -> web.Response:
+    await request.app[USE_CASES].erase_user(
+        request["path"]["user_id"], request["query"].get("replacement_id")
+    )
+    return web.Response(status=204)
+
+
 def add_routes(app: web.Application) -> None:
     """Every public route under /api/v1/referral, and the internal ones under /internal/v1."""
     app.router.add_get(f"{API_PREFIX}/healthz", healthz)
@@ -498,3 +523,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{INTERNAL_PREFIX}/referrals", internal_link)
     app.router.add_post(f"{INTERNAL_PREFIX}/users/{{user_id:[^/]+}}/verified", internal_user_verified)
     app.router.add_get(f"{INTERNAL_PREFIX}/users/{{user_id:[^/]+}}/export", internal_user_export)
+    app.router.add_delete(f"{INTERNAL_PREFIX}/users/{{user_id:[^/]+}}", internal_erase_user)

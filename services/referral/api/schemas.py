@@ -241,6 +241,17 @@ class InternalUserExportSchema(Schema):
     )
 
 
+class InternalErasureQuerySchema(Schema):
+    replacement_id = fields.UUID(
+        metadata={
+            "description": (
+                "the random id the person's place in the referral trees takes (the auth service re-keyed "
+                "what it holds of them to it); absent: one is drawn"
+            )
+        }
+    )
+
+
 # --- the referral program --------------------------------------------------------------------------
 
 

@@ -63,3 +63,9 @@ class Forbidden(Problem):
     status = 403
     code = "forbidden"
     title = "Only the referrer may see this"
+
+
+class UserErased(Problem):
+    status = 410
+    code = "user_erased"
+    title = "The user was erased"

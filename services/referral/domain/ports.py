@@ -185,6 +185,17 @@ class Links(Protocol):
         """Remove the referral's reservation, its use now the link's; False when there was none."""
         ...
 
+    async def was_erased(self, user_id: uuid.UUID) -> bool:
+        """Whether the user was erased here."""
+        ...
+
+    async def erase(
+        self, user_id: uuid.UUID, replacement_id: uuid.UUID, tokens_expire_at: datetime
+    ) -> tuple[list[ReferralCode], set[str]]:
+        """Remove the person, re-keying their place in the trees to `replacement_id`; record the subject
+        as erased. The codes as they are now (deleted, anonymous) and the addresses the person had."""
+        ...
+
     async def confirm_user(self, user_id: uuid.UUID) -> uuid.UUID | None:
         """Record that the user's address is proven and confirm their pending link, if any; the
         referrer of the link confirmed now (None when none was)."""
@@ -223,6 +234,17 @@ class CodeCache(Protocol):
         """A new code: overwrites what is cached for its text and its owner's email."""
         ...
 
+    async def user_erased(self, codes: Iterable[ReferralCode], emails: Iterable[str]) -> None:
+        """An erased user's codes (now deleted and anonymous) and their addresses: no entry of theirs
+        may be served again."""
+        ...
+
     async def code_deleted(self, code: ReferralCode) -> None:
         """A deleted code: its text keeps the deleted code, its owner's email has none."""
         ...
+
+
+class DenyList(Protocol):
+    """Subjects whose access tokens every process refuses (shared/denylist.py)."""
+
+    async def deny(self, subject: uuid.UUID, expires_at: datetime) -> bool: ...

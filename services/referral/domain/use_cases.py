@@ -24,6 +24,7 @@ from services.referral.domain.errors import (
     Forbidden,
     ReferralCycle,
     SelfReferral,
+    UserErased,
 )
 from services.referral.domain.models import (
     CODE_CREATED,
@@ -48,6 +49,7 @@ from services.referral.domain.ports import (
     CodeCache,
     CodeRepository,
     CodeTextTaken,
+    DenyList,
     OpenCodeExists,
     ProgramRepository,
     ReferralRepository,
@@ -104,6 +106,8 @@ class ReferralUseCases:
     clock: Callable[[], datetime] = utc_now
     new_code: Callable[[], str] = generate_code
     stats_depth: int = 3  # levels the statistics show (REFERRAL_STATS_DEPTH)
+    deny_for: timedelta = timedelta(seconds=1020)  # an erased user's tokens refused (REFERRAL_DENY_LIST_TTL)
+    deny_list: DenyList | None = None
 
     # --- codes -----------------------------------------------------------------------------------
 
@@ -279,6 +283,8 @@ class ReferralUseCases:
                 await links.lock_trees((user_id, root_seen))
                 if await links.root_of(user_id) != root_seen:
                     continue  # the tree was linked under another while we waited: lock the new root
+                if await links.was_erased(user_id):
+                    return  # a notice already on its way when the user was erased: nothing to record
                 referrer_id = await links.confirm_user(user_id)
                 if referrer_id is not None:
                     await links.events.publish(
@@ -286,6 +292,34 @@ class ReferralUseCases:
                     )
             if referrer_id is not None:
                 log.info("referral link confirmed", extra={"referral_id": str(user_id)})
+            return
+        raise ServiceUnavailable("The referral tree is changing quickly; try again.")
+
+    async def erase_user(self, user_id: uuid.UUID, replacement_id: uuid.UUID | None) -> None:
+        """The auth service erased the account: remove the person here. Idempotent.
+
+        Their codes are deleted (their texts stay taken: never issued again) and keep no owner or
+        address; every link of theirs is re-keyed to `replacement_id` (random, chosen by the auth
+        service, which re-keyed what it holds of them to it), their own link loses their address: the
+        referrers above keep their counts at every level, the referrals below keep their referrer, and
+        nothing points at the person. Under the locks of the person's tree (and the replacement's,
+        which a link delivered first may have started), like any link. The subject is recorded as
+        erased: their tokens are refused here, and a link or notice that was on its way when the
+        erasure came cannot bring their id back. Then their cache entries are replaced.
+        """
+        replacement = replacement_id or uuid.uuid4()
+        deny_until = self.clock() + self.deny_for
+        for _ in range(LINK_ATTEMPTS):
+            root_seen = await self.referrals.root_of(user_id)
+            async with self.uow.begin() as links:
+                await links.lock_trees((user_id, root_seen, replacement))
+                if await links.root_of(user_id) != root_seen:
+                    continue  # the tree was linked under another while we waited: lock the new root
+                codes, emails = await links.erase(user_id, replacement, deny_until)
+            if self.deny_list is not None:  # the auth service wrote it already, unless Redis was down then
+                await self.deny_list.deny(user_id, deny_until)
+            await self.cache.user_erased(codes, emails)
+            log.warning("user erased", extra={"user_id": str(user_id)})
             return
         raise ServiceUnavailable("The referral tree is changing quickly; try again.")
 
@@ -314,6 +348,8 @@ class ReferralUseCases:
                 root = await links.root_of(referrer_id)
                 if root != root_seen:
                     continue  # the tree grew while we waited for its lock: lock the new root
+                if await links.was_erased(referral_id) or await links.was_erased(referrer_id):
+                    raise UserErased("The link names an erased user.")
                 existing = await links.referral_of(referral_id)
                 if existing is not None:
                     if existing.referrer_id == referrer_id:

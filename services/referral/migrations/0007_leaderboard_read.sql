@@ -15,13 +15,14 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     -- The email is the one of the referrer's newest code (codes_by_owner), else of their own link;
-    -- NULL when the referral service never saw it.
+    -- NULL when the referral service never saw it, or the person was erased (their codes and link
+    -- keep an empty address: migration 0009_erasure).
     RETURN QUERY
     SELECT b.referrer_id, b.confirmed,
            coalesce(
-               (SELECT c.owner_email FROM referral.codes c WHERE c.owner_id = b.referrer_id
-                ORDER BY c.created_at DESC LIMIT 1),
-               (SELECT r.referral_email FROM referral.referrals r WHERE r.referral_id = b.referrer_id)
+               nullif((SELECT c.owner_email FROM referral.codes c WHERE c.owner_id = b.referrer_id
+                       ORDER BY c.created_at DESC LIMIT 1), ''),
+               nullif((SELECT r.referral_email FROM referral.referrals r WHERE r.referral_id = b.referrer_id), '')
            )
     FROM referral.leaderboard_counts AS b
     WHERE b.period = top_period

@@ -20,6 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
+from shared.denylist import erased_subjects_table as erased_subjects_table_of
 from shared.idempotency import idempotency_keys_table as idempotency_keys_table_of
 from shared.outbox_store import delivery_columns
 from shared.webhooks import webhook_outbox_table as webhook_outbox_table_of
@@ -164,3 +165,26 @@ idempotency_keys_table = idempotency_keys_table_of(metadata)
 
 # Webhook events to send, one row per (event, endpoint) (migration 0006; shared/webhooks.py).
 webhook_outbox_table = webhook_outbox_table_of(metadata)
+
+# Account erasures to carry to the referral service (migration 0008): no foreign key to users (the
+# user is deleted in the transaction that writes the row); the user id is cleared once delivered.
+erasure_outbox_table = Table(
+    "erasure_outbox",
+    metadata,
+    Column("id", Uuid, primary_key=True, server_default=text("gen_random_uuid()")),
+    Column("user_id", Uuid),
+    Column("replacement_id", Uuid),
+    *delivery_columns("erasure_outbox"),
+    CheckConstraint(
+        "delivered_at IS NOT NULL OR (user_id IS NOT NULL AND replacement_id IS NOT NULL)",
+        name="erasure_outbox_pending_has_user",
+    ),
+)
+Index(
+    "erasure_outbox_pending_idx",
+    erasure_outbox_table.c.next_attempt_at,
+    postgresql_where=text("delivered_at IS NULL AND failed_at IS NULL"),
+)
+
+# Erased subjects whose tokens are refused (migration 0008; shared/denylist.py).
+erased_subjects_table = erased_subjects_table_of(metadata)

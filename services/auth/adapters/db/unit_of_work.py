@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
+from services.auth.adapters.db.erasure import ErasureRepository
 from services.auth.adapters.db.identities import IdentityRepository
 from services.auth.adapters.db.mail_tokens import MailTokenRepository
 from services.auth.adapters.db.outboxes import (
@@ -33,6 +34,8 @@ class PostgresTransaction:
         self.verified_outbox = VerifiedOutboxRepository(conn)
         self.mail_outbox = MailOutboxRepository(conn)
         self.events = WebhookEvents(conn, webhook_outbox_table, webhook_endpoints)
+        # An erasure is written claimed by its writer too, for the same lease (the same call timeout).
+        self.erasures = ErasureRepository(conn, lease=referral_lease)
 
 
 class PostgresUnitOfWork:

@@ -1,0 +1,2 @@
+DROP TABLE auth.erased_subjects;
+DROP TABLE auth.erasure_outbox;
