@@ -122,6 +122,24 @@ async def test_a_proven_address_is_announced_once(
     assert outbox_types(db) == ["user.created", "user.email_verified"]
 
 
+async def test_an_erased_account_is_announced_in_the_erasing_transaction(
+    make_auth_client: Any, with_webhooks: dict[str, Any], receiver: Receiver, erasures: Any, db: Any
+) -> None:
+    client = await make_auth_client(referral_service_url=erasures.url, **with_webhooks)
+    body = await signup(client, "yves@example.com")
+    user_id = body["user"]["id"]
+    headers = {"Authorization": f"Bearer {body['access_token']}"}
+    wrong = await client.delete("/api/v1/auth/me", json={"password": "not it"}, headers=headers)
+    await assert_problem(wrong, 403, "wrong_password")
+    assert outbox_types(db) == ["user.created"]  # a refused erasure announces nothing
+
+    response = await client.delete("/api/v1/auth/me", json={"password": "correct horse"}, headers=headers)
+    assert response.status == 204, await response.text()
+    deleted = (await wait_for_events(receiver, 2))["user.deleted"]
+    assert deleted["data"] == {"user_id": user_id}
+    assert outbox_types(db) == ["user.created", "user.deleted"]
+
+
 async def test_a_failed_change_writes_no_event(client: Any, receiver: Receiver, db: Any) -> None:
     await signup(client, "zoe@example.com")
     taken = await client.post(SIGNUP, json={"email": "ZOE@example.com", "password": "correct horse"})
