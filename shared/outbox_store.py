@@ -53,9 +53,17 @@ def delivery_columns(table: str) -> list[Column[Any] | CheckConstraint]:
 
 
 class OutboxStatements:
-    """Claim and bookkeeping of one outbox table, keyed by `key`; `on_delivered` values are set too."""
+    """Claim and bookkeeping of one outbox table, keyed by `key`; `on_delivered` (`on_failed`) values
+    are set too when a row is delivered (failed for good)."""
 
-    def __init__(self, table: Table, key: str, *, on_delivered: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        table: Table,
+        key: str,
+        *,
+        on_delivered: Mapping[str, Any] | None = None,
+        on_failed: Mapping[str, Any] | None = None,
+    ) -> None:
         column: Column[Any] = table.c[key]
         pending = (table.c.delivered_at.is_(None), table.c.failed_at.is_(None))
         # Claim due rows atomically: SKIP LOCKED lets replicas claim disjoint rows at the same moment,
@@ -81,7 +89,7 @@ class OutboxStatements:
         self.mark_failed = prepare(
             update(table)
             .where(column == bindparam("key"), table.c.delivered_at.is_(None))
-            .values(failed_at=func.now(), last_error=bindparam("last_error"))
+            .values(failed_at=func.now(), last_error=bindparam("last_error"), **(on_failed or {}))
         )
         self.retry_later = prepare(
             update(table)

@@ -43,7 +43,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from prometheus_client import CollectorRegistry, Gauge
-from sqlalchemy import Column, Index, MetaData, Table, Text, Uuid, text
+from sqlalchemy import CheckConstraint, Column, Index, MetaData, Table, Text, Uuid, text
 from standardwebhooks import Webhook
 from yarl import URL
 
@@ -73,8 +73,14 @@ def webhook_outbox_table(metadata: MetaData) -> Table:
         Column("event_id", Uuid, nullable=False),
         Column("event_type", Text, nullable=False),
         Column("endpoint", Text, nullable=False),
-        Column("body", Text, nullable=False),
+        # NULL once the row is settled (delivered, or failed for good): an event names people, and
+        # a sent one is kept only as bookkeeping (an erased user leaves nothing behind here).
+        Column("body", Text),
         *delivery_columns(TABLE_NAME),
+        CheckConstraint(
+            "body IS NOT NULL OR delivered_at IS NOT NULL OR failed_at IS NOT NULL",
+            name=f"{TABLE_NAME}_pending_has_body",
+        ),
     )
     Index(f"{TABLE_NAME}_pending_idx", table.c.next_attempt_at, postgresql_where=text(PENDING))
     # The age of the oldest undelivered event (the metric) is one probe of this index.
@@ -157,7 +163,9 @@ class WebhookOutbox(TableOutbox[WebhookMessage]):
     def __init__(self, database: Executor, table: Table) -> None:
         name = f"{table.schema}.{table.name}"
         if name not in _STATEMENTS:
-            _STATEMENTS[name] = OutboxStatements(table, "id")
+            _STATEMENTS[name] = OutboxStatements(
+                table, "id", on_delivered={"body": None}, on_failed={"body": None}
+            )
         super().__init__(database, _STATEMENTS[name], "id", _message)
 
 

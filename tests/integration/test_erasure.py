@@ -18,7 +18,7 @@ ME = "/api/v1/auth/me"
 # `unclassified` (and the test below) until it is in exactly one of them.
 PERSONAL = {
     "auth.users": {"id", "email", "password_hash", "referrer_id", "email_check", "profile"},
-    "auth.refresh_tokens": {"user_id"},
+    "auth.refresh_tokens": {"user_id", "user_agent", "address"},
     "auth.identities": {"user_id", "email", "subject"},
     "auth.mail_tokens": {"user_id", "email"},
     "auth.mail_outbox": {"user_id", "recipient", "link", "last_error"},  # SMTP errors echo the address
@@ -27,6 +27,8 @@ PERSONAL = {
     "auth.erasure_outbox": {"user_id", "replacement_id", "last_error"},
     "auth.idempotency_keys": {"scope", "body", "headers"},
     "auth.erased_subjects": set(),  # digests only
+    # An event's body names people until it is delivered or failed for good (then it is cleared).
+    "auth.webhook_outbox": {"body"},
     "referral.codes": {"owner_id", "owner_email"},
     "referral.referrals": {"referral_id", "referrer_id", "referral_email"},
     "referral.referrer_totals": {"referrer_id"},
@@ -36,13 +38,16 @@ PERSONAL = {
     "referral.verified_users": {"user_id"},
     "referral.idempotency_keys": {"scope", "body", "headers"},
     "referral.erased_subjects": set(),
+    "referral.webhook_outbox": {"body"},
 }
 _OUTBOX = {"created_at", "attempts", "next_attempt_at", "delivered_at", "failed_at"}
+# A webhook's endpoint is the deployer's; its last error names the endpoint, never the event's data.
+_WEBHOOKS = {"id", "event_id", "event_type", "endpoint", "last_error"} | _OUTBOX
 _IDEMPOTENCY = {"key", "fingerprint", "claim_id", "state", "status", "created_at", "locked_at"}
 IMPERSONAL = {
     "auth.users": {"created_at", "email_verified"},
     "auth.refresh_tokens": {"id", "token_hash", "family_id", "parent_id", "created_at", "expires_at"}
-    | {"rotated_at", "revoked_at"},
+    | {"rotated_at", "revoked_at", "login_at"},
     "auth.identities": {"provider", "created_at"},
     "auth.mail_tokens": {"token_hash", "purpose", "created_at", "expires_at", "used_at"},
     "auth.mail_outbox": {"id", "kind"} | _OUTBOX,
@@ -52,6 +57,7 @@ IMPERSONAL = {
     "auth.erasure_outbox": {"id"} | _OUTBOX,
     "auth.idempotency_keys": _IDEMPOTENCY,
     "auth.erased_subjects": {"subject_digest", "erased_at", "tokens_expire_at"},
+    "auth.webhook_outbox": _WEBHOOKS,
     "referral.codes": {"id", "code", "expires_at", "created_at", "deleted_at", "max_uses", "uses"},
     "referral.referrals": {"code", "created_at", "status", "confirmed_at"},
     "referral.referrer_totals": {"total", "confirmed"},
@@ -61,6 +67,7 @@ IMPERSONAL = {
     "referral.verified_users": {"verified_at"},
     "referral.idempotency_keys": _IDEMPOTENCY,
     "referral.erased_subjects": {"subject_digest", "erased_at", "tokens_expire_at"},
+    "referral.webhook_outbox": _WEBHOOKS,
 }
 # yoyo's bookkeeping lives in each schema too: no personal data.
 BOOKKEEPING = ("_yoyo", "yoyo_")
@@ -98,7 +105,8 @@ def columns_holding(db: Any, needles: list[str]) -> list[str]:
     with db.cursor() as cursor:
         for table, columns in PERSONAL.items():
             for column in sorted(columns):
-                expression = f"convert_from({column}, 'UTF8')" if column == "body" else f"{column}::text"
+                stored_bytes = column == "body" and table.endswith(".idempotency_keys")  # bytea
+                expression = f"convert_from({column}, 'UTF8')" if stored_bytes else f"{column}::text"
                 for needle in needles:
                     cursor.execute(
                         f"SELECT count(*) FROM {table} WHERE position(lower(%s) IN lower({expression})) > 0",

@@ -9,8 +9,9 @@ CREATE TABLE auth.webhook_outbox (
     event_id uuid NOT NULL,
     event_type text NOT NULL,
     endpoint text NOT NULL,
-    -- The exact body sent, {type, timestamp, data}: the same bytes on every attempt.
-    body text NOT NULL,
+    -- The exact body sent, {type, timestamp, data}: the same bytes on every attempt. Cleared once the
+    -- row is delivered or failed for good: an event names people, a settled one is only bookkeeping.
+    body text,
     created_at timestamptz NOT NULL DEFAULT now(),
     attempts integer NOT NULL DEFAULT 0,
     -- While a delivery is in flight this is its lease: nobody else claims the row before then.
@@ -20,7 +21,9 @@ CREATE TABLE auth.webhook_outbox (
     last_error text,
     CONSTRAINT webhook_outbox_attempts_not_negative CHECK (attempts >= 0),
     CONSTRAINT webhook_outbox_last_error_length CHECK (char_length(last_error) <= 200),
-    CONSTRAINT webhook_outbox_one_outcome CHECK (delivered_at IS NULL OR failed_at IS NULL)
+    CONSTRAINT webhook_outbox_one_outcome CHECK (delivered_at IS NULL OR failed_at IS NULL),
+    CONSTRAINT webhook_outbox_pending_has_body
+        CHECK (body IS NOT NULL OR delivered_at IS NOT NULL OR failed_at IS NOT NULL)
 );
 
 CREATE INDEX webhook_outbox_pending_idx ON auth.webhook_outbox (next_attempt_at)

@@ -65,6 +65,7 @@ class Store:
     locks: list[list[uuid.UUID]] = field(default_factory=list)
     reads: list[str] = field(default_factory=list)  # repository reads, by method name
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    erased: set[uuid.UUID] = field(default_factory=set)
     commits: int = 0
     rollbacks: int = 0
 
@@ -296,6 +297,40 @@ class FakeLinks:
 
     async def consume_reservation(self, referral_id: uuid.UUID) -> bool:
         return self._store.reservations.pop(referral_id, None) is not None
+
+    async def was_erased(self, user_id: uuid.UUID) -> bool:
+        return user_id in self._store.erased
+
+    async def erase(
+        self, user_id: uuid.UUID, replacement_id: uuid.UUID, tokens_expire_at: datetime
+    ) -> tuple[list[ReferralCode], set[str]]:
+        """As the repository does: codes deleted under the replacement without their address, every
+        link re-keyed to the replacement (their own without their address), the subject recorded."""
+        store, now = self._store, self._store.clock()
+        emails = {c.owner_email for c in store.codes if c.owner_id == user_id}
+        erased = [
+            replace(
+                c, owner_id=replacement_id, owner_email="", deleted_at=c.deleted_at or min(now, c.expires_at)
+            )
+            for c in store.codes
+            if c.owner_id == user_id
+        ]
+        store.codes = [c for c in store.codes if c.owner_id != user_id] + erased
+        links = {}
+        for referral_id, link in store.links.items():
+            kept = link
+            if referral_id == user_id:
+                emails.add(link.referral_email)
+                kept = replace(kept, referral_id=replacement_id, referral_email="")
+            if link.referrer_id == user_id:
+                kept = replace(kept, referrer_id=replacement_id)
+            links[kept.referral_id] = kept
+        store.links = links
+        store.verified.discard(user_id)
+        store.reservations.pop(user_id, None)
+        store.erased.add(user_id)
+        emails.discard("")
+        return erased, emails
 
     async def confirm_user(self, user_id: uuid.UUID) -> uuid.UUID | None:
         self._store.verified.add(user_id)
