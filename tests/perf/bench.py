@@ -1200,10 +1200,14 @@ class PassContext:
         return S7_FIRST_GUESS, "a first guess"
 
     def _lines_for(self, key: str, seconds: int, first_guess: float) -> tuple[int, str]:
-        """Lines a once-only file needs for a run: the rate it may reach (twice its fastest run in
-        this pass, else the S0 ceiling, else `first_guess`) times the seconds, plus the connections."""
+        """Lines a once-only file needs for a run: the rate it may reach (S7_SLACK times its fastest
+        run in this pass, at least `first_guess`: a warmup on cold caches is much slower than the runs
+        after it; else the S0 ceiling, else `first_guess`) times the seconds, plus the connections."""
         if rates := self.rates.get(key):
-            rate, source = max(rates) * 2, f"2 x {key}'s fastest run"
+            rate, source = (
+                max(max(rates) * S7_SLACK, first_guess),
+                f"{S7_SLACK:g} x {key}'s fastest run, at least {first_guess:,.0f}",
+            )
         elif ceiling := self.rates.get("S0"):
             rate, source = max(ceiling), "the S0 ceiling"
         else:
