@@ -56,6 +56,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import traceback
@@ -74,6 +75,7 @@ import psycopg2
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy.local.embedded import EmbeddedServerError, start_postgres
 from deploy.local.processes import AUTH_API, REFERRAL_API, ROOT, HarnessError, http_status
 from services.auth.adapters.signing import AccessTokenIssuer, generate_pem, parse_key_ring
 from services.auth.settings import AuthSettings
@@ -1416,6 +1418,9 @@ def settings(options: Options, notes: Sequence[str]) -> dict[str, Any]:
         "before_each_run": "wait until the services are idle (the previous run's leftovers done)",
         "scenarios": list(options.scenarios),
         "smoke": options.smoke,
+        "postgres_server": "embedded (deploy/local/embedded.py, as make run starts it)"
+        if options.embedded_postgres
+        else "DATABASE_URL's",
         "gateway": "nginx (deploy.nginx.render), access log on",
         "gateway_rate_limits": (
             f"{topologies.BENCH_LIMITS['rate']} burst {topologies.BENCH_LIMITS['burst']} on every zone:"
@@ -1528,6 +1533,46 @@ def run(options: Options) -> int:
     pruned = prune_runs(out_root)
     log = Log(run_dir / "bench.log")
     log(f"bench: output in {run_dir}" + (f" ({len(pruned)} older run(s) deleted)" if pruned else ""))
+    with contextlib.ExitStack() as stack:
+        if options.embedded_postgres:
+            try:
+                server_database_url = stack.enter_context(embedded_postgres(log))
+            except EmbeddedServerError as error:
+                log.loud(f"bench: the embedded PostgreSQL did not start: {error}")
+                return 2
+        return _run(options, started_at, wall, server_database_url, redis_url, run_dir, log)
+    raise AssertionError("unreachable")  # the with block returns (mypy cannot tell)
+
+
+@contextlib.contextmanager
+def embedded_postgres(log: Log) -> Iterator[str]:
+    """An embedded PostgreSQL started as `make run` starts it (deploy.local.embedded.start_postgres),
+    in a temporary folder deleted afterwards; its URL."""
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-pg-"))
+    started = time.monotonic()
+    try:
+        server = start_postgres(data_dir / "postgres")
+        try:
+            log(
+                f"bench: embedded PostgreSQL (pid {server.pid}) in {data_dir},"
+                f" up in {time.monotonic() - started:.1f}s"
+            )
+            yield server.url
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _run(
+    options: Options,
+    started_at: datetime,
+    wall: float,
+    server_database_url: str,
+    redis_url: str,
+    run_dir: Path,
+    log: Log,
+) -> int:
     if failures := _check_servers(server_database_url, redis_url):
         for failure in failures:
             log.loud(failure)
