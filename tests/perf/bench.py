@@ -14,7 +14,12 @@
    divided by the run's requests: CPU µs per request. During S8 (password logins, argon2-bound)
    /healthz is also sampled directly on each auth instance's port (~20/s) and the services'
    `event_loop_lag_seconds` histograms are scraped before and after (p99 and max from the buckets'
-   deltas, as "≤ bucket bound"). RSS again after the pass.
+   deltas, as "≤ bucket bound"). RSS again after the pass. Around each run every service's /metrics
+   is also scraped: how the lookups by email were answered (near cache, Redis, database:
+   `referral_email_lookups_total`) and, for MIX and S1-DB, what each route answered
+   (`http_requests_total`, judged per kind of request: tests/perf/mix.py). A scenario that needs
+   service settings other than the defaults (S1-REDIS: the near cache off) runs on a topology of its
+   own, started after the others' with those settings and Redis keys of its own.
 3. EXPLAIN ANALYZE of the S1-S4 queries (`plans.py`), the report printed and written as
    `report.json`, `report.txt`, `report.md` and `report.png` under `--out/<timestamp>/` (with a
    `latest` symlink), beside every process's log, the request files and `bench.log`.
@@ -38,6 +43,9 @@ for the rate the run is expected to reach, fresh ones are added (random ids that
 their tokens: the referral service never looks a user up), and that is said loudly. S9 takes
 S9_KEYS more, activates each once through the gateway with an `Idempotency-Key` (201), then replays
 those same requests: every answer is the kept one (201; running the activation again would be 409).
+MIX (tests/perf/mix.py) and S1-DB send files of their own per run, each line at most once, sized
+like S7's (S7_SLACK times the fastest run so far, at least a first guess). `--embedded-postgres`
+puts the database on the embedded PostgreSQL `make run` starts (deploy/local/embedded.py).
 """
 
 from __future__ import annotations
