@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # The issue's targets.
 CPU_CACHED_US = 130.0  # S1, S2: service CPU per request
 CPU_AUTHED_US = 200.0  # S3, S5
+CPU_REDIS_PATH_US = 150.0  # a public read answered by Redis (S1-REDIS: the near cache off)
 S0_SHARE = 0.3  # S1, S2: at least this share of S0's req/s
 DEEP_PAGE_FACTOR = 1.5  # S4 against S3: CPU and p50
 LOOP_LAG_MS = 20.0  # S8: the auth processes' event-loop lag
@@ -291,6 +292,7 @@ def targets(report: BenchReport) -> list[Target]:
         _share_target(one, "S1"),
         _cpu_target(one, "S2", CPU_CACHED_US),
         _share_target(one, "S2"),
+        _cpu_target(one, "S1-REDIS", CPU_REDIS_PATH_US),
         _cpu_target(one, "S3", CPU_AUTHED_US),
         _cpu_target(one, "S5", CPU_AUTHED_US),
         *_deep_page_targets(one),
