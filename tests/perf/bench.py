@@ -1035,6 +1035,7 @@ class PassContext:
         self.rates: dict[str, list[float]] = {}
         self._tokens: list[str] | None = None
         self._refresh: list[list[str]] = []
+        self._mix_refresh: list[list[str]] = []
         self._lookups: mixes.LookupUniverse | None = None
         self._cold_unknown = 0  # S1-DB's unknown emails used so far (each once)
 
@@ -1300,7 +1301,7 @@ class PassContext:
         path = self.dir / f"MIX-{phase.replace(' ', '')}.mix"
         counts = mixes.write_mix(path, mixes.mix_lines(rng, kinds, inputs))
         token_file = self.dir / f"MIX-{phase.replace(' ', '')}.tokens"
-        refresh = self.refresh_tokens(bench.options.connections, "MIX") if counts["refresh"] else []
+        refresh = self._mix_refresh_tokens() if counts["refresh"] else []
         wrk.write_tokens(token_file, refresh)
         note = f"{wanted:,} requests ({source}; + connections), " + ", ".join(
             f"{key} {counts[key]:,}" for key in mixes.KIND if counts[key]
@@ -1308,6 +1309,17 @@ class PassContext:
         if fresh:
             note += f"; {fresh:,} activators made up (the dataset's ran out: token-only ids, as in S7)"
         return RunPlan(mixes.mix_script(), mixes.mix_args(path, token_file if refresh else None), note)
+
+    def _mix_refresh_tokens(self) -> list[str]:
+        """`connections` refresh tokens for this MIX run: every run's are fetched in one batch of
+        logins (before the first run, when the services are idle: logins after a run would queue
+        behind its signups' hashes)."""
+        if not self._mix_refresh:
+            options = self.bench.options
+            runs = options.runs + (1 if options.warmup else 0)
+            tokens = self.refresh_tokens(options.connections * runs, "MIX")
+            self._mix_refresh = [tokens[i::runs] for i in range(runs)]
+        return self._mix_refresh.pop(0)
 
     def _activation_plan(self, phase: str, seconds: int) -> RunPlan:
         bench = self.bench

@@ -289,7 +289,7 @@ def test_json_round_trips(tmp_path: Path) -> None:
 def test_lookup_paths_and_the_mix_kinds_are_reported_and_round_trip(tmp_path: Path) -> None:
     one = one_instance()
     redis_only = replace(
-        one.scenario("S1-REDIS"),
+        next(s for s in one.scenarios if s.key == "S1-REDIS"),
         lookup_paths={"near": 0.0, "redis": 600.0, "database": 0.0},
         settings={"REFERRAL_NEAR_CACHE_SIZE": "0"},
     )
