@@ -14,7 +14,12 @@
    divided by the run's requests: CPU µs per request. During S8 (password logins, argon2-bound)
    /healthz is also sampled directly on each auth instance's port (~20/s) and the services'
    `event_loop_lag_seconds` histograms are scraped before and after (p99 and max from the buckets'
-   deltas, as "≤ bucket bound"). RSS again after the pass.
+   deltas, as "≤ bucket bound"). RSS again after the pass. Around each run every service's /metrics
+   is also scraped: how the lookups by email were answered (near cache, Redis, database:
+   `referral_email_lookups_total`) and, for MIX and S1-DB, what each route answered
+   (`http_requests_total`, judged per kind of request: tests/perf/mix.py). A scenario that needs
+   service settings other than the defaults (S1-REDIS: the near cache off) runs on a topology of its
+   own, started after the others' with those settings and Redis keys of its own.
 3. EXPLAIN ANALYZE of the S1-S4 queries (`plans.py`), the report printed and written as
    `report.json`, `report.txt`, `report.md` and `report.png` under `--out/<timestamp>/` (with a
    `latest` symlink), beside every process's log, the request files and `bench.log`.
@@ -38,6 +43,9 @@ for the rate the run is expected to reach, fresh ones are added (random ids that
 their tokens: the referral service never looks a user up), and that is said loudly. S9 takes
 S9_KEYS more, activates each once through the gateway with an `Idempotency-Key` (201), then replays
 those same requests: every answer is the kept one (201; running the activation again would be 409).
+MIX (tests/perf/mix.py) and S1-DB send files of their own per run, each line at most once, sized
+like S7's (S7_SLACK times the fastest run so far, at least a first guess). `--embedded-postgres`
+puts the database on the embedded PostgreSQL `make run` starts (deploy/local/embedded.py).
 """
 
 from __future__ import annotations
@@ -50,11 +58,13 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import traceback
@@ -73,6 +83,7 @@ import psycopg2
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy.local.embedded import EmbeddedServerError, start_postgres
 from deploy.local.processes import AUTH_API, REFERRAL_API, ROOT, HarnessError, http_status
 from services.auth.adapters.signing import AccessTokenIssuer, generate_pem, parse_key_ring
 from services.auth.settings import AuthSettings
@@ -80,6 +91,7 @@ from services.referral.settings import ReferralSettings
 from tests.harness import migrate
 from tests.helpers import drop_redis_keys, fresh_database
 from tests.perf import dataset as datasets
+from tests.perf import mix as mixes
 from tests.perf import plans as query_plans
 from tests.perf import report as reports
 from tests.perf import topology as topologies
@@ -117,6 +129,9 @@ class Scenario:
     title: str
     service: str  # whose CPU is "the service's": auth or referral
     expect_status: int
+    # Service settings other than the defaults (env name, value): the scenario runs on a topology
+    # started with them (run_pass groups the scenarios by settings, one topology each).
+    settings: tuple[tuple[str, str], ...] = ()
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -134,8 +149,20 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("S9", "an idempotent activation replayed (201 from the kept answer)", "referral", 201),
         Scenario("S-STATS", "a big referrer's statistics by level (their own token)", "referral", 200),
         Scenario("S-LEADERBOARD", "the leaderboard: month, week, all time", "referral", 200),
+        Scenario(
+            "S1-REDIS",
+            "code by email, known, near cache off (Redis hit)",
+            "referral",
+            200,
+            (("REFERRAL_NEAR_CACHE_SIZE", "0"),),
+        ),
+        Scenario("S1-DB", "code by email, cold (database; each email once per run)", "referral", 200),
+        Scenario("MIX", "the realistic mix (tests/perf/mix.py; kinds below)", "referral", 200),
     )
 }
+# Names the command line also takes for a scenario: S1 measures the near cache's path (every email
+# asked on every instance before the runs), the one S1-REDIS and S1-DB are the other paths of.
+ALIASES = {"S1-NEAR": "S1"}
 OTHER_SERVICE = {"auth": "referral", "referral": "auth"}
 
 
@@ -153,6 +180,7 @@ class Options:
     out: Path
     smoke: bool
     seed: int
+    embedded_postgres: bool = False
 
 
 SMOKE: dict[str, Any] = {
@@ -197,6 +225,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--out", type=Path, default=ROOT / ".artifacts" / "bench", help="output directory")
     parser.add_argument("--seed", type=int, default=7, help="dataset seed")
     parser.add_argument(
+        "--embedded-postgres",
+        action="store_true",
+        help="the database on an embedded PostgreSQL started as `make run` starts it"
+        " (deploy/local/embedded.py), in a temporary folder, instead of DATABASE_URL's server",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="CI's quick run: scale 0.01, 1 s runs, 1 s warmup, 8 connections (flags given win)",
@@ -208,9 +242,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         instances = tuple(int(part) for part in str(values["instances"]).split(",") if part.strip())
     except ValueError:
         parser.error(f"--instances is a comma-separated list of counts, got {values['instances']!r}")
-    scenarios = tuple(part.strip().upper() for part in args.scenarios.split(",") if part.strip())
+    scenarios = tuple(
+        ALIASES.get(name, name) for part in args.scenarios.split(",") if (name := part.strip().upper())
+    )
     if unknown := [key for key in scenarios if key not in SCENARIOS]:
-        parser.error(f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}")
+        parser.error(f"unknown scenarios {unknown}; known: {', '.join([*SCENARIOS, *ALIASES])}")
     if not instances or any(n < 1 for n in instances):
         parser.error("--instances: counts of at least 1")
     if values["runs"] < 1 or values["duration"] < 1:
@@ -230,6 +266,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         out=args.out,
         smoke=args.smoke,
         seed=args.seed,
+        embedded_postgres=args.embedded_postgres,
     )
 
 
@@ -635,21 +672,14 @@ class Bench:
     # Each pass: start, measure every scenario, stop.
 
     def run_pass(self, index: int, instances: int) -> PassOutcome:
+        """One topology per set of service settings the scenarios need (most need only the defaults),
+        each with Redis keys of its own; the scenarios in the order given, grouped by those settings."""
         name = f"pass{index + 1}-x{instances}"
         pass_dir = self.out_dir / name
-        requests_dir = pass_dir / "requests"
-        requests_dir.mkdir(parents=True, exist_ok=True)
-        prefix = f"{self.redis_prefix}{name}:"
-        self.log(f"{name}: starting nginx + {instances} auth + {instances} referral (logs in {pass_dir})")
-        topology = topologies.build(
-            instances=instances,
-            database_url=self.database_url,
-            redis_url=self.redis_url,
-            redis_prefix=prefix,
-            signing_pem=self.pem,
-            log_dir=pass_dir,
-            settings=self.pool_settings(instances),
-        )
+        pools = self.pool_settings(instances)
+        groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
+        for key in self.options.scenarios:
+            groups.setdefault(SCENARIOS[key].settings, []).append(key)
         problems: list[str] = []
         results: list[Any] = []
         idle_rss: dict[str, float] = {}
@@ -657,38 +687,74 @@ class Bench:
         loop_lag: dict[str, dict[str, float]] = {}
         healthz: dict[str, float] = {}
         started = time.monotonic()
-        try:
-            topology.start()
-            self.log(f"{name}: up in {time.monotonic() - started:.1f}s at {topology.gateway_url}")
-            time.sleep(SETTLE)
-            idle_rss = self._rss(topology)
-            self.log(f"{name}: idle RSS " + ", ".join(f"{k} {v:.0f} MiB" for k, v in idle_rss.items()))
-            issuer = AccessTokenIssuer(
-                self.ring, issuer=topology.issuer, audience=AuthSettings.token_audience, ttl=ACCESS_TOKEN_TTL
+        for number, (extra, keys) in enumerate(groups.items()):
+            label = name if number == 0 else f"{name}-t{number + 1}"
+            log_dir = pass_dir if number == 0 else pass_dir / f"topology{number + 1}"
+            requests_dir = log_dir / "requests"
+            requests_dir.mkdir(parents=True, exist_ok=True)
+            prefix = f"{self.redis_prefix}{label}:"
+            described = " ".join(f"{k}={v}" for k, v in extra) or "default settings"
+            self.log(
+                f"{label}: starting nginx + {instances} auth + {instances} referral ({described};"
+                f" logs in {log_dir}) for {', '.join(keys)}"
             )
-            context = PassContext(self, topology, issuer, requests_dir)
-            for key in self.options.scenarios:
-                result, lag, health = self._scenario(context, SCENARIOS[key])
-                results.append(result)
-                if lag is not None:
-                    loop_lag = lag
-                if health is not None:
-                    healthz = health
-                if topology.dead():  # in the scenario's problems already; the stop notes it again
-                    self.log.loud(f"{name}: a process died during {key}; the pass stops here")
-                    break
-            final_rss = self._rss(topology)
-            self.log(f"{name}: RSS after " + ", ".join(f"{k} {v:.0f} MiB" for k, v in final_rss.items()))
-        except (HarnessError, wrk.WrkError, OSError, psycopg2.Error, redis.RedisError) as error:
-            problems.append(f"{name}: {type(error).__name__}: {error}")
-            self.log.loud(f"{name} failed: {error}")
-        finally:
-            stop_problems = topology.stop()
-            problems += [p for p in stop_problems if p not in problems]
-            with contextlib.suppress(redis.RedisError):
-                drop_redis_keys(self.redis_url, prefix)
+            topology = topologies.build(
+                instances=instances,
+                database_url=self.database_url,
+                redis_url=self.redis_url,
+                redis_prefix=prefix,
+                signing_pem=self.pem,
+                log_dir=log_dir,
+                settings={**pools, **dict(extra)},
+            )
+            segment_started = time.monotonic()
+            try:
+                topology.start()
+                self.log(
+                    f"{label}: up in {time.monotonic() - segment_started:.1f}s at {topology.gateway_url}"
+                )
+                time.sleep(SETTLE)
+                if number == 0:
+                    idle_rss = self._rss(topology)
+                    self.log(
+                        f"{label}: idle RSS " + ", ".join(f"{k} {v:.0f} MiB" for k, v in idle_rss.items())
+                    )
+                issuer = AccessTokenIssuer(
+                    self.ring,
+                    issuer=topology.issuer,
+                    audience=AuthSettings.token_audience,
+                    ttl=ACCESS_TOKEN_TTL,
+                )
+                context = PassContext(self, topology, issuer, requests_dir, prefix)
+                for key in keys:
+                    result, lag, health = self._scenario(context, SCENARIOS[key])
+                    results.append(result)
+                    if lag is not None:
+                        loop_lag = lag
+                    if health is not None:
+                        healthz = health
+                    if topology.dead():  # in the scenario's problems already; the stop notes it again
+                        self.log.loud(f"{label}: a process died during {key}; the pass stops here")
+                        break
+                if number == 0:
+                    final_rss = self._rss(topology)
+                    self.log(
+                        f"{label}: RSS after " + ", ".join(f"{k} {v:.0f} MiB" for k, v in final_rss.items())
+                    )
+            except (HarnessError, wrk.WrkError, OSError, psycopg2.Error, redis.RedisError) as error:
+                problems.append(f"{label}: {type(error).__name__}: {error}")
+                self.log.loud(f"{label} failed: {error}")
+            finally:
+                stop_problems = topology.stop()
+                problems += [p for p in stop_problems if p not in problems]
+                with contextlib.suppress(redis.RedisError):
+                    drop_redis_keys(self.redis_url, prefix)
+            if problems:
+                break
         for problem in problems:
             self.log.loud(f"{name}: {problem}")
+        order = {key: n for n, key in enumerate(self.options.scenarios)}
+        results.sort(key=lambda result: order[result.key])
         if results and problems:  # the report's problems are its scenarios': the pass's go on the last one
             results[-1].problems.extend(f"pass: {problem}" for problem in problems)
         self.log(f"{name}: done in {time.monotonic() - started:.0f}s")
@@ -736,7 +802,11 @@ class Bench:
         still fill the caches (the first full run measured 532, 286, then 163 µs per request).
         """
         dataset = self.dataset
-        emails = {"S1": dataset.code_emails, "S2": dataset.unknown_emails}.get(scenario.key)
+        emails = {
+            "S1": dataset.code_emails,
+            "S1-REDIS": dataset.code_emails,
+            "S2": dataset.unknown_emails,
+        }.get(scenario.key)
         if not emails:
             return
         started = time.monotonic()
@@ -770,6 +840,8 @@ class Bench:
         other: dict[str, list[float]] = {}
         lag: dict[str, dict[str, float]] | None = None
         health: dict[str, float] | None = None
+        paths: dict[str, float] = {}
+        kinds: dict[str, dict[str, Any]] = {}
         label = f"{topology.instances}x {scenario.key}"
         floor = S8_MIN_SECONDS if scenario.key == "S8" else 1
         schedule = ([("warmup", max(floor, options.warmup))] if options.warmup else []) + [
@@ -788,7 +860,10 @@ class Bench:
                 plan = context.plan(scenario, phase, seconds)
                 if plan.note:
                     self.log(f"{label} {phase}: {plan.note}")
+                if scenario.key == "S1-DB":
+                    context.forget_lookups()
                 self._quiesce(topology, f"{label} {phase}")
+                metrics_before, _ = mixes.scrape(p.url for p in topology.services)
                 before = snapshot(self._groups(topology))
                 result = wrk.run_wrk(
                     topology.gateway_url,
@@ -800,6 +875,7 @@ class Bench:
                     timeout_s=options.timeout,
                 )
                 used = cpu_seconds(before, snapshot(self._groups(topology)))
+                metrics_after, failures = mixes.scrape(p.url for p in topology.services)
                 context.record(scenario, phase, result)
                 per_request = {
                     group: (seconds_used * 1e6 / result.requests if result.requests else math.nan)
@@ -818,6 +894,12 @@ class Bench:
                 if not recorded:
                     continue
                 runs.append(result)
+                problems += [f"{phase}: could not scrape {failure}" for failure in failures]
+                moved = mixes.delta(metrics_before, metrics_after)
+                for source, count in mixes.lookup_paths(moved).items():
+                    paths[source] = paths.get(source, 0.0) + count
+                if result.kinds:
+                    self._judge(scenario, phase, result, moved, kinds, problems)
                 cpu.append(per_request.get(scenario.service, math.nan))
                 for group in (OTHER_SERVICE[scenario.service], "nginx", "postgres", "redis"):
                     if group in per_request:
@@ -849,10 +931,48 @@ class Bench:
             cpu_us_per_request=cpu,
             other_cpu_us_per_request=other,
             problems=problems,
+            lookup_paths=paths if sum(paths.values()) > 0 else {},
+            kinds=kinds,
+            settings=dict(scenario.settings),
         )
+        if shares := mixes.shares(paths):
+            self.log(
+                f"{label}: lookups by email answered by "
+                + ", ".join(f"{source} {100 * share:.1f} %" for source, share in shares.items())
+                + f" ({sum(paths.values()):,.0f} lookups)"
+            )
         for problem in [*problems, *result_.run_problems()]:
             self.log.loud(f"{label}: {problem}")
         return result_, lag, health
+
+    def _judge(
+        self,
+        scenario: Scenario,
+        phase: str,
+        result: wrk.WrkResult,
+        moved: mixes.Samples,
+        kinds: dict[str, dict[str, Any]],
+        problems: list[str],
+    ) -> None:
+        """Add a mix.lua run's requests and answers per kind to `kinds`; a problem per unexpected kind."""
+        judged = mixes.judge_kinds(result.kinds, mixes.route_statuses(moved))
+        for key, figures in judged.items():
+            if not figures.sent and not figures.unexpected and key not in kinds:
+                continue
+            total = kinds.setdefault(
+                key, {"sent": 0, "expect": figures.expect, "answers": {}, "unexpected": 0}
+            )
+            if scenario.key == "MIX":
+                total["share"] = mixes.KIND[key].share
+            total["sent"] += figures.sent
+            total["unexpected"] += figures.unexpected
+            for status, count in figures.answers.items():
+                total["answers"][status] = total["answers"].get(status, 0) + count
+            if figures.unexpected:
+                problems.append(
+                    f"{phase}: {figures.unexpected} answers to {key} requests not {figures.expect}"
+                    f" (its route answered {figures.answers})"
+                )
 
     def _lag(
         self, topology: topologies.Topology, before: Mapping[str, dict[float, float] | None]
@@ -899,16 +1019,25 @@ class PassContext:
     """One pass's tokens and request files; the plan of each wrk run."""
 
     def __init__(
-        self, bench: Bench, topology: topologies.Topology, issuer: AccessTokenIssuer, requests_dir: Path
+        self,
+        bench: Bench,
+        topology: topologies.Topology,
+        issuer: AccessTokenIssuer,
+        requests_dir: Path,
+        redis_prefix: str = "",
     ) -> None:
         self.bench = bench
         self.topology = topology
         self.issuer = issuer
         self.dir = requests_dir
+        self.redis_prefix = redis_prefix  # the topology's: its referral instances' keys are under it
         self.files: dict[str, Path] = {}
         self.rates: dict[str, list[float]] = {}
         self._tokens: list[str] | None = None
         self._refresh: list[list[str]] = []
+        self._mix_refresh: list[list[str]] = []
+        self._lookups: mixes.LookupUniverse | None = None
+        self._cold_unknown = 0  # S1-DB's unknown emails used so far (each once)
 
     def record(self, scenario: Scenario, phase: str, result: wrk.WrkResult) -> None:
         self.rates.setdefault(scenario.key, []).append(result.rps)
@@ -969,6 +1098,14 @@ class PassContext:
             path = self._cycle_file(key, self._stats_requests)
         elif key == "S-LEADERBOARD":
             path = self._cycle_file(key, _leaderboard_requests)
+        elif key in ("S1-NEAR", "S1-REDIS"):
+            path = self._cycle_file(
+                key, lambda: (wrk.Request("GET", _email_query(e)) for e in dataset.code_emails)
+            )
+        elif key == "S1-DB":
+            return self._cold_lookup_plan(phase, seconds)
+        elif key == "MIX":
+            return self._mix_plan(phase, seconds)
         else:
             raise HarnessError(f"no plan for scenario {key}")
         return RunPlan(cycle, wrk.requests_args(path, mode="cycle", expect=expect))
@@ -1035,7 +1172,11 @@ class PassContext:
         """`connections` refresh tokens for each run of S6, by real password logins through the gateway."""
         options = self.bench.options
         runs = options.runs + (1 if options.warmup else 0)
-        wanted = options.connections * runs
+        tokens = self.refresh_tokens(options.connections * runs, "S6")
+        self._refresh = [tokens[i::runs] for i in range(runs)]
+
+    def refresh_tokens(self, wanted: int, label: str) -> list[str]:
+        """`wanted` refresh tokens, by real password logins through the gateway."""
         emails = self.bench.dataset.login_emails
         if not emails:
             raise HarnessError("the dataset has no login emails")
@@ -1046,12 +1187,12 @@ class PassContext:
             tokens = list(
                 pool.map(lambda n: login(gateway, emails[n % len(emails)], password), range(wanted))
             )
-        self._refresh = [tokens[i::runs] for i in range(runs)]
         elapsed = time.monotonic() - started
         self.bench.log(
-            f"{self.topology.instances}x S6: {wanted} refresh tokens by password login in {elapsed:.1f}s"
+            f"{self.topology.instances}x {label}: {wanted} refresh tokens by password login in {elapsed:.1f}s"
             f" ({wanted / elapsed:.1f} logins/s)"
         )
+        return tokens
 
     def _refresh_plan(self, phase: str) -> RunPlan:
         if not self._refresh:
@@ -1068,6 +1209,117 @@ class PassContext:
         if ceiling := self.rates.get("S0"):
             return max(ceiling), "the S0 ceiling"
         return S7_FIRST_GUESS, "a first guess"
+
+    def _lines_for(self, key: str, seconds: int, first_guess: float) -> tuple[int, str]:
+        """Lines a once-only file needs for a run: the rate it may reach (S7_SLACK times its fastest
+        run in this pass, at least `first_guess`: a warmup on cold caches is much slower than the runs
+        after it; else the S0 ceiling, else `first_guess`) times the seconds, plus the connections."""
+        if rates := self.rates.get(key):
+            rate, source = (
+                max(max(rates) * S7_SLACK, first_guess),
+                f"{S7_SLACK:g} x {key}'s fastest run, at least {first_guess:,.0f}",
+            )
+        elif ceiling := self.rates.get("S0"):
+            rate, source = max(ceiling), "the S0 ceiling"
+        else:
+            rate, source = first_guess, "a first guess"
+        return math.ceil(
+            rate * seconds
+        ) + self.bench.options.connections, f"up to {rate:,.0f} req/s: {source}"
+
+    def forget_lookups(self) -> None:
+        """Drop every cached lookup by email from Redis; Redis tells the referral instances, whose
+        near caches drop theirs (S1-DB: before each run, so that no email of it is cached)."""
+        client = redis.Redis.from_url(self.bench.redis_url)
+        try:
+            pattern = f"{self.redis_prefix}referral:email:*"
+            batch: list[bytes] = []
+            for key in client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                client.unlink(*batch)
+        finally:
+            client.close()
+
+    def _universe(self) -> mixes.LookupUniverse:
+        if self._lookups is None:
+            self._lookups = mixes.LookupUniverse(self.bench.dataset.users, datasets.user_email)
+        return self._lookups
+
+    def _cold_lookup_plan(self, phase: str, seconds: int) -> RunPlan:
+        """S1-DB: users' emails in a random order, each once; when the run may send more than there are
+        users, never-asked unknown emails after them (404, said in the note). The caches are emptied
+        before each run (`forget_lookups`)."""
+        wanted, source = self._lines_for("S1-DB", seconds, 4000)
+        users = self.bench.dataset.users
+        known = min(users, wanted)
+        rng = secrets.SystemRandom()
+        start = rng.randrange(users)
+        lines = [
+            mixes.MixLine(
+                "lookup-known", wrk.Request("GET", _email_query(datasets.user_email((start + n) % users)))
+            )
+            for n in range(known)
+        ]
+        rng.shuffle(lines)
+        base = self._cold_unknown
+        self._cold_unknown += wanted - known
+        lines += [
+            mixes.MixLine("lookup-unknown", wrk.Request("GET", _email_query(mixes.unknown_email(base + n))))
+            for n in range(wanted - known)
+        ]
+        path = self.dir / f"S1-DB-{phase.replace(' ', '')}.mix"
+        mixes.write_mix(path, lines)
+        note = f"{wanted:,} lookups ({source}; + connections): {known:,} users' emails"
+        if wanted > known:
+            note += f", then {wanted - known:,} unknown ones (404) once the {users:,} users' are used up"
+        return RunPlan(mixes.mix_script(), mixes.mix_args(path, None), note)
+
+    def _mix_plan(self, phase: str, seconds: int) -> RunPlan:
+        """MIX: a file of its own per run (tests/perf/mix.py), and `connections` refresh tokens."""
+        bench = self.bench
+        wanted, source = self._lines_for("MIX", seconds, 5000)
+        rng = random.Random(f"{bench.options.seed}-{self.topology.instances}-{phase}-{self.redis_prefix}")
+        kinds = mixes.draw_kinds(rng, wanted)
+        taken, fresh = bench.activators.take(kinds.count("activation"))
+        tokens = self._token_users()
+        readers = [
+            (str(user), token) for (user, _), token in zip(bench.dataset.token_users, tokens, strict=True)
+        ]
+        inputs = mixes.MixInputs(
+            universe=self._universe(),
+            readers=readers,
+            activations=[
+                (self.issuer.issue(user, email=email, email_verified=True).token, code)
+                for user, email, code in taken
+            ],
+            signup_tag=f"{self.redis_prefix.replace(':', '.')}{phase.replace(' ', '')}".strip("."),
+        )
+        path = self.dir / f"MIX-{phase.replace(' ', '')}.mix"
+        counts = mixes.write_mix(path, mixes.mix_lines(rng, kinds, inputs))
+        token_file = self.dir / f"MIX-{phase.replace(' ', '')}.tokens"
+        refresh = self._mix_refresh_tokens() if counts["refresh"] else []
+        wrk.write_tokens(token_file, refresh)
+        note = f"{wanted:,} requests ({source}; + connections), " + ", ".join(
+            f"{key} {counts[key]:,}" for key in mixes.KIND if counts[key]
+        )
+        if fresh:
+            note += f"; {fresh:,} activators made up (the dataset's ran out: token-only ids, as in S7)"
+        return RunPlan(mixes.mix_script(), mixes.mix_args(path, token_file if refresh else None), note)
+
+    def _mix_refresh_tokens(self) -> list[str]:
+        """`connections` refresh tokens for this MIX run: every run's are fetched in one batch of
+        logins (before the first run, when the services are idle: logins after a run would queue
+        behind its signups' hashes)."""
+        if not self._mix_refresh:
+            options = self.bench.options
+            runs = options.runs + (1 if options.warmup else 0)
+            tokens = self.refresh_tokens(options.connections * runs, "MIX")
+            self._mix_refresh = [tokens[i::runs] for i in range(runs)]
+        return self._mix_refresh.pop(0)
 
     def _activation_plan(self, phase: str, seconds: int) -> RunPlan:
         bench = self.bench
@@ -1186,6 +1438,9 @@ def settings(options: Options, notes: Sequence[str]) -> dict[str, Any]:
         "before_each_run": "wait until the services are idle (the previous run's leftovers done)",
         "scenarios": list(options.scenarios),
         "smoke": options.smoke,
+        "postgres_server": "embedded (deploy/local/embedded.py, as make run starts it)"
+        if options.embedded_postgres
+        else "DATABASE_URL's",
         "gateway": "nginx (deploy.nginx.render), access log on",
         "gateway_rate_limits": (
             f"{topologies.BENCH_LIMITS['rate']} burst {topologies.BENCH_LIMITS['burst']} on every zone:"
@@ -1298,6 +1553,46 @@ def run(options: Options) -> int:
     pruned = prune_runs(out_root)
     log = Log(run_dir / "bench.log")
     log(f"bench: output in {run_dir}" + (f" ({len(pruned)} older run(s) deleted)" if pruned else ""))
+    with contextlib.ExitStack() as stack:
+        if options.embedded_postgres:
+            try:
+                server_database_url = stack.enter_context(embedded_postgres(log))
+            except EmbeddedServerError as error:
+                log.loud(f"bench: the embedded PostgreSQL did not start: {error}")
+                return 2
+        return _run(options, started_at, wall, server_database_url, redis_url, run_dir, log)
+    raise AssertionError("unreachable")  # the with block returns (mypy cannot tell)
+
+
+@contextlib.contextmanager
+def embedded_postgres(log: Log) -> Iterator[str]:
+    """An embedded PostgreSQL started as `make run` starts it (deploy.local.embedded.start_postgres),
+    in a temporary folder deleted afterwards; its URL."""
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-pg-"))
+    started = time.monotonic()
+    try:
+        server = start_postgres(data_dir / "postgres")
+        try:
+            log(
+                f"bench: embedded PostgreSQL (pid {server.pid}) in {data_dir},"
+                f" up in {time.monotonic() - started:.1f}s"
+            )
+            yield server.url
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _run(
+    options: Options,
+    started_at: datetime,
+    wall: float,
+    server_database_url: str,
+    redis_url: str,
+    run_dir: Path,
+    log: Log,
+) -> int:
     if failures := _check_servers(server_database_url, redis_url):
         for failure in failures:
             log.loud(failure)

@@ -174,7 +174,7 @@ def build(
             password_hash = _password_hash(PASSWORD)
             user_ids = [_uuid_int(rng) for _ in range(numbers.users)]
             user_hex = [f"{value:032x}" for value in user_ids]
-            emails = [f"bench.user{n}@example.com" for n in range(numbers.users)]
+            emails = [user_email(n) for n in range(numbers.users)]
             codes = _codes(rng, numbers.users)
             targets = list(range(numbers.targets))
             big = rng.sample(targets, len(numbers.big_sizes))  # biggest first, like numbers.big_sizes
@@ -246,6 +246,11 @@ def build(
         activation_codes=[codes[n] for n in rng.sample(others, min(ACTIVATION_CODES_MAX, len(others)))],
         login_emails=[emails[n] for n in rng.sample(targets, min(LOGIN_EMAILS_MAX, len(targets)))],
     )
+
+
+def user_email(n: int) -> str:
+    """The email of the dataset's user number n (0 <= n < users); every user has an active code."""
+    return f"bench.user{n}@example.com"
 
 
 def _password_hash(password: str) -> str:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # The issue's targets.
 CPU_CACHED_US = 130.0  # S1, S2: service CPU per request
 CPU_AUTHED_US = 200.0  # S3, S5
+CPU_REDIS_PATH_US = 150.0  # a public read answered by Redis (S1-REDIS: the near cache off)
 S0_SHARE = 0.3  # S1, S2: at least this share of S0's req/s
 DEEP_PAGE_FACTOR = 1.5  # S4 against S3: CPU and p50
 LOOP_LAG_MS = 20.0  # S8: the auth processes' event-loop lag
@@ -52,6 +53,14 @@ class ScenarioResult:
     # e.g. {"nginx": [...], "postgres": [...], "redis": [...]}, one figure per run
     other_cpu_us_per_request: dict[str, list[float]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # what the orchestrator noticed
+    # Lookups by email over the recorded runs by where the answer came from (near, redis, database),
+    # from the referral service's referral_email_lookups_total; empty when the scenario made none.
+    lookup_paths: dict[str, float] = field(default_factory=dict)
+    # MIX: per kind, over the recorded runs: share planned, sent, answers by status, unexpected.
+    kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    settings: dict[str, str] = field(
+        default_factory=dict
+    )  # the services' settings it ran with, if not the defaults
 
     @property
     def rps_median(self) -> float | None:
@@ -104,8 +113,8 @@ class ScenarioResult:
             details = []
             if run.requests == 0:
                 details.append("no answer at all")
-            wrong = dict(run.unexpected) if run.expect is not None else {}
-            if run.expect is None and run.errors.get("status"):
+            wrong = dict(run.unexpected) if run.judged_by_status else {}
+            if not run.judged_by_status and run.errors.get("status"):
                 wrong[">= 400"] = run.errors["status"]
             if wrong:
                 counts = ", ".join(f"{status} x{count}" for status, count in sorted(wrong.items()))
@@ -283,6 +292,7 @@ def targets(report: BenchReport) -> list[Target]:
         _share_target(one, "S1"),
         _cpu_target(one, "S2", CPU_CACHED_US),
         _share_target(one, "S2"),
+        _cpu_target(one, "S1-REDIS", CPU_REDIS_PATH_US),
         _cpu_target(one, "S3", CPU_AUTHED_US),
         _cpu_target(one, "S5", CPU_AUTHED_US),
         *_deep_page_targets(one),
@@ -379,10 +389,76 @@ def _pairs(values: Mapping[str, object]) -> str:
     return ", ".join(f"{key}={value}" for key, value in values.items()) or "-"
 
 
+def _percent(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f} %" if whole else "-"
+
+
+def lookup_path_rows(pass_: Pass) -> list[list[str]]:
+    """Per scenario that looked codes up by email: the share answered by each path, and the count."""
+    rows = []
+    for s in pass_.scenarios:
+        total = sum(s.lookup_paths.values())
+        if total <= 0:
+            continue
+        settings = " ".join(f"{k}={v}" for k, v in s.settings.items())
+        rows.append(
+            [
+                s.key,
+                *(
+                    _percent(s.lookup_paths.get(source, 0.0), total)
+                    for source in ("near", "redis", "database")
+                ),
+                f"{total:,.0f}",
+                settings or "defaults",
+            ]
+        )
+    return rows
+
+
+def _lookup_paths_text(pass_: Pass) -> list[str]:
+    rows = lookup_path_rows(pass_)
+    if not rows:
+        return []
+    out = ["Lookups by email, by where the answer came from (referral_email_lookups_total, recorded runs):"]
+    headers = ["scenario", "near cache", "Redis", "database", "lookups", "service settings"]
+    out += _fixed_width(headers, rows, indent="  ")
+    return [*out, ""]
+
+
+def _kinds_text(pass_: Pass) -> list[str]:
+    out: list[str] = []
+    for s in pass_.scenarios:
+        if not s.kinds:
+            continue
+        sent_total = sum(int(k.get("sent", 0)) for k in s.kinds.values())
+        rows = [
+            [
+                kind,
+                f"{100 * float(k.get('share', 0)):.1f} %" if "share" in k else "-",
+                f"{int(k.get('sent', 0)):,}",
+                _percent(int(k.get("sent", 0)), sent_total),
+                str(k.get("expect", "-")),
+                ", ".join(f"{status} x{count:,}" for status, count in dict(k.get("answers", {})).items())
+                or "-",
+                str(k.get("unexpected", 0)),
+            ]
+            for kind, k in s.kinds.items()
+        ]
+        out.append(
+            f"{s.key}: requests by kind over the recorded runs (answers: the services' http_requests_total):"
+        )
+        headers = ["kind", "planned", "sent", "share sent", "expect", "answers", "unexpected"]
+        out += _fixed_width(headers, rows, indent="  ")
+        out.append("")
+    return out
+
+
 def _pass_text(pass_: Pass) -> list[str]:
     out = [f"== Pass: {pass_.label} ==", ""]
     out += _fixed_width(*_scenario_table(pass_))
     out.append("")
+    out += _lookup_paths_text(pass_)
+    out += _kinds_text(pass_)
     out.append("Event-loop lag during S8 (upper bounds of histogram buckets):")
     if pass_.loop_lag:
         rows = [
@@ -521,6 +597,8 @@ def _run_from_json(data: Mapping[str, Any]) -> WrkResult:
         unexpected=dict(data["unexpected"]),
         exhausted=int(data["exhausted"]),
         expect=data.get("expect"),
+        kinds={str(k): int(v) for k, v in (data.get("kinds") or {}).items()},
+        statuses={str(k): int(v) for k, v in (data.get("statuses") or {}).items()},
     )
 
 
@@ -542,6 +620,9 @@ def report_from_json(data: Mapping[str, Any]) -> BenchReport:
                         for name, values in s["other_cpu_us_per_request"].items()
                     },
                     problems=list(s["problems"]),
+                    lookup_paths={str(k): float(v) for k, v in (s.get("lookup_paths") or {}).items()},
+                    kinds={str(k): dict(v) for k, v in (s.get("kinds") or {}).items()},
+                    settings={str(k): str(v) for k, v in (s.get("settings") or {}).items()},
                 )
                 for s in p["scenarios"]
             ],

@@ -81,6 +81,7 @@ def one_instance() -> Pass:
             scenario("S6", [900, 950, 1_000], [600, 610, 620], service="auth"),
             scenario("S7", [800, 850, 900], [700, 710, 720]),
             scenario("S8", [30.5, 31.0, 29.5], [30_000, 31_000, 29_000], p50_ms=250, service="auth"),
+            scenario("S1-REDIS", [2_000, 2_100, 1_900], [150, 140, 160]),  # 150: MET
         ],
         idle_rss_mb={"auth": 80.0, "referral": 95.5, "nginx": 300.0},
         final_rss_mb={"auth": 110.0, "referral": 101.0, "nginx": 310.0},
@@ -178,7 +179,7 @@ def test_targets_over_two_passes() -> None:
 def test_targets_not_measurable() -> None:
     bare = Pass(instances=1, scenarios=[], idle_rss_mb={}, final_rss_mb={}, loop_lag={}, healthz_ms={})
     found = targets(bench(bare))
-    assert len(found) == 12
+    assert len(found) == 13
     assert all(target.met is None for target in found)
     assert all(target.measured.startswith("not measured") for target in found)
 
@@ -255,7 +256,7 @@ def test_markdown_table() -> None:
     lines = table.splitlines()
     assert lines[0].startswith("| Scenario | req/s median (min-max) |")
     assert lines[1].startswith("| --- | ---: |")
-    assert len(lines) == 2 + 9
+    assert len(lines) == 2 + 10
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
@@ -283,6 +284,52 @@ def test_json_round_trips(tmp_path: Path) -> None:
     again = read_json(path)
     assert render_text(again) == render_text(report)
     assert report_json(again) == report_json(report)
+
+
+def test_lookup_paths_and_the_mix_kinds_are_reported_and_round_trip(tmp_path: Path) -> None:
+    one = one_instance()
+    redis_only = replace(
+        next(s for s in one.scenarios if s.key == "S1-REDIS"),
+        lookup_paths={"near": 0.0, "redis": 600.0, "database": 0.0},
+        settings={"REFERRAL_NEAR_CACHE_SIZE": "0"},
+    )
+    mixed = replace(
+        scenario("MIX", [900] * 3, [400] * 3),
+        lookup_paths={"near": 75.0, "redis": 5.0, "database": 20.0},
+        kinds={
+            "lookup-known": {
+                "share": 0.54,
+                "sent": 90,
+                "expect": 200,
+                "answers": {"200": 90},
+                "unexpected": 0,
+            },
+            "activation": {
+                "share": 0.045,
+                "sent": 10,
+                "expect": 201,
+                "answers": {"201": 9, "409": 1},
+                "unexpected": 1,
+            },
+        },
+    )
+    others = [s for s in one.scenarios if s.key != "S1-REDIS"]
+    report = bench(replace(one, scenarios=[*others, redis_only, mixed]))
+
+    text = render_text(report)
+    assert "S1-REDIS       0.0 %  100.0 %     0.0 %      600  REFERRAL_NEAR_CACHE_SIZE=0" in text
+    assert "MIX           75.0 %    5.0 %    20.0 %      100                    defaults" in text
+    assert "S1            " not in text.split("Lookups by email")[1].split("\n\n")[0]  # none counted: no row
+    assert "  activation      4.5 %    10      10.0 %     201  201 x9, 409 x1           1" in text
+    redis_target = by_name(targets(report))["S1-REDIS service CPU per request"]
+    assert redis_target.met is True  # 150 is within "<= 150"
+    assert redis_target.wanted == "≤ 150 µs/req (1 instance)"
+
+    path = tmp_path / "bench.json"
+    write_json(report, path)
+    again = read_json(path)
+    assert again.passes[0].scenario("MIX") == report.passes[0].scenario("MIX")
+    assert render_text(again) == text
 
 
 def test_chart_is_a_png(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ wrk (Debian's 4.x, with LuaJIT) sends what the scripts in `wrk/` tell it to:
 
 - `requests.lua` sends the requests of a request file (`write_requests`), round robin (`mode=cycle`)
   or each at most once (`mode=once`), and with `expect=STATUS` counts the answers of another status.
+- `mix.lua` sends a mix file (tests/perf/mix.py): requests of several kinds, each with its expected
+  status, each at most once, refresh grants with chained tokens among them.
 - `refresh.lua` chains refresh-token grants: a file of refresh tokens (`write_tokens`), each used
   once, each answer's `refresh_token` queued for a later request.
 
@@ -204,6 +206,15 @@ class WrkResult:
     unexpected: dict[str, int]  # status -> answers of a status other than `expect` (only if expect given)
     exhausted: int  # requests sent after a `once` file (or the refresh queue) ran out: reuses
     expect: int | None = None  # the status every answer should have, if the script was told one
+    # mix.lua only (tests/perf/mix.py): requests sent per kind, answers per status; `unexpected`
+    # then holds the answers of a status that no kind expects.
+    kinds: dict[str, int] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def judged_by_status(self) -> bool:
+        """Whether `unexpected` says which answers were wrong (else every answer >= 400 is)."""
+        return self.expect is not None or bool(self.kinds)
 
     @property
     def socket_errors(self) -> int:
@@ -212,7 +223,7 @@ class WrkResult:
     @property
     def failed(self) -> int:
         """Every kind of error: socket errors + answers of the wrong status."""
-        wrong = sum(self.unexpected.values()) if self.expect is not None else self.errors.get("status", 0)
+        wrong = sum(self.unexpected.values()) if self.judged_by_status else self.errors.get("status", 0)
         return self.socket_errors + wrong
 
     @classmethod
@@ -235,6 +246,8 @@ class WrkResult:
             unexpected={str(status): int(count) for status, count in data["unexpected"].items()},
             exhausted=int(data["exhausted"]),
             expect=int(expect) if expect is not None else None,
+            kinds={str(kind): int(count) for kind, count in (data.get("kinds") or {}).items()},
+            statuses={str(status): int(count) for status, count in (data.get("statuses") or {}).items()},
         )
 
 

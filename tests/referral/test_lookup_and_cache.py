@@ -322,6 +322,45 @@ async def lookups_by_result(system: Any) -> dict[str, float]:
     return found
 
 
+async def email_answers(system: Any) -> dict[str, float]:
+    """referral_email_lookups_total by source (near, redis, database)."""
+    text = await (await system.referral.get("/metrics")).text()
+    return {
+        sample.labels["source"]: float(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "referral_email_lookups_total"
+    }
+
+
+async def test_each_lookup_by_email_is_counted_once_by_where_its_answer_came_from(make_system, cache):
+    first = await make_system()
+    second = await make_system()  # the same database and Redis prefix: two replicas
+    alice = await first.user("alice@example.com")
+    await code_of(first, alice)
+    clear_cache(cache, first)
+    before = await email_answers(first)
+    assert (await lookup(first, alice.email)).status == 200  # nothing cached anywhere: the database
+    after = await email_answers(first)
+    assert {k: after[k] - before.get(k, 0) for k in after} == {"near": 0, "redis": 0, "database": 1}
+    before = await email_answers(second)
+    assert (await lookup(second, alice.email)).status == 200  # the first one's fill is in Redis
+    after = await email_answers(second)
+    assert {k: after[k] - before.get(k, 0) for k in after} == {"near": 0, "redis": 1, "database": 0}
+    # Once its tracking connection is up, the second keeps what Redis answered: process memory.
+    sent = 0
+    for _ in range(100):
+        assert (await lookup(second, alice.email)).status == 200
+        sent += 1
+        latest = await email_answers(second)
+        if latest["near"] > after["near"]:
+            break
+        await asyncio.sleep(0.01)
+    assert latest["near"] - after["near"] == 1
+    assert latest["near"] + latest["redis"] - after["near"] - after["redis"] == sent
+    assert latest["database"] == after["database"]
+
+
 async def test_a_second_instance_sees_a_deletion_made_through_the_first(make_system):
     first = await make_system()
     second = await make_system()  # the same database and Redis prefix: two replicas

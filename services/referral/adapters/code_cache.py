@@ -122,6 +122,18 @@ class RedisCodeCache:
         self._counted = {
             result: self._lookups.labels(result) for result in ("near", "hit", "miss", "error", "bypassed")
         }
+        # The public lookup by email alone, by where its answer came from: process memory, Redis, or
+        # the database (a Redis miss, error or bypass: the use case reads the database then). The
+        # counter above mixes it with the lookups by code text (activations, signups).
+        self._email_answers = Counter(
+            "referral_email_lookups",
+            "Lookups of a code by its owner's email, by where the answer came from",
+            ["source"],
+            registry=registry,
+        )
+        self._answered = {
+            source: self._email_answers.labels(source) for source in ("near", "redis", "database")
+        }
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -248,14 +260,17 @@ class RedisCodeCache:
         found: ReferralCode | Absent | None = self.near.get(full_key)
         if found is not None:
             self._counted["near"].inc()
+            self._answered["near"].inc()
         else:
             generation = self.near.generation
             value = await self._get(key)
             if value is None:
+                self._answered["database"].inc()
                 if len(self._missed) >= MAX_MISSES_REMEMBERED:
                     self._missed.clear()
                 self._missed[full_key] = generation  # for `fill_email`, after the database read
                 return None
+            self._answered["redis"].inc()
             found = ABSENT if value.get("absent") else _load(value)
             self.near.put(full_key, found, generation)
         return found
