@@ -80,6 +80,7 @@ from services.referral.settings import ReferralSettings
 from tests.harness import migrate
 from tests.helpers import drop_redis_keys, fresh_database
 from tests.perf import dataset as datasets
+from tests.perf import endpoints as endpoint_scenarios
 from tests.perf import plans as query_plans
 from tests.perf import report as reports
 from tests.perf import topology as topologies
@@ -117,23 +118,35 @@ class Scenario:
     title: str
     service: str  # whose CPU is "the service's": auth or referral
     expect_status: int
+    kind: str  # the issue's class: reports.AUTH_READ, PUBLIC_READ or WRITE
+    password_hashing: bool = False  # argon2-bound: exempt from the p99 target
 
 
+_AUTHED, _PUBLIC, _WRITE = reports.AUTH_READ, reports.PUBLIC_READ, reports.WRITE
 SCENARIOS: dict[str, Scenario] = {
     s.key: s
     for s in (
-        Scenario("S0", "gateway -> referral /healthz (ceiling)", "referral", 200),
-        Scenario("S1", "code by email, known (cache hit)", "referral", 200),
-        Scenario("S2", "code by email, unknown (404)", "referral", 404),
-        Scenario("S3", "referrals of a big referrer, first page", "referral", 200),
-        Scenario("S4", "referrals of a big referrer, deep cursor", "referral", 200),
-        Scenario("S5", "GET /auth/me", "auth", 200),
-        Scenario("S6", "refresh grant", "auth", 200),
-        Scenario("S7", "activate a code (201 each)", "referral", 201),
-        Scenario("S8", "password login (argon2id, default cost)", "auth", 200),
-        Scenario("S9", "an idempotent activation replayed (201 from the kept answer)", "referral", 201),
-        Scenario("S-STATS", "a big referrer's statistics by level (their own token)", "referral", 200),
-        Scenario("S-LEADERBOARD", "the leaderboard: month, week, all time", "referral", 200),
+        Scenario("S0", "gateway -> referral /healthz (ceiling)", "referral", 200, _PUBLIC),
+        Scenario("S1", "code by email, known (cache hit)", "referral", 200, _PUBLIC),
+        Scenario("S2", "code by email, unknown (404)", "referral", 404, _PUBLIC),
+        Scenario("S3", "referrals of a big referrer, first page", "referral", 200, _AUTHED),
+        Scenario("S4", "referrals of a big referrer, deep cursor", "referral", 200, _AUTHED),
+        Scenario("S5", "GET /auth/me", "auth", 200, _AUTHED),
+        Scenario("S6", "refresh grant", "auth", 200, _WRITE),
+        Scenario("S7", "activate a code (201 each)", "referral", 201, _WRITE),
+        Scenario("S8", "password login (argon2id, default cost)", "auth", 200, _WRITE, True),
+        Scenario(
+            "S9", "an idempotent activation replayed (201 from the kept answer)", "referral", 201, _WRITE
+        ),
+        Scenario(
+            "S-STATS", "a big referrer's statistics by level (their own token)", "referral", 200, _AUTHED
+        ),
+        Scenario("S-LEADERBOARD", "the leaderboard: month, week, all time", "referral", 200, _PUBLIC),
+        # Every other endpoint: tests/perf/endpoints.py.
+        *(
+            Scenario(e.key, e.title, e.service, e.expect_status, e.kind, e.password_hashing)
+            for e in endpoint_scenarios.SCENARIOS
+        ),
     )
 }
 OTHER_SERVICE = {"auth": "referral", "referral": "auth"}
@@ -598,6 +611,9 @@ class Bench:
         self.activators = Activators(dataset.activators, dataset.activation_codes)
         self.s7_rates: list[float] = []  # every S7 run's req/s, every pass
         self.notes: list[str] = []
+        self.endpoints = endpoint_scenarios.Endpoints(
+            database_url, next(iter(dataset.login_emails), None), options.scenarios
+        )
 
     def pool_settings(self, instances: int) -> dict[str, str]:
         """The services' default pools when the server has the connection slots they can fill; else the
@@ -648,7 +664,7 @@ class Bench:
             redis_prefix=prefix,
             signing_pem=self.pem,
             log_dir=pass_dir,
-            settings=self.pool_settings(instances),
+            settings={**self.pool_settings(instances), **self.endpoints.auth_settings()},
         )
         problems: list[str] = []
         results: list[Any] = []
@@ -849,6 +865,8 @@ class Bench:
             cpu_us_per_request=cpu,
             other_cpu_us_per_request=other,
             problems=problems,
+            kind=scenario.kind,
+            password_hashing=scenario.password_hashing,
         )
         for problem in [*problems, *result_.run_problems()]:
             self.log.loud(f"{label}: {problem}")
@@ -909,11 +927,14 @@ class PassContext:
         self.rates: dict[str, list[float]] = {}
         self._tokens: list[str] | None = None
         self._refresh: list[list[str]] = []
+        self.endpoints = endpoint_scenarios.PassPlans(self, bench.endpoints)
 
     def record(self, scenario: Scenario, phase: str, result: wrk.WrkResult) -> None:
         self.rates.setdefault(scenario.key, []).append(result.rps)
         if scenario.key == "S7":
             self.bench.s7_rates.append(result.rps)
+        if phase != "warmup" and scenario.key in endpoint_scenarios.BY_KEY:
+            self.bench.endpoints.record(scenario.key, result.rps)
 
     def _token_users(self) -> list[str]:
         if self._tokens is None:
@@ -969,6 +990,9 @@ class PassContext:
             path = self._cycle_file(key, self._stats_requests)
         elif key == "S-LEADERBOARD":
             path = self._cycle_file(key, _leaderboard_requests)
+        elif key in endpoint_scenarios.BY_KEY:
+            planned = self.endpoints.plan(key, phase, seconds)
+            return RunPlan(planned.script, planned.args, planned.note)
         else:
             raise HarnessError(f"no plan for scenario {key}")
         return RunPlan(cycle, wrk.requests_args(path, mode="cycle", expect=expect))
@@ -1337,6 +1361,7 @@ def run(options: Options) -> int:
                         problems += [f"{scenario.key} ({instances} inst.): {problem}" for problem in found]
             finally:
                 external.close()
+                bench.endpoints.close()
                 notes += [n for n in [*external.notes, *bench.notes] if n not in notes]
             log("bench: EXPLAIN ANALYZE of the S1-S4 queries")
             plans = query_plans.explain(database_url, dataset)
