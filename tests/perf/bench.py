@@ -43,7 +43,8 @@ those same requests: every answer is the kept one (201; running the activation a
 Every other endpoint (R-*, A-* keys) is a scenario of `endpoints.py`, which says how its requests
 and subjects are made. Each scenario has a class (an authenticated read, a public read, a write;
 password hashing marked): the report checks the issue's targets per class over every scenario.
-Webhooks are off in every pass (no *_WEBHOOK_URLS: no event is written, as by default).
+Webhooks are off (no *_WEBHOOK_URLS: no event is written, as by default) but for WEBHOOK-RELAY, which
+runs in a topology of its own, started after the pass's other scenarios (endpoints.py).
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class Scenario:
     expect_status: int
     kind: str  # the issue's class: reports.AUTH_READ, PUBLIC_READ or WRITE
     password_hashing: bool = False  # argon2-bound: exempt from the p99 target
+    min_seconds: int = 0  # its runs last at least this long (else S8_MIN_SECONDS when argon2-bound)
 
 
 _AUTHED, _PUBLIC, _WRITE = reports.AUTH_READ, reports.PUBLIC_READ, reports.WRITE
@@ -150,7 +152,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("S-LEADERBOARD", "the leaderboard: month, week, all time", "referral", 200, _PUBLIC),
         # Every other endpoint: tests/perf/endpoints.py.
         *(
-            Scenario(e.key, e.title, e.service, e.expect_status, e.kind, e.password_hashing)
+            Scenario(e.key, e.title, e.service, e.expect_status, e.kind, e.password_hashing, e.min_seconds)
             for e in endpoint_scenarios.SCENARIOS
         ),
     )
@@ -659,19 +661,6 @@ class Bench:
     def run_pass(self, index: int, instances: int) -> PassOutcome:
         name = f"pass{index + 1}-x{instances}"
         pass_dir = self.out_dir / name
-        requests_dir = pass_dir / "requests"
-        requests_dir.mkdir(parents=True, exist_ok=True)
-        prefix = f"{self.redis_prefix}{name}:"
-        self.log(f"{name}: starting nginx + {instances} auth + {instances} referral (logs in {pass_dir})")
-        topology = topologies.build(
-            instances=instances,
-            database_url=self.database_url,
-            redis_url=self.redis_url,
-            redis_prefix=prefix,
-            signing_pem=self.pem,
-            log_dir=pass_dir,
-            settings={**self.pool_settings(instances), **self.endpoints.auth_settings()},
-        )
         problems: list[str] = []
         results: list[Any] = []
         idle_rss: dict[str, float] = {}
@@ -679,36 +668,66 @@ class Bench:
         loop_lag: dict[str, dict[str, float]] = {}
         healthz: dict[str, float] = {}
         started = time.monotonic()
-        try:
-            topology.start()
-            self.log(f"{name}: up in {time.monotonic() - started:.1f}s at {topology.gateway_url}")
-            time.sleep(SETTLE)
-            idle_rss = self._rss(topology)
-            self.log(f"{name}: idle RSS " + ", ".join(f"{k} {v:.0f} MiB" for k, v in idle_rss.items()))
-            issuer = AccessTokenIssuer(
-                self.ring, issuer=topology.issuer, audience=AuthSettings.token_audience, ttl=ACCESS_TOKEN_TTL
+        # The scenarios that need other settings (WEBHOOK-RELAY: webhooks on) get a topology of their
+        # own, started after the others' stopped: no other scenario's figures pay for them.
+        groups = self.endpoints.topology_groups(self.options.scenarios)
+        for group, (extra, keys) in enumerate(groups):
+            label = name if group == 0 else f"{name}-{keys[0].lower()}"
+            group_dir = pass_dir if group == 0 else pass_dir / keys[0].lower()
+            requests_dir = group_dir / "requests"
+            requests_dir.mkdir(parents=True, exist_ok=True)
+            prefix = f"{self.redis_prefix}{label}:"
+            self.log(
+                f"{label}: starting nginx + {instances} auth + {instances} referral (logs in {group_dir})"
             )
-            context = PassContext(self, topology, issuer, requests_dir)
-            for key in self.options.scenarios:
-                result, lag, health = self._scenario(context, SCENARIOS[key])
-                results.append(result)
-                if lag is not None:
-                    loop_lag = lag
-                if health is not None:
-                    healthz = health
-                if topology.dead():  # in the scenario's problems already; the stop notes it again
-                    self.log.loud(f"{name}: a process died during {key}; the pass stops here")
-                    break
-            final_rss = self._rss(topology)
-            self.log(f"{name}: RSS after " + ", ".join(f"{k} {v:.0f} MiB" for k, v in final_rss.items()))
-        except (HarnessError, wrk.WrkError, OSError, psycopg2.Error, redis.RedisError) as error:
-            problems.append(f"{name}: {type(error).__name__}: {error}")
-            self.log.loud(f"{name} failed: {error}")
-        finally:
-            stop_problems = topology.stop()
-            problems += [p for p in stop_problems if p not in problems]
-            with contextlib.suppress(redis.RedisError):
-                drop_redis_keys(self.redis_url, prefix)
+            topology = topologies.build(
+                instances=instances,
+                database_url=self.database_url,
+                redis_url=self.redis_url,
+                redis_prefix=prefix,
+                signing_pem=self.pem,
+                log_dir=group_dir,
+                settings={**self.pool_settings(instances), **self.endpoints.auth_settings(), **extra},
+            )
+            group_problems: list[str] = []
+            try:
+                topology.start()
+                self.log(f"{label}: up in {time.monotonic() - started:.1f}s at {topology.gateway_url}")
+                time.sleep(SETTLE)
+                rss = self._rss(topology)
+                if group == 0:
+                    idle_rss = rss
+                self.log(f"{label}: idle RSS " + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss.items()))
+                issuer = AccessTokenIssuer(
+                    self.ring,
+                    issuer=topology.issuer,
+                    audience=AuthSettings.token_audience,
+                    ttl=ACCESS_TOKEN_TTL,
+                )
+                context = PassContext(self, topology, issuer, requests_dir)
+                for key in keys:
+                    result, lag, health = self._scenario(context, SCENARIOS[key])
+                    results.append(result)
+                    if lag is not None:
+                        loop_lag = lag
+                    if health is not None:
+                        healthz = health
+                    if topology.dead():  # in the scenario's problems already; the stop notes it again
+                        self.log.loud(f"{label}: a process died during {key}; the pass stops here")
+                        break
+                rss = self._rss(topology)
+                if group == 0:
+                    final_rss = rss
+                self.log(f"{label}: RSS after " + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss.items()))
+            except (HarnessError, wrk.WrkError, OSError, psycopg2.Error, redis.RedisError) as error:
+                group_problems.append(f"{label}: {type(error).__name__}: {error}")
+                self.log.loud(f"{label} failed: {error}")
+            finally:
+                stop_problems = topology.stop()
+                group_problems += [p for p in stop_problems if p not in group_problems]
+                with contextlib.suppress(redis.RedisError):
+                    drop_redis_keys(self.redis_url, prefix)
+            problems += group_problems
         for problem in problems:
             self.log.loud(f"{name}: {problem}")
         if results and problems:  # the report's problems are its scenarios': the pass's go on the last one
@@ -790,10 +809,11 @@ class Bench:
         runs: list[wrk.WrkResult] = []
         cpu: list[float] = []
         other: dict[str, list[float]] = {}
+        extra: dict[str, list[float]] = {}
         lag: dict[str, dict[str, float]] | None = None
         health: dict[str, float] | None = None
         label = f"{topology.instances}x {scenario.key}"
-        floor = S8_MIN_SECONDS if scenario.password_hashing else 1  # argon2-bound: S8 and its kin
+        floor = max(scenario.min_seconds, S8_MIN_SECONDS if scenario.password_hashing else 1)
         schedule = ([("warmup", max(floor, options.warmup))] if options.warmup else []) + [
             (f"run {n + 1}", max(floor, options.duration)) for n in range(options.runs)
         ]
@@ -811,6 +831,9 @@ class Bench:
                 if plan.note:
                     self.log(f"{label} {phase}: {plan.note}")
                 self._quiesce(topology, f"{label} {phase}")
+                meter = context.endpoints.meter(scenario.key)  # WEBHOOK-RELAY's deliveries
+                if meter is not None:
+                    meter.start()
                 before = snapshot(self._groups(topology))
                 result = wrk.run_wrk(
                     topology.gateway_url,
@@ -822,6 +845,12 @@ class Bench:
                     timeout_s=options.timeout,
                 )
                 used = cpu_seconds(before, snapshot(self._groups(topology)))
+                if meter is not None:
+                    figures = meter.finish(result.requests - sum(result.unexpected.values()))
+                    self.log(f"{label} {phase}: " + ", ".join(f"{k} {v:,.1f}" for k, v in figures.items()))
+                    if recorded:
+                        for name, value in figures.items():
+                            extra.setdefault(name, []).append(value)
                 context.record(scenario, phase, result)
                 per_request = {
                     group: (seconds_used * 1e6 / result.requests if result.requests else math.nan)
@@ -873,6 +902,7 @@ class Bench:
             problems=problems,
             kind=scenario.kind,
             password_hashing=scenario.password_hashing,
+            extra=extra,
         )
         for problem in [*problems, *result_.run_problems()]:
             self.log.loud(f"{label}: {problem}")
@@ -996,6 +1026,8 @@ class PassContext:
             path = self._cycle_file(key, self._stats_requests)
         elif key == "S-LEADERBOARD":
             path = self._cycle_file(key, _leaderboard_requests)
+        elif key == endpoint_scenarios.WEBHOOK_RELAY:  # S7's activations, webhooks on
+            return self._activation_plan(phase, seconds)
         elif key in endpoint_scenarios.BY_KEY:
             planned = self.endpoints.plan(key, phase, seconds)
             return RunPlan(planned.script, planned.args, planned.note)
@@ -1213,7 +1245,11 @@ def settings(options: Options, notes: Sequence[str]) -> dict[str, Any]:
         "threads": options.threads,
         "wrk_timeout_s": options.timeout,
         "s8_min_seconds": S8_MIN_SECONDS,  # and of every password-hashing scenario
-        "webhooks": "off in every pass (no *_WEBHOOK_URLS): no scenario pays for events",
+        "webhooks": (
+            "off (no *_WEBHOOK_URLS) but for WEBHOOK-RELAY, which runs in a topology of its own after the"
+            " pass's other scenarios, with both services' webhooks to a receiver of the benchmark's"
+            " (aiohttp, 204) on 127.0.0.1"
+        ),
         "oauth_provider": (
             f"'{endpoint_scenarios.PROVIDER}' (its discovery document served by the benchmark on 127.0.0.1)"
             " when A-AUTHORIZE runs, else none"

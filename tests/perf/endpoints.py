@@ -17,6 +17,17 @@ signups through the API are not (argon2): that is why the subjects are written, 
 The idempotent replays (`A-SIGNUP-REPLAY`, `R-CODE-CREATE-REPLAY`) make their keyed requests once
 through the gateway before the runs (201 each), then replay them: every answer is the kept one.
 
+`WEBHOOK-RELAY` runs in a topology of its own (`topology_groups`), started once the pass's other
+scenarios are done, with both services' webhooks on (`*_WEBHOOK_URLS` to `WebhookReceiver`, an
+aiohttp server of the benchmark's on 127.0.0.1 answering 204, `*_WEBHOOK_ALLOW_PRIVATE=true`):
+everywhere else webhooks stay off, as by default, so no other figure pays for events. It drives S7's
+activations (each writes a `referral.created` event); after each run `WebhookMeter` waits until the
+relay has delivered what the run wrote (`referral_webhook_deliveries_total{outcome="delivered"}` on
+every referral instance's /metrics) and records deliveries per second (run start to last delivery)
+and the relay's CPU per delivery: the referral processes' CPU after wrk stopped, while only the relay
+works, over the deliveries made then (with how many that was: when the relay kept up during the run,
+few are left for this figure).
+
 Left out, and why: `DELETE /api/v1/auth/me` (erasure) is in API.md but not implemented by the auth
 service yet (no route: 405); `GET /oauth/{provider}/callback` needs a provider's token endpoint and
 signed ID tokens (a whole fake provider), so only `/authorize` is measured, against a provider
@@ -31,9 +42,11 @@ import io
 import json
 import math
 import secrets
+import socket
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,6 +61,7 @@ from deploy.local.processes import AUTH_API, REFERRAL_API, HarnessError
 from services.auth.domain.ownership import hash_mail_token
 from services.auth.domain.use_cases import hash_refresh_token
 from services.referral.domain.codes import ALPHABET
+from tests.perf import topology as topologies
 from tests.perf import wrk
 from tests.perf.report import AUTH_READ, PUBLIC_READ, WRITE
 
@@ -86,6 +100,7 @@ class EndpointScenario:
     expect_status: int
     kind: Kind
     password_hashing: bool = False
+    min_seconds: int = 0  # the shortest run that sees answers (two hashes queued per connection)
 
 
 SCENARIOS: tuple[EndpointScenario, ...] = (
@@ -111,11 +126,21 @@ SCENARIOS: tuple[EndpointScenario, ...] = (
     EndpointScenario("A-VERIFY", "POST /email/verify: a mailed token", "auth", 200, WRITE),
     EndpointScenario("A-FORGOT", "POST /password/forgot (a reset mail each)", "auth", 202, WRITE),
     EndpointScenario("A-RESET", "POST /password/reset (argon2id, a new login)", "auth", 200, WRITE, True),
-    EndpointScenario("A-CHANGE", "POST /password/change (argon2id x2)", "auth", 204, WRITE, True),
+    EndpointScenario("A-CHANGE", "POST /password/change (argon2id x2)", "auth", 204, WRITE, True, 8),
     EndpointScenario("A-SESSION-DELETE", "DELETE /sessions/{id}: one login ended", "auth", 204, WRITE),
     EndpointScenario("A-SIGNOUT-ALL", "DELETE /sessions: 2 logins ended at once", "auth", 204, WRITE),
+    EndpointScenario(
+        "WEBHOOK-RELAY",
+        "activations with webhooks on (referral.created to a local receiver)",
+        "referral",
+        201,
+        WRITE,
+    ),
 )
 BY_KEY = {s.key: s for s in SCENARIOS}
+WEBHOOK_RELAY = "WEBHOOK-RELAY"
+DRAIN_TIMEOUT = 120.0  # s after a WEBHOOK-RELAY run for the relay to deliver what the run wrote
+DRAIN_POLL = 0.3
 # The once-only writes: a run's subjects are made for it (`Subjects`), at the rate it may reach.
 ONCE = frozenset(
     {
@@ -336,6 +361,133 @@ class DiscoveryServer:
         self._thread.join(5)
 
 
+# --- WEBHOOK-RELAY: a receiver, the settings, the deliveries ------------------------------------
+
+
+class WebhookReceiver:
+    """An aiohttp server on 127.0.0.1 in a thread of its own: 204 to every POST, counted."""
+
+    def __init__(self) -> None:
+        import asyncio  # here: only WEBHOOK-RELAY needs a loop of the benchmark's own
+
+        from aiohttp import web
+
+        self.received = 0
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._runner: web.AppRunner | None = None
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        self.port = int(listener.getsockname()[1])
+
+        async def receive(request: web.Request) -> web.Response:
+            await request.read()
+            with self._lock:
+                self.received += 1
+            return web.Response(status=204)
+
+        async def start() -> None:
+            app = web.Application()
+            app.router.add_post("/hook", receive)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            await web.SockSite(self._runner, listener).start()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, name="bench-webhooks", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise HarnessError("the webhook receiver did not start")
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+
+    def settings(self) -> dict[str, str]:
+        """Both services' webhook variables: every event to this receiver."""
+        import base64
+
+        secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+        found: dict[str, str] = {}
+        for prefix in ("AUTH_", "REFERRAL_"):
+            found[f"{prefix}WEBHOOK_URLS"] = self.url
+            found[f"{prefix}WEBHOOK_SECRET"] = secret
+            found[f"{prefix}WEBHOOK_ALLOW_PRIVATE"] = "true"
+        return found
+
+    def stop(self) -> None:
+        import asyncio
+
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+def delivered(urls: Sequence[str], prefix: str = "referral") -> int:
+    """`<prefix>_webhook_deliveries_total{outcome="delivered"}` summed over the processes' /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for url in urls:
+        with urllib.request.urlopen(url + "/metrics", timeout=5.0) as response:
+            text = response.read().decode("utf-8", errors="replace")
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if (
+                    sample.name == f"{prefix}_webhook_deliveries_total"
+                    and sample.labels.get("outcome") == "delivered"
+                ):
+                    total += sample.value
+    return int(total)
+
+
+@dataclass
+class WebhookMeter:
+    """One WEBHOOK-RELAY run's deliveries: `start` before wrk, `finish` after it."""
+
+    urls: list[str]  # the referral instances' own origins
+    cpu: Callable[[], float]  # the referral processes' CPU seconds so far
+    started: float = 0.0
+    delivered_before: int = 0
+
+    def start(self) -> None:
+        self.delivered_before = delivered(self.urls)
+        self.started = time.monotonic()
+
+    def finish(self, events: int) -> dict[str, float]:
+        """Wait until `events` more deliveries were counted (HarnessError after DRAIN_TIMEOUT); the
+        figures: deliveries/s, relay CPU µs per delivery after wrk stopped, and their counts."""
+        wrk_done, cpu_then = time.monotonic(), self.cpu()
+        at_wrk_end = delivered(self.urls) - self.delivered_before
+        count, previous = at_wrk_end, -1
+        # Every answered activation's event, and then those of the requests still in flight when wrk
+        # stopped (answered, but not counted by wrk): until the count stays put for a poll.
+        while count < events or count != previous:
+            if time.monotonic() - wrk_done > DRAIN_TIMEOUT:
+                raise HarnessError(
+                    f"{WEBHOOK_RELAY}: {count} of {events} events delivered"
+                    f" {DRAIN_TIMEOUT:.0f}s after the run"
+                )
+            time.sleep(DRAIN_POLL)
+            previous, count = count, delivered(self.urls) - self.delivered_before
+        finished = time.monotonic()
+        after = count - at_wrk_end
+        return {
+            "events": float(events),
+            "deliveries": float(count),
+            "deliveries_per_s": count / (finished - self.started),
+            "drain_s": finished - wrk_done,
+            "delivered_after_wrk": float(after),
+            "relay_cpu_us_per_delivery": (self.cpu() - cpu_then) * 1e6 / after if after else math.nan,
+        }
+
+
 # --- the plans -------------------------------------------------------------------------------------
 
 
@@ -358,7 +510,20 @@ class Endpoints:
         self.rates: dict[str, list[float]] = {}
         self.exhausted: dict[str, int] = {}
         self.discovery = DiscoveryServer() if "A-AUTHORIZE" in keys else None
+        self.receiver: WebhookReceiver | None = None
         self._subjects: Subjects | None = None
+
+    def topology_groups(self, keys: Sequence[str]) -> list[tuple[dict[str, str], list[str]]]:
+        """The pass's topologies, in order: extra settings and the scenarios that run on each (the
+        usual one first; WEBHOOK-RELAY's, with webhooks on, last)."""
+        groups: list[tuple[dict[str, str], list[str]]] = []
+        if usual := [key for key in keys if key != WEBHOOK_RELAY]:
+            groups.append(({}, usual))
+        if WEBHOOK_RELAY in keys:
+            if self.receiver is None:
+                self.receiver = WebhookReceiver()
+            groups.append((self.receiver.settings(), [WEBHOOK_RELAY]))
+        return groups
 
     def auth_settings(self) -> dict[str, str]:
         return self.discovery.settings() if self.discovery is not None else {}
@@ -375,8 +540,8 @@ class Endpoints:
 
     def expected_rate(self, key: str, ceiling: Sequence[float]) -> tuple[float, str]:
         """The rate a once-only run of `key` may reach, and where the figure comes from."""
-        if rates := self.rates.get(key):
-            return max(rates) * ONCE_SLACK, f"{ONCE_SLACK:g} x its fastest run so far"
+        if (fastest := max(self.rates.get(key, []), default=0.0)) > 0:
+            return fastest * ONCE_SLACK, f"{ONCE_SLACK:g} x its fastest run so far"
         if BY_KEY[key].password_hashing:
             return HASHING_FIRST_GUESS, "a first guess for argon2-bound writes"
         if ceiling:
@@ -386,6 +551,8 @@ class Endpoints:
     def close(self) -> None:
         if self.discovery is not None:
             self.discovery.stop()
+        if self.receiver is not None:
+            self.receiver.stop()
 
 
 def once_count(rate: float, seconds: int, connections: int) -> int:
@@ -485,6 +652,18 @@ class PassPlans:
                 raise HarnessError(f"{key}: no requests to send (the dataset has none)")
             self.files[key] = path
         return self.files[key]
+
+    def meter(self, key: str) -> WebhookMeter | None:
+        """What measures a run's webhook deliveries (WEBHOOK-RELAY only)."""
+        if key != WEBHOOK_RELAY:
+            return None
+        referral = self.context.topology.referral
+
+        def cpu() -> float:
+            ticks = (topologies.cpu_ticks(process.pid) for process in referral)
+            return sum(t for t in ticks if t is not None) / topologies.CLOCK_TICKS
+
+        return WebhookMeter([process.url for process in referral], cpu)
 
     def plan(self, key: str, phase: str, seconds: int) -> EndpointPlan:
         scenario = BY_KEY[key]

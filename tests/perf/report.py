@@ -60,6 +60,8 @@ class ScenarioResult:
     problems: list[str] = field(default_factory=list)  # what the orchestrator noticed
     kind: str = ""  # AUTH_READ, PUBLIC_READ or WRITE ("": not classified)
     password_hashing: bool = False  # argon2-bound: exempt from the p99 target
+    # Figures of the scenario's own, one per run (WEBHOOK-RELAY: deliveries_per_s, ...)
+    extra: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def rps_median(self) -> float | None:
@@ -362,6 +364,12 @@ def _share(value: float | None) -> str:
     return f"{value:.2f}" if value >= 0.01 else f"{value:.4f}"
 
 
+def _number(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
 def _us(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
@@ -417,6 +425,15 @@ def _pass_text(pass_: Pass) -> list[str]:
     out = [f"== Pass: {pass_.label} ==", ""]
     out += _fixed_width(*_scenario_table(pass_))
     out.append("")
+    for s in pass_.scenarios:
+        if s.extra:
+            figures = ", ".join(f"{name} {_number(_median(values))}" for name, values in s.extra.items())
+            out += [f"{s.key} (medians of its runs): {figures}"]
+            baseline = pass_.scenario("S7") if s.key == "WEBHOOK-RELAY" else None
+            if baseline and s.cpu_median_us is not None and baseline.cpu_median_us is not None:
+                cost = s.cpu_median_us - baseline.cpu_median_us
+                out.append(f"  the event's cost per activation (its CPU µs/req less S7's): {cost:,.0f} µs")
+            out.append("")
     out.append("Event-loop lag during S8 (upper bounds of histogram buckets):")
     if pass_.loop_lag:
         rows = [
@@ -578,6 +595,7 @@ def report_from_json(data: Mapping[str, Any]) -> BenchReport:
                     problems=list(s["problems"]),
                     kind=str(s.get("kind", "")),
                     password_hashing=bool(s.get("password_hashing", False)),
+                    extra={name: [_float(v) for v in values] for name, values in s.get("extra", {}).items()},
                 )
                 for s in p["scenarios"]
             ],

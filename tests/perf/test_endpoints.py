@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -63,6 +65,7 @@ def test_every_endpoint_scenario_is_registered_and_classified() -> None:
         assert bench.SCENARIOS[key].kind in (AUTH_READ, PUBLIC_READ, WRITE)
     hashing = {key for key, s in bench.SCENARIOS.items() if s.password_hashing}
     assert hashing == {"S8", "A-SIGNUP", "A-RESET", "A-CHANGE"}
+    assert bench.SCENARIOS["A-CHANGE"].min_seconds > bench.S8_MIN_SECONDS  # two hashes per request
     assert set(keys) >= ONCE
     assert set(SUBJECT_SHAPES) == ONCE
     # Every read is a read of someone's or of no one's: a token or none.
@@ -296,3 +299,99 @@ def test_classes_survive_the_json(tmp_path: Path) -> None:
     assert {t.name for t in class_targets(again.passes[0])} == {
         t.name for t in class_targets(report.passes[0])
     }
+
+
+# --- WEBHOOK-RELAY ---------------------------------------------------------------------------------
+
+
+def test_webhook_relay_gets_a_topology_of_its_own() -> None:
+    state = Endpoints("postgresql://unused", None, ())
+    try:
+        assert state.topology_groups(["S1", "A-JWKS"]) == [({}, ["S1", "A-JWKS"])]
+        groups = state.topology_groups(["S1", endpoints.WEBHOOK_RELAY, "A-JWKS"])
+        assert [keys for _, keys in groups] == [["S1", "A-JWKS"], [endpoints.WEBHOOK_RELAY]]
+        assert groups[0][0] == {}  # webhooks stay off for every other scenario
+        settings = groups[1][0]
+        assert state.receiver is not None
+        for prefix in ("AUTH_", "REFERRAL_"):
+            assert settings[f"{prefix}WEBHOOK_URLS"] == state.receiver.url
+            assert settings[f"{prefix}WEBHOOK_ALLOW_PRIVATE"] == "true"
+            assert settings[f"{prefix}WEBHOOK_SECRET"].startswith("whsec_")
+        assert [keys for _, keys in state.topology_groups([endpoints.WEBHOOK_RELAY])] == [
+            [endpoints.WEBHOOK_RELAY]
+        ]
+    finally:
+        state.close()
+
+
+def test_webhook_receiver_answers_204_and_counts() -> None:
+    receiver = endpoints.WebhookReceiver()
+    try:
+        for _ in range(3):
+            request = urllib.request.Request(receiver.url, data=b'{"type": "x"}', method="POST")
+            with urllib.request.urlopen(request, timeout=5) as response:
+                assert response.status == 204
+        assert receiver.received == 3
+    finally:
+        receiver.stop()
+
+
+class Metrics:
+    """A /metrics page whose delivered counter the test moves (a real HTTP server on 127.0.0.1)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from threading import Thread
+
+        self.delivered = 0
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = (
+                    "# TYPE referral_webhook_deliveries_total counter\n"
+                    f'referral_webhook_deliveries_total{{outcome="delivered"}} {metrics.delivered}.0\n'
+                    'referral_webhook_deliveries_total{outcome="retry"} 7.0\n'
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_webhook_meter_waits_for_every_event() -> None:
+    metrics = Metrics()
+    cpu = iter([1.0, 1.5])
+    try:
+        metrics.delivered = 10  # before the run
+        meter = endpoints.WebhookMeter([metrics.url], lambda: next(cpu))
+        meter.start()
+        assert meter.delivered_before == 10
+        metrics.delivered = 15  # 5 delivered during the run, 5 to come
+
+        def later() -> None:
+            time.sleep(0.5)
+            metrics.delivered = 20
+
+        thread = threading.Thread(target=later)
+        thread.start()
+        figures = meter.finish(10)
+        thread.join()
+        assert figures["deliveries"] == 10
+        assert figures["delivered_after_wrk"] == 5
+        assert figures["relay_cpu_us_per_delivery"] == pytest.approx(0.5e6 / 5)
+        assert figures["deliveries_per_s"] > 0
+        assert endpoints.delivered([metrics.url, metrics.url]) == 40  # summed over the instances
+    finally:
+        metrics.stop()
