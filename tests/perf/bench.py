@@ -184,6 +184,8 @@ SMOKE: dict[str, Any] = {
     "connections": 8,
     "instances": "1,2",
 }
+# In the smoke, each scenario of endpoints.py runs this many times, without a warmup (CI's time).
+SMOKE_ENDPOINT_RUNS = 1
 DEFAULTS: dict[str, Any] = {
     "scale": 1.0,
     "duration": 8,
@@ -220,7 +222,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="CI's quick run: scale 0.01, 1 s runs, 1 s warmup, 8 connections (flags given win)",
+        help=(
+            "CI's quick run: scale 0.01, 1 s runs, 1 s warmup, 8 connections (flags given win); the"
+            " scenarios of endpoints.py run once, without a warmup"
+        ),
     )
     args = parser.parse_args(argv)
     base = SMOKE if args.smoke else DEFAULTS
@@ -814,8 +819,11 @@ class Bench:
         health: dict[str, float] | None = None
         label = f"{topology.instances}x {scenario.key}"
         floor = max(scenario.min_seconds, S8_MIN_SECONDS if scenario.password_hashing else 1)
-        schedule = ([("warmup", max(floor, options.warmup))] if options.warmup else []) + [
-            (f"run {n + 1}", max(floor, options.duration)) for n in range(options.runs)
+        warmup, runs = options.warmup, options.runs
+        if options.smoke and scenario.key in endpoint_scenarios.BY_KEY:
+            warmup, runs = 0, SMOKE_ENDPOINT_RUNS  # CI's time: one run shows the scenario works
+        schedule = ([("warmup", max(floor, warmup))] if warmup else []) + [
+            (f"run {n + 1}", max(floor, options.duration)) for n in range(runs)
         ]
         lag_before: dict[str, dict[float, float] | None] = {}
         sampler: HealthzSampler | None = None
@@ -1262,6 +1270,11 @@ def settings(options: Options, notes: Sequence[str]) -> dict[str, Any]:
         "before_each_run": "wait until the services are idle (the previous run's leftovers done)",
         "scenarios": list(options.scenarios),
         "smoke": options.smoke,
+        **(
+            {"smoke_endpoint_scenarios": f"{SMOKE_ENDPOINT_RUNS} run, no warmup (R-*, A-*, WEBHOOK-RELAY)"}
+            if options.smoke
+            else {}
+        ),
         "gateway": "nginx (deploy.nginx.render), access log on",
         "gateway_rate_limits": (
             f"{topologies.BENCH_LIMITS['rate']} burst {topologies.BENCH_LIMITS['burst']} on every zone:"
