@@ -819,11 +819,11 @@ class Bench:
         health: dict[str, float] | None = None
         label = f"{topology.instances}x {scenario.key}"
         floor = max(scenario.min_seconds, S8_MIN_SECONDS if scenario.password_hashing else 1)
-        warmup, runs = options.warmup, options.runs
+        warmup_s, run_count = options.warmup, options.runs
         if options.smoke and scenario.key in endpoint_scenarios.BY_KEY:
-            warmup, runs = 0, SMOKE_ENDPOINT_RUNS  # CI's time: one run shows the scenario works
-        schedule = ([("warmup", max(floor, warmup))] if warmup else []) + [
-            (f"run {n + 1}", max(floor, options.duration)) for n in range(runs)
+            warmup_s, run_count = 0, SMOKE_ENDPOINT_RUNS  # CI's time: one run shows the scenario works
+        schedule = ([("warmup", max(floor, warmup_s))] if warmup_s else []) + [
+            (f"run {n + 1}", max(floor, options.duration)) for n in range(run_count)
         ]
         lag_before: dict[str, dict[float, float] | None] = {}
         sampler: HealthzSampler | None = None
