@@ -184,7 +184,8 @@ SMOKE: dict[str, Any] = {
     "connections": 8,
     "instances": "1,2",
 }
-# In the smoke, each scenario of endpoints.py runs this many times, without a warmup (CI's time).
+# In the smoke, each scenario of endpoints.py runs this many times, without a warmup, in the first
+# pass only (CI's time: they add about 100 s per pass on this machine).
 SMOKE_ENDPOINT_RUNS = 1
 DEFAULTS: dict[str, Any] = {
     "scale": 1.0,
@@ -224,7 +225,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         action="store_true",
         help=(
             "CI's quick run: scale 0.01, 1 s runs, 1 s warmup, 8 connections (flags given win); the"
-            " scenarios of endpoints.py run once, without a warmup"
+            " scenarios of endpoints.py run once, without a warmup, in the first pass only"
         ),
     )
     args = parser.parse_args(argv)
@@ -257,6 +258,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         smoke=args.smoke,
         seed=args.seed,
     )
+
+
+def pass_scenarios(options: Options, index: int) -> tuple[str, ...]:
+    """The scenarios of the pass `index` (0: the first): all, but in the smoke the endpoint scenarios
+    run in the first pass only (CI's time)."""
+    if options.smoke and index > 0:
+        return tuple(key for key in options.scenarios if key not in endpoint_scenarios.BY_KEY)
+    return options.scenarios
 
 
 class Log:
@@ -675,7 +684,7 @@ class Bench:
         started = time.monotonic()
         # The scenarios that need other settings (WEBHOOK-RELAY: webhooks on) get a topology of their
         # own, started after the others' stopped: no other scenario's figures pay for them.
-        groups = self.endpoints.topology_groups(self.options.scenarios)
+        groups = self.endpoints.topology_groups(pass_scenarios(self.options, index))
         for group, (extra, keys) in enumerate(groups):
             label = name if group == 0 else f"{name}-{keys[0].lower()}"
             group_dir = pass_dir if group == 0 else pass_dir / keys[0].lower()
@@ -1271,7 +1280,11 @@ def settings(options: Options, notes: Sequence[str]) -> dict[str, Any]:
         "scenarios": list(options.scenarios),
         "smoke": options.smoke,
         **(
-            {"smoke_endpoint_scenarios": f"{SMOKE_ENDPOINT_RUNS} run, no warmup (R-*, A-*, WEBHOOK-RELAY)"}
+            {
+                "smoke_endpoint_scenarios": (
+                    f"{SMOKE_ENDPOINT_RUNS} run, no warmup, first pass only (R-*, A-*, WEBHOOK-RELAY)"
+                )
+            }
             if options.smoke
             else {}
         ),

@@ -80,6 +80,14 @@ def test_the_new_scenarios_can_be_chosen_on_the_command_line() -> None:
     assert options.scenarios == ("S1", "R-CODE-ME", "A-JWKS")  # in the table's order
 
 
+def test_the_smoke_runs_the_endpoint_scenarios_in_its_first_pass_only() -> None:
+    smoke = bench.parse_args(["--smoke", "--scenarios", "S0,A-JWKS,WEBHOOK-RELAY"])
+    assert bench.pass_scenarios(smoke, 0) == ("S0", "A-JWKS", "WEBHOOK-RELAY")
+    assert bench.pass_scenarios(smoke, 1) == ("S0",)
+    full = bench.parse_args(["--scenarios", "S0,A-JWKS"])
+    assert bench.pass_scenarios(full, 1) == ("S0", "A-JWKS")
+
+
 def issue(user: uuid.UUID, **claims: Any) -> str:
     """A stand-in signer: the claims in the clear, so the test can read what was asked for."""
     return json.dumps({"sub": str(user), **{k: str(v) for k, v in claims.items()}}, sort_keys=True)
