@@ -149,6 +149,10 @@ def test_once_count_and_expected_rate() -> None:
     assert state.expected_rate("A-VERIFY", []) == (endpoints.FIRST_GUESS, "a first guess")
     assert state.expected_rate("A-VERIFY", [5000.0, 7000.0])[0] == 7000.0  # the S0 ceiling
     assert state.expected_rate("A-RESET", [5000.0])[0] == endpoints.HASHING_FIRST_GUESS
+    state.record("A-RESET", 1.0)  # a short argon2-bound run: never below the floor
+    assert state.expected_rate("A-RESET", [5000.0])[0] == endpoints.HASHING_FIRST_GUESS
+    state.record("A-RESET", 50.0)
+    assert state.expected_rate("A-RESET", [5000.0])[0] == 50.0 * endpoints.ONCE_SLACK
     state.record("A-VERIFY", 400.0)
     state.record("A-VERIFY", 500.0)
     assert state.expected_rate("A-VERIFY", [7000.0])[0] == 500.0 * endpoints.ONCE_SLACK
