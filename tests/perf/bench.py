@@ -6,7 +6,8 @@
    a loud failure (exit 2) before anything starts.
 2. One pass per `--instances` value (default 1, then 2): nginx + N auth + N referral
    (`topology.py`), idle RSS of each service, then every scenario: one warmup run (not recorded),
-   then `--runs` recorded runs of `--duration` seconds (S8: at least S8_MIN_SECONDS) and
+   then `--runs` recorded runs of `--duration` seconds (S8 and the other password-hashing scenarios:
+   at least S8_MIN_SECONDS) and
    `--connections` connections, each once the services are idle again (what the previous run left,
    such as queued password hashes, done: it would slow this run and count in its CPU). Around each
    run the CPU time (utime + stime from /proc) of the services, nginx (master and workers), the
@@ -46,6 +47,12 @@ those same requests: every answer is the kept one (201; running the activation a
 MIX (tests/perf/mix.py) and S1-DB send files of their own per run, each line at most once, sized
 like S7's (S7_SLACK times the fastest run so far, at least a first guess). `--embedded-postgres`
 puts the database on the embedded PostgreSQL `make run` starts (deploy/local/embedded.py).
+
+Every other endpoint (R-*, A-* keys) is a scenario of `endpoints.py`, which says how its requests
+and subjects are made. Each scenario has a class (an authenticated read, a public read, a write;
+password hashing marked): the report checks the issue's targets per class over every scenario.
+Webhooks are off (no *_WEBHOOK_URLS: no event is written, as by default) but for WEBHOOK-RELAY, which
+runs in a topology of its own, started after the pass's other scenarios (endpoints.py).
 """
 
 from __future__ import annotations
@@ -91,6 +98,7 @@ from services.referral.settings import ReferralSettings
 from tests.harness import migrate
 from tests.helpers import drop_redis_keys, fresh_database
 from tests.perf import dataset as datasets
+from tests.perf import endpoints as endpoint_scenarios
 from tests.perf import mix as mixes
 from tests.perf import plans as query_plans
 from tests.perf import report as reports
@@ -129,35 +137,52 @@ class Scenario:
     title: str
     service: str  # whose CPU is "the service's": auth or referral
     expect_status: int
+    kind: str  # the issue's class: reports.AUTH_READ, PUBLIC_READ or WRITE
+    password_hashing: bool = False  # argon2-bound: exempt from the p99 target
+    min_seconds: int = 0  # its runs last at least this long (else S8_MIN_SECONDS when argon2-bound)
     # Service settings other than the defaults (env name, value): the scenario runs on a topology
     # started with them (run_pass groups the scenarios by settings, one topology each).
     settings: tuple[tuple[str, str], ...] = ()
 
 
+_AUTHED, _PUBLIC, _WRITE = reports.AUTH_READ, reports.PUBLIC_READ, reports.WRITE
 SCENARIOS: dict[str, Scenario] = {
     s.key: s
     for s in (
-        Scenario("S0", "gateway -> referral /healthz (ceiling)", "referral", 200),
-        Scenario("S1", "code by email, known (cache hit)", "referral", 200),
-        Scenario("S2", "code by email, unknown (404)", "referral", 404),
-        Scenario("S3", "referrals of a big referrer, first page", "referral", 200),
-        Scenario("S4", "referrals of a big referrer, deep cursor", "referral", 200),
-        Scenario("S5", "GET /auth/me", "auth", 200),
-        Scenario("S6", "refresh grant", "auth", 200),
-        Scenario("S7", "activate a code (201 each)", "referral", 201),
-        Scenario("S8", "password login (argon2id, default cost)", "auth", 200),
-        Scenario("S9", "an idempotent activation replayed (201 from the kept answer)", "referral", 201),
-        Scenario("S-STATS", "a big referrer's statistics by level (their own token)", "referral", 200),
-        Scenario("S-LEADERBOARD", "the leaderboard: month, week, all time", "referral", 200),
+        Scenario("S0", "gateway -> referral /healthz (ceiling)", "referral", 200, _PUBLIC),
+        Scenario("S1", "code by email, known (cache hit)", "referral", 200, _PUBLIC),
+        Scenario("S2", "code by email, unknown (404)", "referral", 404, _PUBLIC),
+        Scenario("S3", "referrals of a big referrer, first page", "referral", 200, _AUTHED),
+        Scenario("S4", "referrals of a big referrer, deep cursor", "referral", 200, _AUTHED),
+        Scenario("S5", "GET /auth/me", "auth", 200, _AUTHED),
+        Scenario("S6", "refresh grant", "auth", 200, _WRITE),
+        Scenario("S7", "activate a code (201 each)", "referral", 201, _WRITE),
+        Scenario("S8", "password login (argon2id, default cost)", "auth", 200, _WRITE, True),
+        Scenario(
+            "S9", "an idempotent activation replayed (201 from the kept answer)", "referral", 201, _WRITE
+        ),
+        Scenario(
+            "S-STATS", "a big referrer's statistics by level (their own token)", "referral", 200, _AUTHED
+        ),
+        Scenario("S-LEADERBOARD", "the leaderboard: month, week, all time", "referral", 200, _PUBLIC),
         Scenario(
             "S1-REDIS",
             "code by email, known, near cache off (Redis hit)",
             "referral",
             200,
-            (("REFERRAL_NEAR_CACHE_SIZE", "0"),),
+            _PUBLIC,
+            settings=(("REFERRAL_NEAR_CACHE_SIZE", "0"),),
         ),
-        Scenario("S1-DB", "code by email, cold (database; each email once per run)", "referral", 200),
-        Scenario("MIX", "the realistic mix (tests/perf/mix.py; kinds below)", "referral", 200),
+        # The database path: the issue's public-read target is for the Redis path (S1-REDIS), so
+        # S1-DB has no CPU target of its class (""), only the p99's.
+        Scenario("S1-DB", "code by email, cold (database; each email once per run)", "referral", 200, ""),
+        # Every kind at once, signups (argon2) included: no class, and its p99 is password hashing's.
+        Scenario("MIX", "the realistic mix (tests/perf/mix.py; kinds below)", "referral", 200, "", True),
+        # Every other endpoint: tests/perf/endpoints.py.
+        *(
+            Scenario(e.key, e.title, e.service, e.expect_status, e.kind, e.password_hashing, e.min_seconds)
+            for e in endpoint_scenarios.SCENARIOS
+        ),
     )
 }
 # Names the command line also takes for a scenario: S1 measures the near cache's path (every email
@@ -191,6 +216,9 @@ SMOKE: dict[str, Any] = {
     "connections": 8,
     "instances": "1,2",
 }
+# In the smoke, each scenario of endpoints.py runs this many times, without a warmup, in the first
+# pass only (CI's time: they add about 100 s per pass on this machine).
+SMOKE_ENDPOINT_RUNS = 1
 DEFAULTS: dict[str, Any] = {
     "scale": 1.0,
     "duration": 8,
@@ -233,7 +261,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="CI's quick run: scale 0.01, 1 s runs, 1 s warmup, 8 connections (flags given win)",
+        help=(
+            "CI's quick run: scale 0.01, 1 s runs, 1 s warmup, 8 connections (flags given win); the"
+            " scenarios of endpoints.py run once, without a warmup, in the first pass only"
+        ),
     )
     args = parser.parse_args(argv)
     base = SMOKE if args.smoke else DEFAULTS
@@ -268,6 +299,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         seed=args.seed,
         embedded_postgres=args.embedded_postgres,
     )
+
+
+def pass_scenarios(options: Options, index: int) -> tuple[str, ...]:
+    """The scenarios of the pass `index` (0: the first): all, but in the smoke the endpoint scenarios
+    run in the first pass only (CI's time)."""
+    if options.smoke and index > 0:
+        return tuple(key for key in options.scenarios if key not in endpoint_scenarios.BY_KEY)
+    return options.scenarios
 
 
 class Log:
@@ -635,6 +674,9 @@ class Bench:
         self.activators = Activators(dataset.activators, dataset.activation_codes)
         self.s7_rates: list[float] = []  # every S7 run's req/s, every pass
         self.notes: list[str] = []
+        self.endpoints = endpoint_scenarios.Endpoints(
+            database_url, next(iter(dataset.login_emails), None), options.scenarios
+        )
 
     def pool_settings(self, instances: int) -> dict[str, str]:
         """The services' default pools when the server has the connection slots they can fill; else the
@@ -676,10 +718,6 @@ class Bench:
         each with Redis keys of its own; the scenarios in the order given, grouped by those settings."""
         name = f"pass{index + 1}-x{instances}"
         pass_dir = self.out_dir / name
-        pools = self.pool_settings(instances)
-        groups: dict[tuple[tuple[str, str], ...], list[str]] = {}
-        for key in self.options.scenarios:
-            groups.setdefault(SCENARIOS[key].settings, []).append(key)
         problems: list[str] = []
         results: list[Any] = []
         idle_rss: dict[str, float] = {}
@@ -687,16 +725,25 @@ class Bench:
         loop_lag: dict[str, dict[str, float]] = {}
         healthz: dict[str, float] = {}
         started = time.monotonic()
-        for number, (extra, keys) in enumerate(groups.items()):
-            label = name if number == 0 else f"{name}-t{number + 1}"
-            log_dir = pass_dir if number == 0 else pass_dir / f"topology{number + 1}"
-            requests_dir = log_dir / "requests"
+        # The scenarios that need other settings get a topology of their own each, started after the
+        # usual one stopped: no other scenario's figures pay for them (WEBHOOK-RELAY: webhooks on;
+        # S1-REDIS: the near cache off).
+        groups: list[tuple[dict[str, str], list[str]]] = []
+        for extra_settings, group_keys in self.endpoints.topology_groups(pass_scenarios(self.options, index)):
+            by_settings: dict[tuple[tuple[str, str], ...], list[str]] = {}
+            for key in group_keys:
+                by_settings.setdefault(SCENARIOS[key].settings, []).append(key)
+            groups += [({**extra_settings, **dict(own)}, ks) for own, ks in by_settings.items()]
+        for group, (extra, keys) in enumerate(groups):
+            label = name if group == 0 else f"{name}-{keys[0].lower()}"
+            group_dir = pass_dir if group == 0 else pass_dir / keys[0].lower()
+            requests_dir = group_dir / "requests"
             requests_dir.mkdir(parents=True, exist_ok=True)
             prefix = f"{self.redis_prefix}{label}:"
-            described = " ".join(f"{k}={v}" for k, v in extra) or "default settings"
+            described = " ".join(f"{k}={v}" for k, v in extra.items()) or "default settings"
             self.log(
                 f"{label}: starting nginx + {instances} auth + {instances} referral ({described};"
-                f" logs in {log_dir}) for {', '.join(keys)}"
+                f" logs in {group_dir}) for {', '.join(keys)}"
             )
             topology = topologies.build(
                 instances=instances,
@@ -704,21 +751,18 @@ class Bench:
                 redis_url=self.redis_url,
                 redis_prefix=prefix,
                 signing_pem=self.pem,
-                log_dir=log_dir,
-                settings={**pools, **dict(extra)},
+                log_dir=group_dir,
+                settings={**self.pool_settings(instances), **self.endpoints.auth_settings(), **extra},
             )
-            segment_started = time.monotonic()
+            group_problems: list[str] = []
             try:
                 topology.start()
-                self.log(
-                    f"{label}: up in {time.monotonic() - segment_started:.1f}s at {topology.gateway_url}"
-                )
+                self.log(f"{label}: up in {time.monotonic() - started:.1f}s at {topology.gateway_url}")
                 time.sleep(SETTLE)
-                if number == 0:
-                    idle_rss = self._rss(topology)
-                    self.log(
-                        f"{label}: idle RSS " + ", ".join(f"{k} {v:.0f} MiB" for k, v in idle_rss.items())
-                    )
+                rss = self._rss(topology)
+                if group == 0:
+                    idle_rss = rss
+                self.log(f"{label}: idle RSS " + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss.items()))
                 issuer = AccessTokenIssuer(
                     self.ring,
                     issuer=topology.issuer,
@@ -736,21 +780,19 @@ class Bench:
                     if topology.dead():  # in the scenario's problems already; the stop notes it again
                         self.log.loud(f"{label}: a process died during {key}; the pass stops here")
                         break
-                if number == 0:
-                    final_rss = self._rss(topology)
-                    self.log(
-                        f"{label}: RSS after " + ", ".join(f"{k} {v:.0f} MiB" for k, v in final_rss.items())
-                    )
+                rss = self._rss(topology)
+                if group == 0:
+                    final_rss = rss
+                self.log(f"{label}: RSS after " + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss.items()))
             except (HarnessError, wrk.WrkError, OSError, psycopg2.Error, redis.RedisError) as error:
-                problems.append(f"{label}: {type(error).__name__}: {error}")
+                group_problems.append(f"{label}: {type(error).__name__}: {error}")
                 self.log.loud(f"{label} failed: {error}")
             finally:
                 stop_problems = topology.stop()
-                problems += [p for p in stop_problems if p not in problems]
+                group_problems += [p for p in stop_problems if p not in group_problems]
                 with contextlib.suppress(redis.RedisError):
                     drop_redis_keys(self.redis_url, prefix)
-            if problems:
-                break
+            problems += group_problems
         for problem in problems:
             self.log.loud(f"{name}: {problem}")
         order = {key: n for n, key in enumerate(self.options.scenarios)}
@@ -838,14 +880,18 @@ class Bench:
         runs: list[wrk.WrkResult] = []
         cpu: list[float] = []
         other: dict[str, list[float]] = {}
+        extra: dict[str, list[float]] = {}
         lag: dict[str, dict[str, float]] | None = None
         health: dict[str, float] | None = None
         paths: dict[str, float] = {}
         kinds: dict[str, dict[str, Any]] = {}
         label = f"{topology.instances}x {scenario.key}"
-        floor = S8_MIN_SECONDS if scenario.key == "S8" else 1
-        schedule = ([("warmup", max(floor, options.warmup))] if options.warmup else []) + [
-            (f"run {n + 1}", max(floor, options.duration)) for n in range(options.runs)
+        floor = max(scenario.min_seconds, S8_MIN_SECONDS if scenario.password_hashing else 1)
+        warmup_s, run_count = options.warmup, options.runs
+        if options.smoke and scenario.key in endpoint_scenarios.BY_KEY:
+            warmup_s, run_count = 0, SMOKE_ENDPOINT_RUNS  # CI's time: one run shows the scenario works
+        schedule = ([("warmup", max(floor, warmup_s))] if warmup_s else []) + [
+            (f"run {n + 1}", max(floor, options.duration)) for n in range(run_count)
         ]
         lag_before: dict[str, dict[float, float] | None] = {}
         sampler: HealthzSampler | None = None
@@ -864,6 +910,9 @@ class Bench:
                     context.forget_lookups()
                 self._quiesce(topology, f"{label} {phase}")
                 metrics_before, _ = mixes.scrape(p.url for p in topology.services)
+                meter = context.endpoints.meter(scenario.key)  # WEBHOOK-RELAY's deliveries
+                if meter is not None:
+                    meter.start()
                 before = snapshot(self._groups(topology))
                 result = wrk.run_wrk(
                     topology.gateway_url,
@@ -876,6 +925,12 @@ class Bench:
                 )
                 used = cpu_seconds(before, snapshot(self._groups(topology)))
                 metrics_after, failures = mixes.scrape(p.url for p in topology.services)
+                if meter is not None:
+                    figures = meter.finish(result.requests - sum(result.unexpected.values()))
+                    self.log(f"{label} {phase}: " + ", ".join(f"{k} {v:,.1f}" for k, v in figures.items()))
+                    if recorded:
+                        for name, value in figures.items():
+                            extra.setdefault(name, []).append(value)
                 context.record(scenario, phase, result)
                 per_request = {
                     group: (seconds_used * 1e6 / result.requests if result.requests else math.nan)
@@ -934,6 +989,9 @@ class Bench:
             lookup_paths=paths if sum(paths.values()) > 0 else {},
             kinds=kinds,
             settings=dict(scenario.settings),
+            kind=scenario.kind,
+            password_hashing=scenario.password_hashing,
+            extra=extra,
         )
         if shares := mixes.shares(paths):
             self.log(
@@ -1038,11 +1096,14 @@ class PassContext:
         self._mix_refresh: list[list[str]] = []
         self._lookups: mixes.LookupUniverse | None = None
         self._cold_unknown = 0  # S1-DB's unknown emails used so far (each once)
+        self.endpoints = endpoint_scenarios.PassPlans(self, bench.endpoints)
 
     def record(self, scenario: Scenario, phase: str, result: wrk.WrkResult) -> None:
         self.rates.setdefault(scenario.key, []).append(result.rps)
         if scenario.key == "S7":
             self.bench.s7_rates.append(result.rps)
+        if scenario.key in endpoint_scenarios.BY_KEY:  # the warmup's rate too: it sizes the next run
+            self.bench.endpoints.record(scenario.key, result.rps)
 
     def _token_users(self) -> list[str]:
         if self._tokens is None:
@@ -1106,6 +1167,11 @@ class PassContext:
             return self._cold_lookup_plan(phase, seconds)
         elif key == "MIX":
             return self._mix_plan(phase, seconds)
+        elif key == endpoint_scenarios.WEBHOOK_RELAY:  # S7's activations, webhooks on
+            return self._activation_plan(phase, seconds)
+        elif key in endpoint_scenarios.BY_KEY:
+            planned = self.endpoints.plan(key, phase, seconds)
+            return RunPlan(planned.script, planned.args, planned.note)
         else:
             raise HarnessError(f"no plan for scenario {key}")
         return RunPlan(cycle, wrk.requests_args(path, mode="cycle", expect=expect))
@@ -1434,13 +1500,36 @@ def settings(options: Options, notes: Sequence[str]) -> dict[str, Any]:
         "connections": options.connections,
         "threads": options.threads,
         "wrk_timeout_s": options.timeout,
-        "s8_min_seconds": S8_MIN_SECONDS,
+        "s8_min_seconds": S8_MIN_SECONDS,  # and of every password-hashing scenario
+        "webhooks": (
+            "off (no *_WEBHOOK_URLS) but for WEBHOOK-RELAY, which runs in a topology of its own after the"
+            " pass's other scenarios, with both services' webhooks to a receiver of the benchmark's"
+            " (aiohttp, 204) on 127.0.0.1"
+        ),
+        "oauth_provider": (
+            f"'{endpoint_scenarios.PROVIDER}' (its discovery document served by the benchmark on 127.0.0.1)"
+            " when A-AUTHORIZE runs, else none"
+        ),
+        "once_only_subjects": (
+            "written into the database before each run of a once-only write: its fastest run so far"
+            f" x {endpoint_scenarios.ONCE_SLACK:g} (else the S0 ceiling or a first guess) x seconds"
+            " + connections"
+        ),
         "before_each_run": "wait until the services are idle (the previous run's leftovers done)",
         "scenarios": list(options.scenarios),
         "smoke": options.smoke,
         "postgres_server": "embedded (deploy/local/embedded.py, as make run starts it)"
         if options.embedded_postgres
         else "DATABASE_URL's",
+        **(
+            {
+                "smoke_endpoint_scenarios": (
+                    f"{SMOKE_ENDPOINT_RUNS} run, no warmup, first pass only (R-*, A-*, WEBHOOK-RELAY)"
+                )
+            }
+            if options.smoke
+            else {}
+        ),
         "gateway": "nginx (deploy.nginx.render), access log on",
         "gateway_rate_limits": (
             f"{topologies.BENCH_LIMITS['rate']} burst {topologies.BENCH_LIMITS['burst']} on every zone:"
@@ -1632,6 +1721,7 @@ def _run(
                         problems += [f"{scenario.key} ({instances} inst.): {problem}" for problem in found]
             finally:
                 external.close()
+                bench.endpoints.close()
                 notes += [n for n in [*external.notes, *bench.notes] if n not in notes]
             log("bench: EXPLAIN ANALYZE of the S1-S4 queries")
             plans = query_plans.explain(database_url, dataset)

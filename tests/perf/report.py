@@ -31,6 +31,12 @@ LOOP_LAG_MS = 20.0  # S8: the auth processes' event-loop lag
 HEALTHZ_P99_MS = 20.0  # S8: /healthz on the auth service
 SCALING = 1.5  # S1 with 2 instances against 1
 IDLE_RSS_MB = 120.0  # every service process, idle
+# Issue 15's targets by class of scenario, over every scenario measured (1 instance).
+AUTH_READ = "authenticated read"
+PUBLIC_READ = "public read"
+WRITE = "write"
+CLASS_CPU_US = {AUTH_READ: 200.0, PUBLIC_READ: 150.0}  # service CPU per request
+P99_MS = 25.0  # every scenario but the password-hashing ones
 
 SERVICES = ("auth", "referral")
 OTHER_CPU_LABELS = {"nginx": "nginx", "postgres": "PG", "redis": "Redis"}
@@ -61,6 +67,10 @@ class ScenarioResult:
     settings: dict[str, str] = field(
         default_factory=dict
     )  # the services' settings it ran with, if not the defaults
+    kind: str = ""  # AUTH_READ, PUBLIC_READ or WRITE ("": not classified)
+    password_hashing: bool = False  # argon2-bound: exempt from the p99 target
+    # Figures of the scenario's own, one per run (WEBHOOK-RELAY: deliveries_per_s, ...)
+    extra: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def rps_median(self) -> float | None:
@@ -284,6 +294,31 @@ def _rss_target(report: BenchReport) -> Target:
     return Target(name, wanted, f"largest {where}: {rss:.0f} MB", rss < IDLE_RSS_MB)
 
 
+def class_targets(one: Pass | None) -> list[Target]:
+    """Issue 15's targets for every scenario of the 1-instance pass: its class's service CPU (an
+    authenticated read, a public read) and the p99 (but password hashing, exempt)."""
+    found: list[Target] = []
+    for s in one.scenarios if one else []:
+        limit = CLASS_CPU_US.get(s.kind)
+        if limit is not None:
+            name, wanted = f"{s.key} service CPU ({s.kind})", f"≤ {limit:.0f} µs/req (1 instance)"
+            cpu = s.cpu_median_us
+            measured = NOT_MEASURED if cpu is None else f"{cpu:.0f} µs/req"
+            found.append(Target(name, wanted, measured, None if cpu is None else cpu <= limit))
+        name = f"{s.key} p99"
+        if s.password_hashing:
+            found.append(
+                Target(name, "exempt: password hashing (argon2)", _ms(s.p99_median_ms) + " ms", None)
+            )
+            continue
+        p99 = s.p99_median_ms
+        measured = NOT_MEASURED if p99 is None else f"{_ms(p99)} ms"
+        found.append(
+            Target(name, f"≤ {P99_MS:.0f} ms (1 instance)", measured, None if p99 is None else p99 <= P99_MS)
+        )
+    return found
+
+
 def targets(report: BenchReport) -> list[Target]:
     """The issue's targets against the measured figures (S1-S5 on the first 1-instance pass)."""
     one = _pass_with(report, 1)
@@ -300,6 +335,7 @@ def targets(report: BenchReport) -> list[Target]:
         _healthz_target(report),
         _scaling_target(report),
         _rss_target(report),
+        *class_targets(one),
     ]
 
 
@@ -336,6 +372,12 @@ def _share(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.2f}" if value >= 0.01 else f"{value:.4f}"
+
+
+def _number(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
 
 
 def _us(value: float | None) -> str:
@@ -459,6 +501,15 @@ def _pass_text(pass_: Pass) -> list[str]:
     out.append("")
     out += _lookup_paths_text(pass_)
     out += _kinds_text(pass_)
+    for s in pass_.scenarios:
+        if s.extra:
+            figures = ", ".join(f"{name} {_number(_median(values))}" for name, values in s.extra.items())
+            out += [f"{s.key} (medians of its runs): {figures}"]
+            baseline = pass_.scenario("S7") if s.key == "WEBHOOK-RELAY" else None
+            if baseline and s.cpu_median_us is not None and baseline.cpu_median_us is not None:
+                cost = s.cpu_median_us - baseline.cpu_median_us
+                out.append(f"  the event's cost per activation (its CPU µs/req less S7's): {cost:,.0f} µs")
+            out.append("")
     out.append("Event-loop lag during S8 (upper bounds of histogram buckets):")
     if pass_.loop_lag:
         rows = [
@@ -623,6 +674,9 @@ def report_from_json(data: Mapping[str, Any]) -> BenchReport:
                     lookup_paths={str(k): float(v) for k, v in (s.get("lookup_paths") or {}).items()},
                     kinds={str(k): dict(v) for k, v in (s.get("kinds") or {}).items()},
                     settings={str(k): str(v) for k, v in (s.get("settings") or {}).items()},
+                    kind=str(s.get("kind", "")),
+                    password_hashing=bool(s.get("password_hashing", False)),
+                    extra={name: [_float(v) for v in values] for name, values in s.get("extra", {}).items()},
                 )
                 for s in p["scenarios"]
             ],
