@@ -128,6 +128,9 @@ SCENARIOS: tuple[EndpointScenario, ...] = (
     EndpointScenario("A-RESET", "POST /password/reset (argon2id, a new login)", "auth", 200, WRITE, True),
     EndpointScenario("A-CHANGE", "POST /password/change (argon2id x2)", "auth", 204, WRITE, True, 8),
     EndpointScenario("A-SESSION-DELETE", "DELETE /sessions/{id}: one login ended", "auth", 204, WRITE),
+    EndpointScenario(
+        "A-ERASE", "DELETE /me: erasure (argon2id check, deny-list, referral part)", "auth", 204, WRITE, True
+    ),
     EndpointScenario("A-SIGNOUT-ALL", "DELETE /sessions: 2 logins ended at once", "auth", 204, WRITE),
     EndpointScenario(
         "WEBHOOK-RELAY",
@@ -155,6 +158,7 @@ ONCE = frozenset(
         "A-CHANGE",
         "A-SESSION-DELETE",
         "A-SIGNOUT-ALL",
+        "A-ERASE",
     }
 )
 
@@ -604,6 +608,10 @@ def once_requests(
         elif key == "A-SESSION-DELETE":
             token = issue(s.user, email=s.email, email_verified=True, session_id=s.sessions[0])
             yield wrk.Request("DELETE", f"{AUTH_API}/sessions/{s.sessions[0]}", bearer(token))
+        elif key == "A-ERASE":
+            token = issue(s.user, email=s.email, email_verified=True, session_id=s.sessions[0])
+            body = json.dumps({"password": password})
+            yield wrk.Request("DELETE", f"{AUTH_API}/me", {**bearer(token), **JSON}, body)
         elif key == "A-SIGNOUT-ALL":
             token = issue(s.user, email=s.email, email_verified=True, session_id=s.sessions[0])
             yield wrk.Request("DELETE", f"{AUTH_API}/sessions", bearer(token))
@@ -624,6 +632,7 @@ SUBJECT_SHAPES: dict[str, dict[str, Any]] = {
     "A-CHANGE": {"sessions": 1},
     "A-SESSION-DELETE": {"sessions": 1},
     "A-SIGNOUT-ALL": {"sessions": SIGNOUT_SESSIONS},
+    "A-ERASE": {"sessions": 1},
 }
 
 

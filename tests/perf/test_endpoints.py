@@ -64,7 +64,7 @@ def test_every_endpoint_scenario_is_registered_and_classified() -> None:
     for key in CITED:
         assert bench.SCENARIOS[key].kind in (AUTH_READ, PUBLIC_READ, WRITE)
     hashing = {key for key, s in bench.SCENARIOS.items() if s.password_hashing}
-    assert hashing == {"S8", "A-SIGNUP", "A-RESET", "A-CHANGE", "MIX"}  # MIX: its signups
+    assert hashing == {"S8", "A-SIGNUP", "A-RESET", "A-CHANGE", "A-ERASE", "MIX"}  # MIX: its signups
     assert bench.SCENARIOS["A-CHANGE"].min_seconds > bench.S8_MIN_SECONDS  # two hashes per request
     assert set(keys) >= ONCE
     assert set(SUBJECT_SHAPES) == ONCE
@@ -132,6 +132,8 @@ def test_once_requests_carry_what_the_endpoint_needs() -> None:
     assert made["A-SESSION-DELETE"].method == "DELETE"
     assert made["A-SESSION-DELETE"].path == f"{AUTH_API}/sessions/{s.sessions[0]}"
     assert made["A-SIGNOUT-ALL"].path == f"{AUTH_API}/sessions"
+    assert (made["A-ERASE"].method, made["A-ERASE"].path) == ("DELETE", f"{AUTH_API}/me")
+    assert json.loads(made["A-ERASE"].body) == {"password": "pw"}
     assert made["R-CODE-DELETE"].path == f"{REFERRAL_API}/codes/me"
     expiry = datetime.fromisoformat(json.loads(made["R-CODE-CREATE"].body)["expires_at"])
     assert expiry > datetime.now(UTC)
