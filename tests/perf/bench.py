@@ -755,9 +755,10 @@ class Bench:
                 settings={**self.pool_settings(instances), **self.endpoints.auth_settings(), **extra},
             )
             group_problems: list[str] = []
+            group_started = time.monotonic()
             try:
                 topology.start()
-                self.log(f"{label}: up in {time.monotonic() - started:.1f}s at {topology.gateway_url}")
+                self.log(f"{label}: up in {time.monotonic() - group_started:.1f}s at {topology.gateway_url}")
                 time.sleep(SETTLE)
                 rss = self._rss(topology)
                 if group == 0:
