@@ -101,6 +101,7 @@ from tests.perf import dataset as datasets
 from tests.perf import endpoints as endpoint_scenarios
 from tests.perf import mix as mixes
 from tests.perf import plans as query_plans
+from tests.perf import profiles as profiling
 from tests.perf import report as reports
 from tests.perf import topology as topologies
 from tests.perf import wrk
@@ -206,6 +207,7 @@ class Options:
     smoke: bool
     seed: int
     embedded_postgres: bool = False
+    profile: bool = True  # py-spy on the services during each scenario's last recorded run
 
 
 SMOKE: dict[str, Any] = {
@@ -259,6 +261,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         " (deploy/local/embedded.py), in a temporary folder, instead of DATABASE_URL's server",
     )
     parser.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="no py-spy profile of the services during each scenario's last recorded run",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help=(
@@ -298,6 +306,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         smoke=args.smoke,
         seed=args.seed,
         embedded_postgres=args.embedded_postgres,
+        profile=args.profile,
     )
 
 
@@ -886,6 +895,7 @@ class Bench:
         health: dict[str, float] | None = None
         paths: dict[str, float] = {}
         kinds: dict[str, dict[str, Any]] = {}
+        profile_of: dict[str, profiling.Profile] = {}
         label = f"{topology.instances}x {scenario.key}"
         floor = max(scenario.min_seconds, S8_MIN_SECONDS if scenario.password_hashing else 1)
         warmup_s, run_count = options.warmup, options.runs
@@ -914,6 +924,7 @@ class Bench:
                 meter = context.endpoints.meter(scenario.key)  # WEBHOOK-RELAY's deliveries
                 if meter is not None:
                     meter.start()
+                sampler_ = self._profiler(topology, scenario, phase, seconds, schedule, problems)
                 before = snapshot(self._groups(topology))
                 result = wrk.run_wrk(
                     topology.gateway_url,
@@ -925,6 +936,14 @@ class Bench:
                     timeout_s=options.timeout,
                 )
                 used = cpu_seconds(before, snapshot(self._groups(topology)))
+                if sampler_ is not None:
+                    try:
+                        profiled = sampler_.finish()
+                    except profiling.ProfileError as error:
+                        problems.append(f"{phase}: no profile: {error}")
+                    else:
+                        for group, found in profiled.items():
+                            profile_of.setdefault(group, profiling.Profile()).merge(found)
                 metrics_after, failures = mixes.scrape(p.url for p in topology.services)
                 if meter is not None:
                     figures = meter.finish(result.requests - sum(result.unexpected.values()))
@@ -993,6 +1012,7 @@ class Bench:
             kind=scenario.kind,
             password_hashing=scenario.password_hashing,
             extra=extra,
+            profiles=profile_of,
         )
         if shares := mixes.shares(paths):
             self.log(
@@ -1003,6 +1023,26 @@ class Bench:
         for problem in [*problems, *result_.run_problems()]:
             self.log.loud(f"{label}: {problem}")
         return result_, lag, health
+
+    def _profiler(
+        self,
+        topology: topologies.Topology,
+        scenario: Scenario,
+        phase: str,
+        seconds: int,
+        schedule: Sequence[tuple[str, int]],
+        problems: list[str],
+    ) -> profiling.Sampler | None:
+        """py-spy on both services' processes during the scenario's last recorded run, if asked."""
+        if not self.options.profile or phase != schedule[-1][0] or phase == "warmup":
+            return None
+        pids = {group: pids for group, pids in topology.pids().items() if group in OTHER_SERVICE}
+        try:
+            label = f"{topology.instances}x-{scenario.key}"
+            return profiling.Sampler(pids, seconds, self.out_dir / "profiles", label)
+        except profiling.ProfileError as error:
+            problems.append(f"{phase}: no profile: {error}")
+            return None
 
     def _judge(
         self,

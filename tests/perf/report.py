@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tests.perf.profiles import Profile, explain
 from tests.perf.wrk import WrkResult
 
 if TYPE_CHECKING:
@@ -71,6 +72,8 @@ class ScenarioResult:
     password_hashing: bool = False  # argon2-bound: exempt from the p99 target
     # Figures of the scenario's own, one per run (WEBHOOK-RELAY: deliveries_per_s, ...)
     extra: dict[str, list[float]] = field(default_factory=dict)
+    # py-spy's samples of each service's processes during the last recorded run (profiles.py)
+    profiles: dict[str, Profile] = field(default_factory=dict)
 
     @property
     def rps_median(self) -> float | None:
@@ -495,6 +498,42 @@ def _kinds_text(pass_: Pass) -> list[str]:
     return out
 
 
+PROFILE_MIN_US = 100.0  # the other service's profile is shown when it spent this much per request
+FLOOR_KEY = "S0"  # the floor every request pays: the gateway, aiohttp, the middlewares, /healthz
+
+
+def _profiles_text(pass_: Pass) -> list[str]:
+    """Where each scenario's service CPU went (py-spy, last recorded run), in µs per request, beside
+    S0's: what a scenario spends above the floor, by component, is what explains a missed target."""
+    s0 = pass_.scenario(FLOOR_KEY)
+    floor_profile = s0.profiles.get(s0.service) if s0 else None
+    floor = (
+        (floor_profile, s0.cpu_median_us)
+        if s0 and floor_profile and floor_profile.samples and s0.cpu_median_us is not None
+        else None
+    )
+    out: list[str] = []
+    for s in pass_.scenarios:
+        for service, profile in s.profiles.items():
+            cpu = s.cpu_median_us if service == s.service else s.other_cpu_median_us.get(service)
+            if not profile.samples or (service != s.service and (cpu or 0.0) < PROFILE_MIN_US):
+                continue
+            torn = f", {profile.torn} torn" if profile.torn else ""
+            out.append(f"{s.key}, {service}: {_us(cpu)} µs/req ({profile.samples:,} samples{torn})")
+            out += explain(profile, cpu, floor=floor if s.key != FLOOR_KEY else None)
+    if out:
+        floor_text = f"S0's, {_us(floor[1])} µs/req" if floor else "not measured (no S0 profile)"
+        out = [
+            "Where the services' CPU went: py-spy's samples during each scenario's last recorded run,",
+            "by the innermost frame's component, times the median CPU µs per request; the floor is",
+            f"{floor_text} (gateway -> aiohttp -> the shared middlewares -> /healthz).",
+            "",
+            *out,
+            "",
+        ]
+    return out
+
+
 def _pass_text(pass_: Pass) -> list[str]:
     out = [f"== Pass: {pass_.label} ==", ""]
     out += _fixed_width(*_scenario_table(pass_))
@@ -510,6 +549,7 @@ def _pass_text(pass_: Pass) -> list[str]:
                 cost = s.cpu_median_us - baseline.cpu_median_us
                 out.append(f"  the event's cost per activation (its CPU µs/req less S7's): {cost:,.0f} µs")
             out.append("")
+    out += _profiles_text(pass_)
     out.append("Event-loop lag during S8 (upper bounds of histogram buckets):")
     if pass_.loop_lag:
         rows = [
@@ -677,6 +717,9 @@ def report_from_json(data: Mapping[str, Any]) -> BenchReport:
                     kind=str(s.get("kind", "")),
                     password_hashing=bool(s.get("password_hashing", False)),
                     extra={name: [_float(v) for v in values] for name, values in s.get("extra", {}).items()},
+                    profiles={
+                        name: Profile.from_json(value) for name, value in (s.get("profiles") or {}).items()
+                    },
                 )
                 for s in p["scenarios"]
             ],
