@@ -28,6 +28,7 @@ from shared.config import load_settings
 from shared.migrations import apply_migrations
 from tests import harness
 from tests.helpers import Mailbox, drop_redis_keys, fresh_database
+from tests.webhook_receiver import Receiver, new_secret, start_receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTH_MIGRATIONS = ROOT / "services" / "auth" / "migrations"
@@ -161,6 +162,12 @@ def smtp() -> Any:
 def mailbox(smtp: Any) -> Mailbox:
     """The mails that arrive from now on."""
     return Mailbox(smtp.mail_dir)
+
+
+@pytest.fixture
+async def receiver(aiohttp_server: Any) -> Receiver:
+    """A webhook receiver on loopback with a secret of its own, verifying what it is sent."""
+    return await start_receiver(aiohttp_server, new_secret())
 
 
 @pytest.fixture

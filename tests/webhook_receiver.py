@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import secrets
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -96,3 +97,18 @@ async def start_receiver(aiohttp_server: Any, secret: str, **kwargs: Any) -> Rec
     server = await aiohttp_server(app, host="127.0.0.1")
     receiver.url = str(server.make_url("/hook"))
     return receiver
+
+
+def events(receiver: Receiver) -> list[dict[str, Any]]:
+    """The events delivered so far, in order of arrival (each verified by the receiver)."""
+    return [json.loads(a.body) for a in receiver.arrivals if a.status == 200]
+
+
+async def wait_for_events(receiver: Receiver, count: int) -> dict[str, dict[str, Any]]:
+    """The first `count` events delivered, by type (delivery order is not the order of the changes)."""
+    await receiver.wait_for(lambda: len(events(receiver)) >= count)
+    delivered = events(receiver)
+    assert len(delivered) == count, delivered
+    by_type = {event["type"]: event for event in delivered}
+    assert len(by_type) == count, delivered
+    return by_type

@@ -4,7 +4,6 @@ in the transaction of its change, and received, verified, by a real receiver on 
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -16,7 +15,7 @@ from shared.db import create_database
 from tests.auth.oauth.conftest import mock_provider, session  # noqa: F401 (fixtures)
 from tests.auth.oauth.helpers import oidc_settings, sign_in_at_provider
 from tests.helpers import Mailbox, assert_problem, signup, verify_email
-from tests.webhook_receiver import Receiver, new_secret, start_receiver
+from tests.webhook_receiver import Receiver, events, wait_for_events
 
 SIGNUP = "/api/v1/auth/signup"
 AUTHORIZE = "/api/v1/auth/oauth/mock/authorize"
@@ -24,22 +23,13 @@ CALLBACK = "/api/v1/auth/oauth/mock/callback"
 
 
 @pytest.fixture
-def secret() -> str:
-    return new_secret()
-
-
-@pytest.fixture
-async def receiver(aiohttp_server: Any, secret: str, db: Any) -> Receiver:
+def with_webhooks(receiver: Receiver, db: Any) -> dict[str, Any]:
+    """The settings that send the auth service's events to the receiver, its outbox emptied first."""
     with db.cursor() as cursor:
         cursor.execute("TRUNCATE auth.webhook_outbox")
-    return await start_receiver(aiohttp_server, secret)
-
-
-@pytest.fixture
-def with_webhooks(receiver: Receiver, secret: str) -> dict[str, Any]:
     return {
         "webhook_urls": (receiver.url,),
-        "webhook_secret": secret,
+        "webhook_secret": receiver.secret,
         "webhook_allow_private": True,
         "webhook_poll_interval": 0.05,
     }
@@ -48,21 +38,6 @@ def with_webhooks(receiver: Receiver, secret: str) -> dict[str, Any]:
 @pytest.fixture
 async def client(make_auth_client: Any, with_webhooks: dict[str, Any]) -> Any:
     return await make_auth_client(**with_webhooks)
-
-
-def events(receiver: Receiver) -> list[dict[str, Any]]:
-    """The events delivered so far, in order of arrival (each verified by the receiver)."""
-    return [json.loads(a.body) for a in receiver.arrivals if a.status == 200]
-
-
-async def wait_for_events(receiver: Receiver, count: int) -> dict[str, dict[str, Any]]:
-    """The first `count` events delivered, by type (delivery order is not the order of the changes)."""
-    await receiver.wait_for(lambda: len(events(receiver)) >= count)
-    delivered = events(receiver)
-    assert len(delivered) == count, delivered
-    by_type = {event["type"]: event for event in delivered}
-    assert len(by_type) == count, delivered
-    return by_type
 
 
 def outbox_types(db: Any) -> list[str]:

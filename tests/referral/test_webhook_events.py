@@ -4,7 +4,6 @@ flow, in the transaction of its change, and received, verified, by a real receiv
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from typing import Any
 
@@ -13,22 +12,16 @@ import pytest
 from services.referral.adapters.repositories import PostgresUnitOfWork
 from shared.db import create_database
 from tests.referral.conftest import System
-from tests.webhook_receiver import Receiver, new_secret, start_receiver
+from tests.webhook_receiver import Receiver, events, wait_for_events
 
 MY_CODE = "/api/v1/referral/codes/me"
 
 
 @pytest.fixture
-async def receiver(aiohttp_server: Any, db: Any) -> Receiver:
+async def hooked(make_system: Any, receiver: Receiver, db: Any) -> System:
+    """Both services, the referral one sending its events to the receiver, its outbox emptied first."""
     with db.cursor() as cursor:
         cursor.execute("TRUNCATE referral.webhook_outbox")
-    secret = new_secret()
-    return await start_receiver(aiohttp_server, secret)
-
-
-@pytest.fixture
-async def hooked(make_system: Any, receiver: Receiver) -> System:
-    """Both services, the referral one sending its events to the receiver."""
     system: System = await make_system(
         webhook_urls=(receiver.url,),
         webhook_secret=receiver.secret,
@@ -36,20 +29,6 @@ async def hooked(make_system: Any, receiver: Receiver) -> System:
         webhook_poll_interval=0.05,
     )
     return system
-
-
-def events(receiver: Receiver) -> list[dict[str, Any]]:
-    return [json.loads(a.body) for a in receiver.arrivals if a.status == 200]
-
-
-async def wait_for_events(receiver: Receiver, count: int) -> dict[str, dict[str, Any]]:
-    """The first `count` events delivered, by type (delivery order is not the order of the changes)."""
-    await receiver.wait_for(lambda: len(events(receiver)) >= count)
-    delivered = events(receiver)
-    assert len(delivered) == count, delivered
-    by_type = {event["type"]: event for event in delivered}
-    assert len(by_type) == count, delivered
-    return by_type
 
 
 def outbox_types(db: Any) -> list[str]:

@@ -1,4 +1,5 @@
--- What requests.lua and refresh.lua share: the one WRK_JSON line done() prints (run_wrk parses it).
+-- What requests.lua, mix.lua and refresh.lua share: options, reading a request line, a thread's slice
+-- of a file, and the one WRK_JSON line done() prints (run_wrk parses it).
 -- Each script loads it with dofile from its own folder, in every Lua state wrk makes.
 
 local common = {}
@@ -14,6 +15,53 @@ function common.options(script, args, known)
       opts[key] = value
    end
    return opts
+end
+
+local function unescape(hex)
+   return string.char(tonumber(hex, 16))
+end
+
+-- A field of a request line, percent-decoded.
+function common.decode(field)
+   if not field:find("%", 1, true) then
+      return field
+   end
+   return (field:gsub("%%(%x%x)", unescape))
+end
+
+-- The fields of a line of a request file (tests/perf/wrk.py write_requests): split at its tabs,
+-- each still percent-encoded.
+function common.split(line)
+   local fields, start = {}, 1
+   while true do
+      local tab = line:find("\t", start, true)
+      fields[#fields + 1] = line:sub(start, (tab or 0) - 1)
+      if not tab then
+         return fields
+      end
+      start = tab + 1
+   end
+end
+
+-- The request of `fields` from index `first` on: method, path, body, then header name/value pairs.
+-- Returns wrk.format's arguments, decoded: method, path, headers, body (nil for an empty body of a
+-- GET or HEAD, so that no Content-Length: 0 goes out); nothing when the fields are not such a request.
+function common.request(fields, first)
+   local count = #fields - first + 1
+   if count < 3 or count % 2 == 0 then
+      return nil
+   end
+   local method = common.decode(fields[first])
+   local path = common.decode(fields[first + 1])
+   local body = common.decode(fields[first + 2])
+   local headers = {}
+   for i = first + 3, #fields, 2 do
+      headers[common.decode(fields[i])] = common.decode(fields[i + 1])
+   end
+   if body == "" and (method == "GET" or method == "HEAD") then
+      body = nil
+   end
+   return method, path, headers, body
 end
 
 function common.encode(value)

@@ -23,29 +23,6 @@ function setup(thread)
    thread:set("tid", #threads)
 end
 
-local function unescape(hex)
-   return string.char(tonumber(hex, 16))
-end
-
-local function decode(field)
-   if not field:find("%", 1, true) then
-      return field
-   end
-   return (field:gsub("%%(%x%x)", unescape))
-end
-
-local function split(line)
-   local fields, start = {}, 1
-   while true do
-      local tab = line:find("\t", start, true)
-      fields[#fields + 1] = line:sub(start, (tab or 0) - 1)
-      if not tab then
-         return fields
-      end
-      start = tab + 1
-   end
-end
-
 local function form_escape(value)
    return (value:gsub("[^%w%-%._~]", function(c)
       return string.format("%%%02X", c:byte())
@@ -82,8 +59,9 @@ local function count(prefix, seen, key)
 end
 
 local function build(line, number)
-   local f = split(line)
-   if #f < 5 or #f % 2 == 0 then
+   local f = common.split(line)
+   local method, path, headers, body = common.request(f, 3)
+   if not method then
       error("mix.lua: line " .. number .. " has " .. #f .. " fields, wanted kind, expect, method, path, body, headers")
    end
    local kind, expect = f[1], tonumber(f[2])
@@ -91,16 +69,8 @@ local function build(line, number)
       error("mix.lua: line " .. number .. " has no kind and expected status")
    end
    expected[expect] = true
-   local method, path, body = decode(f[3]), decode(f[4]), decode(f[5])
    if kind == "refresh" then
       return kind, path
-   end
-   local headers = {}
-   for i = 6, #f, 2 do
-      headers[decode(f[i])] = decode(f[i + 1])
-   end
-   if body == "" and (method == "GET" or method == "HEAD") then
-      body = nil
    end
    return kind, wrk.format(method, path, headers, body)
 end

@@ -20,41 +20,11 @@ function setup(thread)
    thread:set("tid", #threads)
 end
 
-local function unescape(hex)
-   return string.char(tonumber(hex, 16))
-end
-
-local function decode(field)
-   if not field:find("%", 1, true) then
-      return field
-   end
-   return (field:gsub("%%(%x%x)", unescape))
-end
-
-local function split(line)
-   local fields, start = {}, 1
-   while true do
-      local tab = line:find("\t", start, true)
-      fields[#fields + 1] = decode(line:sub(start, (tab or 0) - 1))
-      if not tab then
-         return fields
-      end
-      start = tab + 1
-   end
-end
-
 local function build(line, number)
-   local f = split(line)
-   if #f < 3 or #f % 2 == 0 then
+   local f = common.split(line)
+   local method, path, headers, body = common.request(f, 1)
+   if not method then
       error("requests.lua: line " .. number .. " has " .. #f .. " fields, wanted method, path, body, headers")
-   end
-   local method, path, body = f[1], f[2], f[3]
-   local headers = {}
-   for i = 4, #f, 2 do
-      headers[f[i]] = f[i + 1]
-   end
-   if body == "" and (method == "GET" or method == "HEAD") then
-      body = nil -- no Content-Length: 0 on a request without a body
    end
    return wrk.format(method, path, headers, body)
 end
