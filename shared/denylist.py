@@ -28,6 +28,10 @@ trip on the hot path of authenticated requests:
   the subscription comes back, each process first writes its table's live entries into Redis, then
   loads the set, then trusts its mirror again: an entry the outage kept from Redis is never lost.
 
+Only users' tokens are checked: service tokens (the referral service's internal API) are verified by a
+verifier of their own, whose audience and scope only the auth service's signature vouches for, and
+which has no deny-list: a service is never erased, and internal calls never wait on (or fail with) it.
+
 The table's rows are kept after the tokens expired (only the unexpired ones are read): in the
 referral service the digest also stops a link or a notice that was already on its way from bringing
 an erased id back.

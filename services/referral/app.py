@@ -93,6 +93,7 @@ def _use_cases_ctx(settings: ReferralSettings) -> CleanupContext:
             registry=app[METRICS_REGISTRY],
         )
         deny_list = DenyList(app[REDIS], database, DENY_LIST, prefix=settings.deny_list_prefix)
+        # Users' tokens only: a service is never erased (INTERNAL_VERIFIER has no deny-list).
         app[TOKEN_VERIFIER].refuse_subjects(deny_list.is_denied)
         app[USE_CASES] = ReferralUseCases(
             codes=PostgresCodeRepository(database),

@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from shared.denylist import DenyList
 from tests.referral.conftest import INTERNAL_LINK, auth_header, service_token, verified_path
 
 
@@ -137,6 +138,32 @@ async def test_service_tokens_are_refused_on_user_endpoints(system, signing_pem)
     user_audience = service_token(system, signing_pem, audience=system.referral_settings.token_audience)
     response = await system.referral.get("/api/v1/referral/codes/me", headers=auth_header(user_audience))
     assert response.status == 401
+
+
+async def test_service_tokens_never_consult_the_deny_list(make_system, signing_pem, monkeypatch):
+    """A service is never erased: its tokens pass without the deny-list (no lookup, and no 503 when a
+    lapsed mirror could not ask), while a user's token is looked up on every request."""
+    consulted: list[str] = []
+    is_denied = DenyList.is_denied
+
+    async def counted(self: DenyList, subject: str) -> bool:
+        consulted.append(subject)
+        return await is_denied(self, subject)
+
+    monkeypatch.setattr(DenyList, "is_denied", counted)  # before the services bind it to a verifier
+    system = await make_system()
+    ann = await system.user("ann@example.com")
+    headers = auth_header(service_token(system, signing_pem))
+    consulted.clear()
+    assert (await system.referral.get(f"/internal/v1/users/{ann.id}/export", headers=headers)).status == 200
+    assert (await system.referral.get("/api/v1/referral/codes/me", headers=ann.headers)).status == 404
+    assert consulted == [ann.id]
+    # Erased as the auth service's erasure reaches this service: her token is refused from then on.
+    assert (await system.referral.delete(f"/internal/v1/users/{ann.id}", headers=headers)).status == 204
+    refused = await system.referral.get("/api/v1/referral/codes/me", headers=ann.headers)
+    assert refused.status == 401
+    assert (await refused.json())["code"] == "invalid_token"
+    assert consulted == [ann.id, ann.id]
 
 
 async def test_user_export_answers_a_service_token_only(system, signing_pem, db):
