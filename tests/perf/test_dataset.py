@@ -22,6 +22,7 @@ from shared.db import Prepared
 from shared.schemas import TrimmedEmail
 from tests import harness
 from tests.helpers import fresh_database
+from tests.perf import dataset
 from tests.perf.dataset import DEEP_REFERRER_MIN, Dataset, build
 from tests.perf.plans import QUERIES, explain, plan_warnings
 
@@ -62,10 +63,14 @@ def migrate(url: str) -> None:
 
 @pytest.fixture(scope="module")
 def loaded(server_database_url: str) -> Iterator[Loaded]:
-    with fresh_database(server_database_url, f"perf_{os.getpid()}") as url:
+    with fresh_database(server_database_url, f"perf_{os.getpid()}") as url, pytest.MonkeyPatch.context() as patch:
         migrate(url)
         before = indexes(url)
         lines: list[str] = []
+        # Chunks of 300 rows, two per COPY: every table goes in over several statements, as the big
+        # tables do at full scale, so the tests below see what the statement triggers made of that.
+        patch.setattr(dataset, "_CHUNK_ROWS", 300)
+        patch.setattr(dataset, "_STATEMENT_CHUNKS", 2)
         yield Loaded(url, build(url, scale=SCALE, log=lines.append), lines, before)
 
 
@@ -189,6 +194,30 @@ def test_the_referrers_totals_kept_by_the_database_match(cur: Any) -> None:
         " FROM (SELECT referrer_id, count(*) AS total, count(*) FILTER (WHERE status = 'confirmed')"
         "       AS confirmed FROM referral.referrals GROUP BY referrer_id) r"
         " FULL JOIN referral.referrer_totals t USING (referrer_id)"
+    )
+    wrong, referrers = cur.fetchone()
+    assert wrong == 0 and referrers > 5
+
+
+def test_the_levels_and_the_leaderboard_kept_by_the_database_match(cur: Any) -> None:
+    """Loaded over several COPY statements (see `loaded`), each one's triggers added to the last's."""
+    cur.execute(
+        "SELECT count(*) FILTER (WHERE (l.total, l.confirmed) IS DISTINCT FROM (r.total, r.confirmed)),"
+        " count(*)"
+        " FROM (SELECT referrer_id, count(*) AS total, count(*) FILTER (WHERE status = 'confirmed')"
+        "       AS confirmed FROM referral.referrals GROUP BY referrer_id) r"
+        " FULL JOIN (SELECT * FROM referral.referrer_levels WHERE level = 1) l USING (referrer_id)"
+    )
+    wrong, referrers = cur.fetchone()
+    assert wrong == 0 and referrers > 5
+    cur.execute("SELECT count(*) FROM referral.referrer_levels WHERE level > 1")
+    assert cur.fetchone()[0] == 0  # the referrals are nobody's referrers: no deeper level
+    cur.execute(
+        "SELECT count(*) FILTER (WHERE (b.confirmed, b.first_at) IS DISTINCT FROM (r.confirmed, r.first_at)),"
+        " count(*)"
+        " FROM (SELECT referrer_id, count(*) AS confirmed, min(confirmed_at) AS first_at"
+        "       FROM referral.referrals WHERE status = 'confirmed' GROUP BY referrer_id) r"
+        " FULL JOIN (SELECT * FROM referral.leaderboard_counts WHERE period = 'all') b USING (referrer_id)"
     )
     wrong, referrers = cur.fetchone()
     assert wrong == 0 and referrers > 5
