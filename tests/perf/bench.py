@@ -53,6 +53,13 @@ and subjects are made. Each scenario has a class (an authenticated read, a publi
 password hashing marked): the report checks the issue's targets per class over every scenario.
 Webhooks are off (no *_WEBHOOK_URLS: no event is written, as by default) but for WEBHOOK-RELAY, which
 runs in a topology of its own, started after the pass's other scenarios (endpoints.py).
+
+Where things are: this module holds the command line (`Options`, `parse_args`), `Bench` (the passes,
+each scenario's runs and what is measured around them), the report's context and `run`/`main`. The
+scenarios' table (`SCENARIOS`, S8_MIN_SECONDS): scenarios.py. What each run sends (`PassContext`: the
+tokens, the request files, S7_SLACK, S9_KEYS): runplans.py. CPU from /proc, the event-loop lag
+histograms and /healthz sampling: measure.py. The report: report.py; wrk and its Lua scripts:
+wrk.py; py-spy: profiles.py.
 """
 
 from __future__ import annotations
@@ -60,38 +67,29 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import http.client
-import json
 import math
 import os
 import platform
-import random
 import re
 import secrets
 import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 import traceback
-import urllib.error
-import urllib.parse
-import urllib.request
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import psycopg2
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.local.embedded import EmbeddedServerError, start_postgres
-from deploy.local.processes import AUTH_API, REFERRAL_API, ROOT, HarnessError, http_status
+from deploy.local.processes import ROOT, HarnessError, http_status
 from services.auth.adapters.signing import AccessTokenIssuer, generate_pem, parse_key_ring
 from services.auth.settings import AuthSettings
 from services.referral.settings import ReferralSettings
@@ -105,87 +103,30 @@ from tests.perf import profiles as profiling
 from tests.perf import report as reports
 from tests.perf import topology as topologies
 from tests.perf import wrk
+from tests.perf.measure import (
+    LAG_METRIC,
+    ExternalProcesses,
+    HealthzSampler,
+    cpu_seconds,
+    lag_buckets,
+    lag_summary,
+    snapshot,
+)
+from tests.perf.runplans import Activators, PassContext, email_query
+from tests.perf.scenarios import S8_MIN_SECONDS, SCENARIOS, Scenario
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ACCESS_TOKEN_TTL = 3600
-HEALTHZ_INTERVAL = 0.05  # s between two /healthz samples on one auth port (~20/s)
-HEALTHZ_TIMEOUT = 5.0
-LAG_METRIC = "event_loop_lag_seconds"
-LOGIN_WORKERS = 8  # concurrent logins when fetching S6's refresh tokens
-LOGIN_TIMEOUT = 60.0
 SETTLE = 1.0  # s after start, before idle RSS
-# S7's activators per run: its fastest run so far (any pass) times S7_SLACK, else S0's rate in this
-# pass (the ceiling: no scenario goes faster), else S7_FIRST_GUESS; times the seconds, + connections.
-S7_SLACK = 3.0
-S7_FIRST_GUESS = 5000.0
-S8_MIN_SECONDS = 3  # a login takes ~1 s under load: shorter S8 runs may see no answer at all
 # Before each run, wait until the services are idle (abandoned work of the previous run, e.g. queued
 # argon2 hashes, done): at most QUIET_TICKS CPU ticks in a QUIET_WINDOW, for at most QUIET_TIMEOUT.
 QUIET_WINDOW = 0.25
 QUIET_TICKS = 3
 QUIET_TIMEOUT = 60.0
-S9_KEYS = 256  # keyed activations replayed in S9, each made once (201) before the runs
-S0_COPIES = 64  # lines of S0's request file (every wrk thread needs at least one)
 # Connection slots of the PostgreSQL server kept free for everything else (this process, others).
 POOL_MARGIN = 10
 MIN_POOL = 8  # the services refuse a smaller DB_POOL_MAX
-
-
-@dataclass(frozen=True)
-class Scenario:
-    key: str
-    title: str
-    service: str  # whose CPU is "the service's": auth or referral
-    expect_status: int
-    kind: str  # the issue's class: reports.AUTH_READ, PUBLIC_READ or WRITE
-    password_hashing: bool = False  # argon2-bound: exempt from the p99 target
-    min_seconds: int = 0  # its runs last at least this long (else S8_MIN_SECONDS when argon2-bound)
-    # Service settings other than the defaults (env name, value): the scenario runs on a topology
-    # started with them (run_pass groups the scenarios by settings, one topology each).
-    settings: tuple[tuple[str, str], ...] = ()
-
-
-_AUTHED, _PUBLIC, _WRITE = reports.AUTH_READ, reports.PUBLIC_READ, reports.WRITE
-SCENARIOS: dict[str, Scenario] = {
-    s.key: s
-    for s in (
-        Scenario("S0", "gateway -> referral /healthz (ceiling)", "referral", 200, _PUBLIC),
-        Scenario("S1", "code by email, known (cache hit)", "referral", 200, _PUBLIC),
-        Scenario("S2", "code by email, unknown (404)", "referral", 404, _PUBLIC),
-        Scenario("S3", "referrals of a big referrer, first page", "referral", 200, _AUTHED),
-        Scenario("S4", "referrals of a big referrer, deep cursor", "referral", 200, _AUTHED),
-        Scenario("S5", "GET /auth/me", "auth", 200, _AUTHED),
-        Scenario("S6", "refresh grant", "auth", 200, _WRITE),
-        Scenario("S7", "activate a code (201 each)", "referral", 201, _WRITE),
-        Scenario("S8", "password login (argon2id, default cost)", "auth", 200, _WRITE, True),
-        Scenario(
-            "S9", "an idempotent activation replayed (201 from the kept answer)", "referral", 201, _WRITE
-        ),
-        Scenario(
-            "S-STATS", "a big referrer's statistics by level (their own token)", "referral", 200, _AUTHED
-        ),
-        Scenario("S-LEADERBOARD", "the leaderboard: month, week, all time", "referral", 200, _PUBLIC),
-        Scenario(
-            "S1-REDIS",
-            "code by email, known, near cache off (Redis hit)",
-            "referral",
-            200,
-            _PUBLIC,
-            settings=(("REFERRAL_NEAR_CACHE_SIZE", "0"),),
-        ),
-        # The database path: the issue's public-read target is for the Redis path (S1-REDIS), so
-        # S1-DB has no CPU target of its class (""), only the p99's.
-        Scenario("S1-DB", "code by email, cold (database; each email once per run)", "referral", 200, ""),
-        # Every kind at once, signups (argon2) included: no class, and its p99 is password hashing's.
-        Scenario("MIX", "the realistic mix (tests/perf/mix.py; kinds below)", "referral", 200, "", True),
-        # Every other endpoint: tests/perf/endpoints.py.
-        *(
-            Scenario(e.key, e.title, e.service, e.expect_status, e.kind, e.password_hashing, e.min_seconds)
-            for e in endpoint_scenarios.SCENARIOS
-        ),
-    )
-}
 # Names the command line also takes for a scenario: S1 measures the near cache's path (every email
 # asked on every instance before the runs), the one S1-REDIS and S1-DB are the other paths of.
 ALIASES = {"S1-NEAR": "S1"}
@@ -334,316 +275,6 @@ class Log:
     def loud(self, message: str) -> None:
         bar = "!" * 100
         self(f"{bar}\n!!! {message}\n{bar}")
-
-
-# --- CPU and memory of the processes, through /proc ---------------------------------------------
-
-Snapshot = dict[str, dict[int, int]]  # component -> pid -> CPU ticks
-
-
-class ExternalProcesses:
-    """The PostgreSQL backends of the benchmark's database (and the server's background processes),
-    and redis-server, when they run on this machine; else not measured (said once)."""
-
-    def __init__(self, database_url: str, redis_url: str, log: Log) -> None:
-        self.notes: list[str] = []
-        self._log = log
-        self._conn: Any = None
-        self._redis_pid: int | None = None
-        try:
-            conn = psycopg2.connect(database_url, connect_timeout=5)
-            conn.autocommit = True
-            with conn.cursor() as cursor:
-                cursor.execute("SELECT pg_backend_pid()")
-                backend = int(cursor.fetchone()[0])
-            # A backend of a server on this machine is a `postgres` process, the postmaster's child.
-            if _comm(backend) == "postgres" and _comm(_parent(backend)) in ("postgres", "postmaster"):
-                self._conn = conn
-            else:
-                conn.close()
-                self.notes.append("postgres CPU not measured: the server does not run on this machine")
-        except psycopg2.Error as error:
-            self.notes.append(f"postgres CPU not measured: {error}".strip())
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=5)
-        try:
-            pid = int(client.info("server")["process_id"])
-            if _comm(pid) == "redis-server":
-                self._redis_pid = pid
-            else:
-                self.notes.append("redis CPU not measured: the server does not run on this machine")
-        except (redis.RedisError, KeyError, ValueError) as error:
-            self.notes.append(f"redis CPU not measured: {error}")
-        finally:
-            client.close()
-        for note in self.notes:
-            log(note)
-
-    def pids(self) -> dict[str, list[int]]:
-        found: dict[str, list[int]] = {}
-        if self._conn is not None:
-            try:
-                with self._conn.cursor() as cursor:
-                    cursor.execute(
-                        "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
-                        " AND (datname = current_database() OR backend_type <> 'client backend')"
-                    )
-                    found["postgres"] = [int(row[0]) for row in cursor.fetchall()]
-            except psycopg2.Error as error:  # measured no more, said once; the benchmark goes on
-                self.notes.append(f"postgres CPU no longer measured: {error}".strip())
-                self._log(self.notes[-1])
-                with contextlib.suppress(psycopg2.Error):
-                    self._conn.close()
-                self._conn = None
-        if self._redis_pid is not None:
-            found["redis"] = [self._redis_pid]
-        return found
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def snapshot(groups: Mapping[str, Sequence[int]]) -> Snapshot:
-    """CPU ticks of every pid, per component (pids that cannot be read are left out)."""
-    taken: Snapshot = {}
-    for name, pids in groups.items():
-        ticks = {pid: value for pid in pids if (value := topologies.cpu_ticks(pid)) is not None}
-        taken[name] = ticks
-    return taken
-
-
-def cpu_seconds(before: Snapshot, after: Snapshot) -> dict[str, float]:
-    """CPU seconds each component used between two snapshots (a pid new in `after` counts from 0)."""
-    used: dict[str, float] = {}
-    for name, ticks in after.items():
-        earlier = before.get(name, {})
-        total = sum(max(0, value - earlier.get(pid, 0)) for pid, value in ticks.items())
-        used[name] = total / topologies.CLOCK_TICKS
-    return used
-
-
-# --- event-loop lag and /healthz during S8 ------------------------------------------------------
-
-
-def lag_buckets(url: str) -> dict[float, float] | None:
-    """The cumulative counts of `event_loop_lag_seconds_bucket` by upper bound, None when absent."""
-    try:
-        with urllib.request.urlopen(url + "/metrics", timeout=5.0) as response:
-            text = response.read().decode("utf-8", errors="replace")
-    except (urllib.error.URLError, OSError):
-        return None
-    buckets: dict[float, float] = {}
-    try:
-        families = list(text_string_to_metric_families(text))
-    except ValueError:
-        return None
-    for family in families:
-        for sample in family.samples:
-            if sample.name != f"{LAG_METRIC}_bucket" or "le" not in sample.labels:
-                continue
-            bound = float(sample.labels["le"])  # "+Inf" parses as inf
-            buckets[bound] = buckets.get(bound, 0.0) + float(sample.value)
-    return buckets or None
-
-
-def lag_summary(before: Mapping[float, float], after: Mapping[float, float]) -> dict[str, float]:
-    """p99 and max of the ticks observed between two scrapes, as the bucket's upper bound in ms
-    (math.inf: beyond the last finite bound); empty when no tick was observed."""
-    bounds = sorted(after)
-    deltas = [after[b] - before.get(b, 0.0) for b in bounds]
-    total = deltas[-1] if bounds and bounds[-1] == math.inf else max(deltas, default=0.0)
-    if total <= 0:
-        return {}
-    p99 = next(b for b, d in zip(bounds, deltas, strict=True) if d >= 0.99 * total)
-    top = next(b for b, d in zip(bounds, deltas, strict=True) if d >= total)
-    return {"p99_ms": p99 * 1000, "max_ms": top * 1000}
-
-
-class HealthzSampler:
-    """GET /healthz on each given origin every HEALTHZ_INTERVAL from a thread each; latencies in ms."""
-
-    def __init__(self, origins: Sequence[str]) -> None:
-        self.latencies: list[float] = []
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._sample, args=(origin,), name=f"healthz-{origin}", daemon=True)
-            for origin in origins
-        ]
-
-    def __enter__(self) -> HealthzSampler:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(HEALTHZ_TIMEOUT + 1)
-
-    def _sample(self, origin: str) -> None:
-        parts = urlsplit(origin)
-        connection: http.client.HTTPConnection | None = None
-        while not self._stop.is_set():
-            started = time.perf_counter()
-            try:
-                if connection is None:
-                    connection = http.client.HTTPConnection(
-                        parts.hostname or "127.0.0.1", parts.port, timeout=HEALTHZ_TIMEOUT
-                    )
-                connection.request("GET", "/healthz")
-                response = connection.getresponse()
-                response.read()
-                elapsed = (time.perf_counter() - started) * 1000
-                with self._lock:
-                    if response.status == 200:
-                        self.latencies.append(elapsed)
-                    else:
-                        self.failures.append(f"{origin}/healthz answered {response.status}")
-            except (OSError, http.client.HTTPException) as error:
-                with self._lock:
-                    self.failures.append(f"{origin}/healthz: {type(error).__name__}: {error}")
-                if connection is not None:
-                    connection.close()
-                connection = None
-            self._stop.wait(max(0.0, HEALTHZ_INTERVAL - (time.perf_counter() - started)))
-        if connection is not None:
-            connection.close()
-
-    def summary(self) -> dict[str, float]:
-        values = sorted(self.latencies)
-        if not values:
-            return {}
-        return {
-            "p50": _percentile(values, 50),
-            "p99": _percentile(values, 99),
-            "max": values[-1],
-        }
-
-
-def _percentile(ordered: Sequence[float], percent: float) -> float:
-    """Nearest-rank percentile of sorted values."""
-    rank = max(1, math.ceil(percent / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
-# --- requests ------------------------------------------------------------------------------------
-
-
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def _email_query(email: str) -> str:
-    return f"{REFERRAL_API}/codes?email={quote(email, safe='')}"
-
-
-def _referrals_path(referrer: uuid.UUID, cursor: str | None = None) -> str:
-    path = f"{REFERRAL_API}/referrers/{referrer}/referrals?limit=20"
-    return path + (f"&cursor={quote(cursor, safe='')}" if cursor else "")
-
-
-def send_once(gateway_url: str, request: wrk.Request, expect: int) -> None:
-    """Send one request through the gateway (HarnessError unless it answers `expect`)."""
-    sent = urllib.request.Request(
-        gateway_url + request.path,
-        data=request.body.encode(),
-        headers=dict(request.headers),
-        method=request.method,
-    )
-    try:
-        with urllib.request.urlopen(sent, timeout=LOGIN_TIMEOUT) as response:
-            status, body = response.status, response.read()
-    except urllib.error.HTTPError as error:
-        status, body = error.code, error.read()
-    except (urllib.error.URLError, OSError) as error:
-        raise HarnessError(f"{request.method} {request.path} failed: {error}") from error
-    if status != expect:
-        raise HarnessError(f"{request.method} {request.path} answered {status}, not {expect}: {body[:300]!r}")
-
-
-def _leaderboard_requests() -> Iterator[wrk.Request]:
-    """The public leaderboard of each period, default limit."""
-    for n in range(S0_COPIES):
-        yield wrk.Request("GET", f"{REFERRAL_API}/leaderboard?period={('month', 'week', 'all')[n % 3]}")
-
-
-def login(gateway_url: str, email: str, password: str) -> str:
-    """A real password login through the gateway; the refresh token (HarnessError on any failure)."""
-    body = urllib.parse.urlencode({"grant_type": "password", "username": email, "password": password})
-    request = urllib.request.Request(
-        gateway_url + f"{AUTH_API}/token",
-        data=body.encode(),
-        headers={"Content-Type": "application/x-www-form-urlencoded"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=LOGIN_TIMEOUT) as response:
-            answer = json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        raise HarnessError(f"login of {email} answered {error.code}: {error.read()[:300]!r}") from error
-    except (urllib.error.URLError, OSError) as error:
-        raise HarnessError(f"login of {email} failed: {error}") from error
-    token = answer.get("refresh_token")
-    if not isinstance(token, str) or not token:
-        raise HarnessError(f"login of {email} answered no refresh_token: {sorted(answer)}")
-    return token
-
-
-class Activators:
-    """S7's activators, each handed out once in the whole benchmark: the dataset's, then fresh ones."""
-
-    def __init__(self, pool: Sequence[tuple[uuid.UUID, str]], codes: Sequence[str]) -> None:
-        if not codes:
-            raise HarnessError("the dataset has no activation codes for S7")
-        self._pool = list(pool)
-        self._codes = list(codes)
-        self._next = 0
-        self.fresh = 0  # how many were made up
-
-    def take(self, count: int) -> tuple[list[tuple[uuid.UUID, str, str]], int]:
-        """`count` (user id, email, code) triples; and how many of them are fresh (not the dataset's)."""
-        taken: list[tuple[uuid.UUID, str, str]] = []
-        fresh = 0
-        for _ in range(count):
-            index = self._next
-            self._next += 1
-            if index < len(self._pool):
-                user, email = self._pool[index]
-            else:
-                user, email = uuid.uuid4(), f"bench.fresh{index}.{secrets.token_hex(3)}@example.org"
-                fresh += 1
-            taken.append((user, email, self._codes[index % len(self._codes)]))
-        self.fresh += fresh
-        return taken, fresh
-
-    @property
-    def left(self) -> int:
-        return max(0, len(self._pool) - self._next)
-
-
-@dataclass
-class RunPlan:
-    """What one wrk run sends: the script, its arguments, and a note to log before it."""
-
-    script: Path
-    args: list[str]
-    note: str = ""
 
 
 # --- the benchmark -------------------------------------------------------------------------------
@@ -862,7 +493,7 @@ class Bench:
         if not emails:
             return
         started = time.monotonic()
-        paths = [_email_query(email) for email in emails]
+        paths = [email_query(email) for email in emails]
         with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
             for process in topology.referral:
                 urls = [process.url + path for path in paths]
@@ -1112,363 +743,6 @@ def _run_problems(phase: str, result: wrk.WrkResult) -> list[str]:
     if result.requests == 0:
         problems.append(f"{phase}: no request completed")
     return problems
-
-
-class PassContext:
-    """One pass's tokens and request files; the plan of each wrk run."""
-
-    def __init__(
-        self,
-        bench: Bench,
-        topology: topologies.Topology,
-        issuer: AccessTokenIssuer,
-        requests_dir: Path,
-        redis_prefix: str = "",
-    ) -> None:
-        self.bench = bench
-        self.topology = topology
-        self.issuer = issuer
-        self.dir = requests_dir
-        self.redis_prefix = redis_prefix  # the topology's: its referral instances' keys are under it
-        self.files: dict[str, Path] = {}
-        self.rates: dict[str, list[float]] = {}
-        self._tokens: list[str] | None = None
-        self._refresh: list[list[str]] = []
-        self._mix_refresh: list[list[str]] = []
-        self._lookups: mixes.LookupUniverse | None = None
-        self._cold_unknown = 0  # S1-DB's unknown emails used so far (each once)
-        self.endpoints = endpoint_scenarios.PassPlans(self, bench.endpoints)
-
-    def record(self, scenario: Scenario, phase: str, result: wrk.WrkResult) -> None:
-        self.rates.setdefault(scenario.key, []).append(result.rps)
-        if scenario.key == "S7":
-            self.bench.s7_rates.append(result.rps)
-        if scenario.key in endpoint_scenarios.BY_KEY:  # the warmup's rate too: it sizes the next run
-            self.bench.endpoints.record(scenario.key, result.rps)
-
-    def _token_users(self) -> list[str]:
-        if self._tokens is None:
-            users = self.bench.dataset.token_users
-            if not users:
-                raise HarnessError("the dataset has no token users")
-            self._tokens = [
-                self.issuer.issue(user, email=email, email_verified=True).token for user, email in users
-            ]
-        return self._tokens
-
-    def _cycle_file(self, key: str, requests: Callable[[], Iterator[wrk.Request]]) -> Path:
-        if key not in self.files:
-            path = self.dir / f"{key}.txt"
-            count = wrk.write_requests(path, requests())
-            if count == 0:
-                raise HarnessError(f"{key}: no requests to send (the dataset has none)")
-            self.files[key] = path
-        return self.files[key]
-
-    def plan(self, scenario: Scenario, phase: str, seconds: int) -> RunPlan:
-        key = scenario.key
-        cycle = wrk.requests_script()
-        dataset = self.bench.dataset
-        expect = scenario.expect_status
-        if key == "S0":
-            path = self._cycle_file(
-                key, lambda: iter([wrk.Request("GET", f"{REFERRAL_API}/healthz")] * S0_COPIES)
-            )
-        elif key == "S1":
-            path = self._cycle_file(
-                key, lambda: (wrk.Request("GET", _email_query(e)) for e in dataset.code_emails)
-            )
-        elif key == "S2":
-            path = self._cycle_file(
-                key, lambda: (wrk.Request("GET", _email_query(e)) for e in dataset.unknown_emails)
-            )
-        elif key in ("S3", "S4"):
-            path = self._cycle_file(key, lambda: self._referral_pages(deep=key == "S4"))
-        elif key == "S5":
-            path = self._cycle_file(
-                key, lambda: (wrk.Request("GET", f"{AUTH_API}/me", _bearer(t)) for t in self._token_users())
-            )
-        elif key == "S6":
-            return self._refresh_plan(phase)
-        elif key == "S7":
-            return self._activation_plan(phase, seconds)
-        elif key == "S8":
-            path = self._cycle_file(key, self._logins)
-        elif key == "S9":
-            path = self._cycle_file(key, self._keyed_activations)
-        elif key == "S-STATS":
-            path = self._cycle_file(key, self._stats_requests)
-        elif key == "S-LEADERBOARD":
-            path = self._cycle_file(key, _leaderboard_requests)
-        elif key in ("S1-NEAR", "S1-REDIS"):
-            path = self._cycle_file(
-                key, lambda: (wrk.Request("GET", _email_query(e)) for e in dataset.code_emails)
-            )
-        elif key == "S1-DB":
-            return self._cold_lookup_plan(phase, seconds)
-        elif key == "MIX":
-            return self._mix_plan(phase, seconds)
-        elif key == endpoint_scenarios.WEBHOOK_RELAY:  # S7's activations, webhooks on
-            return self._activation_plan(phase, seconds)
-        elif key in endpoint_scenarios.BY_KEY:
-            planned = self.endpoints.plan(key, phase, seconds)
-            return RunPlan(planned.script, planned.args, planned.note)
-        else:
-            raise HarnessError(f"no plan for scenario {key}")
-        return RunPlan(cycle, wrk.requests_args(path, mode="cycle", expect=expect))
-
-    def _referral_pages(self, *, deep: bool) -> Iterator[wrk.Request]:
-        dataset = self.bench.dataset
-        referrers = [r for r in dataset.big_referrers if not deep or r in dataset.deep_cursors]
-        if not referrers:
-            raise HarnessError("the dataset has no big referrers" + (" with a deep cursor" if deep else ""))
-        tokens = self._token_users()
-        for n, token in enumerate(tokens):
-            referrer = referrers[n % len(referrers)]
-            cursor = dataset.deep_cursors[referrer] if deep else None
-            yield wrk.Request("GET", _referrals_path(referrer, cursor), _bearer(token))
-
-    def _stats_requests(self) -> Iterator[wrk.Request]:
-        """Each big referrer asks for their own statistics (anyone else gets 403)."""
-        referrers = self.bench.dataset.big_referrers
-        if not referrers:
-            raise HarnessError("the dataset has no big referrers")
-        tokens = [self.issuer.issue(r, email=None, email_verified=True).token for r in referrers]
-        for n in range(S0_COPIES):
-            referrer = referrers[n % len(referrers)]
-            yield wrk.Request(
-                "GET", f"{REFERRAL_API}/referrers/{referrer}/stats", _bearer(tokens[n % len(tokens)])
-            )
-
-    def _logins(self) -> Iterator[wrk.Request]:
-        dataset = self.bench.dataset
-        for email in dataset.login_emails:
-            body = urllib.parse.urlencode(
-                {"grant_type": "password", "username": email, "password": dataset.password}
-            )
-            yield wrk.Request(
-                "POST", f"{AUTH_API}/token", {"Content-Type": "application/x-www-form-urlencoded"}, body
-            )
-
-    def _keyed_activations(self) -> Iterator[wrk.Request]:
-        """S9's requests: keyed activations, each sent once first (201), so the runs only replay."""
-        taken, _ = self.bench.activators.take(S9_KEYS)
-        requests = [
-            wrk.Request(
-                "POST",
-                f"{REFERRAL_API}/referrals",
-                {
-                    **_bearer(self.issuer.issue(user, email=email, email_verified=True).token),
-                    "Content-Type": "application/json",
-                    "Idempotency-Key": f"bench-{user}",
-                },
-                json.dumps({"code": code}),
-            )
-            for user, email, code in taken
-        ]
-        started = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(LOGIN_WORKERS) as pool:
-            list(pool.map(lambda request: send_once(self.topology.gateway_url, request, 201), requests))
-        self.bench.log(
-            f"{self.topology.instances}x S9: {len(requests)} keyed activations made in"
-            f" {time.monotonic() - started:.1f}s, to be replayed"
-        )
-        return iter(requests)
-
-    def prepare_refresh_tokens(self) -> None:
-        """`connections` refresh tokens for each run of S6, by real password logins through the gateway."""
-        options = self.bench.options
-        runs = options.runs + (1 if options.warmup else 0)
-        tokens = self.refresh_tokens(options.connections * runs, "S6")
-        self._refresh = [tokens[i::runs] for i in range(runs)]
-
-    def refresh_tokens(self, wanted: int, label: str) -> list[str]:
-        """`wanted` refresh tokens, by real password logins through the gateway."""
-        emails = self.bench.dataset.login_emails
-        if not emails:
-            raise HarnessError("the dataset has no login emails")
-        started = time.monotonic()
-        password = self.bench.dataset.password
-        gateway = self.topology.gateway_url
-        with concurrent.futures.ThreadPoolExecutor(LOGIN_WORKERS) as pool:
-            tokens = list(
-                pool.map(lambda n: login(gateway, emails[n % len(emails)], password), range(wanted))
-            )
-        elapsed = time.monotonic() - started
-        self.bench.log(
-            f"{self.topology.instances}x {label}: {wanted} refresh tokens by password login in {elapsed:.1f}s"
-            f" ({wanted / elapsed:.1f} logins/s)"
-        )
-        return tokens
-
-    def _refresh_plan(self, phase: str) -> RunPlan:
-        if not self._refresh:
-            self.prepare_refresh_tokens()
-        tokens = self._refresh.pop(0)
-        path = self.dir / f"S6-{phase.replace(' ', '')}.tokens"
-        wrk.write_tokens(path, tokens)
-        return RunPlan(wrk.refresh_script(), wrk.refresh_args(path, path=f"{AUTH_API}/token"))
-
-    def _expected_rate(self) -> tuple[float, str]:
-        """The rate S7 may reach in a run (see S7_SLACK), and where that figure comes from."""
-        if rates := self.bench.s7_rates:
-            return max(rates) * S7_SLACK, f"{S7_SLACK:g} x S7's fastest run so far"
-        if ceiling := self.rates.get("S0"):
-            return max(ceiling), "the S0 ceiling"
-        return S7_FIRST_GUESS, "a first guess"
-
-    def _lines_for(self, key: str, seconds: int, first_guess: float) -> tuple[int, str]:
-        """Lines a once-only file needs for a run: the rate it may reach (S7_SLACK times its fastest
-        run in this pass, at least `first_guess`: a warmup on cold caches is much slower than the runs
-        after it; else the S0 ceiling, else `first_guess`) times the seconds, plus the connections."""
-        if rates := self.rates.get(key):
-            rate, source = (
-                max(max(rates) * S7_SLACK, first_guess),
-                f"{S7_SLACK:g} x {key}'s fastest run, at least {first_guess:,.0f}",
-            )
-        elif ceiling := self.rates.get("S0"):
-            rate, source = max(ceiling), "the S0 ceiling"
-        else:
-            rate, source = first_guess, "a first guess"
-        return math.ceil(
-            rate * seconds
-        ) + self.bench.options.connections, f"up to {rate:,.0f} req/s: {source}"
-
-    def forget_lookups(self) -> None:
-        """Drop every cached lookup by email from Redis; Redis tells the referral instances, whose
-        near caches drop theirs (S1-DB: before each run, so that no email of it is cached)."""
-        client = redis.Redis.from_url(self.bench.redis_url)
-        try:
-            pattern = f"{self.redis_prefix}referral:email:*"
-            batch: list[bytes] = []
-            for key in client.scan_iter(match=pattern, count=1000):
-                batch.append(key)
-                if len(batch) >= 1000:
-                    client.unlink(*batch)
-                    batch.clear()
-            if batch:
-                client.unlink(*batch)
-        finally:
-            client.close()
-
-    def _universe(self) -> mixes.LookupUniverse:
-        if self._lookups is None:
-            self._lookups = mixes.LookupUniverse(self.bench.dataset.users, datasets.user_email)
-        return self._lookups
-
-    def _cold_lookup_plan(self, phase: str, seconds: int) -> RunPlan:
-        """S1-DB: users' emails in a random order, each once; when the run may send more than there are
-        users, never-asked unknown emails after them (404, said in the note). The caches are emptied
-        before each run (`forget_lookups`)."""
-        wanted, source = self._lines_for("S1-DB", seconds, 4000)
-        users = self.bench.dataset.users
-        known = min(users, wanted)
-        rng = secrets.SystemRandom()
-        start = rng.randrange(users)
-        lines = [
-            mixes.MixLine(
-                "lookup-known", wrk.Request("GET", _email_query(datasets.user_email((start + n) % users)))
-            )
-            for n in range(known)
-        ]
-        rng.shuffle(lines)
-        base = self._cold_unknown
-        self._cold_unknown += wanted - known
-        lines += [
-            mixes.MixLine("lookup-unknown", wrk.Request("GET", _email_query(mixes.unknown_email(base + n))))
-            for n in range(wanted - known)
-        ]
-        path = self.dir / f"S1-DB-{phase.replace(' ', '')}.mix"
-        mixes.write_mix(path, lines)
-        note = f"{wanted:,} lookups ({source}; + connections): {known:,} users' emails"
-        if wanted > known:
-            note += f", then {wanted - known:,} unknown ones (404) once the {users:,} users' are used up"
-        return RunPlan(mixes.mix_script(), mixes.mix_args(path, None), note)
-
-    def _mix_plan(self, phase: str, seconds: int) -> RunPlan:
-        """MIX: a file of its own per run (tests/perf/mix.py), and `connections` refresh tokens."""
-        bench = self.bench
-        wanted, source = self._lines_for("MIX", seconds, 5000)
-        rng = random.Random(f"{bench.options.seed}-{self.topology.instances}-{phase}-{self.redis_prefix}")
-        kinds = mixes.draw_kinds(rng, wanted)
-        taken, fresh = bench.activators.take(kinds.count("activation"))
-        tokens = self._token_users()
-        readers = [
-            (str(user), token) for (user, _), token in zip(bench.dataset.token_users, tokens, strict=True)
-        ]
-        inputs = mixes.MixInputs(
-            universe=self._universe(),
-            readers=readers,
-            activations=[
-                (self.issuer.issue(user, email=email, email_verified=True).token, code)
-                for user, email, code in taken
-            ],
-            signup_tag=f"{self.redis_prefix.replace(':', '.')}{phase.replace(' ', '')}".strip("."),
-        )
-        path = self.dir / f"MIX-{phase.replace(' ', '')}.mix"
-        counts = mixes.write_mix(path, mixes.mix_lines(rng, kinds, inputs))
-        token_file = self.dir / f"MIX-{phase.replace(' ', '')}.tokens"
-        refresh = self._mix_refresh_tokens() if counts["refresh"] else []
-        wrk.write_tokens(token_file, refresh)
-        note = f"{wanted:,} requests ({source}; + connections), " + ", ".join(
-            f"{key} {counts[key]:,}" for key in mixes.KIND if counts[key]
-        )
-        if fresh:
-            note += f"; {fresh:,} activators made up (the dataset's ran out: token-only ids, as in S7)"
-        return RunPlan(mixes.mix_script(), mixes.mix_args(path, token_file if refresh else None), note)
-
-    def _mix_refresh_tokens(self) -> list[str]:
-        """`connections` refresh tokens for this MIX run: every run's are fetched in one batch of
-        logins (before the first run, when the services are idle: logins after a run would queue
-        behind its signups' hashes)."""
-        if not self._mix_refresh:
-            options = self.bench.options
-            runs = options.runs + (1 if options.warmup else 0)
-            tokens = self.refresh_tokens(options.connections * runs, "MIX")
-            self._mix_refresh = [tokens[i::runs] for i in range(runs)]
-        return self._mix_refresh.pop(0)
-
-    def _activation_plan(self, phase: str, seconds: int) -> RunPlan:
-        bench = self.bench
-        options = bench.options
-        rate, source = self._expected_rate()
-        wanted = math.ceil(rate * seconds) + options.connections
-        left = bench.activators.left
-        taken, fresh = bench.activators.take(wanted)
-        note = f"{wanted:,} activators (up to {rate:,.0f} req/s: {source}; + connections)"
-        if fresh:
-            message = (
-                f"S7 {phase}: the dataset's activators are too few for the expected rate: {left:,} left,"
-                f" {wanted:,} needed at ~{rate:,.0f} req/s for {seconds}s; adding {fresh:,} fresh users"
-                " (random ids that exist only in their access tokens: the referral service never looks"
-                " a user up, so an activation costs the same)"
-            )
-            summary = "S7: the dataset's activators were too few; fresh users (token-only ids) were added"
-            if summary in bench.notes:
-                bench.log(message)
-            else:  # loudly once; in the report's notes
-                bench.log.loud(message)
-                bench.notes.append(summary)
-        path = self.dir / f"S7-{phase.replace(' ', '')}.txt"
-        body = (json.dumps({"code": code}) for _, _, code in taken)
-        requests = (
-            wrk.Request(
-                "POST",
-                f"{REFERRAL_API}/referrals",
-                {
-                    **_bearer(self.issuer.issue(user, email=email, email_verified=True).token),
-                    "Content-Type": "application/json",
-                },
-                text,
-            )
-            for (user, email, _), text in zip(taken, body, strict=True)
-        )
-        wrk.write_requests(path, requests)
-        return RunPlan(
-            wrk.requests_script(),
-            wrk.requests_args(path, mode="once", expect=SCENARIOS["S7"].expect_status),
-            note,
-        )
 
 
 # --- the report's context ------------------------------------------------------------------------

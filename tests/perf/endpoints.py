@@ -1,6 +1,6 @@
 """The benchmark's scenarios for every endpoint that S0-S9, S-STATS and S-LEADERBOARD leave out.
 
-`SCENARIOS` is their table (bench.py registers it); `PassPlans.plan` writes each wrk run's request
+`SCENARIOS` is their table (scenarios.py registers it); `PassPlans.plan` writes each wrk run's request
 file. Each scenario is a class of the issue's targets: an authenticated read (≤ 200 µs of service
 CPU per request), a public read (≤ 150 µs), or a write; `password_hashing` marks the argon2-bound
 ones (exempt from the p99 target, like S8).
@@ -66,7 +66,7 @@ from tests.perf import wrk
 from tests.perf.report import AUTH_READ, PUBLIC_READ, WRITE
 
 if TYPE_CHECKING:
-    from tests.perf.bench import PassContext
+    from tests.perf.runplans import PassContext
 
 ONCE_SLACK = 3.0  # subjects for a once-only run: its fastest run so far x this
 FIRST_GUESS = 3000.0  # req/s of a fast write when nothing was measured yet (no S0, no earlier run)
@@ -92,7 +92,7 @@ Kind = Literal["authenticated read", "public read", "write"]
 
 @dataclass(frozen=True)
 class EndpointScenario:
-    """A scenario of this module: bench.py's Scenario fields."""
+    """A scenario of this module: scenarios.py's Scenario fields."""
 
     key: str
     title: str
@@ -497,7 +497,7 @@ class WebhookMeter:
 
 @dataclass
 class EndpointPlan:
-    """One wrk run: the script, its arguments, a note to log (bench.py's RunPlan)."""
+    """One wrk run: the script, its arguments, a note to log (runplans.py's RunPlan)."""
 
     script: Path
     args: list[str]
@@ -637,7 +637,7 @@ SUBJECT_SHAPES: dict[str, dict[str, Any]] = {
 
 
 class PassPlans:
-    """One pass's request files for the endpoint scenarios (bench.PassContext.plan hands over)."""
+    """One pass's request files for the endpoint scenarios (runplans.PassContext.plan hands over)."""
 
     def __init__(self, context: PassContext, endpoints: Endpoints) -> None:
         self.context = context
@@ -751,7 +751,7 @@ class PassPlans:
                 )
                 for s in made
             ]
-        from tests.perf.bench import send_once  # here: bench.py imports this module
+        from tests.perf.runplans import send_once  # here: runplans.py imports this module
 
         started = time.monotonic()
         gateway = self.context.topology.gateway_url

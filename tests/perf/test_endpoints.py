@@ -26,7 +26,7 @@ from services.auth.domain.ownership import hash_mail_token
 from services.auth.domain.use_cases import hash_refresh_token
 from tests import harness
 from tests.helpers import fresh_database
-from tests.perf import bench, endpoints, wrk
+from tests.perf import bench, endpoints, scenarios, wrk
 from tests.perf.endpoints import (
     BY_KEY,
     ONCE,
@@ -52,9 +52,9 @@ def test_every_endpoint_scenario_is_registered_and_classified() -> None:
     keys = [s.key for s in SCENARIOS]
     assert len(keys) == len(set(keys))
     assert not set(keys) & set(CITED)
-    assert list(bench.SCENARIOS)[: len(CITED)] == list(CITED)
+    assert list(scenarios.SCENARIOS)[: len(CITED)] == list(CITED)
     for key in keys:
-        registered = bench.SCENARIOS[key]
+        registered = scenarios.SCENARIOS[key]
         assert registered.kind in (AUTH_READ, PUBLIC_READ, WRITE)
         assert registered.service in ("auth", "referral")
         assert (registered.kind, registered.password_hashing) == (
@@ -62,17 +62,19 @@ def test_every_endpoint_scenario_is_registered_and_classified() -> None:
             BY_KEY[key].password_hashing,
         )
     for key in CITED:
-        assert bench.SCENARIOS[key].kind in (AUTH_READ, PUBLIC_READ, WRITE)
-    hashing = {key for key, s in bench.SCENARIOS.items() if s.password_hashing}
+        assert scenarios.SCENARIOS[key].kind in (AUTH_READ, PUBLIC_READ, WRITE)
+    hashing = {key for key, s in scenarios.SCENARIOS.items() if s.password_hashing}
     assert hashing == {"S8", "A-SIGNUP", "A-RESET", "A-CHANGE", "A-ERASE", "MIX"}  # MIX: its signups
-    assert bench.SCENARIOS["A-CHANGE"].min_seconds > bench.S8_MIN_SECONDS  # two hashes per request
+    assert scenarios.SCENARIOS["A-CHANGE"].min_seconds > scenarios.S8_MIN_SECONDS  # two hashes per request
     assert set(keys) >= ONCE
     assert set(SUBJECT_SHAPES) == ONCE
     # Every read is a read of someone's or of no one's: a token or none.
-    assert {bench.SCENARIOS[k].kind for k in ("S3", "S5", "R-CODE-ME", "A-SESSIONS", "A-EXPORT")} == {
+    assert {scenarios.SCENARIOS[k].kind for k in ("S3", "S5", "R-CODE-ME", "A-SESSIONS", "A-EXPORT")} == {
         AUTH_READ
     }
-    assert {bench.SCENARIOS[k].kind for k in ("S1", "A-JWKS", "A-DISCOVERY", "A-AUTHORIZE")} == {PUBLIC_READ}
+    assert {scenarios.SCENARIOS[k].kind for k in ("S1", "A-JWKS", "A-DISCOVERY", "A-AUTHORIZE")} == {
+        PUBLIC_READ
+    }
 
 
 def test_the_new_scenarios_can_be_chosen_on_the_command_line() -> None:

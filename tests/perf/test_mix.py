@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from deploy.local.processes import AUTH_API, REFERRAL_API
-from tests.perf import bench, mix
+from tests.perf import bench, mix, scenarios
 from tests.perf.dataset import user_email
 from tests.perf.wrk import Request, WrkResult, run_wrk, write_tokens
 
@@ -303,5 +303,5 @@ def test_the_path_scenarios_and_the_mix_are_on_the_command_line() -> None:
     )
     assert options.scenarios == ("S1", "S1-REDIS", "S1-DB", "MIX")  # S1-NEAR is S1
     assert options.embedded_postgres
-    assert dict(bench.SCENARIOS["S1-REDIS"].settings) == {"REFERRAL_NEAR_CACHE_SIZE": "0"}
+    assert dict(scenarios.SCENARIOS["S1-REDIS"].settings) == {"REFERRAL_NEAR_CACHE_SIZE": "0"}
     assert not bench.parse_args(["--smoke"]).embedded_postgres
