@@ -63,7 +63,8 @@ def migrate(url: str) -> None:
 
 @pytest.fixture(scope="module")
 def loaded(server_database_url: str) -> Iterator[Loaded]:
-    with fresh_database(server_database_url, f"perf_{os.getpid()}") as url, pytest.MonkeyPatch.context() as patch:
+    database = fresh_database(server_database_url, f"perf_{os.getpid()}")
+    with database as url, pytest.MonkeyPatch.context() as patch:
         migrate(url)
         before = indexes(url)
         lines: list[str] = []
