@@ -2,7 +2,8 @@
 
 This is the only module that imports aiopg (which is in low maintenance): everything else talks to
 `Database` and `Connection`. Hot statements are compiled once with `prepare`, so the request path
-pays only for binding parameters.
+pays only for binding parameters, and prepared on the server once per connection unless the pool is
+told not to (`server_prepare=False`: behind a transaction-mode pooler).
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ class Prepared:
 
     Each pooled connection also prepares it on the server the first time it runs it (`PREPARE`),
     then runs `EXECUTE name(values)`: PostgreSQL parses and plans it once per connection instead of
-    on every request (for the referral page, most of the database's CPU per request).
+    on every request (for the referral page, most of the database's CPU per request). A pool made
+    with `server_prepare=False` runs `sql` with the values instead: a prepared statement lives in
+    one server session, which a transaction-mode pooler (PgBouncer) does not keep for a connection.
     """
 
     sql: str
@@ -146,10 +149,11 @@ def _translate(error: psycopg2.Error) -> BaseException:
 class Connection:
     """One pooled connection; statements are SQLAlchemy Core or (sql, params) pairs."""
 
-    def __init__(self, pooled: _Pooled, timeout: float) -> None:
+    def __init__(self, pooled: _Pooled, timeout: float, *, server_prepare: bool) -> None:
         self._raw = pooled.raw
         self._prepared = pooled.prepared
         self._timeout = timeout
+        self._server_prepare = server_prepare
 
     async def _run(
         self, statement: Statement, params: Mapping[str, Any] | None, cursor_factory: Any = _DICT_CURSOR
@@ -159,7 +163,7 @@ class Connection:
         elif isinstance(statement, Prepared):
             bound = {**statement.defaults, **(params or {})}
             sql = statement.sql
-            if statement.execute_sql:
+            if statement.execute_sql and self._server_prepare:
                 if statement.name not in self._prepared:
                     await self._prepare(statement)
                 sql = statement.execute_sql
@@ -361,11 +365,15 @@ class _Pool:
 
 
 class Database:
-    """A pool of connections with timeouts; `connection()` for one statement, `transaction()` for many."""
+    """A pool of connections with timeouts; `connection()` for one statement, `transaction()` for many.
 
-    def __init__(self, pool: _Pool, timeout: float) -> None:
+    `server_prepare`: whether `Prepared` statements are prepared on the server (see `Prepared`).
+    """
+
+    def __init__(self, pool: _Pool, timeout: float, *, server_prepare: bool) -> None:
         self._pool = pool
         self._timeout = timeout
+        self._server_prepare = server_prepare
 
     @property
     def size(self) -> int:
@@ -414,13 +422,13 @@ class Database:
     async def connection(self) -> AsyncIterator[Connection]:
         """A connection in autocommit mode: each statement commits on its own."""
         async with self._acquire() as pooled:
-            yield Connection(pooled, self._timeout)
+            yield Connection(pooled, self._timeout, server_prepare=self._server_prepare)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
         """A connection inside BEGIN ... COMMIT; any exception rolls it back."""
         async with self._acquire() as pooled:
-            conn = Connection(pooled, self._timeout)
+            conn = Connection(pooled, self._timeout, server_prepare=self._server_prepare)
             await conn.execute("BEGIN")
             try:
                 yield conn
@@ -460,12 +468,20 @@ class Database:
         await self._pool.close()
 
 
-async def create_database(dsn: str, *, minsize: int, maxsize: int, timeout: float) -> Database:  # noqa: ASYNC109
+async def create_database(
+    dsn: str,
+    *,
+    minsize: int,
+    maxsize: int,
+    timeout: float,  # noqa: ASYNC109
+    server_prepare: bool = True,
+) -> Database:
     """Open a pool; connections are made lazily past `minsize`, so startup does not need them all.
 
     The server enforces the timeout (`statement_timeout`), so a slow statement is cancelled where it
     runs and releases its locks; the client waits `CLIENT_GRACE` longer before it gives up on an
-    unresponsive server (and then closes the connection).
+    unresponsive server (and then closes the connection). `server_prepare=False`: `Prepared`
+    statements run as plain SQL, for a pooler that does not keep server sessions (see `Prepared`).
     """
     server_timeout_ms = max(1, int(timeout * 1000))
 
@@ -494,4 +510,4 @@ async def create_database(dsn: str, *, minsize: int, maxsize: int, timeout: floa
     except OSError as error:
         await pool.close()
         raise DatabaseUnavailable(type(error).__name__) from error
-    return Database(pool, timeout)
+    return Database(pool, timeout, server_prepare=server_prepare)

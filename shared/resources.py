@@ -20,11 +20,15 @@ from shared.db import create_database
 CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 
 
-def postgres_ctx(dsn: str, *, minsize: int, maxsize: int, timeout: float) -> CleanupContext:
+def postgres_ctx(
+    dsn: str, *, minsize: int, maxsize: int, timeout: float, server_prepare: bool
+) -> CleanupContext:
     """Open the pool at startup, close it at shutdown; register it with `/readyz`."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        database = await create_database(dsn, minsize=minsize, maxsize=maxsize, timeout=timeout)
+        database = await create_database(
+            dsn, minsize=minsize, maxsize=maxsize, timeout=timeout, server_prepare=server_prepare
+        )
         app[DATABASE] = database
         app.setdefault(READINESS_CHECKS, []).append(ReadinessCheck("postgres", database.ping))
         try:

@@ -21,6 +21,8 @@ import psycopg2
 import redis
 from aiohttp.test_utils import TestClient
 
+from shared.appkeys import DATABASE
+
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
 
 
@@ -93,6 +95,16 @@ async def assert_problem(response: Any, status: int, code: str | None = None) ->
             assert all(isinstance(m, str) for m in messages)
     assert response.headers.get("X-Request-ID")
     return dict(body)
+
+
+async def prepared_per_connection(client: TestClient[Any, Any]) -> list[int]:
+    """How many statements the server holds prepared for each open connection of a service's pool
+    (all held at once, so each is asked once)."""
+    database = client.app[DATABASE]
+    async with contextlib.AsyncExitStack() as stack:
+        held = [await stack.enter_async_context(database.connection()) for _ in range(database.size)]
+        rows = [await conn.fetch_one("SELECT count(*) AS n FROM pg_prepared_statements") for conn in held]
+    return [int(row["n"]) for row in rows if row is not None]
 
 
 def with_database(url: str, name: str) -> str:

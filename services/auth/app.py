@@ -311,6 +311,7 @@ def create_app(settings: AuthSettings) -> web.Application:
             minsize=settings.db_pool_min,
             maxsize=settings.db_pool_max,
             timeout=settings.db_timeout,
+            server_prepare=settings.db_server_prepare,
         )
     )
     app.cleanup_ctx.append(redis_ctx(settings.redis_url, timeout=settings.redis_timeout))

@@ -44,6 +44,9 @@ class AuthSettings:
     db_pool_min: int = setting(2, doc="connections opened at start")
     db_pool_max: int = setting(16, doc="most connections per process")
     db_timeout: float = setting(5.0, doc="seconds to wait for a connection or a statement")
+    db_server_prepare: bool = setting(
+        True, doc="PREPARE hot statements once per connection; false behind a transaction-mode pooler"
+    )
     idempotency_lease: float = setting(
         60.0, doc="seconds after which a request holding an Idempotency-Key counts as abandoned"
     )

@@ -159,6 +159,7 @@ def create_app(settings: ReferralSettings) -> web.Application:
             minsize=settings.db_pool_min,
             maxsize=settings.db_pool_max,
             timeout=settings.db_timeout,
+            server_prepare=settings.db_server_prepare,
         )
     )
     app.cleanup_ctx.append(redis_ctx(settings.redis_url, timeout=settings.redis_timeout))

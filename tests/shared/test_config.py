@@ -10,6 +10,8 @@ import pytest
 from services.auth.adapters.signing import generate_pem
 from services.auth.settings import PREFIX as AUTH_PREFIX
 from services.auth.settings import AuthSettings
+from services.referral.settings import PREFIX as REFERRAL_PREFIX
+from services.referral.settings import ReferralSettings
 from shared.config import SettingsError, describe, load_settings, setting, variable_name
 
 
@@ -278,3 +280,25 @@ def test_auth_settings_refuse_a_bad_pool(pool_min, pool_max):
             AUTH_PREFIX,
             {**AUTH_BASE, "AUTH_ENV": "dev", "AUTH_DB_POOL_MIN": pool_min, "AUTH_DB_POOL_MAX": pool_max},
         )
+
+
+SERVICES = [(AuthSettings, AUTH_PREFIX), (ReferralSettings, REFERRAL_PREFIX)]
+
+
+def service_environ(prefix: str, **extra: str) -> dict[str, str]:
+    return {**AUTH_BASE, f"{prefix}ENV": "dev", **extra}
+
+
+@pytest.mark.parametrize(("settings", "prefix"), SERVICES)
+@pytest.mark.parametrize(("raw", "expected"), [(None, True), ("true", True), ("false", False), ("0", False)])
+def test_db_server_prepare_parses(settings, prefix, raw, expected):
+    extra = {} if raw is None else {f"{prefix}DB_SERVER_PREPARE": raw}
+    assert load_settings(settings, prefix, service_environ(prefix, **extra)).db_server_prepare is expected
+
+
+@pytest.mark.parametrize(("settings", "prefix"), SERVICES)
+def test_a_malformed_db_server_prepare_is_refused_by_name(settings, prefix):
+    environ = service_environ(prefix, **{f"{prefix}DB_SERVER_PREPARE": "transaction"})
+    with pytest.raises(SettingsError) as error:
+        load_settings(settings, prefix, environ)
+    assert str(error.value) == f"{prefix}DB_SERVER_PREPARE must be a boolean (true/false), got 'transaction'"

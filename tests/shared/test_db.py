@@ -18,6 +18,7 @@ from sqlalchemy import bindparam
 
 from shared.db import (
     CheckViolation,
+    Connection,
     Database,
     DatabaseUnavailable,
     ForeignKeyViolation,
@@ -54,6 +55,12 @@ INSERT_PARENT = prepare(
     .returning(parents.c.id, parents.c.name, parents.c.score)
 )
 PARENT_BY_NAME = prepare(sa.select(parents.c.id, parents.c.score).where(parents.c.name == bindparam("name")))
+# `name` twice (one $1 when prepared), `bonus` with a default.
+PARENTS_LIKE = prepare(
+    sa.select(parents.c.name, (parents.c.score + bindparam("bonus", 10)).label("boosted"))
+    .where(sa.or_(parents.c.name == bindparam("name"), parents.c.name == sa.func.upper(bindparam("name"))))
+    .order_by(parents.c.name)
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +80,29 @@ def schema(database_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-async def database(database_url: str, schema: str) -> AsyncIterator[Database]:
+def empty_tables(database_url: str, schema: str) -> str:
     # Emptied over a plain connection that may wait for locks: a statement an earlier test gave up on
     # can still hold some for a moment.
     with contextlib.closing(psycopg2.connect(database_url)) as admin, admin.cursor() as cursor:
         cursor.execute("SET lock_timeout = '5s'")
         cursor.execute(f'TRUNCATE "{schema}".children, "{schema}".parents')
         admin.commit()
+    return schema
+
+
+@pytest.fixture
+async def database(database_url: str, empty_tables: str) -> AsyncIterator[Database]:
     db = await create_database(database_url, minsize=1, maxsize=3, timeout=0.5)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+@pytest.fixture
+async def unprepared_database(database_url: str, empty_tables: str) -> AsyncIterator[Database]:
+    """A pool that runs `Prepared` statements as plain SQL (as behind a transaction-mode pooler)."""
+    db = await create_database(database_url, minsize=1, maxsize=3, timeout=0.5, server_prepare=False)
     try:
         yield db
     finally:
@@ -420,6 +442,13 @@ def test_a_prepared_statement_numbers_its_parameters_and_keeps_literal_percents(
     assert statement.execute_sql == f"EXECUTE {statement.name}(%(b)s, %(a)s)"
 
 
+async def prepared_on_the_server(conn: Connection) -> int:
+    """How many statements the server holds prepared for this connection's session."""
+    row = await conn.fetch_one("SELECT count(*) AS n FROM pg_prepared_statements")
+    assert row is not None
+    return int(row["n"])
+
+
 async def test_a_prepared_statement_is_prepared_once_per_connection(database):
     statement = prepare_sql("SELECT %(a)s::int * 2 AS n, 'x%%' AS t")
     async with database.connection() as conn:
@@ -430,6 +459,50 @@ async def test_a_prepared_statement_is_prepared_once_per_connection(database):
             "SELECT name FROM pg_prepared_statements WHERE name = %(name)s", {"name": statement.name}
         )
         assert len(rows) == 1
+        assert await prepared_on_the_server(conn) == 1
+
+
+async def use_parents(conn: Connection) -> list[object]:
+    """Prepared statements of every shape, run twice each: a default, a repeated parameter, a
+    literal percent sign without parameters, tuples and row counts; what each gave back."""
+    results: list[object] = []
+    for _ in range(2):
+        await conn.execute(f'DELETE FROM "{SCHEMA}".parents')
+        for name, score in (("ann", None), ("ANN", 3), ("bob", 5)):
+            values = {"id": uuid.uuid4(), "name": name} | ({} if score is None else {"score": score})
+            row = await conn.fetch_one(INSERT_PARENT, values)
+            assert row is not None
+            results.append((row["name"], row["score"]))
+        results.append(await conn.fetch_all(PARENTS_LIKE, {"name": "ann"}))
+        results.append(await conn.fetch_tuples(PARENTS_LIKE, {"name": "bob", "bonus": 1}))
+        results.append(await conn.fetch_one(prepare_sql("SELECT 'x%%' AS t")))
+        results.append(await conn.execute(PARENT_BY_NAME, {"name": "ann"}))
+    return results
+
+
+EXPECTED_USE = [
+    ("ann", 0),
+    ("ANN", 3),
+    ("bob", 5),
+    [{"name": "ANN", "boosted": 13}, {"name": "ann", "boosted": 10}],
+    [("bob", 6)],
+    {"t": "x%"},
+    1,
+] * 2
+
+
+@pytest.mark.parametrize("transaction", [False, True])
+async def test_without_server_prepare_statements_run_as_plain_sql(unprepared_database, transaction):
+    scope = unprepared_database.transaction() if transaction else unprepared_database.connection()
+    async with scope as conn:
+        assert await use_parents(conn) == EXPECTED_USE
+        assert await prepared_on_the_server(conn) == 0
+
+
+async def test_with_server_prepare_the_same_statements_are_prepared_once_each(database):
+    async with database.connection() as conn:
+        assert await use_parents(conn) == EXPECTED_USE
+        assert await prepared_on_the_server(conn) == 4  # the DELETE and count are plain SQL
 
 
 async def test_a_prepared_statement_works_inside_a_transaction_that_rolls_back(database):

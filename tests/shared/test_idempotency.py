@@ -184,7 +184,7 @@ async def test_the_service_deletes_expired_keys_by_itself(aiohttp_client, databa
             "UPDATE referral.idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'old'"
         )
     app = web.Application()
-    app.cleanup_ctx.append(postgres_ctx(database_url, minsize=1, maxsize=2, timeout=5))
+    app.cleanup_ctx.append(postgres_ctx(database_url, minsize=1, maxsize=2, timeout=5, server_prepare=True))
     app.cleanup_ctx.append(idempotency_ctx(idempotency_keys_table, cleanup_every=0.05))
     await aiohttp_client(app)
     deadline = asyncio.get_running_loop().time() + 10
