@@ -218,7 +218,7 @@ class PassContext:
             path = self._cycle_file(
                 key, lambda: (wrk.Request("GET", email_query(e)) for e in dataset.unknown_emails)
             )
-        elif key in ("S3", "S4"):
+        elif key in ("S3", "S4", "S3-UNPREPARED"):
             path = self._cycle_file(key, lambda: self._referral_pages(deep=key == "S4"))
         elif key == "S5":
             path = self._cycle_file(

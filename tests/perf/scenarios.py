@@ -54,6 +54,17 @@ SCENARIOS: dict[str, Scenario] = {
             _PUBLIC,
             settings=(("REFERRAL_NEAR_CACHE_SIZE", "0"),),
         ),
+        # S3 as behind a transaction-mode pooler (PgBouncer pool_mode=transaction), where SQL-level
+        # PREPARE cannot be used: what planning every statement costs (the capacity plan's pooler). A
+        # setting's cost, not an endpoint: no class of its own.
+        Scenario(
+            "S3-UNPREPARED",
+            "S3 without server-side PREPARE (as behind a transaction pooler)",
+            "referral",
+            200,
+            "",
+            settings=(("REFERRAL_DB_SERVER_PREPARE", "false"),),
+        ),
         # The database path: the issue's public-read target is for the Redis path (S1-REDIS), so
         # S1-DB has no CPU target of its class (""), only the p99's.
         Scenario("S1-DB", "code by email, cold (database; each email once per run)", "referral", 200, ""),
