@@ -29,6 +29,7 @@ from services.referral.settings import PREFIX as REFERRAL_PREFIX
 from services.referral.settings import ReferralSettings
 from shared.config import describe, load_settings
 from shared.outbox import LEASE_MARGIN
+from tests.perf import capacity
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "k8s"
@@ -251,6 +252,7 @@ def test_the_objects_are_all_there(rendered: list[Object]) -> None:
         ("Service", "gateway"),
         ("HorizontalPodAutoscaler", "auth"),
         ("HorizontalPodAutoscaler", "referral"),
+        ("HorizontalPodAutoscaler", "gateway"),
         ("Job", "auth-migrate"),
         ("Job", "referral-migrate"),
         ("Ingress", "gateway"),
@@ -326,7 +328,7 @@ def test_every_container_runs_locked_down(rendered: list[Object]) -> None:
 def test_autoscalers_target_existing_deployments(rendered: list[Object]) -> None:
     deployments = objects_of(rendered, "Deployment")
     autoscalers = objects_of(rendered, "HorizontalPodAutoscaler")
-    assert set(autoscalers) == set(SERVICES)
+    assert set(autoscalers) == {*SERVICES, "gateway"}
     for name, hpa in autoscalers.items():
         assert hpa["apiVersion"] == "autoscaling/v2"
         target = hpa["spec"]["scaleTargetRef"]
@@ -531,6 +533,34 @@ def test_the_gateway_outlasts_what_it_proxies(rendered: list[Object]) -> None:
     pause = pre_stop_pause(container(deployment))
     assert pause >= 5
     assert pod_spec(deployment)["terminationGracePeriodSeconds"] >= pause + K8S.proxy_timeout + 3
+
+
+def _cores(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def test_the_autoscalers_are_the_capacity_plans_and_pools_fit_postgresql(rendered: list[Object]) -> None:
+    """The README's capacity plan (tests/perf/capacity.py) sizes pods as these manifests do: a service
+    pod one core, a gateway pod half a core, each kept at the HPA's utilization, pools of POOL_MAX;
+    and every pod the autoscalers allow, with its full pool, fits PostgreSQL's max_connections."""
+    deployments = objects_of(rendered, "Deployment")
+    autoscalers = objects_of(rendered, "HorizontalPodAutoscaler")
+    connections = 0
+    for name, hpa in autoscalers.items():
+        pod = container(deployments[name])
+        requested = _cores(pod["resources"]["requests"]["cpu"])
+        assert requested == (capacity.GATEWAY_POD_CPU if name == "gateway" else capacity.POD_CPU), name
+        (metric,) = hpa["spec"]["metrics"]
+        assert metric["resource"]["target"]["averageUtilization"] == round(100 * capacity.HPA_UTILIZATION)
+        assert hpa["spec"]["minReplicas"] == capacity.MIN_PODS
+        if name in SERVICES:
+            (source,) = [s for s in pod["envFrom"] if "configMapRef" in s]
+            data = config_map_named(rendered, source["configMapRef"]["name"])["data"]
+            pool = int(data[f"{name.upper()}_DB_POOL_MAX"])
+            assert pool == capacity.POOL_MAX
+            connections += hpa["spec"]["maxReplicas"] * pool
+    jobs = len(objects_of(rendered, "Job"))  # a migration job holds one connection while it runs
+    assert connections + jobs <= capacity.PG_MAX_CONNECTIONS
 
 
 @pytest.mark.parametrize("name", [*sorted(SERVICES), "gateway"])

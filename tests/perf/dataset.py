@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import math
 import random
 import re
@@ -74,7 +73,6 @@ PASSWORD = "bench correct horse battery"
 _CHUNK_ROWS = 20_000
 _COPY_READ = 1 << 18
 _PROGRESS_ROWS = 1_000_000
-_STATEMENT_CHUNKS = _PROGRESS_ROWS // _CHUNK_ROWS  # chunks of rows per COPY statement
 _DAY_US = 86_400_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _CODE_CHARACTERS = re.compile(r"[A-Za-z0-9_-]+")  # codes_code_format: ^[A-Za-z0-9_-]{4,32}$
@@ -184,6 +182,11 @@ def build(
             log(f"dataset: rows planned in {time.perf_counter() - started:.1f}s")
 
             cursor.execute("SET LOCAL maintenance_work_mem = '512MB'")  # the index rebuilds
+            # The statement triggers of referral.referrals (counters, levels, leaderboard) join and
+            # group the COPY's whole transition table, 10,000,000 rows at --scale 10, with the table
+            # itself, unindexed while it loads: memory for those hashes and sorts (about 150 of the
+            # 270 s a --scale 10 load takes here are those triggers).
+            cursor.execute("SET LOCAL work_mem = '1GB'")
             # The tables are empty (checked above); truncated in this transaction, COPY can FREEZE.
             cursor.execute(f"TRUNCATE {tables} CASCADE")
             _load(
@@ -473,26 +476,17 @@ def _load(
     expected: int,
     log: Callable[[str], None],
 ) -> None:
-    """COPY the rows in (FREEZE: the table was truncated in this transaction), indexes built after.
-
-    One COPY per `_STATEMENT_CHUNKS` chunks of `rows` (a million rows): the statement triggers
-    (referral.referrals' counters, levels and leaderboard) then read transition tables of a million
-    rows each; over one COPY of ten million they spilled, and the load took three times as long."""
+    """COPY the rows in (FREEZE: the table was truncated in this transaction), indexes built after."""
     schema, name = table
     started = time.perf_counter()
     rebuilds = _drop_indexes(cursor, schema, name)
-    written = 0
-    while True:
-        cursor.copy_expert(
-            f'COPY "{schema}"."{name}" ({", ".join(columns)}) FROM STDIN WITH (FREEZE)',
-            _Stream(itertools.islice(rows, _STATEMENT_CHUNKS)),
-            size=_COPY_READ,
-        )
-        if cursor.rowcount == 0:  # the rows ran out with the COPY before
-            break
-        written += cursor.rowcount
-    if written != expected:
-        raise RuntimeError(f"{schema}.{name}: COPY wrote {written} rows, {expected} expected")
+    cursor.copy_expert(
+        f'COPY "{schema}"."{name}" ({", ".join(columns)}) FROM STDIN WITH (FREEZE)',
+        _Stream(rows),
+        size=_COPY_READ,
+    )
+    if cursor.rowcount != expected:
+        raise RuntimeError(f"{schema}.{name}: COPY wrote {cursor.rowcount} rows, {expected} expected")
     copied = time.perf_counter()
     for statement in rebuilds:
         cursor.execute(statement)

@@ -28,10 +28,9 @@ and the relay's CPU per delivery: the referral processes' CPU after wrk stopped,
 works, over the deliveries made then (with how many that was: when the relay kept up during the run,
 few are left for this figure).
 
-Left out, and why: `DELETE /api/v1/auth/me` (erasure) is in API.md but not implemented by the auth
-service yet (no route: 405); `GET /oauth/{provider}/callback` needs a provider's token endpoint and
-signed ID tokens (a whole fake provider), so only `/authorize` is measured, against a provider
-whose discovery document a tiny server of the benchmark's serves on 127.0.0.1 (`DiscoveryServer`).
+Left out, and why: `GET /oauth/{provider}/callback` needs a provider's token endpoint and signed ID
+tokens (a whole fake provider), so only `/authorize` is measured, against a provider whose discovery
+document a tiny server of the benchmark's serves on 127.0.0.1 (`DiscoveryServer`).
 """
 
 from __future__ import annotations

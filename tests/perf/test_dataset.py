@@ -22,7 +22,6 @@ from shared.db import Prepared
 from shared.schemas import TrimmedEmail
 from tests import harness
 from tests.helpers import fresh_database
-from tests.perf import dataset
 from tests.perf.dataset import DEEP_REFERRER_MIN, Dataset, build
 from tests.perf.plans import QUERIES, explain, plan_warnings
 
@@ -63,15 +62,10 @@ def migrate(url: str) -> None:
 
 @pytest.fixture(scope="module")
 def loaded(server_database_url: str) -> Iterator[Loaded]:
-    database = fresh_database(server_database_url, f"perf_{os.getpid()}")
-    with database as url, pytest.MonkeyPatch.context() as patch:
+    with fresh_database(server_database_url, f"perf_{os.getpid()}") as url:
         migrate(url)
         before = indexes(url)
         lines: list[str] = []
-        # Chunks of 300 rows, two per COPY: every table goes in over several statements, as the big
-        # tables do at full scale, so the tests below see what the statement triggers made of that.
-        patch.setattr(dataset, "_CHUNK_ROWS", 300)
-        patch.setattr(dataset, "_STATEMENT_CHUNKS", 2)
         yield Loaded(url, build(url, scale=SCALE, log=lines.append), lines, before)
 
 
@@ -201,7 +195,7 @@ def test_the_referrers_totals_kept_by_the_database_match(cur: Any) -> None:
 
 
 def test_the_levels_and_the_leaderboard_kept_by_the_database_match(cur: Any) -> None:
-    """Loaded over several COPY statements (see `loaded`), each one's triggers added to the last's."""
+    """What the statement triggers made of the COPY (one statement, every row)."""
     cur.execute(
         "SELECT count(*) FILTER (WHERE (l.total, l.confirmed) IS DISTINCT FROM (r.total, r.confirmed)),"
         " count(*)"
