@@ -113,7 +113,8 @@ def explain(database_url: str, dataset: Dataset) -> dict[str, str]:
     prepared = {query.key: (query, *statement(query.statement)) for query in QUERIES}  # all, or raise
     psycopg2.extras.register_uuid()  # uuid.UUID parameters, as the service binds them
     plans: dict[str, str] = {}
-    with contextlib.closing(psycopg2.connect(database_url, options="-c timezone=UTC")) as conn:
+    # The services' connection options (shared/db.py): UTC, and no JIT compilation.
+    with contextlib.closing(psycopg2.connect(database_url, options="-c timezone=UTC -c jit=off")) as conn:
         conn.autocommit = True
         with conn.cursor() as cursor:
             for key, (query, sql, defaults) in prepared.items():

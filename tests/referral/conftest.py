@@ -112,6 +112,8 @@ def referral_settings(database_url: str, redis_url: str, redis_prefix: str) -> R
         "REDIS_URL": redis_url,
         f"{REFERRAL_PREFIX}ENV": "production",
         f"{REFERRAL_PREFIX}REDIS_PREFIX": f"{redis_prefix}ref:",
+        # The auth service's (tests/conftest.py): one deny-list channel, as in production.
+        f"{REFERRAL_PREFIX}DENY_LIST_PREFIX": f"{redis_prefix}deny:",
         f"{REFERRAL_PREFIX}DB_POOL_MIN": "1",
         f"{REFERRAL_PREFIX}DB_POOL_MAX": "24",
     }
