@@ -140,11 +140,25 @@ def test_sampler_records_a_real_process_with_py_spy(
     assert py_spy() is not None, "py-spy is in requirements.lock: `make venv` installs it"
     started = time.monotonic()
     sampler = Sampler({"busy": [busy_process.pid]}, 2, tmp_path / "profiles", "test")
-    profiles = sampler.finish()
+    profiles, errors = sampler.finish()
 
     assert time.monotonic() - started < 20
+    assert errors == []
     profile = profiles["busy"]
     assert isinstance(profile, Profile)
     assert profile.samples > 100  # 250 Hz for 2 s, the process always busy
     assert max(profile.shares().items(), key=lambda item: item[1])[0] == "JSON"
     assert list((tmp_path / "profiles").glob(f"test-busy-{busy_process.pid}.txt"))
+
+
+def test_a_py_spy_that_fails_leaves_out_its_process_not_the_others(
+    busy_process: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid nobody has now: py-spy cannot attach, and exits at once with an error
+    sampler = Sampler({"busy": [busy_process.pid], "gone": [gone.pid]}, 1, tmp_path, "test")
+
+    profiles, errors = sampler.finish()
+
+    assert list(profiles) == ["busy"] and profiles["busy"].samples > 0
+    assert len(errors) == 1 and f"test-gone-{gone.pid}.txt" in errors[0]
