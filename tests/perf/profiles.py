@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,8 +169,6 @@ def fold(raw: str) -> Profile:
 
 def py_spy() -> str | None:
     """The py-spy executable beside this interpreter's (the venv's), or on PATH."""
-    import sys
-
     beside = Path(sys.executable).with_name("py-spy")
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
@@ -215,12 +214,6 @@ class Sampler:
                 continue
             profiles.setdefault(group, Profile()).merge(fold(path.read_bytes().decode(errors="replace")))
         return profiles, errors
-
-    def cancel(self) -> None:
-        for _, _, popen in self._running:
-            if popen.poll() is None:
-                popen.kill()
-                popen.communicate()
 
 
 ENTRY_POINTS = ("__main__.py:", "shared/cli.py:")  # on every sample's stack: they tell nothing
