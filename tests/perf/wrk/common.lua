@@ -64,6 +64,13 @@ function common.request(fields, first)
    return method, path, headers, body
 end
 
+-- A value for an application/x-www-form-urlencoded body (the refresh grant's token).
+function common.form_escape(value)
+   return (value:gsub("[^%w%-%._~]", function(c)
+      return string.format("%%%02X", c:byte())
+   end))
+end
+
 function common.encode(value)
    local kind = type(value)
    if kind == "table" then

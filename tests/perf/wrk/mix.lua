@@ -23,12 +23,6 @@ function setup(thread)
    thread:set("tid", #threads)
 end
 
-local function form_escape(value)
-   return (value:gsub("[^%w%-%._~]", function(c)
-      return string.format("%%%02X", c:byte())
-   end))
-end
-
 -- Thread state. Globals, so that done() can read them with thread:get().
 sent = 0 -- requests handed to wrk
 exhausted = 0 -- requests sent after this thread's lines ran out, or refreshes without a token
@@ -76,7 +70,7 @@ local function build(line, number)
 end
 
 local function grant(path, token)
-   local body = "grant_type=refresh_token&refresh_token=" .. form_escape(token)
+   local body = "grant_type=refresh_token&refresh_token=" .. common.form_escape(token)
    return "POST " .. path .. " HTTP/1.1\r\n"
       .. "Host: " .. host .. "\r\n"
       .. "Content-Type: application/x-www-form-urlencoded\r\n"

@@ -24,12 +24,6 @@ function setup(thread)
    thread:set("tid", #threads)
 end
 
-local function form_escape(value)
-   return (value:gsub("[^%w%-%._~]", function(c)
-      return string.format("%%%02X", c:byte())
-   end))
-end
-
 -- Thread state. Globals, so that done() can read them with thread:get().
 sent = 0 -- requests handed to wrk
 exhausted = 0 -- requests sent while the queue was empty
@@ -75,7 +69,7 @@ function init(args)
 end
 
 local function grant(token)
-   local body = "grant_type=refresh_token&refresh_token=" .. form_escape(token)
+   local body = "grant_type=refresh_token&refresh_token=" .. common.form_escape(token)
    return prefix .. #body .. "\r\n\r\n" .. body
 end
 
